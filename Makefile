@@ -1,0 +1,40 @@
+# mailq — `make help` lists the targets.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint fmt bench chaos fuzz clean-local
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install mailq with its dev tools
+
+run: $(STAMP) ## start the whole service on embedded PostgreSQL, Redis and an SMTP sink
+	$(BIN)/mailq dev
+
+test: $(STAMP) ## run the whole test suite (real PostgreSQL, Redis and SMTP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP) ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean-local: ## remove the local data directory (.mailq/) — embedded databases and dev secrets
+	rm -rf .mailq
+
+-include deployment/k8s.mk
+-include bench/bench.mk

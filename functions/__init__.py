@@ -1,0 +1,1 @@
+"""Entry points: HTTP functions (main.py), the CLI (cli.py), the dev server (devserver.py)."""

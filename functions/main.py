@@ -1,0 +1,83 @@
+"""The HTTP functions. functions-framework serves one of them per process (FUNCTION_TARGET).
+
+Each body reads: parse -> call a use case in ``shared`` -> render. Names equal the targets of
+``shared.routes.ROUTES``.
+"""
+
+from __future__ import annotations
+
+import functions_framework
+
+from functions.http import client_address, endpoint, json_body, problem, query_int
+from shared import services, tasks
+
+
+@functions_framework.http
+@endpoint("live", needs_context=False)
+def live(request):
+    return 200, {"status": "ok"}
+
+
+@functions_framework.http
+@endpoint("ping")
+def ping(ctx, request):
+    checks = services.ping(ctx)
+    down = [name for name, state in checks.items() if state != "ok"]
+    if down:
+        return problem(503, f"{', '.join(down)} is down", {"Retry-After": "5"}, checks=checks)
+    return 200, {"status": "ok", "checks": checks}
+
+
+@functions_framework.http
+@endpoint("register")
+def register(ctx, request):
+    body = json_body(request)
+    user = services.register(ctx, body, client_address(request, ctx.settings.trusted_proxy_hops))
+    return 201, user, {"Location": f"/api/v1/user/{user['id']}"}
+
+
+@functions_framework.http
+@endpoint("login")
+def login(ctx, request):
+    body = json_body(request)
+    return 200, services.login(ctx, body, client_address(request, ctx.settings.trusted_proxy_hops))
+
+
+@functions_framework.http
+@endpoint("get_user")
+def get_user(ctx, request, id):
+    caller = services.authenticate(ctx, request.headers.get("Authorization"))
+    return 200, services.get_user(ctx, caller.id, id)
+
+
+@functions_framework.http
+@endpoint("enqueue")
+def enqueue(ctx, request):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    body = json_body(request, tasks.request_limit(ctx))
+    result, _created = tasks.enqueue(ctx, user, body, request.headers.get("Idempotency-Key"))
+    return 202, result, {"Location": f"/api/v1/task/{result['task_id']}"}
+
+
+@functions_framework.http
+@endpoint("get_task")
+def get_task(ctx, request, id):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    return 200, tasks.get_task(ctx, user.id, id)
+
+
+@functions_framework.http
+@endpoint("task_queue")
+def task_queue(ctx, request):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    statuses = tasks.queue_statuses(request.args.get("status"))
+    limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
+    return 200, tasks.list_tasks(ctx, user.id, statuses, limit, request.args.get("cursor"))
+
+
+@functions_framework.http
+@endpoint("task_queue_fail")
+def task_queue_fail(ctx, request):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
+    return 200, tasks.list_tasks(ctx, user.id, tasks.FAIL_STATUSES, limit, request.args.get("cursor"))

@@ -1,0 +1,1 @@
+"""mailq's importable core: config, domain, db, queue protocol, mailer, auth, crypto, services."""

@@ -1,0 +1,173 @@
+"""Settings: built once per process from the environment and handed down.
+
+This is the only module that reads ``os.environ``-style mappings; everything else receives a
+``Settings``. Every field has a default and a one-line reason; the README's configuration table
+mirrors this file (a test keeps them in step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from shared.errors import ConfigError
+
+DEVELOPMENT = "development"
+PRODUCTION = "production"
+
+
+def _bool(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _int(value: str, name: str, minimum: int = 0) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {number}")
+    return number
+
+
+def _float(value: str, name: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{name} must not be negative, got {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where things live ---
+    database_url: str = ""  # DATABASE_URL, postgresql+pg8000://user:pass@host:5432/db
+    redis_url: str = ""  # REDIS_URL, redis://[:password@]host:6379/0 or unix:///path/redis.sock
+    env: str = DEVELOPMENT  # MAILQ_ENV, development | production
+
+    # --- auth ---
+    jwt_secret: str = field(default="", repr=False)  # JWT_SECRET, HS256 key; >= 32 bytes outside development
+    jwt_ttl_seconds: int = 3600  # JWT_TTL_SECONDS, lifetime of a login token
+    bcrypt_rounds: int = 12  # BCRYPT_ROUNDS, cost of password hashing
+    # MAILQ_ENCRYPTION_KEYS, comma-separated Fernet keys; the first encrypts, all decrypt (rotation)
+    encryption_keys: tuple[str, ...] = field(default=(), repr=False)
+    rate_limit_per_email: int = 10  # RATE_LIMIT_PER_EMAIL, login/register attempts per minute per email
+    rate_limit_per_client: int = 100  # RATE_LIMIT_PER_CLIENT, login/register attempts per minute per client
+    trusted_proxy_hops: int = 0  # TRUSTED_PROXY_HOPS, X-Forwarded-For entries added by our own proxies
+
+    # --- the pipeline ---
+    max_try_count: int = 3  # MAX_TRY_COUNT, SMTP attempts before a task is cancelled
+    queue_consumer_count: int = 4  # QUEUE_CONSUMER_COUNT, consumer threads in one consumer process
+    worker_count: int = 4  # WORKER_COUNT, sender threads in one sender process
+    retry_backoff_base: float = 30.0  # RETRY_BACKOFF_BASE, seconds before the first retry; doubles per try
+    retry_backoff_max: float = 3600.0  # RETRY_BACKOFF_MAX, cap on the retry delay, seconds
+    sweep_leak_window: int = 300  # SWEEP_LEAK_WINDOW, seconds a queued task may wait before re-enqueue
+    lease_seconds: int = 120  # TASK_LEASE_SECONDS, how long a sender owns a claimed task
+    heartbeat_ttl: int = 30  # WORKER_HEARTBEAT_TTL, seconds a silent worker is still considered alive
+    sweep_batch: int = 1000  # SWEEP_BATCH, rows re-enqueued per statement of one sweep pass
+    max_body_bytes: int = 1024 * 1024  # MAX_BODY_BYTES, largest mail body accepted by enqueue
+
+    # --- SMTP ---
+    smtp_timeout: float = 30.0  # SMTP_TIMEOUT, seconds for every SMTP socket operation
+    smtp_idle_seconds: float = 30.0  # SMTP_IDLE_SECONDS, a reused SMTP connection is closed after this idle
+    smtp_allow_private_hosts: bool = True  # SMTP_ALLOW_PRIVATE_HOSTS, allow loopback/private SMTP hosts
+    smtp_allow_insecure: bool = True  # SMTP_ALLOW_INSECURE, allow smtp_security=none (plaintext)
+
+    log_level: str = "INFO"  # LOG_LEVEL, Python logging level name
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == PRODUCTION
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        """Build and validate settings; raise ConfigError naming every problem found."""
+        env = environ.get("MAILQ_ENV", DEVELOPMENT).strip().lower() or DEVELOPMENT
+        if env not in (DEVELOPMENT, PRODUCTION):
+            raise ConfigError(f"MAILQ_ENV must be {DEVELOPMENT} or {PRODUCTION}, got {env!r}")
+        production = env == PRODUCTION
+
+        def get(name: str, default: str) -> str:
+            value = environ.get(name)
+            return default if value is None or value == "" else value
+
+        keys = tuple(k.strip() for k in get("MAILQ_ENCRYPTION_KEYS", "").split(",") if k.strip())
+        settings = cls(
+            database_url=get("DATABASE_URL", ""),
+            redis_url=get("REDIS_URL", ""),
+            env=env,
+            jwt_secret=get("JWT_SECRET", ""),
+            jwt_ttl_seconds=_int(get("JWT_TTL_SECONDS", "3600"), "JWT_TTL_SECONDS", 1),
+            bcrypt_rounds=_int(get("BCRYPT_ROUNDS", "12"), "BCRYPT_ROUNDS", 4),
+            encryption_keys=keys,
+            rate_limit_per_email=_int(get("RATE_LIMIT_PER_EMAIL", "10"), "RATE_LIMIT_PER_EMAIL", 1),
+            rate_limit_per_client=_int(get("RATE_LIMIT_PER_CLIENT", "100"), "RATE_LIMIT_PER_CLIENT", 1),
+            trusted_proxy_hops=_int(get("TRUSTED_PROXY_HOPS", "0"), "TRUSTED_PROXY_HOPS"),
+            max_try_count=_int(get("MAX_TRY_COUNT", "3"), "MAX_TRY_COUNT", 1),
+            queue_consumer_count=_int(get("QUEUE_CONSUMER_COUNT", "4"), "QUEUE_CONSUMER_COUNT", 1),
+            worker_count=_int(get("WORKER_COUNT", "4"), "WORKER_COUNT", 1),
+            retry_backoff_base=_float(get("RETRY_BACKOFF_BASE", "30"), "RETRY_BACKOFF_BASE"),
+            retry_backoff_max=_float(get("RETRY_BACKOFF_MAX", "3600"), "RETRY_BACKOFF_MAX"),
+            sweep_leak_window=_int(get("SWEEP_LEAK_WINDOW", "300"), "SWEEP_LEAK_WINDOW", 1),
+            lease_seconds=_int(get("TASK_LEASE_SECONDS", "120"), "TASK_LEASE_SECONDS", 1),
+            heartbeat_ttl=_int(get("WORKER_HEARTBEAT_TTL", "30"), "WORKER_HEARTBEAT_TTL", 2),
+            sweep_batch=_int(get("SWEEP_BATCH", "1000"), "SWEEP_BATCH", 1),
+            max_body_bytes=_int(get("MAX_BODY_BYTES", str(1024 * 1024)), "MAX_BODY_BYTES", 1),
+            smtp_timeout=_float(get("SMTP_TIMEOUT", "30"), "SMTP_TIMEOUT"),
+            smtp_idle_seconds=_float(get("SMTP_IDLE_SECONDS", "30"), "SMTP_IDLE_SECONDS"),
+            smtp_allow_private_hosts=_bool(
+                get("SMTP_ALLOW_PRIVATE_HOSTS", "false" if production else "true"), "SMTP_ALLOW_PRIVATE_HOSTS"
+            ),
+            smtp_allow_insecure=_bool(
+                get("SMTP_ALLOW_INSECURE", "false" if production else "true"), "SMTP_ALLOW_INSECURE"
+            ),
+            log_level=get("LOG_LEVEL", "INFO").upper(),
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse settings the service must not run with; the message names everything missing."""
+        problems = []
+        if self.retry_backoff_max < self.retry_backoff_base:
+            problems.append("RETRY_BACKOFF_MAX must be at least RETRY_BACKOFF_BASE")
+        if self.is_production:
+            if not self.jwt_secret:
+                problems.append("JWT_SECRET is missing (at least 32 bytes are required in production)")
+            elif len(self.jwt_secret.encode()) < 32:
+                problems.append("JWT_SECRET is too short (at least 32 bytes are required in production)")
+            if not self.encryption_keys:
+                problems.append("MAILQ_ENCRYPTION_KEYS is missing (a Fernet key is required in production)")
+            if not self.database_url:
+                problems.append("DATABASE_URL is missing")
+            if not self.redis_url:
+                problems.append("REDIS_URL is missing")
+        if problems:
+            raise ConfigError("mailq refuses to start: " + "; ".join(problems))
+
+    def replace(self, **changes) -> Settings:
+        """A copy with some fields changed (tests and `mailq dev` use this)."""
+        return dataclasses.replace(self, **changes)
+
+    def require_runtime(self) -> None:
+        """Raise ConfigError unless everything a serving process needs is present."""
+        missing = [
+            name
+            for name, value in (
+                ("DATABASE_URL", self.database_url),
+                ("REDIS_URL", self.redis_url),
+                ("JWT_SECRET", self.jwt_secret),
+                ("MAILQ_ENCRYPTION_KEYS", self.encryption_keys),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError("mailq refuses to start: missing " + ", ".join(missing))

@@ -1,0 +1,166 @@
+"""PostgreSQL: the models, the engine, and the migration entry point.
+
+The schema is created only by Alembic migrations (``shared/migrations``); ``create_all`` appears
+nowhere outside the test that checks the migrations match these models.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.engine import Engine
+
+from shared.domain import Status
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+STATUS_VALUES = tuple(s.value for s in Status)
+# Every index the pipeline's queries rely on is named here so tests can check EXPLAIN uses them.
+PENDING_SQL_LIST = "'scheduled', 'queued', 'processing', 'failed'"
+FAIL_SQL_LIST = "'failed', 'cancelled'"
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    email: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    password_hash: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    smtp_host: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    smtp_port: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    smtp_username: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    smtp_password_enc: orm.Mapped[str] = orm.mapped_column(sa.Text)  # Fernet token, never the clear text
+    smtp_security: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+
+    __table_args__ = (
+        sa.Index("users_email_lower_key", sa.func.lower(sa.column("email")), unique=True),
+        sa.CheckConstraint("smtp_security IN ('starttls', 'tls', 'none')", name="users_smtp_security_check"),
+        sa.CheckConstraint("smtp_port BETWEEN 1 AND 65535", name="users_smtp_port_check"),
+    )
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    user_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+    recipient_email: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    subject: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    body: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    status: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    try_count: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    scheduled_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=False)
+    # When the task next needs attention: scheduled_at, the retry time, or (queued) when it was pushed.
+    next_attempt_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=False)
+    lease_until = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    last_error: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    message_id: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    idempotency_key: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    request_hash: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    sent_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        sa.CheckConstraint(
+            f"status IN ({', '.join(repr(s) for s in STATUS_VALUES)})", name="tasks_status_check"
+        ),
+        # Idempotency-Key is unique per user.
+        sa.Index(
+            "tasks_user_idempotency_key",
+            "user_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+        ),
+        # GET /task/queue (default: everything still to go out), keyset on id.
+        sa.Index(
+            "tasks_user_pending_id",
+            "user_id",
+            "id",
+            postgresql_where=sa.text(f"status IN ({PENDING_SQL_LIST})"),
+        ),
+        # GET /task/queue?status=….
+        sa.Index("tasks_user_status_id", "user_id", "status", "id"),
+        # GET /task/queue/fail.
+        sa.Index(
+            "tasks_user_fail_id",
+            "user_id",
+            "id",
+            postgresql_where=sa.text(f"status IN ({FAIL_SQL_LIST})"),
+        ),
+        # The sweep: due scheduled/failed tasks and queued tasks past the leak window.
+        sa.Index(
+            "tasks_sweep_due",
+            "next_attempt_at",
+            postgresql_where=sa.text("status IN ('scheduled', 'queued', 'failed')"),
+        ),
+        # The sweep: processing tasks whose lease ran out.
+        sa.Index(
+            "tasks_sweep_lease",
+            "lease_until",
+            postgresql_where=sa.text("status = 'processing'"),
+        ),
+    )
+
+
+users = User.__table__
+tasks = Task.__table__
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def make_engine(url: str, *, pool_size: int = 5) -> Engine:
+    """A new engine; pre-ping so a process survives a PostgreSQL restart without help."""
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+        hide_parameters=True,  # bound values (hashes, ciphertexts, mail bodies) never reach an error log
+    )
+
+
+def engine_for(url: str, *, pool_size: int = 5) -> Engine:
+    """One engine per URL per process, created on first use (never at import time)."""
+    with _engines_lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = make_engine(url, pool_size=pool_size)
+        return engine
+
+
+def dispose_engines() -> None:
+    """Drop pooled connections, e.g. after a fork."""
+    with _engines_lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["database_url"] = url
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the newest migration; safe to run again and from two processes at once."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), "head")

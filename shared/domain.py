@@ -1,0 +1,48 @@
+"""Task statuses and the transitions between them.
+
+scheduled ──(due; sweep)──────────────┐
+queued ──(sender claims)──> processing ├─> sent
+  ^                            │       ├─> failed ──(due; sweep)──> queued
+  └──(lease ran out; sweep)────┘       └─> cancelled
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.StrEnum):
+    SCHEDULED = "scheduled"  # waiting for scheduled_at
+    QUEUED = "queued"  # an envelope is (or should be) on its way to a sender
+    PROCESSING = "processing"  # claimed by a sender until lease_until
+    SENT = "sent"  # the SMTP server accepted it
+    FAILED = "failed"  # a transient failure; will be retried at next_attempt_at
+    CANCELLED = "cancelled"  # no more tries: permanent error, tries used up, or cancelled
+
+
+TERMINAL = frozenset({Status.SENT, Status.CANCELLED})
+PENDING = (Status.SCHEDULED, Status.QUEUED, Status.PROCESSING, Status.FAILED)  # "still to go out"
+FAILURES = (Status.FAILED, Status.CANCELLED)
+
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED}),
+    Status.QUEUED: frozenset({Status.PROCESSING, Status.CANCELLED}),
+    Status.PROCESSING: frozenset({Status.SENT, Status.FAILED, Status.CANCELLED, Status.QUEUED}),
+    Status.FAILED: frozenset({Status.QUEUED, Status.CANCELLED}),
+    Status.SENT: frozenset(),
+    Status.CANCELLED: frozenset(),
+}
+
+
+def can_move(old: Status, new: Status) -> bool:
+    return new in TRANSITIONS[old]
+
+
+class SmtpSecurity(enum.StrEnum):
+    STARTTLS = "starttls"  # plaintext connect, then STARTTLS is required before anything else
+    TLS = "tls"  # implicit TLS from the first byte (port 465)
+    NONE = "none"  # plaintext; only where SMTP_ALLOW_INSECURE permits it
+
+
+def default_security(port: int) -> SmtpSecurity:
+    return SmtpSecurity.TLS if port == 465 else SmtpSecurity.STARTTLS

@@ -1,0 +1,129 @@
+"""Every error mailq raises on purpose, in one tree.
+
+    MailqError
+     ├── ConfigError              settings the service refuses to run with
+     ├── EnvelopeDecodeError      a Redis message that is not a valid envelope
+     ├── ServiceError             a use case refused the request (entry points map these to HTTP)
+     │    ├── BadRequest            the request cannot be parsed at all
+     │    ├── ValidationFailed      parsed, but fields are wrong (one entry per field)
+     │    ├── Unauthorized          no valid credentials
+     │    ├── NotFound              nothing the caller may see under that id
+     │    ├── Conflict              would duplicate something unique
+     │    ├── PayloadTooLarge       body beyond the configured limit
+     │    ├── UnsupportedMediaType  not JSON
+     │    ├── RateLimited           too many attempts; retry_after seconds
+     │    └── DependencyUnavailable PostgreSQL or Redis cannot be reached
+     └── SmtpError                a send failed
+          ├── TransientSmtpError    worth retrying (4xx, timeout, connection lost)
+          └── PermanentSmtpError    not worth retrying (5xx, bad credentials, TLS refused)
+
+Only ``functions/`` knows which HTTP status each ServiceError becomes.
+"""
+
+from __future__ import annotations
+
+
+class MailqError(Exception):
+    """Base class of every error raised on purpose by mailq."""
+
+
+class ConfigError(MailqError):
+    """Raised when settings are missing or invalid; the message names what is wrong."""
+
+
+class EnvelopeDecodeError(MailqError):
+    """Raised when a Redis message is not a well-formed version-1 envelope."""
+
+
+class ServiceError(MailqError):
+    """A use case refused a request; ``detail`` is safe to show to the caller."""
+
+    title = "Request refused"
+
+    def __init__(self, detail: str = "", **extra):
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.extra = extra
+
+
+class BadRequest(ServiceError):
+    """Raised when the request body cannot be parsed (malformed JSON, not an object)."""
+
+    title = "Bad request"
+
+
+class ValidationFailed(ServiceError):
+    """Raised when fields are invalid; ``errors`` maps each field to what is wrong with it."""
+
+    title = "Validation failed"
+
+    def __init__(self, errors: dict[str, str], detail: str = ""):
+        super().__init__(detail or "One or more fields are invalid.")
+        self.errors = errors
+
+
+class Unauthorized(ServiceError):
+    """Raised for a missing, malformed, expired or forged token, or wrong login credentials."""
+
+    title = "Unauthorized"
+
+
+class NotFound(ServiceError):
+    """Raised when the id does not exist or belongs to someone else (we do not say which)."""
+
+    title = "Not found"
+
+
+class Conflict(ServiceError):
+    """Raised when a unique thing (an email) already exists."""
+
+    title = "Conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    """Raised when the request or the mail body is over its size limit."""
+
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(ServiceError):
+    """Raised when a body is sent with a content type other than JSON."""
+
+    title = "Unsupported media type"
+
+
+class RateLimited(ServiceError):
+    """Raised when a client or an email exceeded its attempts; retry after ``retry_after`` seconds."""
+
+    title = "Too many requests"
+
+    def __init__(self, retry_after: int, detail: str = ""):
+        super().__init__(detail or "Too many attempts; try again later.")
+        self.retry_after = retry_after
+
+
+class DependencyUnavailable(ServiceError):
+    """Raised when PostgreSQL or Redis cannot be reached; ``dependency`` names which."""
+
+    title = "Service unavailable"
+
+    def __init__(self, dependency: str, detail: str = ""):
+        super().__init__(detail or f"{dependency} is unavailable; try again shortly.")
+        self.dependency = dependency
+
+
+class SmtpError(MailqError):
+    """A send failed; ``code`` is the server's reply code when there was one."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TransientSmtpError(SmtpError):
+    """Raised for failures worth retrying: 4xx replies, timeouts, lost connections."""
+
+
+class PermanentSmtpError(SmtpError):
+    """Raised for failures not worth retrying: 5xx replies, bad credentials, TLS refused."""

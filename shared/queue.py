@@ -1,0 +1,53 @@
+"""The Redis protocol: every key mailq uses and the envelope format, in one place.
+
+Redis only carries wake-up envelopes ``{"v": 1, "task_id": N}``; the task itself (and every
+credential) stays in PostgreSQL. The KEDA ScaledObjects' ``listName`` must equal TASK_LIST and
+SEND_LIST (a manifest test says so).
+"""
+
+from __future__ import annotations
+
+import json
+
+from shared.errors import EnvelopeDecodeError
+
+PREFIX = "mailq:"
+TASK_LIST = "mailq:tasks"  # enqueue and the sweep push here; consumers read it
+SEND_LIST = "mailq:send"  # consumers hand off here; senders read it
+WORKERS = "mailq:workers"  # hash: worker id -> the list its processing list drains back into
+
+ENVELOPE_VERSION = 1
+
+
+def processing_list(worker_id: str) -> str:
+    """The list a worker's in-hand envelopes sit in until their work is recorded."""
+    return f"mailq:processing:{worker_id}"
+
+
+def heartbeat_key(worker_id: str) -> str:
+    """A key with a TTL; when it is gone the worker is dead and the sweep returns its envelopes."""
+    return f"mailq:heartbeat:{worker_id}"
+
+
+def rate_limit_key(scope: str, subject: str, window: int) -> str:
+    """Fixed-window counter for login/register attempts."""
+    return f"mailq:ratelimit:{scope}:{subject}:{window}"
+
+
+def encode(task_id: int) -> bytes:
+    """The envelope for one task, as stored in Redis."""
+    return b'{"v":1,"task_id":%d}' % task_id
+
+
+def decode(raw: bytes | str) -> int:
+    """The task id inside an envelope; EnvelopeDecodeError for anything else."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, TypeError) as exc:
+        raise EnvelopeDecodeError(f"not JSON: {raw!r:.80}") from exc
+    if not isinstance(data, dict) or data.get("v") != ENVELOPE_VERSION:
+        raise EnvelopeDecodeError(f"unknown envelope version: {raw!r:.80}")
+    task_id = data.get("task_id")
+    if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id <= 0:
+        raise EnvelopeDecodeError(f"bad task_id: {raw!r:.80}")
+    return task_id

@@ -1,0 +1,58 @@
+"""The route table: the single source of truth for (method, path) -> function target.
+
+The dev router, the gateway configuration, the Knative manifests and the OpenAPI document are
+generated from this table or checked against it by a test.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str  # OpenAPI style: {id} is a positive integer segment
+    target: str  # the function's name in functions/main.py (FUNCTION_TARGET)
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[1-9][0-9]{0,18})", self.path) + "$")
+
+
+ROUTES: tuple[Route, ...] = (
+    Route("GET", "/healthz/live", "live"),
+    Route("GET", "/healthz/ping", "ping"),
+    Route("POST", "/api/v1/register", "register"),
+    Route("POST", "/api/v1/login", "login"),
+    Route("GET", "/api/v1/user/{id}", "get_user"),
+    Route("POST", "/api/v1/task/enqueue", "enqueue"),
+    Route("GET", "/api/v1/task/queue", "task_queue"),
+    Route("GET", "/api/v1/task/queue/fail", "task_queue_fail"),
+    Route("GET", "/api/v1/task/{id}", "get_task"),
+)
+
+TARGETS: tuple[str, ...] = tuple(dict.fromkeys(r.target for r in ROUTES))
+
+
+@dataclass(frozen=True)
+class Match:
+    route: Route | None  # None: the path is known but not with this method
+    params: dict[str, int]
+    allowed: tuple[str, ...] = ()
+
+
+def match(method: str, path: str) -> Match | None:
+    """The route for a request, a Match without route for a wrong method, or None if no path fits."""
+    allowed: list[str] = []
+    for route in ROUTES:
+        m = route.pattern.match(path)
+        if m is None:
+            continue
+        if route.method == method or (method == "HEAD" and route.method == "GET"):
+            return Match(route, {k: int(v) for k, v in m.groupdict().items()})
+        allowed.append(route.method)
+    if allowed:
+        return Match(None, {}, tuple(dict.fromkeys(allowed)))
+    return None

@@ -1,0 +1,197 @@
+"""Use cases for accounts and health. Entry points parse input, call these, and render the result.
+
+Dependencies arrive in a ``Context`` built once per process; nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from shared import auth, ratelimit
+from shared.config import Settings
+from shared.crypto import SecretBox
+from shared.db import users
+from shared.domain import default_security
+from shared.errors import Conflict, DependencyUnavailable, NotFound, Unauthorized, ValidationFailed
+from shared.validation import SECURITY_CHOICES, Fields
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class Context:
+    """Everything a use case needs, passed in (never reached for)."""
+
+    settings: Settings
+    engine: Engine
+    redis: redis.Redis
+    box: SecretBox
+    now: Callable[[], datetime] = field(default=utcnow)
+
+
+def make_redis(url: str, *, socket_timeout: float | None = 5.0) -> redis.Redis:
+    """A Redis client with timeouts, so a dead Redis answers 503 instead of hanging a request."""
+    return redis.Redis.from_url(
+        url, socket_timeout=socket_timeout, socket_connect_timeout=3, health_check_interval=30
+    )
+
+
+def _email_subject(email: str) -> str:
+    # Rate-limit keys carry a hash, not the address itself.
+    return hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
+
+
+def _limit(ctx: Context, action: str, client: str, email: Any) -> None:
+    s = ctx.settings
+    try:
+        ratelimit.hit(ctx.redis, f"{action}:client", client, s.rate_limit_per_client)
+        if isinstance(email, str) and email:
+            ratelimit.hit(ctx.redis, f"{action}:email", _email_subject(email), s.rate_limit_per_email)
+    except redis.RedisError:
+        raise DependencyUnavailable("redis") from None
+
+
+def user_view(row: Any) -> dict[str, Any]:
+    """The public form of a user: never a password or its hash."""
+    return {
+        "id": row.id,
+        "email": row.email,
+        "smtp_host": row.smtp_host,
+        "smtp_port": row.smtp_port,
+        "smtp_username": row.smtp_username,
+        "smtp_security": row.smtp_security,
+        "created_at": row.created_at.isoformat(),
+        "updated_at": row.updated_at.isoformat(),
+    }
+
+
+_USER_COLUMNS = (
+    users.c.id,
+    users.c.email,
+    users.c.smtp_host,
+    users.c.smtp_port,
+    users.c.smtp_username,
+    users.c.smtp_security,
+    users.c.created_at,
+    users.c.updated_at,
+)
+
+
+def register(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
+    """Create a user with the SMTP account their mail goes out through."""
+    _limit(ctx, "register", client, body.get("email"))
+    f = Fields(body)
+    email = f.email("email")
+    password = f.password("password")
+    host = f.hostname("smtp_host")
+    port = f.port("smtp_port")
+    username = f.string("smtp-username", max_len=320, allow_empty=True)
+    smtp_password = f.string("smtp-password", max_len=1024, allow_empty=True)
+    security = f.choice("smtp_security", SECURITY_CHOICES)
+    if port is not None and security is None and "smtp_security" not in f.errors:
+        security = default_security(port).value
+    if security == "none" and not ctx.settings.smtp_allow_insecure:
+        f.fail("smtp_security", "plaintext SMTP (none) is not allowed on this deployment")
+    if host is not None and port is not None and not ctx.settings.smtp_allow_private_hosts:
+        from shared.mailer import host_refusal_reason
+
+        reason = host_refusal_reason(host, port, allow_private=False)
+        if reason:
+            f.fail("smtp_host", reason)
+    if f.errors:
+        raise ValidationFailed(f.errors)
+
+    password_hash = auth.hash_password(password, ctx.settings.bcrypt_rounds)
+    encrypted = ctx.box.encrypt(smtp_password)
+    statement = (
+        sa.insert(users)
+        .values(
+            email=email,
+            password_hash=password_hash,
+            smtp_host=host,
+            smtp_port=port,
+            smtp_username=username,
+            smtp_password_enc=encrypted,
+            smtp_security=security,
+        )
+        .returning(*_USER_COLUMNS)
+    )
+    try:
+        with ctx.engine.begin() as conn:
+            row = conn.execute(statement).one()
+    except sa.exc.IntegrityError:
+        raise Conflict("An account with this email already exists.") from None
+    return user_view(row)
+
+
+def login(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
+    """A Bearer token for the right email and password; the same 401 for every wrong combination."""
+    _limit(ctx, "login", client, body.get("email"))
+    email, password = body.get("email"), body.get("password")
+    if not isinstance(email, str) or not isinstance(password, str) or not email or not password:
+        f = Fields(body)
+        f.string("email", max_len=254)
+        f.string("password", max_len=1024)
+        raise ValidationFailed(f.errors or {"email": "is required", "password": "is required"})
+    with ctx.engine.connect() as conn:
+        row = conn.execute(
+            sa.select(users.c.id, users.c.password_hash).where(sa.func.lower(users.c.email) == email.lower())
+        ).one_or_none()
+    ok = auth.check_password(password, row.password_hash if row else None, ctx.settings.bcrypt_rounds)
+    if not ok or row is None:
+        raise Unauthorized("The email or password is wrong.")
+    s = ctx.settings
+    return {
+        "id": row.id,
+        "token": auth.issue_token(row.id, s.jwt_secret, s.jwt_ttl_seconds),
+        "token_type": "Bearer",
+        "expires_in": s.jwt_ttl_seconds,
+    }
+
+
+def authenticate(ctx: Context, authorization: str | None) -> Any:
+    """The caller (``.id``, ``.email``) from an Authorization header; Unauthorized unless a live user."""
+    user_id = auth.verify_token(auth.bearer_token(authorization), ctx.settings.jwt_secret)
+    with ctx.engine.connect() as conn:
+        row = conn.execute(sa.select(users.c.id, users.c.email).where(users.c.id == user_id)).one_or_none()
+    if row is None:
+        raise Unauthorized("The token's user does not exist.")
+    return row
+
+
+def get_user(ctx: Context, caller_id: int, user_id: int) -> dict[str, Any]:
+    """The caller's own record; anyone else's id is simply not found."""
+    if caller_id != user_id:
+        raise NotFound("No such user.")
+    with ctx.engine.connect() as conn:
+        row = conn.execute(sa.select(*_USER_COLUMNS).where(users.c.id == user_id)).one_or_none()
+    if row is None:
+        raise NotFound("No such user.")
+    return user_view(row)
+
+
+def ping(ctx: Context) -> dict[str, str]:
+    """The state of each dependency: "ok" or "down"."""
+    result = {}
+    try:
+        with ctx.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        result["postgresql"] = "ok"
+    except Exception:  # noqa: BLE001 - any failure means down; the reason goes to the log, not the caller
+        result["postgresql"] = "down"
+    try:
+        ctx.redis.ping()
+        result["redis"] = "ok"
+    except Exception:  # noqa: BLE001
+        result["redis"] = "down"
+    return result
