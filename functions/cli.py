@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -12,11 +11,13 @@ import sys
 import threading
 import time
 import urllib.request
+import warnings
 from pathlib import Path
 
 import click
 
-from shared.config import Settings
+from shared.config import Settings, configure_logging
+from shared.embedded import die_with_parent
 from shared.errors import ConfigError
 
 
@@ -53,21 +54,13 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
     """Serve every HTTP function on one port (gunicorn), for local use."""
     from functions.devserver import serve as run
 
-    load_settings().require_runtime()
+    settings = load_settings()
+    settings.require_runtime()
+    configure_logging(settings)
     run(host, port, workers, threads)
 
 
 # --- mailq dev ----------------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
-
 
 def _port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -92,7 +85,7 @@ class Supervisor:
             env=self.env,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us once; we stop the children in order
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - a dead `mailq dev` must not leave orphans
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - a dead `mailq dev` must not leave orphans
         )
         self.children.append((name, proc))
         return proc
@@ -227,7 +220,7 @@ def _worker_deps(settings: Settings, block_timeout: float):
     from shared.services import make_redis
 
     settings.require_runtime()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(settings)
     pool = max(settings.worker_count, settings.queue_consumer_count) + 2
     engine = engine_for(settings.database_url, pool_size=pool)
     # Blocking reads wait BLOCK_SECONDS; the socket timeout must be longer than that.
@@ -300,6 +293,9 @@ def sink(data_dir: Path, host: str, port: int) -> None:
     """Run the local SMTP sink that stores every message it receives in DATA_DIR/mailbox."""
     from shared.sink import serve_forever
 
+    configure_logging(load_settings())
+    # aiosmtpd warns about its own use of a deprecated attribute on every AUTH.
+    warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
     try:
         serve_forever(data_dir.resolve(), host, port)
     except RuntimeError as exc:

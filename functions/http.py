@@ -21,7 +21,7 @@ import redis
 import sqlalchemy as sa
 
 from shared import routes, services
-from shared.config import Settings
+from shared.config import Settings, configure_logging
 from shared.crypto import SecretBox
 from shared.db import engine_for
 from shared.errors import (
@@ -69,7 +69,7 @@ def context() -> services.Context:
             if _context is None:
                 settings = Settings.from_env(os.environ)
                 settings.require_runtime()
-                logging.basicConfig(level=settings.log_level)
+                configure_logging(settings)
                 _context = services.Context(
                     settings=settings,
                     engine=engine_for(settings.database_url),

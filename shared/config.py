@@ -8,11 +8,13 @@ mirrors this file (a test keeps them in step).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shared.errors import ConfigError
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 DEVELOPMENT = "development"
 PRODUCTION = "production"
 
@@ -171,3 +173,8 @@ class Settings:
         ]
         if missing:
             raise ConfigError("mailq refuses to start: missing " + ", ".join(missing))
+
+
+def configure_logging(settings: Settings) -> None:
+    """One log format for every mailq process (a no-op if logging is already configured)."""
+    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)

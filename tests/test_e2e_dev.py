@@ -1,0 +1,161 @@
+"""End to end: `mailq dev` as a subprocess on free ports, driven over real HTTP and SMTP."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime, timedelta
+
+import psutil
+import pytest
+
+from shared.embedded import free_port
+from shared.sink import count_message_ids
+
+pytestmark = pytest.mark.e2e
+
+
+def call(base: str, method: str, path: str, body=None, token: str | None = None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method)
+    if body is not None:
+        request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("dev") / "data"
+    port, smtp_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(BCRYPT_ROUNDS="4", MAILQ_HEARTBEAT_FILE=str(data_dir.parent / "beat"))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "functions.cli", "dev", "--port", str(port), "--smtp-port", str(smtp_port),
+         "--data-dir", str(data_dir)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "mailq is ready" in line:
+            break
+    else:
+        process.kill()
+    if process.poll() is not None or not any("mailq is ready" in line for line in lines):
+        process.kill()
+        pytest.fail("mailq dev did not start:\n" + "".join(lines))
+    # keep draining its output so it never blocks on a full pipe
+    import threading
+
+    threading.Thread(target=lambda: [lines.append(x) for x in process.stdout], daemon=True).start()
+    info = {
+        "base": f"http://127.0.0.1:{port}",
+        "smtp_port": smtp_port,
+        "data_dir": data_dir,
+        "process": process,
+        "lines": lines,
+    }
+    yield info
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_register_login_and_read_the_user_over_http(dev):
+    base = dev["base"]
+    status, user = call(
+        base, "POST", "/api/v1/register",
+        {"email": "ada@example.com", "password": "correct horse", "smtp_host": "127.0.0.1",
+         "smtp_port": dev["smtp_port"], "smtp-username": "ada", "smtp-password": "sink-accepts-any",
+         "smtp_security": "none"},
+    )  # fmt: skip
+    assert status == 201, user
+    status, session = call(base, "POST", "/api/v1/login", {"email": "ada@example.com", "password": "correct horse"})
+    assert status == 200 and session["token_type"] == "Bearer"
+    status, me = call(base, "GET", f"/api/v1/user/{user['id']}", token=session["token"])
+    assert status == 200 and me == user
+    dev["token"] = session["token"]
+
+
+def test_five_hundred_mails_arrive_exactly_once(dev):
+    base, token = dev["base"], dev["token"]
+    soon = (datetime.now(UTC) + timedelta(seconds=3)).replace(tzinfo=None).isoformat()
+    ids = []
+    for i in range(500):
+        body = {"recipient_email": f"r{i}@example.org", "subject": f"mail {i}", "body": f"body {i}\n"}
+        if i % 10 == 0:
+            body["scheduled_at"] = soon
+        status, result = call(base, "POST", "/api/v1/task/enqueue", body, token)
+        assert status == 202, result
+        ids.append(result["task_id"])
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        counts = count_message_ids(dev["data_dir"])
+        if sum(counts.values()) >= 500:
+            break
+        time.sleep(0.5)
+    time.sleep(1.0)  # a late duplicate would show up now
+    counts = count_message_ids(dev["data_dir"])
+    assert len(counts) == 500 and set(counts.values()) == {1}, collections.Counter(counts.values())
+    statuses, cursor = collections.Counter(), None
+    while True:
+        status, page = call(base, "GET", "/api/v1/task/queue?status=sent&limit=500" + (f"&cursor={cursor}" if cursor else ""), token=token)
+        assert status == 200
+        statuses.update(t["status"] for t in page["items"])
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert statuses == {"sent": 500}
+    status, pending = call(base, "GET", "/api/v1/task/queue", token=token)
+    assert pending["items"] == []
+
+
+def test_mailbox_lists_what_arrived(dev):
+    result = subprocess.run(
+        [sys.executable, "-m", "functions.cli", "mailbox", "--data-dir", str(dev["data_dir"]), "-n", "3"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0
+    assert result.stdout.count("Message-ID: <mailq.") == 3
+
+
+def test_a_taken_smtp_port_is_a_clear_error(dev, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "functions.cli", "dev", "--port", str(free_port()),
+         "--smtp-port", str(dev["smtp_port"]), "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "SMTP sink cannot listen" in result.stderr and "--smtp-port" in result.stderr
+
+
+def test_sigterm_stops_every_child_and_the_embedded_servers(dev):
+    process: subprocess.Popen = dev["process"]
+    parent = psutil.Process(process.pid)
+    children = parent.children(recursive=True)
+    assert len(children) >= 6  # api (+ gunicorn workers), sink, consumer, sender, sweep, redis
+    postmaster_pid = int((dev["data_dir"] / "postgres" / "postmaster.pid").read_text().split()[0])
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(60) == 0, "".join(dev["lines"][-20:])
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+    assert not psutil.pid_exists(postmaster_pid) or psutil.Process(postmaster_pid).status() == psutil.STATUS_ZOMBIE
+    output = "".join(dev["lines"])
+    assert "Traceback" not in output
