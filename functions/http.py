@@ -149,6 +149,11 @@ def json_body(request: flask.Request, limit: int = SMALL_BODY_LIMIT) -> dict[str
         raise BadRequest("The body is not valid JSON.") from None
     if not isinstance(data, dict):
         raise BadRequest("The body must be a JSON object.")
+    try:
+        # JSON may spell lone surrogates (\ud800); they are not text and no driver can store them.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("The body contains invalid Unicode (a lone surrogate).") from None
     return data
 
 

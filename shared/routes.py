@@ -33,6 +33,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/task/{id}", "get_task"),
 )
 
+MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints; anything larger cannot exist
+
 TARGETS: tuple[str, ...] = tuple(dict.fromkeys(r.target for r in ROUTES))
 
 
@@ -48,7 +50,7 @@ def match(method: str, path: str) -> Match | None:
     allowed: list[str] = []
     for route in ROUTES:
         m = route.pattern.match(path)
-        if m is None:
+        if m is None or any(int(v) > MAX_ID for v in m.groupdict().values()):
             continue
         if route.method == method or (method == "HEAD" and route.method == "GET"):
             return Match(route, {k: int(v) for k, v in m.groupdict().items()})

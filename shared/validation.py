@@ -69,8 +69,8 @@ class Fields:
         if not isinstance(value, str):
             self.fail(name, "must be a string")
             return None
-        if "\x00" in value:
-            self.fail(name, "must not contain NUL characters")
+        if _FORBIDDEN.search(value):
+            self.fail(name, "must not contain CR, LF or NUL characters")
             return None
         size = len(value.encode())
         if not MIN_PASSWORD_BYTES <= size <= MAX_PASSWORD_BYTES:

@@ -399,3 +399,29 @@ def test_login_answers_503_not_500_when_postgresql_is_down(api, monkeypatch, tmp
         api.post("/api/v1/login", json={"email": "a@example.com", "password": "x" * 8}), 503
     )
     assert body["dependency"] == "postgresql"
+
+
+@pytest.mark.parametrize("field", ["email", "password", "smtp-username", "smtp-password", "smtp_host"])
+def test_a_lone_surrogate_is_a_400_and_the_next_request_still_works(api, pg_url, field):
+    raw = '{"%s": "\\ud800x"}' % field
+    body = {k: v for k, v in GOOD.items() if k != field}
+    import json
+
+    data = json.dumps(body)[:-1] + ", " + raw[1:]
+    assert_problem(api.post("/api/v1/register", data=data, content_type="application/json"), 400)
+    assert api.post("/api/v1/register", json=GOOD).status_code == 201
+    assert api.post("/api/v1/login", json={"email": GOOD["email"], "password": GOOD["password"]}).status_code == 200
+
+
+@pytest.mark.parametrize("bad", ["\r", "\n"])
+def test_cr_or_lf_in_the_password_is_refused(api, bad):
+    body = assert_problem(api.post("/api/v1/register", json={**GOOD, "password": "abcd" + bad + "efgh"}), 422)
+    assert "password" in body["errors"]
+
+
+def test_an_id_beyond_bigint_is_not_found(api):
+    user = register_user(api)
+    token = login(api)
+    assert_problem(api.get("/api/v1/user/9999999999999999999", headers=auth_header(token)), 404)
+    assert_problem(api.get("/api/v1/task/9999999999999999999", headers=auth_header(token)), 404)
+    assert api.get(f"/api/v1/user/{user['id']}", headers=auth_header(token)).status_code == 200

@@ -222,3 +222,18 @@ def test_enqueue_answers_503_not_500_when_postgresql_is_down(api, alice, monkeyp
     body = assert_problem(api.post("/api/v1/task/enqueue", json=MAIL, headers=headers), 503)
     assert body["dependency"] == "postgresql"
     assert api.get("/api/v1/task/queue", headers=headers).status_code == 503
+
+
+def test_a_cursor_beyond_bigint_is_422(api, alice):
+    import base64
+
+    _, headers = alice
+    cursor = base64.urlsafe_b64encode(b"v1:99999999999999999999").decode().rstrip("=")
+    assert_problem(api.get(f"/api/v1/task/queue?cursor={cursor}", headers=headers), 422)
+
+
+def test_a_lone_surrogate_in_a_mail_is_a_400(api, alice, pg_url):
+    _, headers = alice
+    data = '{"recipient_email": "bob@example.org", "subject": "\\udc80", "body": "x"}'
+    assert_problem(api.post("/api/v1/task/enqueue", data=data, content_type="application/json", headers=headers), 400)
+    assert task_count(pg_url) == 0

@@ -1,0 +1,527 @@
+"""shared/openapi.json against the route table, the code, and live answers of the functions.
+
+The document is hand-written; these tests make it fail loudly when it and the code drift apart:
+- it is a structurally valid OpenAPI 3.1 document whose schemas are valid JSON Schema 2020-12
+  (and, when ``openapi-spec-validator`` is installed, passes that validator too);
+- its (method, path) pairs are exactly those of ``shared.routes.ROUTES``, and every operationId is
+  the route's function target;
+- every error answer is a ``Problem`` as ``application/problem+json``;
+- what it says about auth, bodies and limits matches the functions' source and constants;
+- real answers from the functions (real PostgreSQL and Redis) are documented and match the schemas.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator, FormatChecker
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+
+from functions import http as fhttp
+from functions import main
+from shared import routes, tasks
+from shared.validation import SECURITY_CHOICES
+from tests.conftest import auth_header, login, register_user
+
+DOC_PATH = Path(__file__).resolve().parent.parent / "shared" / "openapi.json"
+DOC: dict[str, Any] = json.loads(DOC_PATH.read_text(encoding="utf-8"))
+DOC_URI = "urn:mailq:openapi"
+REGISTRY = Registry().with_resource(DOC_URI, DRAFT202012.create_resource(DOC))
+
+HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+PATH_ITEM_KEYS = {*HTTP_METHODS, "$ref", "summary", "description", "servers", "parameters"}
+PROBLEM_REF = "#/components/schemas/Problem"
+PROBLEM_JSON = "application/problem+json"
+AUTHENTICATED_OPERATIONS_SCHEME = "bearerAuth"
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _pointer(ref: str) -> Any:
+    """The part of the document an internal ``#/...`` reference points at."""
+    assert ref.startswith("#/"), f"only internal references are used: {ref}"
+    node: Any = DOC
+    for raw in ref[2:].split("/"):
+        key = raw.replace("~1", "/").replace("~0", "~")
+        assert isinstance(node, dict) and key in node, f"unresolvable $ref {ref}"
+        node = node[key]
+    return node
+
+
+def _deref(obj: dict) -> dict:
+    """Follow OpenAPI-level ``$ref``s (responses, parameters, headers) to the object itself."""
+    seen = set()
+    while "$ref" in obj:
+        assert obj["$ref"] not in seen, f"reference cycle at {obj['$ref']}"
+        seen.add(obj["$ref"])
+        obj = _pointer(obj["$ref"])
+    return obj
+
+
+def _walk(node: Any, path: str = "#"):
+    """Every (json-pointer, dict) in the document."""
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from _walk(value, f"{path}/{key.replace('~', '~0').replace('/', '~1')}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _walk(value, f"{path}/{i}")
+
+
+def _absolute(schema: Any) -> Any:
+    """A copy of a schema whose ``#/...`` references name the document, so it validates on its own."""
+    if isinstance(schema, dict):
+        return {
+            key: (DOC_URI + value if key == "$ref" and value.startswith("#") else _absolute(value))
+            for key, value in schema.items()
+        }
+    if isinstance(schema, list):
+        return [_absolute(v) for v in schema]
+    return schema
+
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
+FORMATS = FormatChecker(formats=())
+
+
+@FORMATS.checks("date-time", raises=ValueError)
+def _is_date_time(value: object) -> bool:
+    if not isinstance(value, str):
+        return True
+    if not _RFC3339.match(value):
+        return False
+    datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return True
+
+
+@FORMATS.checks("idn-email")
+def _is_email(value: object) -> bool:
+    return not isinstance(value, str) or value.count("@") == 1 and all(value.split("@"))
+
+
+@FORMATS.checks("int64")
+def _is_int64(value: object) -> bool:
+    return not isinstance(value, int) or -(2**63) <= value < 2**63
+
+
+def validator(schema: dict) -> Draft202012Validator:
+    return Draft202012Validator(_absolute(schema), registry=REGISTRY, format_checker=FORMATS)
+
+
+def schema_errors(schema: dict, instance: Any) -> list[str]:
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in validator(schema).iter_errors(instance)
+    ]
+
+
+def operations():
+    """(METHOD, path, operation) for every operation in the document."""
+    for path, item in DOC["paths"].items():
+        for method in HTTP_METHODS:
+            if method in item:
+                yield method.upper(), path, item[method]
+
+
+def operation(method: str, path: str) -> dict:
+    assert method.lower() in DOC["paths"].get(path, {}), (
+        f"shared/openapi.json does not document {method} {path}"
+    )
+    return DOC["paths"][path][method.lower()]
+
+
+def request_schema(method: str, path: str) -> dict:
+    return operation(method, path)["requestBody"]["content"]["application/json"]["schema"]
+
+
+def parameters(op: dict) -> list[dict]:
+    return [_deref(p) for p in op.get("parameters", [])]
+
+
+ROUTE_IDS = [f"{r.method} {r.path}" for r in routes.ROUTES]
+
+
+# --- the document itself -------------------------------------------------------------------------
+
+
+def test_document_is_openapi_3_1_structurally():
+    assert DOC["openapi"] == "3.1.0"
+    assert isinstance(DOC["info"]["title"], str) and isinstance(DOC["info"]["version"], str)
+    assert DOC["servers"][0]["url"] == "http://127.0.0.1:8080"
+    for path, item in DOC["paths"].items():
+        assert path.startswith("/"), path
+        assert set(item) <= PATH_ITEM_KEYS, f"{path}: unknown keys {set(item) - PATH_ITEM_KEYS}"
+    operation_ids = [op["operationId"] for _, _, op in operations()]
+    assert len(operation_ids) == len(set(operation_ids)), "operationIds must be unique"
+    for method, path, op in operations():
+        where = f"{method} {path}"
+        assert op["responses"], where
+        for code, response in op["responses"].items():
+            assert re.fullmatch(r"[1-5](\d\d|XX)|default", code), f"{where}: bad status key {code}"
+            response = _deref(response)
+            assert response["description"], f"{where} {code}: a response needs a description"
+            for media, content in response.get("content", {}).items():
+                assert "schema" in content, f"{where} {code} {media}: no schema"
+            for name, header in response.get("headers", {}).items():
+                assert "schema" in _deref(header), f"{where} {code} header {name}: no schema"
+        # Path templates and path parameters agree, both ways.
+        templated = set(re.findall(r"\{(\w+)\}", path))
+        declared = {
+            p["name"]
+            for p in parameters(op) + [_deref(p) for p in DOC["paths"][path].get("parameters", [])]
+            if p["in"] == "path"
+        }
+        assert templated == declared, f"{where}: path template {templated} vs path parameters {declared}"
+        for p in parameters(op):
+            assert p["in"] in ("path", "query", "header", "cookie"), f"{where}: {p}"
+            assert "schema" in p, f"{where}: parameter {p['name']} has no schema"
+            if p["in"] == "path":
+                assert p["required"] is True, f"{where}: path parameters must be required"
+        for requirement in op.get("security", []):
+            for scheme in requirement:
+                assert scheme in DOC["components"]["securitySchemes"], f"{where}: unknown scheme {scheme}"
+    assert DOC["components"]["securitySchemes"][AUTHENTICATED_OPERATIONS_SCHEME] == {
+        **DOC["components"]["securitySchemes"][AUTHENTICATED_OPERATIONS_SCHEME],
+        "type": "http",
+        "scheme": "bearer",
+        "bearerFormat": "JWT",
+    }
+
+
+def test_every_reference_resolves():
+    refs = [(where, node["$ref"]) for where, node in _walk(DOC) if isinstance(node.get("$ref"), str)]
+    assert refs
+    for where, ref in refs:
+        assert ref.startswith("#/"), f"{where}: external reference {ref}"
+        _pointer(ref)
+
+
+def _all_schemas():
+    """Every Schema Object in the document (components, parameters, headers, media types)."""
+    for name, schema in DOC["components"]["schemas"].items():
+        yield f"components/schemas/{name}", schema
+    for where, node in _walk(DOC):
+        if where.startswith("#/components/schemas"):
+            continue
+        is_parameter_or_header = (
+            "in" in node or where.startswith("#/components/headers/") or "/headers/" in where
+        )
+        is_media_type = re.search(r"/content/[^/]+$", where) is not None
+        if (is_parameter_or_header or is_media_type) and isinstance(node.get("schema"), dict):
+            yield where, node["schema"]
+
+
+def test_every_schema_is_valid_json_schema_2020_12():
+    checked = 0
+    for where, schema in _all_schemas():
+        try:
+            Draft202012Validator.check_schema(schema)
+        except Exception as exc:  # noqa: BLE001 - reported with its location
+            pytest.fail(f"{where}: {exc}")
+        checked += 1
+    assert checked > 20
+
+
+def test_every_example_matches_its_schema():
+    checked = 0
+    for where, node in _walk(DOC):
+        if re.search(r"/content/[^/]+$", where) and "example" in node:
+            errors = schema_errors(node["schema"], node["example"])
+            assert not errors, f"{where}: the example does not match its schema: {errors}"
+            checked += 1
+    assert checked >= 20
+
+
+def test_document_passes_openapi_spec_validator():
+    spec_validator = pytest.importorskip("openapi_spec_validator")
+    spec_validator.validate(copy.deepcopy(DOC), cls=spec_validator.OpenAPIV31SpecValidator)
+
+
+# --- the document against the route table and the code ------------------------------------------
+
+
+def test_document_and_route_table_have_the_same_routes():
+    in_table = {(r.method, r.path) for r in routes.ROUTES}
+    in_document = {(method, path) for method, path, _ in operations()}
+    assert len(routes.ROUTES) == len(in_table), "ROUTES lists a (method, path) twice"
+    assert in_table == in_document, (
+        f"in ROUTES but not in shared/openapi.json: {sorted(in_table - in_document)}; "
+        f"in shared/openapi.json but not in ROUTES: {sorted(in_document - in_table)}"
+    )
+
+
+@pytest.mark.parametrize("route", routes.ROUTES, ids=ROUTE_IDS)
+def test_operation_id_is_the_function_target(route):
+    op = operation(route.method, route.path)
+    assert op["operationId"] == route.target
+    assert callable(getattr(main, route.target, None)), f"functions/main.py has no function {route.target}"
+
+
+@pytest.mark.parametrize("route", routes.ROUTES, ids=ROUTE_IDS)
+def test_every_error_response_is_a_problem(route):
+    op = operation(route.method, route.path)
+    errors = {code: _deref(r) for code, r in op["responses"].items() if code == "default" or code[0] in "45"}
+    successes = {code: _deref(r) for code, r in op["responses"].items() if code[0] == "2"}
+    assert successes, "an operation needs a success response"
+    for code, response in successes.items():
+        assert set(response["content"]) == {"application/json"}, f"{code}: successes are application/json"
+    for code, response in errors.items():
+        assert set(response["content"]) == {PROBLEM_JSON}, f"{code}: errors are {PROBLEM_JSON} only"
+        schema = response["content"][PROBLEM_JSON]["schema"]
+        refs = [schema.get("$ref")] + [part.get("$ref") for part in schema.get("allOf", [])]
+        assert PROBLEM_REF in refs, f"{code}: the schema must be (or be allOf) {PROBLEM_REF}"
+        status = [
+            p["properties"]["status"] for p in schema.get("allOf", []) if "status" in p.get("properties", {})
+        ]
+        assert status == [{"const": int(code)}], f"{code}: the Problem's status must be pinned to {code}"
+
+
+def test_problem_schema_matches_the_code():
+    problem = DOC["components"]["schemas"]["Problem"]
+    assert problem["required"] == ["type", "title", "status", "detail"]
+    assert set(problem["properties"]) == {
+        "type",
+        "title",
+        "status",
+        "detail",
+        "errors",
+        "dependency",
+        "checks",
+    }
+    # What functions/http.py really renders, for each kind of extra member.
+    for response in (
+        fhttp.problem_for(fhttp.ValidationFailed({"email": "is required"})),
+        fhttp.problem_for(fhttp.DependencyUnavailable("redis")),
+        fhttp.problem_for(fhttp.RateLimited(7)),
+        fhttp.problem(503, "redis is down", checks={"postgresql": "ok", "redis": "down"}),
+        fhttp.problem(404, "No route."),
+    ):
+        assert response.mimetype == PROBLEM_JSON
+        body = json.loads(response.get_data())
+        assert not schema_errors({"$ref": PROBLEM_REF}, body), body
+
+
+def test_every_status_the_code_maps_is_documented():
+    documented = {int(code) for _, _, op in operations() for code in op["responses"] if code.isdigit()}
+    assert set(fhttp.STATUS_OF.values()) <= documented
+
+
+@pytest.mark.parametrize("route", routes.ROUTES, ids=ROUTE_IDS)
+def test_auth_and_bodies_follow_the_function_source(route):
+    """Bearer auth exactly where the function authenticates; a JSON body exactly where it parses one."""
+    op = operation(route.method, route.path)
+    source = inspect.getsource(getattr(main, route.target))
+    responses = op["responses"]
+    authenticates = "services.authenticate(" in source
+    assert (op.get("security") == [{AUTHENTICATED_OPERATIONS_SCHEME: []}]) is authenticates
+    assert ("401" in responses) is (authenticates or route.target == "login")
+    reads_body = "json_body(" in source
+    assert ("requestBody" in op) is reads_body
+    if reads_body:
+        assert op["requestBody"]["required"] is True
+        assert set(op["requestBody"]["content"]) == {"application/json"}
+        assert {"400", "413", "415", "422"} <= set(responses)
+    else:
+        assert not {"400", "413", "415"} & set(responses)
+    if route.target != "live":  # every other function touches PostgreSQL or Redis
+        assert "503" in responses
+    if route.target in ("register", "login"):
+        rate_limited = _deref(responses["429"])
+        assert _deref(rate_limited["headers"]["Retry-After"])["required"] is True
+    else:
+        assert "429" not in responses
+
+
+def test_constants_match_the_code():
+    schemas = DOC["components"]["schemas"]
+    params = DOC["components"]["parameters"]
+    assert schemas["TaskStatus"]["enum"] == list(tasks.STATUS_CHOICES)
+    assert schemas["SmtpSecurity"]["enum"] == list(SECURITY_CHOICES)
+    assert schemas["RegisterRequest"]["properties"]["smtp_security"]["enum"] == [*SECURITY_CHOICES, None]
+    assert params["Limit"]["schema"]["default"] == tasks.DEFAULT_PAGE
+    assert params["Limit"]["schema"]["maximum"] == tasks.MAX_PAGE
+    assert schemas["TaskPage"]["properties"]["items"]["maxItems"] == tasks.MAX_PAGE
+    assert schemas["EnqueueRequest"]["properties"]["subject"]["maxLength"] == tasks.MAX_SUBJECT
+    assert schemas["Task"]["properties"]["subject"]["maxLength"] == tasks.MAX_SUBJECT
+    assert params["IdempotencyKey"]["schema"]["maxLength"] == tasks.MAX_IDEMPOTENCY_KEY
+    register = schemas["RegisterRequest"]
+    assert {"smtp-username", "smtp-password"} <= set(register["required"])
+    assert "smtp_username" not in register["properties"] and "smtp_password" not in register["properties"]
+
+
+# --- live answers against the document -----------------------------------------------------------
+
+
+def check(response, method: str, path: str, status: int) -> Any:
+    """Assert the answer is ``status``, documented for the operation, and matches its schema and headers."""
+    body = response.get_json(silent=True)
+    assert response.status_code == status, (response.status_code, body)
+    documented = operation(method, path)["responses"].get(str(status))
+    assert documented is not None, (
+        f"{method} {path} answered {status}, which shared/openapi.json does not list"
+    )
+    documented = _deref(documented)
+    assert response.mimetype in documented["content"], (response.mimetype, list(documented["content"]))
+    errors = schema_errors(documented["content"][response.mimetype]["schema"], body)
+    assert not errors, f"{method} {path} {status} does not match the document: {errors}\n{body}"
+    for name, header in documented.get("headers", {}).items():
+        header = _deref(header)
+        value = response.headers.get(name)
+        if value is None:
+            assert not header.get("required"), f"{method} {path} {status}: header {name} missing"
+            continue
+        schema = header["schema"]
+        typed: Any = int(value) if schema.get("type") == "integer" else value
+        assert not schema_errors(schema, typed), f"header {name}: {value!r}"
+    return body
+
+
+def assert_request_valid(method: str, path: str, payload: dict) -> None:
+    errors = schema_errors(request_schema(method, path), payload)
+    assert not errors, f"a request the server accepts is invalid per the document: {errors}"
+
+
+REGISTER = {
+    "email": "grace@example.com",
+    "password": "correct horse",
+    "smtp_host": "127.0.0.1",
+    "smtp_port": "1025",  # the string form is accepted too
+    "smtp-username": "grace",
+    "smtp-password": "smtp-secret-pw",
+    "smtp_security": "none",
+}
+
+
+def test_live_health(api):
+    check(api.get("/healthz/live"), "GET", "/healthz/live", 200)
+    check(api.get("/healthz/ping"), "GET", "/healthz/ping", 200)
+
+
+def test_live_accounts(api):
+    assert_request_valid("POST", "/api/v1/register", REGISTER)
+    user = check(api.post("/api/v1/register", json=REGISTER), "POST", "/api/v1/register", 201)
+    assert user["smtp_port"] == 1025 and user["smtp_username"] == "grace"
+
+    response = api.post(
+        "/api/v1/register",
+        json={**REGISTER, "smtp_port": 587, "smtp_security": None, "email": "ada@example.com"},
+    )
+    other = check(response, "POST", "/api/v1/register", 201)
+    assert response.headers["Location"] == f"/api/v1/user/{other['id']}"
+    assert other["smtp_security"] == "starttls"
+
+    credentials = {"email": "GRACE@example.com", "password": "correct horse"}
+    assert_request_valid("POST", "/api/v1/login", credentials)
+    token = check(api.post("/api/v1/login", json=credentials), "POST", "/api/v1/login", 200)
+    assert token["id"] == user["id"]
+    headers = auth_header(token["token"])
+
+    me = check(api.get(f"/api/v1/user/{user['id']}", headers=headers), "GET", "/api/v1/user/{id}", 200)
+    assert me == user
+
+    # The errors each of these operations documents.
+    check(api.get(f"/api/v1/user/{other['id']}", headers=headers), "GET", "/api/v1/user/{id}", 404)
+    check(api.get(f"/api/v1/user/{user['id']}"), "GET", "/api/v1/user/{id}", 401)
+    check(api.post("/api/v1/register", json=REGISTER), "POST", "/api/v1/register", 409)
+    check(
+        api.post("/api/v1/login", json={**credentials, "password": "wrong horse"}),
+        "POST",
+        "/api/v1/login",
+        401,
+    )
+    check(api.post("/api/v1/login", data="email=x", content_type="text/plain"), "POST", "/api/v1/login", 415)
+    check(api.post("/api/v1/login", data="{", content_type="application/json"), "POST", "/api/v1/login", 400)
+    check(api.post("/api/v1/login", json={"email": "x@example.com"}), "POST", "/api/v1/login", 422)
+    oversized = {"email": "x@example.com", "password": "p" * 70_000}
+    check(api.post("/api/v1/login", json=oversized), "POST", "/api/v1/login", 413)
+
+
+def test_live_register_422_is_a_problem_and_invalid_per_the_document(api):
+    bad = {
+        "email": "not-an-email",
+        "password": "p",  # (the document's minLength is 2: 8 bytes can be 2 four-byte characters)
+        "smtp_host": "bad_host!",
+        "smtp_port": 0,
+        "smtp-username": "a\r\nb",
+        "smtp-password": "x",
+        "smtp_security": "ssl",
+    }
+    problem = check(api.post("/api/v1/register", json=bad), "POST", "/api/v1/register", 422)
+    assert set(problem["errors"]) == {
+        "email",
+        "password",
+        "smtp_host",
+        "smtp_port",
+        "smtp-username",
+        "smtp_security",
+    }
+    # Each field the server refused is refused by the document's schema as well.
+    for field in problem["errors"]:
+        errors = schema_errors(request_schema("POST", "/api/v1/register"), {**REGISTER, field: bad[field]})
+        assert errors, f"the document accepts {field}={bad[field]!r}, which the server refuses"
+
+
+def test_live_tasks(api):
+    register_user(api)
+    headers = auth_header(login(api))
+    mail = {"recipient_email": "grace@example.org", "subject": "Hello", "body": "Hi Grace!"}
+    assert_request_valid("POST", "/api/v1/task/enqueue", mail)
+
+    keyed = {**headers, "Idempotency-Key": "order-1"}
+    response = api.post("/api/v1/task/enqueue", json=mail, headers=keyed)
+    first = check(response, "POST", "/api/v1/task/enqueue", 202)
+    assert first["status"] == "queued"
+    assert response.headers["Location"] == f"/api/v1/task/{first['task_id']}"
+    replay = check(
+        api.post("/api/v1/task/enqueue", json=mail, headers=keyed), "POST", "/api/v1/task/enqueue", 202
+    )
+    assert replay["task_id"] == first["task_id"]
+    clash = api.post("/api/v1/task/enqueue", json={**mail, "subject": "Other"}, headers=keyed)
+    assert "Idempotency-Key" in check(clash, "POST", "/api/v1/task/enqueue", 422)["errors"]
+
+    later = {**mail, "scheduled_at": (datetime.now(UTC) + timedelta(days=1)).replace(tzinfo=None).isoformat()}
+    assert_request_valid("POST", "/api/v1/task/enqueue", later)
+    scheduled = check(
+        api.post("/api/v1/task/enqueue", json=later, headers=headers), "POST", "/api/v1/task/enqueue", 202
+    )
+    assert scheduled["status"] == "scheduled"
+
+    page = check(api.get("/api/v1/task/queue", headers=headers), "GET", "/api/v1/task/queue", 200)
+    assert [t["id"] for t in page["items"]] == [first["task_id"], scheduled["task_id"]]
+    assert page["next_cursor"] is None
+    page = check(api.get("/api/v1/task/queue?limit=1", headers=headers), "GET", "/api/v1/task/queue", 200)
+    assert isinstance(page["next_cursor"], str)
+    rest = check(
+        api.get(f"/api/v1/task/queue?limit=1&cursor={page['next_cursor']}", headers=headers),
+        "GET",
+        "/api/v1/task/queue",
+        200,
+    )
+    assert [t["id"] for t in rest["items"]] == [scheduled["task_id"]]
+    only = check(
+        api.get("/api/v1/task/queue?status=scheduled", headers=headers), "GET", "/api/v1/task/queue", 200
+    )
+    assert [t["status"] for t in only["items"]] == ["scheduled"]
+    check(api.get("/api/v1/task/queue?limit=0", headers=headers), "GET", "/api/v1/task/queue", 422)
+    check(api.get("/api/v1/task/queue?status=lost", headers=headers), "GET", "/api/v1/task/queue", 422)
+    check(api.get("/api/v1/task/queue/fail", headers=headers), "GET", "/api/v1/task/queue/fail", 200)
+    check(
+        api.get("/api/v1/task/queue/fail?cursor=nope", headers=headers), "GET", "/api/v1/task/queue/fail", 422
+    )
+
+    task = check(
+        api.get(f"/api/v1/task/{first['task_id']}", headers=headers), "GET", "/api/v1/task/{id}", 200
+    )
+    assert task["body"] == "Hi Grace!" and task["status"] == "queued"
+    check(api.get("/api/v1/task/999999", headers=headers), "GET", "/api/v1/task/{id}", 404)
+    check(api.get("/api/v1/task/queue"), "GET", "/api/v1/task/queue", 401)
+    check(api.post("/api/v1/task/enqueue", json=mail), "POST", "/api/v1/task/enqueue", 401)
