@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint fmt bench chaos fuzz clean-local
+.PHONY: help install run test lint fmt clean-local
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -38,3 +38,4 @@ clean-local: ## remove the local data directory (.mailq/) — embedded databases
 
 -include deployment/k8s.mk
 -include bench/bench.mk
+-include chaos/chaos.mk

@@ -72,8 +72,9 @@ class Settings:
     retry_backoff_base: float = 30.0  # RETRY_BACKOFF_BASE, seconds before the first retry; doubles per try
     retry_backoff_max: float = 3600.0  # RETRY_BACKOFF_MAX, cap on the retry delay, seconds
     sweep_leak_window: int = 300  # SWEEP_LEAK_WINDOW, seconds a queued task may wait before re-enqueue
-    lease_seconds: int = 120  # TASK_LEASE_SECONDS, how long a sender owns a claimed task
+    lease_seconds: int = 300  # TASK_LEASE_SECONDS, how long a sender owns a claimed task (> a slow SMTP send)
     heartbeat_ttl: int = 30  # WORKER_HEARTBEAT_TTL, seconds a silent worker is still considered alive
+    heartbeat_file: str = "/tmp/mailq-heartbeat"  # MAILQ_HEARTBEAT_FILE, touched by a healthy worker  # noqa: S108
     sweep_batch: int = 1000  # SWEEP_BATCH, rows re-enqueued per statement of one sweep pass
     max_body_bytes: int = 1024 * 1024  # MAX_BODY_BYTES, largest mail body accepted by enqueue
 
@@ -119,8 +120,9 @@ class Settings:
             retry_backoff_base=_float(get("RETRY_BACKOFF_BASE", "30"), "RETRY_BACKOFF_BASE"),
             retry_backoff_max=_float(get("RETRY_BACKOFF_MAX", "3600"), "RETRY_BACKOFF_MAX"),
             sweep_leak_window=_int(get("SWEEP_LEAK_WINDOW", "300"), "SWEEP_LEAK_WINDOW", 1),
-            lease_seconds=_int(get("TASK_LEASE_SECONDS", "120"), "TASK_LEASE_SECONDS", 1),
+            lease_seconds=_int(get("TASK_LEASE_SECONDS", "300"), "TASK_LEASE_SECONDS", 1),
             heartbeat_ttl=_int(get("WORKER_HEARTBEAT_TTL", "30"), "WORKER_HEARTBEAT_TTL", 2),
+            heartbeat_file=get("MAILQ_HEARTBEAT_FILE", "/tmp/mailq-heartbeat"),  # noqa: S108
             sweep_batch=_int(get("SWEEP_BATCH", "1000"), "SWEEP_BATCH", 1),
             max_body_bytes=_int(get("MAX_BODY_BYTES", str(1024 * 1024)), "MAX_BODY_BYTES", 1),
             smtp_timeout=_float(get("SMTP_TIMEOUT", "30"), "SMTP_TIMEOUT"),

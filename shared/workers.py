@@ -74,7 +74,7 @@ class Worker:
         self.id = f"{self.role}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.processing = queue.processing_list(self.id)
         self.stopping = threading.Event()
-        self.heartbeat_file = Path(os.environ.get("MAILQ_HEARTBEAT_FILE", "/tmp/mailq-heartbeat"))  # noqa: S108
+        self.heartbeat_file = Path(settings.heartbeat_file)
 
     # --- Redis bookkeeping ---
 

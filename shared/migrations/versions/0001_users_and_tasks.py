@@ -66,11 +66,17 @@ def upgrade() -> None:
         postgresql_where=sa.text("idempotency_key IS NOT NULL"),
     )
     op.create_index(
-        "tasks_user_pending_id", "tasks", ["user_id", "id"], postgresql_where=sa.text(f"status IN ({PENDING})")
+        "tasks_user_pending_id",
+        "tasks",
+        ["user_id", "id"],
+        postgresql_where=sa.text(f"status IN ({PENDING})"),
     )
     op.create_index("tasks_user_status_id", "tasks", ["user_id", "status", "id"])
     op.create_index(
-        "tasks_user_fail_id", "tasks", ["user_id", "id"], postgresql_where=sa.text("status IN ('failed', 'cancelled')")
+        "tasks_user_fail_id",
+        "tasks",
+        ["user_id", "id"],
+        postgresql_where=sa.text("status IN ('failed', 'cancelled')"),
     )
     op.create_index(
         "tasks_sweep_due",
