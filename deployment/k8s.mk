@@ -1,0 +1,122 @@
+# mailq on Kubernetes (minikube): included by the top-level Makefile. deployment/README-section.md
+# walks through it. The seed's order still works: make cluster -> make image -> make apply -> make hpa.
+#
+# Everything runs against the kubectl context of a dedicated minikube profile, never the current
+# context, so these targets cannot touch another cluster by accident.
+
+MINIKUBE         ?= minikube
+MINIKUBE_PROFILE ?= mailq
+MINIKUBE_CPUS    ?= 4
+MINIKUBE_MEMORY  ?= 8g
+MINIKUBE_DRIVER  ?=
+K8S_VERSION      ?= v1.34.0
+KNATIVE_VERSION  ?= 1.23.0
+KOURIER_VERSION  ?= 1.23.0
+KEDA_VERSION     ?= 2.20.2
+
+KNATIVE_CRDS := https://github.com/knative/serving/releases/download/knative-v$(KNATIVE_VERSION)/serving-crds.yaml
+KNATIVE_CORE := https://github.com/knative/serving/releases/download/knative-v$(KNATIVE_VERSION)/serving-core.yaml
+KOURIER_YAML := https://github.com/knative-extensions/net-kourier/releases/download/knative-v$(KOURIER_VERSION)/kourier.yaml
+KEDA_YAML    := https://github.com/kedacore/keda/releases/download/v$(KEDA_VERSION)/keda-$(KEDA_VERSION).yaml
+
+K8S_NAMESPACE := mailq
+K8S_OVERLAY   := deployment/overlays/minikube
+K8S_BUILD     := build/k8s
+K8S_RENDERED  := $(K8S_BUILD)/mailq.yaml
+GATEWAY_PORT  := 30080
+KUBECTL       := kubectl --context $(MINIKUBE_PROFILE)
+MK            := $(MINIKUBE) -p $(MINIKUBE_PROFILE)
+# dev.local/ is on Knative's list of registries it never resolves tags against (the image exists only
+# inside the minikube node). The tag is a hash of what goes into the image, so a changed source is a
+# new tag, a new Knative revision and a rolling update; an unchanged one is a no-op.
+IMAGE_NAME    := dev.local/mailq
+IMAGE_TAG     ?= $(shell cat pyproject.toml deployment/Dockerfile .dockerignore \
+                   $$(find shared functions -name '*.py' -o -name '*.json' -o -name '*.mako' | LC_ALL=C sort) \
+                   2>/dev/null | sha256sum | cut -c1-12)
+
+.PHONY: cluster image apply hpa keda re delete clean all status manifests k8s-secrets k8s-render
+
+cluster: k8s-secrets ## start minikube and install Knative Serving + Kourier and KEDA (pinned); waits until ready
+	$(MK) start --cpus=$(MINIKUBE_CPUS) --memory=$(MINIKUBE_MEMORY) \
+		--kubernetes-version=$(K8S_VERSION) $(if $(MINIKUBE_DRIVER),--driver=$(MINIKUBE_DRIVER))
+	$(KUBECTL) apply -f $(KNATIVE_CRDS)
+	$(KUBECTL) wait --for=condition=Established --timeout=120s crd/services.serving.knative.dev
+	$(KUBECTL) apply -f $(KNATIVE_CORE)
+	$(KUBECTL) apply -f $(KOURIER_YAML)
+	$(KUBECTL) patch configmap/config-network -n knative-serving --type merge \
+		-p '{"data":{"ingress-class":"kourier.ingress.networking.knative.dev"}}'
+	$(KUBECTL) apply --server-side --force-conflicts -f $(KEDA_YAML)
+	$(KUBECTL) -n knative-serving wait deployment --all --for=condition=Available --timeout=600s
+	$(KUBECTL) -n kourier-system wait deployment --all --for=condition=Available --timeout=600s
+	$(KUBECTL) -n keda wait deployment --all --for=condition=Available --timeout=600s
+	@echo "cluster '$(MINIKUBE_PROFILE)' is ready: Knative Serving $(KNATIVE_VERSION) with Kourier, KEDA $(KEDA_VERSION)"
+
+image: ## build the image inside minikube (no registry): dev.local/mailq:<hash of the sources>
+	$(MK) image build -t $(IMAGE_NAME):$(IMAGE_TAG) -f deployment/Dockerfile .
+	@echo "built $(IMAGE_NAME):$(IMAGE_TAG)"
+
+apply: k8s-render ## deploy: PostgreSQL + Redis, wait, migrate, then functions, gateway and workers; print the URL
+	@$(MK) image ls 2>/dev/null | grep -q "$(IMAGE_NAME):$(IMAGE_TAG)" || \
+		{ echo "image $(IMAGE_NAME):$(IMAGE_TAG) is not in minikube: run 'make image' first" >&2; exit 1; }
+	$(KUBECTL) apply -f $(K8S_RENDERED) -l mailq.dev/stage=base
+	$(KUBECTL) -n $(K8S_NAMESPACE) rollout status statefulset/mailq-postgres --timeout=300s
+	$(KUBECTL) -n $(K8S_NAMESPACE) rollout status statefulset/mailq-redis --timeout=300s
+	$(KUBECTL) -n $(K8S_NAMESPACE) delete job mailq-migrate --ignore-not-found --wait
+	$(KUBECTL) apply -f $(K8S_RENDERED) -l mailq.dev/stage=migrate
+	$(KUBECTL) -n $(K8S_NAMESPACE) wait --for=condition=Complete job/mailq-migrate --timeout=600s
+	$(KUBECTL) apply -f $(K8S_RENDERED) -l mailq.dev/stage=app
+	$(KUBECTL) -n $(K8S_NAMESPACE) wait ksvc --all --for=condition=Ready --timeout=300s
+	$(KUBECTL) -n $(K8S_NAMESPACE) rollout status deployment/mailq-gateway --timeout=180s
+	@echo "gateway: http://$$($(MK) ip):$(GATEWAY_PORT)  (e.g. curl http://$$($(MK) ip):$(GATEWAY_PORT)/healthz/ping)"
+	@echo "(if that address is not reachable from here, as with the docker driver on macOS:"
+	@echo " $(MK) service -n $(K8S_NAMESPACE) mailq-gateway --url)"
+
+keda: k8s-render ## apply KEDA's ScaledObjects (consumer, sender), the sweep's ScaledJob and their TriggerAuthentications
+	$(KUBECTL) apply -f $(K8S_RENDERED) -l mailq.dev/stage=keda
+	$(KUBECTL) -n $(K8S_NAMESPACE) get scaledobject,scaledjob
+
+hpa: keda ## the seed's name for `make keda` (KEDA creates the HPAs)
+
+all: cluster image apply hpa ## everything, from nothing: cluster, image, apply, hpa
+
+re: ## delete mailq from the cluster (its data too) and deploy it again: delete, image, apply, hpa
+	$(MAKE) delete
+	$(MAKE) image apply hpa
+
+delete: ## remove mailq from the cluster: the namespace, with PostgreSQL's and Redis's volumes
+	-$(KUBECTL) -n $(K8S_NAMESPACE) delete scaledobject,scaledjob --all --ignore-not-found
+	$(KUBECTL) delete namespace $(K8S_NAMESPACE) --ignore-not-found --wait
+
+clean: ## delete the minikube profile (the whole cluster) and build/k8s/; keeps deployment/secrets.env
+	-$(MK) delete
+	rm -rf $(K8S_BUILD)
+
+status: ## show Knative services, ScaledObjects/ScaledJob, HPAs, jobs and pods
+	-$(KUBECTL) -n $(K8S_NAMESPACE) get ksvc
+	-$(KUBECTL) -n $(K8S_NAMESPACE) get scaledobject,scaledjob,hpa
+	-$(KUBECTL) -n $(K8S_NAMESPACE) get statefulset,deployment,job
+	-$(KUBECTL) -n $(K8S_NAMESPACE) get pods -o wide
+
+manifests: $(STAMP) ## regenerate knative/nginx.conf and knative/functions.yaml from shared/routes.py
+	$(BIN)/python deployment/gen_gateway.py
+
+# Helpers (not listed by `make help`).
+
+# Creates deployment/secrets.env from the example, or adds the keys it lacks; never changes a value.
+k8s-secrets: $(STAMP)
+	$(BIN)/python deployment/gen_secrets.py
+
+# The overlay, with the image tag pinned to this build, rendered once; every apply step filters it by
+# its mailq.dev/stage label. LoadRestrictionsNone: the Secret's env file sits above deployment/base.
+k8s-render: k8s-secrets
+	@mkdir -p $(K8S_BUILD)/overlay
+	@printf '%s\n' \
+		'apiVersion: kustomize.config.k8s.io/v1beta1' \
+		'kind: Kustomization' \
+		'resources:' \
+		'  - ../../../$(K8S_OVERLAY)' \
+		'images:' \
+		'  - name: $(IMAGE_NAME)' \
+		'    newTag: "$(IMAGE_TAG)"' > $(K8S_BUILD)/overlay/kustomization.yaml
+	kubectl kustomize --load-restrictor LoadRestrictionsNone $(K8S_BUILD)/overlay > $(K8S_RENDERED)
+	@echo "rendered $(K8S_RENDERED) with $(IMAGE_NAME):$(IMAGE_TAG)"
