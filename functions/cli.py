@@ -62,6 +62,7 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
 
 # --- mailq dev ----------------------------------------------------------------------------------
 
+
 def _port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

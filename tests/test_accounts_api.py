@@ -403,14 +403,17 @@ def test_login_answers_503_not_500_when_postgresql_is_down(api, monkeypatch, tmp
 
 @pytest.mark.parametrize("field", ["email", "password", "smtp-username", "smtp-password", "smtp_host"])
 def test_a_lone_surrogate_is_a_400_and_the_next_request_still_works(api, pg_url, field):
-    raw = '{"%s": "\\ud800x"}' % field
+    raw = '{"' + field + '": "\\ud800x"}'
     body = {k: v for k, v in GOOD.items() if k != field}
     import json
 
     data = json.dumps(body)[:-1] + ", " + raw[1:]
     assert_problem(api.post("/api/v1/register", data=data, content_type="application/json"), 400)
     assert api.post("/api/v1/register", json=GOOD).status_code == 201
-    assert api.post("/api/v1/login", json={"email": GOOD["email"], "password": GOOD["password"]}).status_code == 200
+    assert (
+        api.post("/api/v1/login", json={"email": GOOD["email"], "password": GOOD["password"]}).status_code
+        == 200
+    )
 
 
 @pytest.mark.parametrize("bad", ["\r", "\n"])

@@ -43,10 +43,23 @@ def dev(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(BCRYPT_ROUNDS="4", MAILQ_HEARTBEAT_FILE=str(data_dir.parent / "beat"))
     process = subprocess.Popen(
-        [sys.executable, "-m", "functions.cli", "dev", "--port", str(port), "--smtp-port", str(smtp_port),
-         "--data-dir", str(data_dir)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "functions.cli",
+            "dev",
+            "--port",
+            str(port),
+            "--smtp-port",
+            str(smtp_port),
+            "--data-dir",
+            str(data_dir),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -81,13 +94,23 @@ def dev(tmp_path_factory):
 def test_register_login_and_read_the_user_over_http(dev):
     base = dev["base"]
     status, user = call(
-        base, "POST", "/api/v1/register",
-        {"email": "ada@example.com", "password": "correct horse", "smtp_host": "127.0.0.1",
-         "smtp_port": dev["smtp_port"], "smtp-username": "ada", "smtp-password": "sink-accepts-any",
-         "smtp_security": "none"},
-    )  # fmt: skip
+        base,
+        "POST",
+        "/api/v1/register",
+        {
+            "email": "ada@example.com",
+            "password": "correct horse",
+            "smtp_host": "127.0.0.1",
+            "smtp_port": dev["smtp_port"],
+            "smtp-username": "ada",
+            "smtp-password": "sink-accepts-any",
+            "smtp_security": "none",
+        },
+    )
     assert status == 201, user
-    status, session = call(base, "POST", "/api/v1/login", {"email": "ada@example.com", "password": "correct horse"})
+    status, session = call(
+        base, "POST", "/api/v1/login", {"email": "ada@example.com", "password": "correct horse"}
+    )
     assert status == 200 and session["token_type"] == "Bearer"
     status, me = call(base, "GET", f"/api/v1/user/{user['id']}", token=session["token"])
     assert status == 200 and me == user
@@ -116,7 +139,12 @@ def test_five_hundred_mails_arrive_exactly_once(dev):
     assert len(counts) == 500 and set(counts.values()) == {1}, collections.Counter(counts.values())
     statuses, cursor = collections.Counter(), None
     while True:
-        status, page = call(base, "GET", "/api/v1/task/queue?status=sent&limit=500" + (f"&cursor={cursor}" if cursor else ""), token=token)
+        status, page = call(
+            base,
+            "GET",
+            "/api/v1/task/queue?status=sent&limit=500" + (f"&cursor={cursor}" if cursor else ""),
+            token=token,
+        )
         assert status == 200
         statuses.update(t["status"] for t in page["items"])
         cursor = page["next_cursor"]
@@ -130,18 +158,32 @@ def test_five_hundred_mails_arrive_exactly_once(dev):
 def test_mailbox_lists_what_arrived(dev):
     result = subprocess.run(
         [sys.executable, "-m", "functions.cli", "mailbox", "--data-dir", str(dev["data_dir"]), "-n", "3"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0
     assert result.stdout.count("Message-ID: <mailq.") == 3
 
 
 def test_a_taken_smtp_port_is_a_clear_error(dev, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "functions.cli", "dev", "--port", str(free_port()),
-         "--smtp-port", str(dev["smtp_port"]), "--data-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "functions.cli",
+            "dev",
+            "--port",
+            str(free_port()),
+            "--smtp-port",
+            str(dev["smtp_port"]),
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "SMTP sink cannot listen" in result.stderr and "--smtp-port" in result.stderr
 
@@ -156,6 +198,9 @@ def test_sigterm_stops_every_child_and_the_embedded_servers(dev):
     assert process.wait(60) == 0, "".join(dev["lines"][-20:])
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
-    assert not psutil.pid_exists(postmaster_pid) or psutil.Process(postmaster_pid).status() == psutil.STATUS_ZOMBIE
+    assert (
+        not psutil.pid_exists(postmaster_pid)
+        or psutil.Process(postmaster_pid).status() == psutil.STATUS_ZOMBIE
+    )
     output = "".join(dev["lines"])
     assert "Traceback" not in output

@@ -29,7 +29,12 @@ PROD = {
 
 def test_defaults_match_the_design():
     s = Settings.from_env({})
-    assert (s.env, s.max_try_count, s.retry_backoff_base, s.retry_backoff_max) == ("development", 3, 30.0, 3600.0)
+    assert (s.env, s.max_try_count, s.retry_backoff_base, s.retry_backoff_max) == (
+        "development",
+        3,
+        30.0,
+        3600.0,
+    )
     assert (s.sweep_leak_window, s.rate_limit_per_email, s.rate_limit_per_client) == (300, 10, 100)
     assert s.smtp_allow_private_hosts is True and s.bcrypt_rounds == 12 and s.max_body_bytes == 1024 * 1024
 
@@ -63,9 +68,15 @@ def test_every_problem_is_named_at_once():
 
 @pytest.mark.parametrize(
     "env",
-    [{"MAX_TRY_COUNT": "zero"}, {"MAX_TRY_COUNT": "0"}, {"SMTP_ALLOW_PRIVATE_HOSTS": "maybe"},
-     {"MAILQ_ENV": "staging"}, {"RETRY_BACKOFF_BASE": "-1"}, {"RETRY_BACKOFF_BASE": "10", "RETRY_BACKOFF_MAX": "5"}],
-)  # fmt: skip
+    [
+        {"MAX_TRY_COUNT": "zero"},
+        {"MAX_TRY_COUNT": "0"},
+        {"SMTP_ALLOW_PRIVATE_HOSTS": "maybe"},
+        {"MAILQ_ENV": "staging"},
+        {"RETRY_BACKOFF_BASE": "-1"},
+        {"RETRY_BACKOFF_BASE": "10", "RETRY_BACKOFF_MAX": "5"},
+    ],
+)
 def test_invalid_values_are_refused_with_their_name(env):
     with pytest.raises(ConfigError):
         Settings.from_env(env)
@@ -79,9 +90,13 @@ def test_the_production_functions_refuse_to_serve_without_secrets(tmp_path):
     env = {k: v for k, v in PROD.items() if k != "JWT_SECRET"}
     env["PATH"] = "/usr/bin:/bin"
     result = subprocess.run(
-        [sys.executable, "-m", "functions.cli", "serve", "--port", "1"], env=env, capture_output=True, text=True,
-        timeout=60, cwd=ROOT,
-    )  # fmt: skip
+        [sys.executable, "-m", "functions.cli", "serve", "--port", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert result.returncode != 0 and "JWT_SECRET is missing" in result.stderr
 
 
@@ -137,10 +152,15 @@ def test_passwords_are_bcrypt_and_unknown_users_still_cost_a_check():
 def test_the_route_table_holds_the_seed_paths():
     pairs = {(r.method, r.path) for r in routes.ROUTES}
     assert {
-        ("GET", "/healthz/live"), ("GET", "/healthz/ping"), ("POST", "/api/v1/register"), ("POST", "/api/v1/login"),
-        ("GET", "/api/v1/user/{id}"), ("POST", "/api/v1/task/enqueue"), ("GET", "/api/v1/task/queue"),
+        ("GET", "/healthz/live"),
+        ("GET", "/healthz/ping"),
+        ("POST", "/api/v1/register"),
+        ("POST", "/api/v1/login"),
+        ("GET", "/api/v1/user/{id}"),
+        ("POST", "/api/v1/task/enqueue"),
+        ("GET", "/api/v1/task/queue"),
         ("GET", "/api/v1/task/queue/fail"),
-    } <= pairs  # fmt: skip
+    } <= pairs
 
 
 def test_routes_match_ids_and_not_lookalikes():
@@ -162,7 +182,14 @@ def test_every_route_target_is_a_function_in_main():
 
 def test_the_envelope_round_trips_and_anything_else_is_a_decode_error():
     assert queue.decode(queue.encode(42)) == 42
-    for raw in (b"", b"[]", b'{"v":1}', b'{"v":2,"task_id":1}', b'{"v":1,"task_id":"1"}', b'{"v":1,"task_id":true}'):
+    for raw in (
+        b"",
+        b"[]",
+        b'{"v":1}',
+        b'{"v":2,"task_id":1}',
+        b'{"v":1,"task_id":"1"}',
+        b'{"v":1,"task_id":true}',
+    ):
         with pytest.raises(EnvelopeDecodeError):
             queue.decode(raw)
 
@@ -224,7 +251,9 @@ def test_the_models_and_migrations_agree_on_indexes(scratch_db):
 
     migrate(scratch_db)
     engine = sa.create_engine(scratch_db)
-    query = sa.text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY indexname")
+    query = sa.text(
+        "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public' ORDER BY indexname"
+    )
     with engine.connect() as conn:
         migrated = conn.execute(query).all()
         conn.execute(sa.text("CREATE SCHEMA models"))
@@ -233,10 +262,12 @@ def test_the_models_and_migrations_agree_on_indexes(scratch_db):
     with models_engine.begin() as conn:
         Base.metadata.create_all(conn.execution_options(schema_translate_map={None: "models"}))
     with models_engine.connect() as conn:
-        created = conn.execute(sa.text(
-            "SELECT indexname, replace(indexdef, 'models.', 'public.') FROM pg_indexes "
-            "WHERE schemaname = 'models' ORDER BY indexname"
-        )).all()  # fmt: skip
+        created = conn.execute(
+            sa.text(
+                "SELECT indexname, replace(indexdef, 'models.', 'public.') FROM pg_indexes "
+                "WHERE schemaname = 'models' ORDER BY indexname"
+            )
+        ).all()
     models_engine.dispose()
     engine.dispose()
     assert [tuple(r) for r in created] == [tuple(r) for r in migrated if r[0] != "alembic_version_pkc"]

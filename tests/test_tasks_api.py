@@ -49,7 +49,9 @@ def test_a_future_scheduled_at_is_stored_as_scheduled_in_utc(api, alice):
     _, headers = alice
     at = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
     response = api.post(
-        "/api/v1/task/enqueue", json={**MAIL, "scheduled_at": at.replace(tzinfo=None).isoformat()}, headers=headers
+        "/api/v1/task/enqueue",
+        json={**MAIL, "scheduled_at": at.replace(tzinfo=None).isoformat()},
+        headers=headers,
     )
     body = response.get_json()
     assert body["status"] == "scheduled"
@@ -58,7 +60,9 @@ def test_a_future_scheduled_at_is_stored_as_scheduled_in_utc(api, alice):
 
 def test_an_offset_in_scheduled_at_is_honoured(api, alice):
     _, headers = alice
-    response = api.post("/api/v1/task/enqueue", json={**MAIL, "scheduled_at": "2999-01-01T12:00:00+02:00"}, headers=headers)
+    response = api.post(
+        "/api/v1/task/enqueue", json={**MAIL, "scheduled_at": "2999-01-01T12:00:00+02:00"}, headers=headers
+    )
     assert datetime.fromisoformat(response.get_json()["scheduled_at"]) == datetime(2999, 1, 1, 10, tzinfo=UTC)
 
 
@@ -86,7 +90,9 @@ def test_enqueue_needs_a_token(api, pg_url):
         ("scheduled_at", "2024-13-45T99:00:00"),
     ],
 )
-def test_each_invalid_enqueue_field_is_a_422_and_nothing_is_written(api, alice, pg_url, redis_url, field, value):
+def test_each_invalid_enqueue_field_is_a_422_and_nothing_is_written(
+    api, alice, pg_url, redis_url, field, value
+):
     _, headers = alice
     body = assert_problem(api.post("/api/v1/task/enqueue", json={**MAIL, field: value}, headers=headers), 422)
     assert field in body["errors"]
@@ -95,7 +101,10 @@ def test_each_invalid_enqueue_field_is_a_422_and_nothing_is_written(api, alice, 
 
 def test_a_subject_of_998_characters_is_accepted(api, alice):
     _, headers = alice
-    assert api.post("/api/v1/task/enqueue", json={**MAIL, "subject": "x" * 998}, headers=headers).status_code == 202
+    assert (
+        api.post("/api/v1/task/enqueue", json={**MAIL, "subject": "x" * 998}, headers=headers).status_code
+        == 202
+    )
 
 
 def test_a_body_over_the_limit_is_a_413(api, alice, pg_url, monkeypatch):
@@ -104,8 +113,13 @@ def test_a_body_over_the_limit_is_a_413(api, alice, pg_url, monkeypatch):
     monkeypatch.setenv("MAX_BODY_BYTES", "1000")
     http.reset_context()
     _, headers = alice
-    assert api.post("/api/v1/task/enqueue", json={**MAIL, "body": "é" * 501}, headers=headers).status_code == 413
-    assert api.post("/api/v1/task/enqueue", json={**MAIL, "body": "x" * 1000}, headers=headers).status_code == 202
+    assert (
+        api.post("/api/v1/task/enqueue", json={**MAIL, "body": "é" * 501}, headers=headers).status_code == 413
+    )
+    assert (
+        api.post("/api/v1/task/enqueue", json={**MAIL, "body": "x" * 1000}, headers=headers).status_code
+        == 202
+    )
     assert task_count(pg_url) == 1
 
 
@@ -133,7 +147,9 @@ def test_the_same_idempotency_key_with_another_body_is_refused(api, alice, pg_ur
     _, headers = alice
     keyed = {**headers, "Idempotency-Key": "order-42"}
     api.post("/api/v1/task/enqueue", json=MAIL, headers=keyed)
-    body = assert_problem(api.post("/api/v1/task/enqueue", json={**MAIL, "subject": "Other"}, headers=keyed), 422)
+    body = assert_problem(
+        api.post("/api/v1/task/enqueue", json={**MAIL, "subject": "Other"}, headers=keyed), 422
+    )
     assert "Idempotency-Key" in body["errors"]
     assert task_count(pg_url) == 1
 
@@ -149,7 +165,9 @@ def test_idempotency_keys_belong_to_one_user(api, alice, pg_url):
 
 def test_an_unprintable_idempotency_key_is_refused(api, alice):
     _, headers = alice
-    assert_problem(api.post("/api/v1/task/enqueue", json=MAIL, headers={**headers, "Idempotency-Key": "k" * 300}), 422)
+    assert_problem(
+        api.post("/api/v1/task/enqueue", json=MAIL, headers={**headers, "Idempotency-Key": "k" * 300}), 422
+    )
 
 
 def test_a_task_of_another_user_is_not_found(api, alice):
@@ -164,7 +182,9 @@ def test_a_task_of_another_user_is_not_found(api, alice):
 
 def test_the_queue_lists_what_is_still_to_go_out_oldest_first_with_keyset_pages(api, alice, pg_url):
     _, headers = alice
-    ids = [api.post("/api/v1/task/enqueue", json=MAIL, headers=headers).get_json()["task_id"] for _ in range(7)]
+    ids = [
+        api.post("/api/v1/task/enqueue", json=MAIL, headers=headers).get_json()["task_id"] for _ in range(7)
+    ]
     with engine_for(pg_url).begin() as conn:
         conn.execute(sa.text("UPDATE tasks SET status = 'sent' WHERE id = :id"), {"id": ids[2]})
         conn.execute(sa.text("UPDATE tasks SET status = 'failed' WHERE id = :id"), {"id": ids[3]})
@@ -184,14 +204,20 @@ def test_the_queue_lists_what_is_still_to_go_out_oldest_first_with_keyset_pages(
 
 def test_the_fail_list_shows_failed_and_cancelled_with_their_errors(api, alice, pg_url):
     _, headers = alice
-    ids = [api.post("/api/v1/task/enqueue", json=MAIL, headers=headers).get_json()["task_id"] for _ in range(3)]
+    ids = [
+        api.post("/api/v1/task/enqueue", json=MAIL, headers=headers).get_json()["task_id"] for _ in range(3)
+    ]
     with engine_for(pg_url).begin() as conn:
         conn.execute(
-            sa.text("UPDATE tasks SET status = 'failed', try_count = 1, last_error = '451 busy' WHERE id = :id"),
+            sa.text(
+                "UPDATE tasks SET status = 'failed', try_count = 1, last_error = '451 busy' WHERE id = :id"
+            ),
             {"id": ids[0]},
         )
         conn.execute(
-            sa.text("UPDATE tasks SET status = 'cancelled', try_count = 1, last_error = '550 no' WHERE id = :id"),
+            sa.text(
+                "UPDATE tasks SET status = 'cancelled', try_count = 1, last_error = '550 no' WHERE id = :id"
+            ),
             {"id": ids[2]},
         )
     items = api.get("/api/v1/task/queue/fail", headers=headers).get_json()["items"]
@@ -201,7 +227,9 @@ def test_the_fail_list_shows_failed_and_cancelled_with_their_errors(api, alice, 
     ]
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=501", "limit=x", "status=lost", "cursor=zzz", "cursor=djE6eA"])
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=501", "limit=x", "status=lost", "cursor=zzz", "cursor=djE6eA"]
+)
 def test_bad_list_parameters_are_422(api, alice, query):
     _, headers = alice
     assert_problem(api.get(f"/api/v1/task/queue?{query}", headers=headers), 422)
@@ -217,7 +245,9 @@ def test_enqueue_answers_503_not_500_when_postgresql_is_down(api, alice, monkeyp
 
     _, headers = alice
     http.context()  # the token was issued with the working context's secret
-    monkeypatch.setenv("DATABASE_URL", f"postgresql+pg8000://postgres@/postgres?unix_sock={tmp_path}/.s.PGSQL.5432")
+    monkeypatch.setenv(
+        "DATABASE_URL", f"postgresql+pg8000://postgres@/postgres?unix_sock={tmp_path}/.s.PGSQL.5432"
+    )
     http.reset_context()
     body = assert_problem(api.post("/api/v1/task/enqueue", json=MAIL, headers=headers), 503)
     assert body["dependency"] == "postgresql"
@@ -235,5 +265,7 @@ def test_a_cursor_beyond_bigint_is_422(api, alice):
 def test_a_lone_surrogate_in_a_mail_is_a_400(api, alice, pg_url):
     _, headers = alice
     data = '{"recipient_email": "bob@example.org", "subject": "\\udc80", "body": "x"}'
-    assert_problem(api.post("/api/v1/task/enqueue", data=data, content_type="application/json", headers=headers), 400)
+    assert_problem(
+        api.post("/api/v1/task/enqueue", data=data, content_type="application/json", headers=headers), 400
+    )
     assert task_count(pg_url) == 0

@@ -138,8 +138,11 @@ def test_sigterm_stops_an_idle_consumer_with_exit_code_0(base_env, tmp_path, cle
 
 def test_the_sweep_command_runs_one_pass_and_exits(base_env, tmp_path, clean):
     result = subprocess.run(
-        [sys.executable, "-m", "functions.cli", "sweep"], env={**base_env, "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "functions.cli", "sweep"],
+        env={**base_env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("requeued 0, rescued 0")
