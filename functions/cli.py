@@ -223,7 +223,7 @@ def _worker_deps(settings: Settings, block_timeout: float):
     settings.require_runtime()
     configure_logging(settings)
     pool = max(settings.worker_count, settings.queue_consumer_count) + 2
-    engine = engine_for(settings.database_url, pool_size=pool)
+    engine = engine_for(settings.database_url, pool_size=pool, pre_ping=False)
     # Blocking reads wait BLOCK_SECONDS; the socket timeout must be longer than that.
     client = make_redis(settings.redis_url, socket_timeout=block_timeout + 10)
     return engine, client

@@ -121,11 +121,13 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def make_engine(url: str, *, pool_size: int = 5) -> Engine:
-    """A new engine; pre-ping so a process survives a PostgreSQL restart without help."""
+def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
+    """A new engine. ``pre_ping`` checks each connection before use, so a request right after a
+    PostgreSQL restart does not fail; workers skip it (one round trip per transaction) because
+    their loop retries a failed step anyway, and SQLAlchemy drops the dead pool on the first error."""
     return sa.create_engine(
         url,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
@@ -133,12 +135,12 @@ def make_engine(url: str, *, pool_size: int = 5) -> Engine:
     )
 
 
-def engine_for(url: str, *, pool_size: int = 5) -> Engine:
+def engine_for(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
     """One engine per URL per process, created on first use (never at import time)."""
     with _engines_lock:
         engine = _engines.get(url)
         if engine is None:
-            engine = _engines[url] = make_engine(url, pool_size=pool_size)
+            engine = _engines[url] = make_engine(url, pool_size=pool_size, pre_ping=pre_ping)
         return engine
 
 

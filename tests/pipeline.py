@@ -47,7 +47,7 @@ class Pipeline:
             "body": "Hi Bob,\nit works.\n",
             **fields,
         }
-        result, _ = tasks.enqueue(self.ctx, user, body, key)
+        result, _ = tasks.enqueue(self.ctx, user.id, body, key)
         return result["task_id"]
 
     def pump(self, timeout: float = 0.05) -> list[Outcome]:

@@ -269,3 +269,14 @@ def test_a_lone_surrogate_in_a_mail_is_a_400(api, alice, pg_url):
         api.post("/api/v1/task/enqueue", data=data, content_type="application/json", headers=headers), 400
     )
     assert task_count(pg_url) == 0
+
+
+def test_enqueue_with_a_token_of_a_deleted_user_is_401_and_writes_nothing(api, alice, pg_url):
+    _, headers = alice
+    with engine_for(pg_url).begin() as conn:
+        conn.execute(sa.text("DELETE FROM users"))
+    assert_problem(api.post("/api/v1/task/enqueue", json=MAIL, headers=headers), 401)
+    assert_problem(
+        api.post("/api/v1/task/enqueue", json=MAIL, headers={**headers, "Idempotency-Key": "k"}), 401
+    )
+    assert task_count(pg_url) == 0
