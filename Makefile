@@ -14,10 +14,10 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install mailq with its dev tools
+install: $(STAMP) ## create .venv and install mailq with its dev and benchmark tools
 
 run: $(STAMP) ## start the whole service on embedded PostgreSQL, Redis and an SMTP sink
 	$(BIN)/mailq dev

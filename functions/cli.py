@@ -297,6 +297,7 @@ def sink(data_dir: Path, host: str, port: int) -> None:
     configure_logging(load_settings())
     # aiosmtpd warns about its own use of a deprecated attribute on every AUTH.
     warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd: five INFO lines per message
     try:
         serve_forever(data_dir.resolve(), host, port)
     except RuntimeError as exc:
@@ -318,6 +319,14 @@ def mailbox(data_dir: Path, limit: int) -> None:
         click.echo(f"{m.get('received_at')}  {m.get('mail_from')} -> {to}")
         click.echo(f"    Subject: {m.get('subject')}")
         click.echo(f"    Message-ID: {m.get('message_id')}")
+
+
+try:  # the benchmark ships with the source tree, not with the cluster image
+    from bench.cli import bench as _bench
+
+    main.add_command(_bench)
+except ImportError:
+    pass
 
 
 if __name__ == "__main__":

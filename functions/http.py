@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from shared import routes, services
 from shared.config import Settings, configure_logging
 from shared.crypto import SecretBox
-from shared.db import engine_for
+from shared.db import engine_for, is_unavailable
 from shared.errors import (
     BadRequest,
     Conflict,
@@ -72,11 +72,18 @@ def context() -> services.Context:
                 configure_logging(settings)
                 _context = services.Context(
                     settings=settings,
-                    engine=engine_for(settings.database_url),
+                    # One pooled connection per server thread: a smaller pool reconnects under load.
+                    engine=engine_for(settings.database_url, pool_size=_server_threads()),
                     redis=services.make_redis(settings.redis_url),
                     box=SecretBox(settings.encryption_keys),
                 )
     return _context
+
+
+def _server_threads() -> int:
+    """functions-framework's THREADS (gunicorn threads per worker), at least 5."""
+    raw = os.environ.get("THREADS", "8")
+    return max(5, int(raw)) if raw.isdigit() else 8
 
 
 def reset_context() -> None:
@@ -197,7 +204,8 @@ def endpoint(target: str, *, needs_context: bool = True) -> Callable:
         def function(request: flask.Request) -> flask.Response:
             started = time.perf_counter()
             response = _dispatch(target, view, needs_context, request)
-            log.info(
+            log.log(
+                logging.INFO if response.status_code >= 400 else logging.DEBUG,
                 "%s %s -> %d (%.1f ms)",
                 request.method,
                 request.path,
@@ -230,11 +238,14 @@ def _dispatch(target: str, view: Callable, needs_context: bool, request: flask.R
         return result if isinstance(result, flask.Response) else render(result)
     except ServiceError as exc:
         return problem_for(exc)
-    except _DEPENDENCY_ERRORS as exc:
-        dependency = "redis" if isinstance(exc, redis.RedisError) else "postgresql"
+    except Exception as exc:
+        if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+            dependency = "redis"
+        elif is_unavailable(exc):
+            dependency = "postgresql"
+        else:
+            # The trace goes to our log only; the caller gets the problem format, never a stack trace.
+            log.exception("unhandled error in %s", target)
+            return problem(500, "An internal error occurred.")
         log.warning("%s unavailable during %s %s: %s", dependency, request.method, path, type(exc).__name__)
         return problem_for(DependencyUnavailable(dependency))
-    except Exception:
-        # The trace goes to our log only; the caller gets the problem format, never a stack trace.
-        log.exception("unhandled error in %s", target)
-        return problem(500, "An internal error occurred.")

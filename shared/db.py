@@ -152,6 +152,27 @@ def dispose_engines() -> None:
         _engines.clear()
 
 
+# SQLSTATEs of a server that is going away or not there yet (class 08: connection exceptions).
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True when ``exc`` means PostgreSQL cannot be used right now (down, restarting, connection lost).
+
+    A shutting-down server answers a new connection with 57P03, which SQLAlchemy raises as a
+    ProgrammingError; pg8000 may surface a reset socket as a bare ConnectionError.
+    """
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | ConnectionError):
+        return True
+    if isinstance(exc, sa.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        args = getattr(exc.orig, "args", ())
+        code = args[0].get("C") if args and isinstance(args[0], dict) else None
+        return bool(code) and (code.startswith("08") or code in _UNAVAILABLE_SQLSTATES)
+    return False
+
+
 def alembic_config(url: str):
     from alembic.config import Config
 

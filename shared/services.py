@@ -137,12 +137,11 @@ def register(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
 def login(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
     """A Bearer token for the right email and password; the same 401 for every wrong combination."""
     _limit(ctx, "login", client, body.get("email"))
-    email, password = body.get("email"), body.get("password")
-    if not isinstance(email, str) or not isinstance(password, str) or not email or not password:
-        f = Fields(body)
-        f.string("email", max_len=254)
-        f.string("password", max_len=1024)
-        raise ValidationFailed(f.errors or {"email": "is required", "password": "is required"})
+    f = Fields(body)
+    email = f.string("email", max_len=254)
+    password = f.string("password", max_len=1024)
+    if f.errors:
+        raise ValidationFailed(f.errors)
     with ctx.engine.connect() as conn:
         row = conn.execute(
             sa.select(users.c.id, users.c.password_hash).where(sa.func.lower(users.c.email) == email.lower())

@@ -16,7 +16,9 @@ from email_validator import EmailNotValidError, validate_email
 from shared.auth import MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES
 from shared.domain import SmtpSecurity
 
-_FORBIDDEN = re.compile(r"[\r\n\x00]")
+# CR, LF and NUL, and every other character Python's str.splitlines() breaks on (VT, FF, FS, GS, RS,
+# NEL, LS, PS): the email package refuses them in a header, so they are refused at the door.
+_FORBIDDEN = re.compile("[\r\n\x00\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 MISSING = object()
 
@@ -41,7 +43,7 @@ class Fields:
             self.fail(name, "must be a string")
             return None
         if _FORBIDDEN.search(value):
-            self.fail(name, "must not contain CR, LF or NUL characters")
+            self.fail(name, "must not contain CR, LF, NUL or other line-breaking characters")
             return None
         if not value and not allow_empty:
             self.fail(name, "must not be empty")

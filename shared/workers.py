@@ -30,13 +30,16 @@ from sqlalchemy.engine import Engine
 from shared import queue
 from shared.config import Settings
 from shared.crypto import SecretBox
-from shared.db import tasks
+from shared.db import is_unavailable
 from shared.domain import SmtpSecurity, Status
 from shared.errors import EnvelopeDecodeError, PermanentSmtpError, SmtpError, TransientSmtpError
 
 log = logging.getLogger("mailq.worker")
 
 BLOCK_SECONDS = 1  # how long one BLMOVE waits; bounds how fast a worker notices SIGTERM
+# Envelopes taken per step: one round trip to Redis and one to PostgreSQL serve the whole batch
+# (measured: database CPU per mail halved). Each outcome is still recorded right after its send.
+BATCH = 20
 
 
 class Outcome(Enum):
@@ -46,6 +49,7 @@ class Outcome(Enum):
     FAILED = "failed"  # transient failure, will be retried
     CANCELLED = "cancelled"  # permanent failure or tries used up
     STALE = "stale"  # the outcome lost the fencing check: the lease was taken over
+    RELEASED = "released"  # claimed but never tried; given back to the queue
 
 
 def utcnow() -> datetime:
@@ -66,34 +70,74 @@ class Worker:
     role = "worker"
     source = ""
 
-    def __init__(self, settings: Settings, engine: Engine, client: redis.Redis, *, now=utcnow):
+    def __init__(
+        self, settings: Settings, engine: Engine, client: redis.Redis, *, now=utcnow, batch: int = BATCH
+    ):
         self.settings = settings
+        self.batch = batch
         self.engine = engine
         self.redis = client
         self.now = now
         self.id = f"{self.role}:{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.processing = queue.processing_list(self.id)
         self.stopping = threading.Event()
+        self._held = threading.local()  # the envelopes of the step a thread is in
+        # Moves an envelope back only if it is still ours: one already acked is not pushed twice.
+        self._give_back_script = client.register_script(
+            "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then "
+            "redis.call('RPUSH', KEYS[2], ARGV[1]) return 1 end return 0"
+        )
         self.heartbeat_file = Path(settings.heartbeat_file)
 
     # --- Redis bookkeeping ---
 
     def register(self) -> None:
-        pipe = self.redis.pipeline()
+        self.beat()
+
+    def beat(self) -> None:
+        """Say we are alive; registering again each time survives a Redis that restarted empty."""
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hset(queue.WORKERS, self.id, self.source)
         pipe.set(queue.heartbeat_key(self.id), "1", ex=self.settings.heartbeat_ttl)
         pipe.execute()
-
-    def beat(self) -> None:
-        self.redis.set(queue.heartbeat_key(self.id), "1", ex=self.settings.heartbeat_ttl)
         try:
             self.heartbeat_file.touch()
         except OSError:
             pass
 
+    def wait_for_redis(self) -> bool:
+        """Register, retrying with backoff while Redis is down; False if told to stop meanwhile."""
+        delay = 0.5
+        while not self.stopping.is_set():
+            try:
+                self.register()
+                return True
+            except redis.RedisError as exc:
+                log.warning(
+                    "%s: Redis unavailable at start (%s); retrying in %.1fs",
+                    self.id,
+                    type(exc).__name__,
+                    delay,
+                )
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 10.0)
+        return False
+
     def take(self, timeout: float = BLOCK_SECONDS) -> bytes | None:
         """Move the next envelope into our processing list (None when the list stayed empty)."""
         return self.redis.blmove(self.source, self.processing, timeout, "RIGHT", "LEFT")
+
+    def take_many(self, timeout: float = BLOCK_SECONDS) -> list[bytes]:
+        """Block for one envelope, then take up to ``batch`` in all without waiting (one round trip)."""
+        first = self.take(timeout)
+        if first is None:
+            return []
+        if self.batch == 1:
+            return [first]
+        pipe = self.redis.pipeline(transaction=False)
+        for _ in range(self.batch - 1):
+            pipe.lmove(self.source, self.processing, "RIGHT", "LEFT")
+        return [first, *(raw for raw in pipe.execute() if raw is not None)]
 
     def ack(self, raw: bytes) -> None:
         self.redis.lrem(self.processing, 1, raw)
@@ -116,23 +160,35 @@ class Worker:
     def process_one(self, raw: bytes) -> Outcome:
         raise NotImplementedError
 
-    def step(self, timeout: float = BLOCK_SECONDS) -> Outcome | None:
-        """Take one envelope, handle it, and let go of it. None when there was nothing to take."""
-        raw = self.take(timeout)
-        if raw is None:
-            return None
-        if self.stopping.is_set():
-            return None  # taken during shutdown: return_all() hands it back
-        try:
-            task_id = queue.decode(raw)
-        except EnvelopeDecodeError as exc:
-            log.warning("%s dropped a malformed envelope: %s", self.id, exc)
-            self.ack(raw)
-            return Outcome.DROPPED
-        outcome = self.handle(task_id, raw)
-        return outcome
+    def step(self, timeout: float = BLOCK_SECONDS) -> list[Outcome]:
+        """Take a batch of envelopes, handle them, and let go of them. [] when there was nothing."""
+        raws = self.take_many(timeout)
+        if not raws or self.stopping.is_set():
+            return []  # taken during shutdown: return_all() hands them back
+        self._held.raws = raws  # if this step fails, _loop gives back whatever is still in our list
+        outcomes: list[Outcome] = []
+        envelopes: list[tuple[int, bytes]] = []
+        for raw in raws:
+            try:
+                envelopes.append((queue.decode(raw), raw))
+            except EnvelopeDecodeError as exc:
+                log.warning("%s dropped a malformed envelope: %s", self.id, exc)
+                self.ack(raw)
+                outcomes.append(Outcome.DROPPED)
+        if envelopes:
+            outcomes += self.handle(envelopes)
+        self._held.raws = []
+        return outcomes
 
-    def handle(self, task_id: int, raw: bytes) -> Outcome:
+    def give_back(self, raws: list[bytes]) -> int:
+        """Return to the source list those of ``raws`` still in our processing list (atomically each)."""
+        returned = 0
+        for raw in raws:
+            returned += self._give_back_script(keys=[self.processing, self.source], args=[raw])
+        return returned
+
+    def handle(self, envelopes: list[tuple[int, bytes]]) -> list[Outcome]:
+        """Do the work for (task id, envelope) pairs; every envelope is let go of before returning."""
         raise NotImplementedError
 
     def idle(self) -> None:
@@ -144,8 +200,8 @@ class Worker:
     def run(self) -> None:
         """Loop with ``threads`` workers until ``stopping`` is set, then hand back and exit."""
         threads_count = self.threads()
-        self.register()
-        self.beat()
+        if not self.wait_for_redis():
+            return
         log.info("%s started with %d thread(s) on %s", self.id, threads_count, self.source)
         threads = [
             threading.Thread(target=self._loop, name=f"{self.role}-{i}", daemon=True)
@@ -180,13 +236,31 @@ class Worker:
         while not self.stopping.is_set():
             try:
                 self.step()
-            except (redis.RedisError, sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-                # A dependency is down: wait and try again; the envelope stays in our processing list.
-                log.warning("%s: %s; retrying in 1s", self.id, type(exc).__name__)
-                self.stopping.wait(1.0)
-            except Exception:
-                log.exception("%s: unexpected error; continuing", self.id)
-                self.stopping.wait(1.0)
+            except Exception as exc:
+                if isinstance(exc, redis.RedisError) or is_unavailable(exc):
+                    log.warning("%s: %s unavailable (%s); retrying", self.id, _which(exc), type(exc).__name__)
+                else:
+                    log.exception("%s: unexpected error; continuing", self.id)
+                self._recover()
+
+    def _recover(self) -> None:
+        """After a failed step: wait, then hand back the envelopes that step still holds.
+
+        Without this they would sit in a live worker's processing list until the sweep's leak
+        window; handing them back is safe because every claim is conditional.
+        """
+        held = getattr(self._held, "raws", [])
+        while not self.stopping.wait(1.0):
+            try:
+                self.give_back(held)
+                break
+            except redis.RedisError:
+                continue  # Redis is down too; stopping or the next try will deal with them
+        self._held.raws = []
+
+
+def _which(exc: BaseException) -> str:
+    return "Redis" if isinstance(exc, redis.RedisError) else "PostgreSQL"
 
 
 class Consumer(Worker):
@@ -198,18 +272,30 @@ class Consumer(Worker):
     def threads(self) -> int:
         return self.settings.queue_consumer_count
 
-    def handle(self, task_id: int, raw: bytes) -> Outcome:
+    def handle(self, envelopes: list[tuple[int, bytes]]) -> list[Outcome]:
+        ids = list(dict.fromkeys(task_id for task_id, _ in envelopes))
         with self.engine.connect() as conn:
-            status = conn.execute(sa.select(tasks.c.status).where(tasks.c.id == task_id)).scalar_one_or_none()
-        if status != Status.QUEUED:
-            # Unknown, terminal, not yet due, or already with a sender: the sweep owns it now.
-            self.ack(raw)
-            return Outcome.DROPPED
+            live = set(conn.execute(_QUEUED_SQL, {"ids": ids}).scalars())
+        outcomes, forward = [], []
+        for task_id, raw in envelopes:
+            # Unknown, terminal, not yet due, already with a sender, or a duplicate in this batch:
+            # dropped here; the sweep owns anything that still needs to go.
+            if task_id in live:
+                live.discard(task_id)
+                forward.append(raw)
+                outcomes.append(Outcome.HANDED_OFF)
+            else:
+                outcomes.append(Outcome.DROPPED)
         pipe = self.redis.pipeline(transaction=True)  # hand-off and release in one step
-        pipe.lpush(queue.SEND_LIST, raw)
-        pipe.lrem(self.processing, 1, raw)
+        if forward:
+            pipe.lpush(queue.SEND_LIST, *forward)
+        for _, raw in envelopes:
+            pipe.lrem(self.processing, 1, raw)
         pipe.execute()
-        return Outcome.HANDED_OFF
+        return outcomes
+
+
+_QUEUED_SQL = sa.text("SELECT id FROM tasks WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'queued'")
 
 
 @dataclass(frozen=True)
@@ -237,10 +323,18 @@ _CLAIM_SQL = sa.text(
            lease_until = now() + make_interval(secs => :lease),
            updated_at = now()
       FROM users AS u
-     WHERE t.id = :id AND t.status = 'queued' AND t.try_count < :max_tries AND u.id = t.user_id
+     WHERE t.id = ANY(CAST(:ids AS bigint[])) AND t.status = 'queued' AND t.try_count < :max_tries
+       AND u.id = t.user_id
  RETURNING t.id, t.try_count, t.recipient_email, t.subject, t.body, t.message_id, t.created_at,
            u.email AS sender_email, u.smtp_host, u.smtp_port, u.smtp_username, u.smtp_password_enc,
            u.smtp_security
+    """
+)
+
+_RELEASE_SQL = sa.text(
+    """
+    UPDATE tasks SET status = 'queued', try_count = try_count - 1, lease_until = NULL, updated_at = now()
+     WHERE id = :id AND try_count = :try_count AND status = 'processing'
     """
 )
 
@@ -269,26 +363,62 @@ class Sender(Worker):
     def threads(self) -> int:
         return self.settings.worker_count
 
-    def claim(self, task_id: int) -> Claim | None:
+    def claim_many(self, task_ids: list[int]) -> dict[int, Claim]:
+        """Claim every task that is still queued, in one statement; only one sender can win each."""
         with self.engine.begin() as conn:
-            row = conn.execute(
+            rows = conn.execute(
                 _CLAIM_SQL,
                 {
-                    "id": task_id,
+                    "ids": task_ids,
                     "lease": self.settings.lease_seconds,
                     "max_tries": self.settings.max_try_count,
                 },
-            ).one_or_none()
-        return Claim(**row._asdict()) if row is not None else None
+            ).all()
+        return {row.id: Claim(**row._asdict()) for row in rows}
 
-    def handle(self, task_id: int, raw: bytes) -> Outcome:
-        claim = self.claim(task_id)
-        if claim is None:
-            self.ack(raw)  # a duplicate envelope, or a task that is not queued: nothing to send
-            return Outcome.DROPPED
-        outcome = self.deliver(claim)
-        self.ack(raw)
-        return outcome
+    def claim(self, task_id: int) -> Claim | None:
+        return self.claim_many([task_id]).get(task_id)
+
+    def handle(self, envelopes: list[tuple[int, bytes]]) -> list[Outcome]:
+        claims = self.claim_many(list(dict.fromkeys(task_id for task_id, _ in envelopes)))
+        claimed_at = time.monotonic()
+        outcomes: list[Outcome] = []
+        try:
+            self._send_batch(envelopes, claims, claimed_at, outcomes)
+        except BaseException:
+            # Claims never tried go back to queued now rather than wait for their lease.
+            for claim in claims.values():
+                try:
+                    with self.engine.begin() as conn:
+                        conn.execute(_RELEASE_SQL, {"id": claim.id, "try_count": claim.try_count})
+                except Exception:  # noqa: BLE001 - best effort: the lease recovers it otherwise
+                    break
+            raise
+        return outcomes
+
+    def _send_batch(self, envelopes, claims: dict[int, Claim], claimed_at: float, outcomes: list[Outcome]):
+        for task_id, raw in envelopes:
+            claim = claims.pop(task_id, None)
+            if claim is None:
+                self.ack(raw)  # a duplicate envelope, or a task that is not queued: nothing to send
+                outcomes.append(Outcome.DROPPED)
+            elif self.stopping.is_set() or time.monotonic() - claimed_at > self.settings.lease_seconds / 2:
+                # Not started: give it back rather than send it late (stopping, or the lease is
+                # running short behind a slow server).
+                outcomes.append(self.release(claim, raw))
+            else:
+                outcomes.append(self.deliver(claim))
+                self.ack(raw)
+
+    def release(self, claim: Claim, raw: bytes) -> Outcome:
+        """Undo a claim that was never tried, and put its envelope back on the send list."""
+        with self.engine.begin() as conn:
+            conn.execute(_RELEASE_SQL, {"id": claim.id, "try_count": claim.try_count})
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.rpush(self.source, raw)  # the head of the list: it is the next one taken
+        pipe.lrem(self.processing, 1, raw)
+        pipe.execute()
+        return Outcome.RELEASED
 
     def deliver(self, claim: Claim) -> Outcome:
         """Send a claimed task and record what happened; no transaction is open while SMTP talks."""
@@ -346,8 +476,8 @@ class Sender(Worker):
                 with self.engine.begin() as conn:
                     updated = conn.execute(_OUTCOME_SQL, params).rowcount
                 break
-            except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-                if time.monotonic() > deadline:
+            except Exception as exc:
+                if not is_unavailable(exc) or time.monotonic() > deadline:
                     raise
                 log.warning(
                     "%s: recording task %d failed (%s); retrying", self.id, claim.id, type(exc).__name__
@@ -356,7 +486,11 @@ class Sender(Worker):
         if updated == 0:
             log.warning("%s: task %d outcome %s discarded: lease was taken over", self.id, claim.id, status)
             return Outcome.STALE
-        log.info("task %d try %d -> %s%s", claim.id, claim.try_count, status, f" ({error})" if error else "")
+        # A success per mail is DEBUG (it is the hot path); anything else is worth a line.
+        level = logging.DEBUG if status == Status.SENT else logging.INFO
+        log.log(
+            level, "task %d try %d -> %s%s", claim.id, claim.try_count, status, f" ({error})" if error else ""
+        )
         return Outcome(status.value)
 
     def idle(self) -> None:

@@ -53,10 +53,10 @@ class Pipeline:
     def pump(self, timeout: float = 0.05) -> list[Outcome]:
         """Run the consumer, then the sender, until both lists are empty."""
         outcomes = []
-        while (o := self.consumer.step(timeout)) is not None:
-            outcomes.append(o)
-        while (o := self.sender.step(timeout)) is not None:
-            outcomes.append(o)
+        while step := self.consumer.step(timeout):
+            outcomes += step
+        while step := self.sender.step(timeout):
+            outcomes += step
         return outcomes
 
     def sweep(self):

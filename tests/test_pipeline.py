@@ -178,7 +178,7 @@ def test_two_senders_racing_on_one_task_send_one_mail(fast_ctx, smtp):
 
     def run(p):
         barrier.wait()
-        while p.sender.step(0.05) is not None:
+        while p.sender.step(0.05):
             pass
 
     threads = [threading.Thread(target=run, args=(p,)) for p in pipes]
@@ -368,3 +368,30 @@ def test_backoff_doubles_per_try_with_jitter_and_is_capped():
     assert backoff_seconds(2, 30, 3600, rng=lambda: 1.0) == 60
     assert backoff_seconds(3, 30, 3600, rng=lambda: 0.0) == 60  # equal jitter: at least half
     assert backoff_seconds(20, 30, 3600, rng=lambda: 1.0) == 3600
+
+
+def test_a_batch_is_claimed_at_once_and_what_was_not_tried_is_given_back_on_stop(pipe, smtp):
+    user = pipe.user(smtp)
+    ids = [pipe.enqueue(user, subject=f"b{i}") for i in range(3)]
+    while pipe.consumer.step(0.05):
+        pass
+    raws = pipe.sender.take_many(0.1)
+    assert len(raws) == 3  # one blocking move, then the rest in one round trip
+    pipe.sender.stopping.set()
+    outcomes = pipe.sender.handle([(queue.decode(r), r) for r in raws])
+    assert outcomes == [Outcome.RELEASED] * 3
+    assert all(pipe.task(i).status == "queued" and pipe.task(i).try_count == 0 for i in ids)
+    assert pipe.ctx.redis.llen(pipe.sender.processing) == 0
+    assert sorted(queue.decode(e) for e in pipe.ctx.redis.lrange(queue.SEND_LIST, 0, -1)) == sorted(ids)
+    pipe.sender.stopping.clear()
+    pipe.pump()
+    assert {pipe.task(i).status for i in ids} == {"sent"} and len(smtp.received) == 3
+
+
+def test_duplicates_within_one_batch_send_one_mail(pipe, smtp):
+    user = pipe.user(smtp)
+    task_id = pipe.enqueue(user)
+    pipe.ctx.redis.lpush(queue.TASK_LIST, *[queue.encode(task_id)] * 4)
+    outcomes = pipe.pump()
+    assert outcomes.count(Outcome.HANDED_OFF) == 1 and outcomes.count(Outcome.SENT) == 1
+    assert len(smtp.received) == 1

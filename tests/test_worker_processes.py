@@ -100,7 +100,7 @@ def test_sigterm_stops_a_busy_sender_cleanly_and_loses_nothing(pipe, base_env, t
     with ScriptedSmtpServer() as smtp:
         user = pipe.user(smtp)
         ids = [pipe.enqueue(user, subject=f"m{i}") for i in range(300)]
-        while pipe.consumer.step(0.05) is not None:
+        while pipe.consumer.step(0.05):
             pass
         sender = start("sender", base_env, tmp_path, WORKER_COUNT="4")
         try:

@@ -1,0 +1,188 @@
+"""Scenarios 4 and 5: the enqueue function over HTTP, served as production serves it.
+
+4. C keep-alive clients for T seconds against ``functions-framework --target enqueue`` under
+   gunicorn with the WORKERS/THREADS of its Knative Service, then the same against a trivial
+   function on the same stack: the ratio is what enqueue's own work costs.
+5. At half the best delivery throughput, requests to that same enqueue function while a consumer
+   and the senders run: from when each request was due to when the sink stored its mail.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from bench import seed
+from bench.delivery import _settled, _timeout
+from bench.load import LoadResult, build_request, closed_loop, open_loop, percentile
+from bench.mailbox import MailboxTail, Verdict, verify
+from bench.stack import MAIN_SOURCE, ROOT, TRIVIAL_SOURCE, Child, CpuMeter, Stack
+
+ENQUEUE_PATH = "/api/v1/task/enqueue"
+DEFAULT_SIZING = (1, 8)  # WORKERS, THREADS when knative/ cannot be read
+
+
+@dataclass(frozen=True)
+class Sizing:
+    workers: int
+    threads: int
+    source: str  # where the numbers came from
+
+    def __str__(self) -> str:
+        return f"WORKERS={self.workers} THREADS={self.threads} ({self.source})"
+
+
+def knative_sizing(target: str) -> Sizing:
+    """WORKERS and THREADS of ``target``'s Knative Service in knative/functions.yaml."""
+    path = ROOT / "knative" / "functions.yaml"
+    try:
+        import yaml
+
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or doc.get("kind") != "Service":
+                continue
+            if doc["metadata"].get("labels", {}).get("mailq.dev/function") != target:
+                continue
+            env = {e["name"]: e.get("value") for e in doc["spec"]["template"]["spec"]["containers"][0]["env"]}
+            return Sizing(int(env["WORKERS"]), int(env["THREADS"]), "knative/functions.yaml")
+    except (ImportError, OSError, KeyError, TypeError, ValueError):
+        pass
+    return Sizing(*DEFAULT_SIZING, "default: knative/functions.yaml not readable")
+
+
+def enqueue_requests(stack: Stack, port: int, variants: int = 64) -> list[bytes]:
+    """Pre-encoded enqueue requests (the client must cost less than the server)."""
+    headers = {"Authorization": f"Bearer {stack.token}"}
+    requests = []
+    for i in range(variants):
+        recipient, subject, body = seed.mail(i)
+        payload = {"recipient_email": recipient, "subject": subject, "body": body}
+        requests.append(build_request("POST", ENQUEUE_PATH, port, body=payload, headers=headers))
+    return requests
+
+
+@dataclass
+class ApiResult:
+    trivial: LoadResult
+    enqueue: LoadResult
+    sizing: Sizing
+    clients: int
+
+    @property
+    def ratio(self) -> float:
+        return self.enqueue.rps / self.trivial.rps if self.trivial.rps else 0.0
+
+
+def measure_function(
+    stack: Stack, source, target: str, sizing: Sizing, *, clients: int, seconds: float, warmup: float
+) -> LoadResult:
+    child, port = stack.start_function(source, target, sizing.workers, sizing.threads)
+    try:
+        requests = enqueue_requests(stack, port)
+        return closed_loop(
+            port,
+            lambda i: requests[i % len(requests)],
+            clients=clients,
+            seconds=seconds,
+            warmup=warmup,
+            ok=202,
+        )
+    finally:
+        stack.stop(child)
+
+
+def enqueue_api(
+    stack: Stack, *, clients: int, seconds: float, warmup: float | None = None, on_done=lambda n: None
+) -> ApiResult:
+    warmup = min(1.0, seconds / 2) if warmup is None else warmup
+    stack.reset()
+    sizing = knative_sizing("enqueue")
+    trivial = measure_function(
+        stack, TRIVIAL_SOURCE, "trivial", sizing, clients=clients, seconds=seconds, warmup=warmup
+    )
+    on_done(1)
+    enqueue = measure_function(
+        stack, MAIN_SOURCE, "enqueue", sizing, clients=clients, seconds=seconds, warmup=warmup
+    )
+    on_done(1)
+    return ApiResult(trivial, enqueue, sizing, clients)
+
+
+@dataclass
+class LatencyResult:
+    rate: float  # requests per second offered
+    sent: int
+    accepted: int  # 202 answers
+    verdict: Verdict
+    latencies_ms: list[float] = field(repr=False, default_factory=list)
+    cpu: dict[str, float] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+    senders: int = 1
+    response_ms: list[float] = field(repr=False, default_factory=list)  # due -> the 202 answer
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.latencies_ms, 50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.latencies_ms, 99)
+
+    @property
+    def ok(self) -> bool:
+        return self.accepted == self.sent and self.verdict.exactly_once and set(self.statuses) <= {"sent"}
+
+
+def end_to_end(
+    stack: Stack, *, rate: float, seconds: float, senders: int, progress=lambda n: None
+) -> LatencyResult:
+    """Open-loop enqueue requests at ``rate`` for ``seconds`` with the pipeline running."""
+    stack.reset()
+    data_dir = stack.scratch("sink-latency")
+    sink = stack.start_sink(data_dir)
+    children: list[Child] = [sink]
+    try:
+        sizing = knative_sizing("enqueue")
+        api, port = stack.start_function(MAIN_SOURCE, "enqueue", sizing.workers, sizing.threads)
+        children.append(api)
+        children += stack.start_workers(senders)
+        requests = enqueue_requests(stack, port)
+        count = max(1, int(rate * seconds))
+        tail = MailboxTail(data_dir)
+        meter = CpuMeter(
+            {"sink": [sink.pid], "api": [api.pid], "consumer": [children[2].pid],
+             "senders": [c.pid for c in children[3:]], **stack.service_pids()}
+        ).start()  # fmt: skip
+        sent = open_loop(port, lambda i: requests[i % len(requests)], rate=rate, count=count)
+        due_by_task = {json.loads(s.body)["task_id"]: s.due for s in sent if s.status == 202}
+        response_ms = [(s.answered - s.due) * 1000 for s in sent if s.status == 202]
+        shown = 0
+
+        def report(n: int) -> None:
+            nonlocal shown
+            progress(n - shown)
+            shown = n
+
+        def alive() -> None:
+            for child in children:
+                child.check()
+
+        tail.wait_for(len(due_by_task), _timeout(count), alive=alive, progress=report)
+        cpu = meter.stop()
+        with stack.ctx.engine.connect() as conn:
+            ids = dict(conn.execute(sa.text("SELECT id, message_id FROM tasks")).all())
+        verdict = verify(data_dir, ids.values())
+        tail.poll()
+        latencies = [
+            (tail.arrivals[ids[task_id]][0] - due) * 1000
+            for task_id, due in due_by_task.items()
+            if ids.get(task_id) in tail.arrivals
+        ]
+        statuses = _settled(stack)
+        return LatencyResult(
+            rate, count, len(due_by_task), verdict, latencies, cpu, statuses, senders, response_ms
+        )
+    finally:
+        stack.stop(*reversed(children))

@@ -1,0 +1,304 @@
+"""`mailq bench`: run every scenario on the local embedded stack and write bench/results/<date>.md."""
+
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from contextlib import ExitStack, contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import click
+
+from bench import SCENARIOS, TITLES
+
+# Only click and the standard library at import time: `mailq` imports this module on every start, and
+# the benchmark's own dependencies (psutil, the embedded servers, Celery) are not in the cluster image.
+ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_N = 20_000
+QUICK = {"n": 2_000, "seconds": 3.0, "latency_seconds": 4.0, "scale_rows": 100_000, "scale_user_rows": 10_000}
+
+
+def _senders(value: str) -> list[int]:
+    try:
+        counts = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter("a comma-separated list of sender counts, e.g. 1,2,4") from None
+    if not counts or any(c < 1 for c in counts):
+        raise click.BadParameter("at least one sender count, each 1 or more")
+    return counts
+
+
+class Tick:
+    """Advance a bar (``tick(n)``) or say what the step is doing now (``tick.note("…")``)."""
+
+    def __init__(self, bar=None):
+        self.bar = bar
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text)
+
+
+class Progress:
+    """One tqdm bar per step, labelled with which step of how many this is."""
+
+    def __init__(self, steps: int, enabled: bool):
+        self.steps, self.done, self.enabled = steps, 0, enabled
+
+    @contextmanager
+    def step(self, title: str, total: int | None = None, unit: str = "mail"):
+        self.done += 1
+        label = f"[{self.done}/{self.steps}] {title}"
+        if not self.enabled:
+            yield Tick()
+            return
+        from tqdm import tqdm
+
+        with tqdm(
+            total=total,
+            desc=label,
+            unit=unit,
+            file=sys.stderr,
+            mininterval=0.3,
+            dynamic_ncols=True,
+            leave=True,
+        ) as bar:
+            yield Tick(bar)
+
+
+@click.command()
+@click.option(
+    "--n", "n", type=int, default=None, help=f"mails per delivery scenario [default: {DEFAULT_N:,}]"
+)
+@click.option(
+    "--senders", default="1,2,4", show_default=True, help="sender process counts to run, comma-separated"
+)
+@click.option(
+    "--quick", is_flag=True, help="small sizes everywhere (N=2,000, 3 s loads, 100,000 rows): a minute or two"
+)
+@click.option("--skip-celery", is_flag=True, help="leave out scenario 3 (Celery)")
+@click.option("--skip-scale", is_flag=True, help="leave out scenario 6 (1,000,000 rows)")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=ROOT / "bench" / "results",
+    show_default="bench/results",
+    help="directory for <date>.md, .png and .json",
+)
+@click.option(
+    "--only",
+    default=",".join(SCENARIOS),
+    show_default=True,
+    help="scenarios to run, comma-separated: " + ", ".join(SCENARIOS),
+)
+@click.option(
+    "--clients", type=int, default=16, show_default=True, help="concurrent clients for the enqueue API"
+)
+@click.option("--seconds", type=float, default=None, help="length of each API load [default: 10]")
+@click.option("--latency-seconds", type=float, default=None, help="length of scenario 5's load [default: 10]")
+@click.option("--scale-rows", type=int, default=None, help="rows in scenario 6 [default: 1,000,000]")
+@click.option(
+    "--scale-user-rows", type=int, default=None, help="tasks per user in scenario 6 [default: 100,000]"
+)
+@click.option(
+    "--profile",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="write py-spy profiles of the workers and the sink to this directory",
+)
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+def bench(
+    n,
+    senders,
+    quick,
+    skip_celery,
+    skip_scale,
+    out,
+    only,
+    clients,
+    seconds,
+    latency_seconds,
+    scale_rows,
+    scale_user_rows,
+    profile,
+    no_progress,
+) -> None:
+    """Measure delivery and enqueue against the raw SMTP limit and against Celery, in one run.
+
+    Writes OUT/<date>.md (scenario, figures, ratio, target, met), a PNG chart and a JSON of the
+    numbers. Exits non-zero when a correctness check fails (a mail lost or sent twice); missing a
+    performance target is reported, not an error.
+    """
+    sizes = QUICK if quick else {}
+    n = n or sizes.get("n", DEFAULT_N)
+    seconds = seconds or sizes.get("seconds", 10.0)
+    latency_seconds = latency_seconds or sizes.get("latency_seconds", 10.0)
+    scale_rows = scale_rows or sizes.get("scale_rows", 1_000_000)
+    scale_user_rows = min(scale_rows, scale_user_rows or sizes.get("scale_user_rows", 100_000))
+    sender_counts = _senders(senders)
+    wanted = [s.strip() for s in only.split(",") if s.strip()]
+    unknown = set(wanted) - set(SCENARIOS)
+    if unknown:
+        raise click.BadParameter(f"unknown scenario(s): {', '.join(sorted(unknown))}", param_hint="--only")
+
+    from bench.report import Run, write
+    from bench.stack import Stack
+
+    run = Run(
+        started=datetime.now(),
+        options={
+            "n": n,
+            "senders": ",".join(map(str, sender_counts)),
+            "clients": clients,
+            "seconds": seconds,
+            "latency_seconds": latency_seconds,
+            "scale_rows": scale_rows,
+            "scale_user_rows": scale_user_rows,
+        },
+    )
+    for scenario in SCENARIOS:
+        if scenario not in wanted:
+            run.skipped[scenario] = "--only"
+    if skip_celery:
+        run.skipped["celery"] = "--skip-celery"
+    if skip_scale:
+        run.skipped["scale"] = "--skip-scale"
+    if "celery" not in run.skipped:
+        try:
+            import celery  # noqa: F401
+        except ImportError:
+            raise click.ClickException(
+                "Celery is not installed: `pip install -e '.[bench]'`, or pass --skip-celery"
+            ) from None
+    todo = [s for s in SCENARIOS if s not in run.skipped]
+    steps = sum(len(sender_counts) if s == "mailq" else 1 for s in todo) + 1
+    steps += 1 if "raw" in todo and {"mailq", "celery"} & set(todo) else 0  # the raw limit, measured again
+    progress = Progress(steps, enabled=not no_progress)
+    started = time.monotonic()
+    with ExitStack() as cleanup:
+        with progress.step("starting PostgreSQL and Redis", 1, unit="step") as tick:
+            stack = cleanup.enter_context(Stack())
+            tick(1)
+        _run_scenarios(
+            run,
+            stack,
+            progress,
+            todo,
+            n,
+            sender_counts,
+            clients,
+            seconds,
+            latency_seconds,
+            scale_rows,
+            scale_user_rows,
+            profile,
+        )
+    run.seconds = time.monotonic() - started
+    path = write(run, out)
+    click.echo(f"wrote {path} ({run.seconds / 60:.1f} min)")
+    for scenario, error in run.failed.items():
+        click.echo(f"{TITLES[scenario]} FAILED: {error}", err=True)
+    if not run.correct:
+        raise click.ClickException("a correctness check failed: see the report")
+
+
+def _guard(run, scenario: str):
+    """Record a scenario that raised, and go on with the next one."""
+
+    @contextmanager
+    def guard():
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - the report names it; the other scenarios still run
+            run.failed[scenario] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            )
+            traceback.print_exc()
+
+    return guard()
+
+
+def _run_scenarios(
+    run,
+    stack,
+    progress,
+    todo,
+    n,
+    sender_counts,
+    clients,
+    seconds,
+    latency_seconds,
+    scale_rows,
+    scale_user_rows,
+    profile,
+) -> None:
+    from bench import api, delivery, scale
+
+    def raw_limit(when: str) -> None:
+        with _guard(run, "raw"), progress.step(f"1. raw limit ({when}): one smtplib connection", n) as tick:
+            run.raw_runs.append(delivery.raw_limit(stack, n, tick))
+            good = [d for d in run.raw_runs if d.ok] or run.raw_runs
+            run.raw = max(good, key=lambda d: d.rate)
+
+    if "raw" in todo:
+        raw_limit("first")
+    if "mailq" in todo:
+        with _guard(run, "mailq"):
+            for k in sender_counts:
+                with progress.step(f"2. mailq, {k} sender(s)", n) as tick:
+                    profiler = _profiler(profile, f"mailq-{k}")
+                    run.mailq.append(delivery.mailq_delivery(stack, n, k, tick, profiler=profiler))
+    best_k = run.best.concurrency // stack.settings.worker_count if run.best else sender_counts[0]
+    if "celery" in todo:
+        with _guard(run, "celery"), progress.step("3. Celery + Redis", n) as tick:
+            run.celery = delivery.celery_delivery(
+                stack, n, best_k * stack.settings.worker_count, tick, profiler=_profiler(profile, "celery")
+            )
+    if "raw" in todo and {"mailq", "celery"} & set(todo):
+        raw_limit("again")
+    if "api" in todo:
+        with _guard(run, "api"), progress.step(f"4. enqueue API, {clients} clients", 2, unit="load") as tick:
+            run.api = api.enqueue_api(stack, clients=clients, seconds=seconds, on_done=tick)
+    if "latency" in todo:
+        with _guard(run, "latency"):
+            if run.best is None:
+                raise RuntimeError("no correct mailq delivery run to take half the rate of")
+            rate = run.best.rate / 2
+            total = max(1, int(rate * latency_seconds))
+            with progress.step(f"5. end-to-end latency at {rate:,.0f}/s", total) as tick:
+                run.latency = api.end_to_end(
+                    stack, rate=rate, seconds=latency_seconds, senders=best_k, progress=tick
+                )
+    if "scale" in todo:
+        with (
+            _guard(run, "scale"),
+            progress.step(f"6. scale: {scale_rows:,} rows", scale_rows, unit="row") as tick,
+        ):
+            run.scale = scale.scale(
+                stack,
+                rows=scale_rows,
+                user_rows=scale_user_rows,
+                clients=clients,
+                seconds=seconds,
+                page_seconds=seconds,
+                progress=tick,
+            )
+
+
+def _profiler(profile: Path | None, name: str):
+    if profile is None:
+        return None
+    from bench.profile import Profiler
+
+    return Profiler(Path(profile) / name)
+
+
+if __name__ == "__main__":
+    bench(prog_name="mailq bench")

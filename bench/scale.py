@@ -1,0 +1,149 @@
+"""Scenario 6: the same service with a million tasks in the table.
+
+The rows are copied in (history first, then the live queued/processing rows so they are fresh),
+spread round-robin over users of USER_ROWS tasks each, then ``VACUUM ANALYZE`` — what autovacuum
+would have done by the time a table grew this big. Then, with nothing else running:
+one sweep pass (and an idle one right after), the ``/task/queue`` page of one of those users, and
+the enqueue API again.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+import time
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from bench import seed
+from bench.api import Sizing, enqueue_requests, knative_sizing
+from bench.load import LoadResult, build_request, closed_loop
+from bench.stack import MAIN_SOURCE, Stack
+from shared.sweep import SweepReport, sweep_once
+
+QUEUE_PATH = "/api/v1/task/queue"
+
+
+@dataclass
+class ScaleResult:
+    rows: int
+    user_rows: int
+    counts: dict[str, int]
+    load_seconds: float
+    sweep_seconds: float
+    sweep: SweepReport
+    idle_sweep_seconds: float
+    page: LoadResult
+    enqueue: LoadResult
+    sizing: Sizing
+    due: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def cursor_for(last_id: int) -> str:
+    # The format shared.tasks hands out ("v1:<id>", URL-safe base64 without padding).
+    return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
+
+
+def _vacuum(stack: Stack) -> None:
+    raw = stack.ctx.engine.raw_connection()
+    try:
+        raw.rollback()
+        driver = raw.driver_connection
+        driver.autocommit = True  # VACUUM refuses to run inside a transaction block
+        try:
+            cursor = driver.cursor()
+            cursor.execute("VACUUM ANALYZE tasks")
+            cursor.execute("ANALYZE users")
+        finally:
+            driver.autocommit = False
+    finally:
+        raw.close()
+
+
+def _note(progress, text: str) -> None:
+    note = getattr(progress, "note", None)
+    if note is not None:
+        note(text)
+
+
+def _timed_sweep(stack: Stack) -> tuple[float, SweepReport]:
+    started = time.perf_counter()
+    report = sweep_once(stack.settings, stack.ctx.engine, stack.ctx.redis)
+    return time.perf_counter() - started, report
+
+
+def scale(
+    stack: Stack,
+    *,
+    rows: int,
+    user_rows: int,
+    clients: int,
+    seconds: float,
+    page_seconds: float,
+    warmup: float | None = None,
+    progress=lambda n: None,
+) -> ScaleResult:
+    warmup = min(1.0, seconds / 2) if warmup is None else warmup
+    stack.reset()
+    engine = stack.ctx.engine
+    users = max(1, rows // user_rows)
+    user_ids = [stack.user.id, *seed.extra_users(engine, stack.user.id, users - 1)]
+    started = time.perf_counter()
+    counts = seed.scale_table(engine, user_ids, rows, progress)
+    _note(progress, "VACUUM ANALYZE")
+    _vacuum(stack)
+    load_seconds = time.perf_counter() - started
+    due = counts.get("failed-due", 0) + counts.get("scheduled-due", 0)
+
+    # The sweep first, while the live rows are seconds old: not leaked, leases running.
+    _note(progress, "sweep")
+    sweep_seconds, report = _timed_sweep(stack)
+    idle_sweep_seconds, _ = _timed_sweep(stack)
+
+    _note(progress, "/task/queue pages")
+    sizing = knative_sizing("task_queue")
+    child, port = stack.start_function(MAIN_SOURCE, "task_queue", sizing.workers, sizing.threads)
+    try:
+        with engine.connect() as conn:
+            low, high = conn.execute(
+                sa.text("SELECT min(id), max(id) FROM tasks WHERE user_id = :u"), {"u": stack.user.id}
+            ).one()
+        rng = random.Random(7)
+        headers = {"Authorization": f"Bearer {stack.token}"}
+        # Half the requests ask for the first page, half for a page further in (a random cursor).
+        pages = [
+            build_request(
+                "GET",
+                QUEUE_PATH if i % 2 == 0 else f"{QUEUE_PATH}?cursor={cursor_for(rng.randint(low, high))}",
+                port,
+                headers=headers,
+            )
+            for i in range(200)
+        ]
+        page = closed_loop(
+            port, lambda i: pages[i % len(pages)], clients=1, seconds=page_seconds, warmup=warmup
+        )
+    finally:
+        stack.stop(child)
+
+    _note(progress, "enqueue API")
+    enqueue_sizing = knative_sizing("enqueue")
+    child, port = stack.start_function(MAIN_SOURCE, "enqueue", enqueue_sizing.workers, enqueue_sizing.threads)
+    try:
+        requests = enqueue_requests(stack, port)
+        enqueue = closed_loop(
+            port,
+            lambda i: requests[i % len(requests)],
+            clients=clients,
+            seconds=seconds,
+            warmup=warmup,
+            ok=202,
+        )
+    finally:
+        stack.stop(child)
+    return ScaleResult(
+        rows, rows // users, counts, load_seconds, sweep_seconds, report, idle_sweep_seconds, page, enqueue,
+        enqueue_sizing, due,
+    )  # fmt: skip

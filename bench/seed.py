@@ -1,0 +1,274 @@
+"""Filling PostgreSQL fast: tasks go in with ``COPY``, in the shape ``shared.tasks.enqueue`` writes them.
+
+Delivery scenarios measure how fast a backlog drains, not how fast it is made: the rows are copied
+in and their envelopes staged in a side list before the clock starts (scenario 4 measures enqueue
+itself, and scenario 5 goes through the HTTP enqueue function).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from shared import queue
+
+COPY_CHUNK = 50_000
+
+# The mail every scenario sends: a short plain-text notification, the typical transactional mail.
+BODY = (
+    "Hello,\n\nthis is notification {i} from the mailq benchmark. Your order has shipped and\n"
+    "should arrive within three working days. Reply to this mail if anything looks wrong.\n\n"
+    "Regards,\nthe benchmark\n"
+)
+
+
+def mail(i: int) -> tuple[str, str, str]:
+    """(recipient, subject, body) of mail number ``i``."""
+    return f"user{i}@example.org", f"Your order {i} has shipped", BODY.format(i=i)
+
+
+def new_message_id(domain: str = "example.com") -> str:
+    return f"<mailq.{uuid.uuid4().hex}@{domain}>"  # the format shared.tasks.enqueue uses
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat()
+
+
+def copy_tasks(
+    engine: Engine,
+    columns: Sequence[str],
+    rows: Iterable[Sequence],
+    progress: Callable[[int], None] = lambda n: None,
+) -> int:
+    """COPY rows into tasks in chunks; return how many went in."""
+    sql = f"COPY tasks ({', '.join(columns)}) FROM STDIN WITH (FORMAT csv)"
+    total = 0
+    raw = engine.raw_connection()
+    try:
+        cursor = raw.cursor()
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        pending = 0
+
+        def flush() -> None:
+            nonlocal buffer, writer, pending, total
+            if pending:
+                data = buffer.getvalue().encode()
+                if hasattr(cursor, "copy"):  # psycopg 3
+                    with cursor.copy(sql) as copy:
+                        copy.write(data)
+                else:  # pg8000
+                    cursor.execute(sql, stream=io.BytesIO(data))
+                raw.commit()
+                total += pending
+                progress(pending)
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, lineterminator="\n")
+            pending = 0
+
+        for row in rows:
+            writer.writerow(["" if v is None else v for v in row])
+            pending += 1
+            if pending >= COPY_CHUNK:
+                flush()
+        flush()
+    finally:
+        raw.close()
+    return total
+
+
+QUEUED_COLUMNS = (
+    "user_id",
+    "recipient_email",
+    "subject",
+    "body",
+    "status",
+    "scheduled_at",
+    "next_attempt_at",
+    "message_id",
+)
+
+
+def queued_backlog(engine: Engine, user_id: int, n: int) -> list[tuple[int, str]]:
+    """N queued tasks for ``user_id``; returns their (id, message_id) in id order."""
+    now = _iso(datetime.now(UTC))
+
+    def rows():
+        for i in range(n):
+            recipient, subject, body = mail(i)
+            yield (user_id, recipient, subject, body, "queued", now, now, new_message_id())
+
+    with engine.begin() as conn:
+        first = conn.execute(sa.text("SELECT coalesce(max(id), 0) FROM tasks")).scalar_one()
+    copy_tasks(engine, QUEUED_COLUMNS, rows())
+    with engine.connect() as conn:
+        return [
+            (r.id, r.message_id)
+            for r in conn.execute(
+                sa.text("SELECT id, message_id FROM tasks WHERE id > :first ORDER BY id"), {"first": first}
+            )
+        ]
+
+
+HOLD = "bench:hold"  # envelopes wait here until the clock starts; RENAME makes them appear at once
+
+
+def stage_envelopes(client, task_ids: Sequence[int], key: str = HOLD) -> None:
+    """LPUSH the envelopes of ``task_ids`` (in order) into a side list, 1,000 per command."""
+    client.delete(key)
+    pipe = client.pipeline(transaction=False)
+    for start in range(0, len(task_ids), 1000):
+        pipe.lpush(key, *(queue.encode(i) for i in task_ids[start : start + 1000]))
+    pipe.execute()
+
+
+def release(client, source: str, destination: str) -> None:
+    """Make a staged backlog appear in ``destination`` in one step (blocked readers wake up)."""
+    client.rename(source, destination)
+
+
+# --- the scale scenario's million rows ----------------------------------------------------------
+
+# Status mix of the table, per 1,000 rows: mostly history, a realistic amount still to go out.
+SCALE_MIX = (
+    (850, "sent"),
+    (20, "cancelled"),
+    (1, "failed-due"),  # a retry that is due: the sweep must put it back
+    (9, "failed"),  # retries due later
+    (1, "scheduled-due"),  # scheduled_at has passed: the sweep must put it back
+    (49, "scheduled"),  # scheduled for later
+    (40, "queued"),  # pushed less than a minute ago
+    (5, "processing"),  # with a sender, lease running
+    (25, "sent"),
+)
+assert sum(n for n, _ in SCALE_MIX) == 1000
+LIVE_KINDS = ("queued", "processing")  # their timestamps are relative to "now": copied last
+
+SCALE_COLUMNS = (
+    "user_id",
+    "recipient_email",
+    "subject",
+    "body",
+    "status",
+    "try_count",
+    "scheduled_at",
+    "next_attempt_at",
+    "lease_until",
+    "last_error",
+    "message_id",
+    "created_at",
+    "updated_at",
+    "sent_at",
+)
+
+
+def _kinds() -> list[str]:
+    return [kind for count, kind in SCALE_MIX for _ in range(count)]
+
+
+def scale_counts(total: int) -> dict[str, int]:
+    kinds = _kinds()
+    counts: dict[str, int] = {}
+    for i in range(total):
+        kind = kinds[i % 1000]
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts
+
+
+def extra_users(engine: Engine, template_user_id: int, count: int) -> list[int]:
+    """``count`` more users, copies of the template's SMTP account."""
+    with engine.begin() as conn:
+        rows = conn.execute(
+            sa.text(
+                """
+                INSERT INTO users (email, password_hash, smtp_host, smtp_port, smtp_username,
+                                   smtp_password_enc, smtp_security)
+                SELECT 'tenant' || g || '@example.net', password_hash, smtp_host, smtp_port, smtp_username,
+                       smtp_password_enc, smtp_security
+                  FROM users, generate_series(1, :count) AS g
+                 WHERE id = :template
+                RETURNING id
+                """
+            ),
+            {"count": count, "template": template_user_id},
+        ).all()
+    return [r.id for r in rows]
+
+
+def _scale_row(i: int, kind: str, user_id: int, now: datetime, rng: random.Random) -> tuple:
+    recipient, subject, body = mail(i)
+    created = now - timedelta(seconds=rng.uniform(60, 30 * 86400))
+    status, tries, lease, error, sent = kind, 0, None, None, None
+    scheduled = next_at = created
+    if kind == "sent":
+        tries, sent = 1, created + timedelta(seconds=rng.uniform(0.05, 5))
+    elif kind == "cancelled":
+        tries, error = 3, "550 5.1.1 mailbox unavailable"
+    elif kind in ("failed", "failed-due"):
+        status, tries, error = "failed", 1, "451 4.3.0 try again later"
+        next_at = now + timedelta(seconds=rng.uniform(60, 3600))
+        if kind == "failed-due":
+            next_at = now - timedelta(seconds=rng.uniform(1, 600))
+    elif kind in ("scheduled", "scheduled-due"):
+        status = "scheduled"
+        scheduled = next_at = now + timedelta(seconds=rng.uniform(600, 30 * 86400))
+        if kind == "scheduled-due":
+            scheduled = next_at = now - timedelta(seconds=rng.uniform(1, 600))
+    elif kind == "queued":
+        created = scheduled = next_at = now - timedelta(seconds=rng.uniform(0, 60))
+    elif kind == "processing":
+        created = scheduled = now - timedelta(seconds=rng.uniform(0, 60))
+        next_at, tries, lease = created, 1, now + timedelta(seconds=rng.uniform(60, 120))
+    updated = sent or created
+    return (
+        user_id,
+        recipient,
+        subject,
+        body,
+        status,
+        tries,
+        _iso(scheduled),
+        _iso(next_at),
+        lease and _iso(lease),
+        error,
+        new_message_id(),
+        _iso(created),
+        _iso(updated),
+        sent and _iso(sent),
+    )
+
+
+def scale_table(
+    engine: Engine,
+    user_ids: Sequence[int],
+    total: int,
+    progress: Callable[[int], None] = lambda n: None,
+    seed: int = 42,
+) -> dict[str, int]:
+    """``total`` tasks spread round-robin over ``user_ids`` in the SCALE_MIX; returns the counts.
+
+    History rows go in first; queued and processing rows, whose timestamps are relative to now,
+    go in last so they are still fresh (not yet leaked, lease not run out) when the sweep runs.
+    """
+    kinds = _kinds()
+    rng = random.Random(seed)
+    users = len(user_ids)
+
+    def rows(live: bool):
+        now = datetime.now(UTC)
+        for i in range(total):
+            kind = kinds[i % 1000]
+            if (kind in LIVE_KINDS) == live:
+                yield _scale_row(i, kind, user_ids[i % users], now, rng)
+
+    copy_tasks(engine, SCALE_COLUMNS, rows(live=False), progress)
+    copy_tasks(engine, SCALE_COLUMNS, rows(live=True), progress)
+    return scale_counts(total)

@@ -1,0 +1,390 @@
+"""The local stack a benchmark run drives: embedded PostgreSQL and Redis, and every child process.
+
+Each child runs in its own session, so stopping it stops its whole process group (gunicorn's and
+Celery's workers included); ``Stack.close()`` stops everything it started, whatever went wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import sqlalchemy as sa
+
+from shared import queue, services
+from shared.config import Settings
+from shared.crypto import SecretBox, generate_key
+from shared.db import dispose_engines, engine_for, migrate
+from shared.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN_SOURCE = ROOT / "functions" / "main.py"
+TRIVIAL_SOURCE = Path(__file__).resolve().with_name("trivial.py")
+CELERY_DB = 1  # the Celery peer's broker lives in its own Redis database on the same server
+
+# The settings a production pod runs with (deployment/base/config.env), except those that only make
+# sense with TLS and public hosts: the sink is plaintext on 127.0.0.1.
+PRODUCTION_LIKE = {
+    "MAILQ_ENV": "development",
+    "LOG_LEVEL": "INFO",
+    "QUEUE_CONSUMER_COUNT": "4",
+    "WORKER_COUNT": "4",
+    "MAX_TRY_COUNT": "3",
+    "TASK_LEASE_SECONDS": "120",
+    "WORKER_HEARTBEAT_TTL": "30",
+    "SWEEP_LEAK_WINDOW": "300",
+    "SWEEP_BATCH": "1000",
+    "BCRYPT_ROUNDS": "4",  # only register/login use it, and the benchmark measures neither
+    "RATE_LIMIT_PER_EMAIL": "100000",
+    "RATE_LIMIT_PER_CLIENT": "100000",
+}
+
+
+class Child:
+    """One child process in its own session, its output in a log file."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path):
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                args,
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stop() reaches its workers too
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - a killed benchmark leaves no orphans
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def check(self) -> None:
+        if not self.alive():
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM to the group (a graceful stop), SIGKILL to whatever is left after ``timeout``."""
+        if self.proc.returncode is not None and not _group_alive(self.proc.pid):
+            return
+        _signal_group(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline = time.monotonic() + 2.0
+        while _group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def wait_for_port(port: int, child: Child | None = None, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child is not None:
+            child.check()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def wait_for_http(url: str, child: Child, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        child.check()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback only
+                if 200 <= response.status < 300:
+                    return
+        except (OSError, urllib.error.HTTPError):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{child.name} did not answer {url} within {timeout:.0f}s:\n{child.tail()}")
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds each component used between ``start()`` and ``stop()`` (children included)."""
+
+    groups: dict[str, list[int]]  # component -> root pids
+    before: dict[int, float] = field(default_factory=dict)
+    result: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def _tree(pid: int) -> dict[int, float]:
+        # The driver is every child's parent: count only its own process for it.
+        try:
+            root = psutil.Process(pid)
+            procs = [root] if pid == os.getpid() else [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return {}
+        times = {}
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                times[p.pid] = t.user + t.system
+            except psutil.Error:
+                continue
+        return times
+
+    machine_before: float = 0.0
+
+    @staticmethod
+    def _machine_busy() -> float:
+        t = psutil.cpu_times()
+        return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+    def start(self) -> CpuMeter:
+        for pids in self.groups.values():
+            for pid in pids:
+                self.before.update(self._tree(pid))
+        self.machine_before = self._machine_busy()
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds per component, and "other": what processes outside the benchmark used meanwhile."""
+        busy = self._machine_busy() - self.machine_before
+        for name, pids in self.groups.items():
+            total = 0.0
+            for pid in pids:
+                for child, seconds in self._tree(pid).items():
+                    total += seconds - self.before.get(child, 0.0)
+            self.result[name] = total
+        self.result["other"] = max(0.0, busy - sum(self.result.values()))
+        return self.result
+
+
+class Stack:
+    """Embedded PostgreSQL and Redis in a scratch directory, one user, and the processes we start."""
+
+    def __init__(self, work_dir: Path | None = None, log_level: str = "INFO"):
+        # Not under a 0700 directory: pgserver runs postgres as another user when we are root.
+        self.base = Path(work_dir or tempfile.mkdtemp(prefix="mailq-bench-")).resolve()
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.base.chmod(0o755)
+        self.owns_base = work_dir is None
+        self.logs = self.base / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.log_level = log_level
+        self.postgres: EmbeddedPostgres | None = None
+        self.redis_server: EmbeddedRedis | None = None
+        self.children: list[Child] = []
+        self.sink_port = free_port()
+        self.user = None
+        self.token = ""
+        self.ctx: services.Context | None = None
+        self._settings: Settings | None = None
+        self._names: dict[str, int] = {}
+
+    # --- lifecycle ---
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self.postgres = EmbeddedPostgres(self.base / "postgres")
+        database_url = self.postgres.start()
+        self.redis_server = EmbeddedRedis(self.base / "redis")
+        redis_url = self.redis_server.start()
+        migrate(database_url)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("DATABASE_", "REDIS_"))},
+            **PRODUCTION_LIKE,
+            "LOG_LEVEL": self.log_level,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "JWT_SECRET": "bench-" + "x" * 40,
+            "MAILQ_ENCRYPTION_KEYS": generate_key(),
+            "MAILQ_HEARTBEAT_FILE": str(self.base / "heartbeat"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self._settings = Settings.from_env(self.env)
+        s = self._settings
+        self.ctx = services.Context(
+            settings=s,
+            engine=engine_for(s.database_url, pool_size=4),
+            redis=services.make_redis(s.redis_url, socket_timeout=60),
+            box=SecretBox(s.encryption_keys),
+        )
+        account = {
+            "email": "bench@example.com",
+            "password": "bench password",
+            "smtp_host": "127.0.0.1",
+            "smtp_port": self.sink_port,
+            "smtp-username": "bench",
+            "smtp-password": "sink-accepts-any",
+            "smtp_security": "none",
+        }
+        services.register(self.ctx, account, "bench")
+        self.token = services.login(self.ctx, account, "bench")["token"]
+        self.user = services.authenticate(self.ctx, "Bearer " + self.token)
+
+    def close(self) -> None:
+        for child in reversed(self.children):
+            with contextlib.suppress(Exception):  # keep stopping the others
+                child.stop()
+        self.children.clear()
+        if self.ctx is not None:
+            self.ctx.redis.close()
+        dispose_engines()
+        if self.redis_server is not None:
+            self.redis_server.stop()
+        if self.postgres is not None:
+            self.postgres.stop()
+        if self.owns_base:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+    @property
+    def settings(self) -> Settings:
+        assert self._settings is not None, "start() first"
+        return self._settings
+
+    @property
+    def celery_broker(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_server.port}/{CELERY_DB}"
+
+    def postgres_pid(self) -> int | None:
+        try:
+            return int((self.base / "postgres" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def service_pids(self) -> dict[str, list[int]]:
+        pids = {"driver": [os.getpid()]}
+        if (pg := self.postgres_pid()) is not None:
+            pids["postgres"] = [pg]
+        if self.redis_server is not None and self.redis_server.process is not None:
+            pids["redis"] = [self.redis_server.process.pid]
+        return pids
+
+    # --- state ---
+
+    def reset(self) -> None:
+        """Empty the tasks table and both Redis databases; the user stays."""
+        with self.ctx.engine.begin() as conn:
+            conn.execute(sa.text("TRUNCATE tasks RESTART IDENTITY"))
+        self.ctx.redis.flushdb()
+        celery = services.make_redis(self.celery_broker)
+        try:
+            celery.flushdb()
+        finally:
+            celery.close()
+
+    def scratch(self, name: str) -> Path:
+        """A new, empty directory for one scenario (a sink's mailbox, say)."""
+        return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.base))
+
+    def registered_workers(self) -> int:
+        return self.ctx.redis.hlen(queue.WORKERS)
+
+    # --- children ---
+
+    def _unique(self, name: str) -> str:
+        self._names[name] = self._names.get(name, 0) + 1
+        return f"{name}-{self._names[name]}"
+
+    def spawn(self, name: str, args: list[str], **extra_env: str) -> Child:
+        child = Child(self._unique(name), args, {**self.env, **extra_env}, self.logs)
+        self.children.append(child)
+        return child
+
+    def stop(self, *children: Child) -> None:
+        for child in children:
+            child.stop()
+            if child in self.children:
+                self.children.remove(child)
+
+    def start_sink(self, data_dir: Path) -> Child:
+        """The SMTP sink in its own process, as `mailq dev` runs it, on the user's SMTP port.
+
+        It stands in for the SMTP server, which is not what we measure: at WARNING it skips
+        aiosmtpd's five INFO lines per mail, which cost it about 15 % of a core.
+        """
+        child = self.spawn(
+            "sink",
+            [sys.executable, "-m", "functions.cli", "sink", "--data-dir", str(data_dir), "--port",
+             str(self.sink_port)],
+            LOG_LEVEL="WARNING",
+        )  # fmt: skip
+        wait_for_port(self.sink_port, child)
+        return child
+
+    def start_workers(self, senders: int) -> list[Child]:
+        """One consumer and ``senders`` sender processes; returns once all have registered."""
+        before = self.registered_workers()
+        children = [self.spawn("consumer", [sys.executable, "-m", "functions.cli", "consumer"])]
+        children += [
+            self.spawn("sender", [sys.executable, "-m", "functions.cli", "sender"]) for _ in range(senders)
+        ]
+        deadline = time.monotonic() + 60
+        while self.registered_workers() < before + len(children):
+            for child in children:
+                child.check()
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers did not register within 60s")
+            time.sleep(0.05)
+        return children
+
+    def start_function(self, source: Path, target: str, workers: int, threads: int) -> tuple[Child, int]:
+        """functions-framework serving one target under gunicorn, as the Knative container runs it."""
+        port = free_port()
+        child = self.spawn(
+            f"fn-{target}",
+            [sys.executable, "-m", "functions_framework", "--source", str(source), "--target", target,
+             "--host", "127.0.0.1", "--port", str(port)],
+            WORKERS=str(workers),
+            THREADS=str(threads),
+        )  # fmt: skip
+        wait_for_http(f"http://127.0.0.1:{port}/healthz/live", child)
+        return child, port

@@ -1,0 +1,265 @@
+"""Fault runs, short: hundreds of tasks through real mailq processes while workers are SIGKILLed, Redis and
+PostgreSQL restart and the SMTP server misbehaves; then the audit (chaos/audit.py). `make chaos` runs the
+same scenarios with thousands of tasks. The last tests pin down bugs the fault runs found."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from chaos import scenarios
+from chaos.audit import wait_settled
+from chaos.client import Client, Enqueuer, make_accounts
+from chaos.stack import Stack, wait_beat
+from shared import queue, services
+from shared.config import Settings
+from shared.crypto import SecretBox
+from shared.db import make_engine
+from shared.embedded import EmbeddedRedis, free_port
+from shared.workers import Outcome
+from tests.conftest import TEST_ENV
+from tests.pipeline import Pipeline
+from tests.smtp_servers import ScriptedSmtpServer
+
+MAIL = {"recipient_email": "bob@example.org", "subject": "Hi", "body": "Hello Bob"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import tempfile
+    from pathlib import Path
+
+    # Not under pytest's tmp dir (mode 0700): pgserver runs postgres as another user when we are root.
+    workdir = Path(tempfile.mkdtemp(prefix="mailq-chaos-test-"))
+    s = Stack(workdir, api_workers=2, api_threads=4)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.close()
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def assert_clean(result: scenarios.Result, ignore: tuple[str, ...] = ()) -> None:
+    problems = [p for p in result.problems if not p.startswith(ignore)]
+    assert not problems, result.summary()
+    assert result.tasks == result.audit.accepted and result.audit.lost == 0
+    assert result.audit.sent + result.audit.cancelled == result.tasks
+
+
+# --- the scenarios, short ----------------------------------------------------------------------------
+
+
+def test_sigkilled_senders_lose_nothing_and_duplicate_only_what_a_kill_cut_off(stack):
+    result = scenarios.sender_kills(stack, 250, every=(0.6, 1.0), max_kills=4, settings={"WORKER_COUNT": 2})
+    assert_clean(result)
+    assert result.figures["kills"] >= 2
+    assert result.audit.duplicates <= result.figures["tasks accepted by SMTP but not recorded"]
+    assert result.audit.sent == result.tasks
+
+
+def test_sigkilled_consumers_lose_nothing_and_duplicate_nothing(stack):
+    result = scenarios.consumer_kills(
+        stack, 250, every=(0.5, 0.9), max_kills=3, settings={"QUEUE_CONSUMER_COUNT": 2}
+    )
+    assert_clean(result)
+    assert result.figures["kills"] >= 2
+    assert result.audit.duplicates == 0 and result.audit.sent == result.tasks
+
+
+def test_redis_restarted_empty_mid_run_loses_nothing(stack):
+    result = scenarios.redis_restart(stack, 250, at=0.2, downtime=1.0, settings={"WORKER_COUNT": 1})
+    assert_clean(result)
+    assert result.figures["sweep requeued"] > 0  # the sweep, not luck, brought the work back
+    assert result.audit.duplicates == 0 and result.audit.sent == result.tasks
+
+
+def test_postgresql_restarted_mid_run_answers_503_and_loses_nothing(stack):
+    result = scenarios.postgres_restart(
+        stack, 250, at=0.3, downtime=2.0, rate=60, leak_window=5, settings={"WORKER_COUNT": 2}
+    )
+    assert_clean(result)
+    assert result.figures["answers while down"].get(503, 0) > 0
+    assert result.audit.duplicates == 0
+    assert result.audit.sent == result.tasks
+
+
+def test_every_task_ends_as_the_flaky_servers_log_justifies(stack):
+    result = scenarios.flaky_smtp(stack, 200)
+    assert_clean(result)
+    answers = result.figures["server answers"]
+    assert all(answers.get(f, 0) > 0 for f in ("250", "451", "550", "drop_before", "drop_after")), answers
+    assert result.audit.cancelled > 0 and result.audit.sent > 0
+
+
+def test_many_enqueue_clients_at_once_all_get_202(stack):
+    result = scenarios.enqueue_load(stack, 300, clients=16, budget_ms=10_000)
+    assert_clean(result)
+    assert set(result.enqueue.statuses) == {202}
+    assert result.figures["enqueue p50 ms"] > 0 and result.figures["enqueue p99 ms"] > 0
+
+
+# --- bugs the fault runs found -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def postgresql_shutting_down(stack: Stack):
+    """PostgreSQL in the middle of a shutdown: new connections get 57P03 "the database system is shutting
+    down", and every existing session but ours has been terminated (as a fast shutdown does)."""
+    admin = sa.create_engine(stack.database_url, poolclass=sa.pool.NullPool).connect()
+    try:
+        stack._pg_ctl("-m", "smart", "-W", "stop")  # waits for our session: the shutdown stays pending
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                sa.create_engine(stack.database_url, poolclass=sa.pool.NullPool).connect().close()
+            except sa.exc.DBAPIError:
+                break
+            time.sleep(0.05)
+        admin.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            )
+        )
+        yield
+    finally:
+        admin.close()
+        deadline = time.monotonic() + 30
+        while stack.postgres_running() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stack.start_postgres()
+        stack.engine.dispose()
+
+
+def test_enqueue_answers_503_not_500_while_postgresql_shuts_down(stack):
+    stack.reset()
+    account = make_accounts(stack.base_url, 2525, 1, "pg-shutdown")[0]
+    client = Client(stack.base_url)
+    try:
+        with postgresql_shutting_down(stack):
+            # A dead pooled connection fails its pre-ping as InterfaceError (503); the reconnect that
+            # follows meets 57P03 (500). Twelve requests see both kinds however the pool is laid out.
+            replies = [client.call("POST", "/api/v1/task/enqueue", MAIL, account.token) for _ in range(12)]
+    finally:
+        client.close()
+    assert [r.status for r in replies] == [503] * 12, [(r.status, r.body) for r in replies]
+    assert all(r.headers["content-type"] == "application/problem+json" for r in replies)
+
+
+@pytest.fixture()
+def pipe_on_stack(stack):
+    """The in-process pipeline harness bound to the stack's own PostgreSQL and Redis."""
+    stack.reset()
+    settings = Settings.from_env(
+        {
+            **TEST_ENV,
+            "DATABASE_URL": stack.database_url,
+            "REDIS_URL": stack.redis_url,
+            "TASK_LEASE_SECONDS": "2",
+        }
+    )
+    engine = make_engine(stack.database_url)
+    ctx = services.Context(
+        settings, engine, services.make_redis(stack.redis_url), SecretBox(settings.encryption_keys)
+    )
+    p = Pipeline(ctx)
+    yield p
+    p.close()
+    ctx.redis.close()
+    engine.dispose()
+
+
+def test_a_sender_records_its_outcome_through_a_postgresql_shutdown(stack, pipe_on_stack):
+    pipe = pipe_on_stack
+    with ScriptedSmtpServer() as smtp:
+        user = pipe.user(smtp)
+        real_send = pipe.mailer.send
+        comeback: list[threading.Timer] = []
+
+        def send_then_lose_postgresql(account, message):
+            reply = real_send(account, message)  # the server has accepted the mail
+            outage = postgresql_shutting_down(stack)
+            outage.__enter__()
+            pipe.ctx.engine.dispose()  # the outcome write needs a new connection
+            comeback.append(threading.Timer(2.0, outage.__exit__, (None, None, None)))  # back in ~2 s
+            comeback[-1].start()
+            return reply
+
+        pipe.mailer.send = send_then_lose_postgresql
+        # A connection attempt during the shutdown meets either 57P03 or a closed socket, at random;
+        # three rounds make sure at least one write meets 57P03.
+        for round_ in range(3):
+            task_id = pipe.enqueue(user, subject=f"round {round_}")
+            pipe.consumer.step(0.1)
+            try:
+                outcome = pipe.sender.step(0.5)
+            finally:
+                for timer in comeback:
+                    timer.join()
+            assert outcome == [Outcome.SENT]
+            assert pipe.task(task_id).status == "sent"
+        assert len(smtp.received) == 3
+
+
+def test_envelopes_taken_while_postgresql_is_down_go_out_when_it_returns(stack):
+    stack.reset()
+    sink = stack.start_sink()
+    workers = None
+    try:
+        accounts = make_accounts(stack.base_url, sink.port, 1, "stranded")
+        enqueued = Enqueuer(stack.base_url, accounts, 30, "stranded").start().join(60)
+        assert len(enqueued.task_ids) == 30
+        stack.stop_postgres()
+        try:
+            # The default leak window (300 s): only the workers themselves can bring the work back in time.
+            workers = stack.workers(SWEEP_LEAK_WINDOW=300).start(consumers=1, senders=1)
+            time.sleep(3)  # every consumer thread takes an envelope, fails on PostgreSQL, takes the next
+        finally:
+            stack.start_postgres()
+        db = wait_settled(stack.engine, enqueued.task_ids.values(), timeout=12)
+        stuck = sorted(i for i in enqueued.task_ids.values() if db[i].status != "sent")
+        held = sum(stack.redis.llen(k) for k in stack.redis.scan_iter("mailq:processing:*"))
+        assert not stuck, f"{len(stuck)} task(s) still queued; {held} envelope(s) held by live workers"
+    finally:
+        if workers is not None:
+            workers.stop()
+        stack.terminate(sink.proc)
+
+
+def test_workers_register_again_after_redis_restarts_empty(stack):
+    stack.reset()
+    workers = stack.workers(WORKER_HEARTBEAT_TTL=2).start(consumers=1, senders=1, sweep=False)
+    try:
+        assert stack.redis.hlen(queue.WORKERS) == 2
+        stack.restart_redis_empty(0.5)
+        stack.redis.connection_pool.disconnect()
+        deadline = time.monotonic() + 4  # beats come every second with a 2 s TTL
+        while stack.redis.hlen(queue.WORKERS) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stack.redis.hlen(queue.WORKERS) == 2
+    finally:
+        workers.stop()
+
+
+def test_a_worker_started_while_redis_is_down_waits_for_it(stack, tmp_path):
+    port = free_port()
+    proc = stack.spawn("sender", ["sender"], REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    redis_server = EmbeddedRedis(tmp_path / "late-redis", port=port)
+    try:
+        time.sleep(3)
+        redis_server.start()
+        wait_beat(proc, timeout=10)
+        assert proc.alive(), proc.log.read_text()[-2000:]
+    finally:
+        if proc.alive():
+            proc.popen.send_signal(signal.SIGTERM)
+        stack.terminate(proc)
+        redis_server.stop()
