@@ -99,11 +99,16 @@ class Task(Base):
             "id",
             postgresql_where=sa.text(f"status IN ({FAIL_SQL_LIST})"),
         ),
-        # The sweep: due scheduled/failed tasks and queued tasks past the leak window.
+        # The sweep: due scheduled/failed tasks (one index), queued tasks past the leak window (another).
         sa.Index(
             "tasks_sweep_due",
             "next_attempt_at",
-            postgresql_where=sa.text("status IN ('scheduled', 'queued', 'failed')"),
+            postgresql_where=sa.text("status IN ('scheduled', 'failed')"),
+        ),
+        sa.Index(
+            "tasks_sweep_queued",
+            "next_attempt_at",
+            postgresql_where=sa.text("status = 'queued'"),
         ),
         # The sweep: processing tasks whose lease ran out.
         sa.Index(

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from shared import queue
 from shared.config import Settings
-from shared.sweep_sql import due_condition, pending_work_sql
+from shared.sweep_sql import conditions, pending_work_sql
 from shared.tasks import push
 
 log = logging.getLogger("mailq.sweep")
@@ -34,20 +34,25 @@ class SweepReport:
 
 
 def _requeue_sql(settings: Settings) -> sa.TextClause:
-    # A processing row whose lease ran out on its last allowed try has no tries left: it is
-    # cancelled here rather than sent an extra time.
+    # Each kind of due work is picked from its own index, oldest first, and locked; SKIP LOCKED lets
+    # a second sweep take other rows instead of waiting. A processing row whose lease ran out on its
+    # last allowed try has no tries left: it is cancelled here rather than sent an extra time.
+    picks = " || ".join(
+        f"ARRAY(SELECT id FROM tasks WHERE {where} ORDER BY {column} LIMIT :batch FOR UPDATE SKIP LOCKED)"
+        for column, where in conditions(settings.sweep_leak_window)
+    )
     return sa.text(
         f"""
         UPDATE tasks AS t
            SET status = CASE WHEN t.status = 'processing' AND t.try_count >= :max_tries
                              THEN 'cancelled' ELSE 'queued' END,
                last_error = CASE WHEN t.status = 'processing' AND t.try_count >= :max_tries
-                                 THEN 'the worker sending the last try was lost' ELSE t.last_error END,
+                                 THEN 'the worker sending the last try was lost (the mail may have gone out)'
+                                 ELSE t.last_error END,
                next_attempt_at = now(),
                lease_until = NULL,
                updated_at = now()
-         WHERE t.id IN (SELECT id FROM tasks WHERE {due_condition(settings.sweep_leak_window)}
-                        LIMIT :batch FOR UPDATE SKIP LOCKED)
+         WHERE t.id = ANY({picks})
         RETURNING t.id, t.status
         """
     )
@@ -87,7 +92,7 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
             # The rows stay queued; the next sweep after the leak window pushes them again.
             report.push_failed = True
             break
-        if len(rows) < settings.sweep_batch:
+        if not rows:  # a put-back row never matches again, so this ends
             break
     if report.requeued or report.rescued or report.cancelled:
         log.info(

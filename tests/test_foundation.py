@@ -227,7 +227,7 @@ def test_migrate_is_idempotent_and_safe_to_run_twice_at_once(scratch_db):
     assert again.returncode == 0 and "up to date" in again.stdout
     engine = sa.create_engine(scratch_db)
     with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+        assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
     engine.dispose()
 
 
