@@ -99,7 +99,7 @@ def test_a_sender_killed_after_claiming_is_recovered_by_the_sweep(pipe, base_env
 def test_sigterm_stops_a_busy_sender_cleanly_and_loses_nothing(pipe, base_env, tmp_path):
     with ScriptedSmtpServer() as smtp:
         user = pipe.user(smtp)
-        ids = [pipe.enqueue(user, subject=f"m{i}") for i in range(300)]
+        ids = [pipe.enqueue(user, subject=f"m{i}") for i in range(600)]
         while pipe.consumer.step(0.05):
             pass
         sender = start("sender", base_env, tmp_path, WORKER_COUNT="4")
