@@ -64,7 +64,7 @@ def test_redis_carries_only_the_envelope(pipe, smtp):
 
 def test_a_future_scheduled_at_is_not_sent_before_its_time_and_is_sent_after(pipe, smtp):
     user = pipe.user(smtp)
-    at = datetime.now(UTC) + timedelta(seconds=1.5)
+    at = datetime.now(UTC) + timedelta(seconds=3)
     task_id = pipe.enqueue(user, scheduled_at=at.replace(tzinfo=None).isoformat())  # no offset: UTC
     assert pipe.task(task_id).status == "scheduled"
     assert pipe.ctx.redis.llen(queue.TASK_LIST) == 0
@@ -101,8 +101,9 @@ def test_451_twice_then_250_is_sent_on_the_third_try_with_backoff_between(pipe, 
             if row.status == "failed":
                 assert row.last_error.startswith("451") and "mailbox busy" in row.last_error
                 wait = (row.next_attempt_at - datetime.now(UTC)).total_seconds()
-                assert 0 < wait <= 1.0
-                assert pipe.sweep().requeued == 0  # not due yet: nothing goes back early
+                assert wait <= 1.0  # RETRY_BACKOFF_MAX
+                if wait > 0.05:  # (a stalled machine may already be past it)
+                    assert pipe.sweep().requeued == 0  # not due yet: nothing goes back early
         pipe.sweep()
         time.sleep(0.02)
     row = pipe.task(task_id)
