@@ -4,8 +4,8 @@ Each worker moves an envelope into its own processing list (BLMOVE), does the wo
 and only then removes the envelope. A heartbeat key with a TTL says the worker is alive; when it
 is gone, the sweep returns whatever is left in the worker's processing list.
 
-``process_one`` handles one envelope and returns — tests drive it directly. ``run`` is the loop
-around it with threads, the heartbeat and SIGTERM handling.
+``step`` takes a batch of up to BATCH envelopes, handles them and returns their outcomes — tests
+drive it directly. ``run`` is the loop around it with threads, the heartbeat and SIGTERM handling.
 """
 
 from __future__ import annotations
@@ -137,7 +137,11 @@ class Worker:
         pipe = self.redis.pipeline(transaction=False)
         for _ in range(self.batch - 1):
             pipe.lmove(self.source, self.processing, "RIGHT", "LEFT")
-        return [first, *(raw for raw in pipe.execute() if raw is not None)]
+        try:
+            more = pipe.execute()
+        except redis.RedisError:
+            return [first]  # work with what we hold; anything moved meanwhile goes back at shutdown
+        return [first, *(raw for raw in more if raw is not None)]
 
     def ack(self, raw: bytes) -> None:
         self.redis.lrem(self.processing, 1, raw)
@@ -156,9 +160,6 @@ class Worker:
         pipe.execute()
 
     # --- the work ---
-
-    def process_one(self, raw: bytes) -> Outcome:
-        raise NotImplementedError
 
     def step(self, timeout: float = BLOCK_SECONDS) -> list[Outcome]:
         """Take a batch of envelopes, handle them, and let go of them. [] when there was nothing."""
