@@ -18,7 +18,6 @@ from typing import Any
 
 import flask
 import redis
-import sqlalchemy as sa
 
 from shared import routes, services
 from shared.config import Settings, configure_logging
@@ -183,13 +182,6 @@ def query_int(request: flask.Request, name: str, default: int, lo: int, hi: int)
 
 
 # --- the function wrapper ----------------------------------------------------------------------
-
-_DEPENDENCY_ERRORS = (
-    sa.exc.OperationalError,
-    sa.exc.InterfaceError,
-    redis.ConnectionError,
-    redis.TimeoutError,
-)
 
 
 def endpoint(target: str, *, needs_context: bool = True) -> Callable:
