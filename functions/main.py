@@ -9,7 +9,7 @@ from __future__ import annotations
 import functions_framework
 
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import auth, services, tasks
+from shared import services, tasks
 
 
 @functions_framework.http
@@ -54,9 +54,7 @@ def get_user(ctx, request, id):
 @endpoint("enqueue")
 def enqueue(ctx, request):
     # The token is checked here; that its user still exists is checked by the insert itself.
-    user_id = auth.verify_token(
-        auth.bearer_token(request.headers.get("Authorization")), ctx.settings.jwt_secret
-    )
+    user_id = services.token_user_id(ctx, request.headers.get("Authorization"))
     body = json_body(request, tasks.request_limit(ctx))
     result, _created = tasks.enqueue(ctx, user_id, body, request.headers.get("Idempotency-Key"))
     return 202, result, {"Location": f"/api/v1/task/{result['task_id']}"}

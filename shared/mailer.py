@@ -30,10 +30,10 @@ from email.utils import format_datetime
 from shared.config import Settings
 from shared.domain import SmtpSecurity
 from shared.errors import PermanentSmtpError, SmtpError, TransientSmtpError
+from shared.validation import LINE_BREAKS
 
 log = logging.getLogger(__name__)
 
-_FORBIDDEN_IN_HEADERS = re.compile(r"[\r\n\0]")
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$")
 # Both are link-local or unique-local anyway; named so the refusal message says what they are.
 _METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
@@ -79,9 +79,9 @@ def build_message(
     """A plain-text message under the default policy; raise ValueError for CR, LF or NUL in a header."""
     headers = {"From": sender, "To": recipient, "Subject": subject, "Message-ID": message_id}
     for name, value in headers.items():
-        if _FORBIDDEN_IN_HEADERS.search(value):
+        if LINE_BREAKS.search(value):
             # The API refuses these with a 422 already; this keeps a header injection out if it slips through.
-            raise ValueError(f"{name} must not contain CR, LF or NUL")
+            raise ValueError(f"{name} must not contain CR, LF or NUL (or another line break)")
     message = EmailMessage(policy=POLICY)
     for name, value in headers.items():
         message[name] = value

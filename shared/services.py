@@ -158,9 +158,15 @@ def login(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
     }
 
 
+def token_user_id(ctx: Context, authorization: str | None) -> int:
+    """The user id in a valid Bearer token; Unauthorized otherwise. Whether that user still exists is
+    the caller's to check (``authenticate`` does; enqueue's insert does it in the same statement)."""
+    return auth.verify_token(auth.bearer_token(authorization), ctx.settings.jwt_secret)
+
+
 def authenticate(ctx: Context, authorization: str | None) -> Any:
     """The caller (``.id``, ``.email``) from an Authorization header; Unauthorized unless a live user."""
-    user_id = auth.verify_token(auth.bearer_token(authorization), ctx.settings.jwt_secret)
+    user_id = token_user_id(ctx, authorization)
     with ctx.engine.connect() as conn:
         row = conn.execute(sa.select(users.c.id, users.c.email).where(users.c.id == user_id)).one_or_none()
     if row is None:

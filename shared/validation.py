@@ -18,7 +18,7 @@ from shared.domain import SmtpSecurity
 
 # CR, LF and NUL, and every other character Python's str.splitlines() breaks on (VT, FF, FS, GS, RS,
 # NEL, LS, PS): the email package refuses them in a header, so they are refused at the door.
-_FORBIDDEN = re.compile("[\r\n\x00\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+LINE_BREAKS = re.compile("[\r\n\x00\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 MISSING = object()
 
@@ -42,7 +42,7 @@ class Fields:
         if not isinstance(value, str):
             self.fail(name, "must be a string")
             return None
-        if _FORBIDDEN.search(value):
+        if LINE_BREAKS.search(value):
             self.fail(name, "must not contain CR, LF, NUL or other line-breaking characters")
             return None
         if not value and not allow_empty:
@@ -71,7 +71,7 @@ class Fields:
         if not isinstance(value, str):
             self.fail(name, "must be a string")
             return None
-        if _FORBIDDEN.search(value):
+        if LINE_BREAKS.search(value):
             self.fail(name, "must not contain CR, LF or NUL characters")
             return None
         size = len(value.encode())
