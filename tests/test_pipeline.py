@@ -396,3 +396,22 @@ def test_duplicates_within_one_batch_send_one_mail(pipe, smtp):
     outcomes = pipe.pump()
     assert outcomes.count(Outcome.HANDED_OFF) == 1 and outcomes.count(Outcome.SENT) == 1
     assert len(smtp.received) == 1
+
+
+def test_the_try_count_fences_a_stale_outcome_while_the_new_claim_is_in_flight(pipe, smtp):
+    """The old sender's write arrives while the second claim is still processing: it must not land."""
+    from shared.domain import Status
+
+    user = pipe.user(smtp)
+    task_id = pipe.enqueue(user)
+    pipe.ctx.redis.delete(queue.TASK_LIST)
+    stale = pipe.sender.claim(task_id)
+    time.sleep(2.1)
+    assert pipe.sweep().requeued == 1
+    fresh = pipe.sender.claim(task_id)
+    assert fresh.try_count == 2 and pipe.task(task_id).status == "processing"
+    assert pipe.sender.record(stale, Status.SENT, None, sent_at=datetime.now(UTC)) == Outcome.STALE
+    row = pipe.task(task_id)
+    assert row.status == "processing" and row.try_count == 2 and row.sent_at is None
+    assert pipe.sender.deliver(fresh) == Outcome.SENT
+    assert pipe.task(task_id).status == "sent" and len(smtp.received) == 1
