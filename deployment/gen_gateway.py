@@ -106,14 +106,16 @@ def _routes_by_path() -> dict[str, list[Route]]:
     by_path: dict[str, list[Route]] = {}
     for route in ROUTES:
         by_path.setdefault(route.path, []).append(route)
-    for path, routes in by_path.items():
-        targets = {r.target for r in routes}
-        if len(targets) != 1:
-            raise SystemExit(
-                f"{path} goes to several functions ({', '.join(sorted(targets))}); the gateway routes by "
-                "path only: teach gen_gateway.py to dispatch on the method first"
-            )
     return by_path
+
+
+def method_targets(routes: list[Route]) -> list[tuple[str, str]]:
+    """(method, target) for one path, HEAD going where GET goes (as shared.routes.match does)."""
+    pairs = [(r.method, r.target) for r in routes]
+    get = next((t for m, t in pairs if m == "GET"), None)
+    if get is not None and all(m != "HEAD" for m, _ in pairs):
+        pairs.append(("HEAD", get))
+    return pairs
 
 
 GENERATED = (
@@ -196,15 +198,27 @@ def render_nginx(namespace: str = NAMESPACE) -> str:
         target = routes[0].target
         methods = allowed_methods(routes)
         not_allowed = problem(405, "Method Not Allowed", f"Allowed: {', '.join(methods)}.")
+        pairs = method_targets(routes)
         out += [
             "",
-            f"        # {' '.join(r.method for r in routes)} {path} -> {target}",
+            f"        # {', '.join(f'{m} -> {t}' for m, t in pairs)}: {path}",
             f"        {location_for(routes[0])} {{",
             f"            set {HOST_VARIABLE} {service_host(target, namespace)};",
             f"            if ($request_method !~ ^(?:{'|'.join(methods)})$) {{",
             f'                add_header Allow "{", ".join(methods)}" always;',
             f"                return 405 {not_allowed};",
             "            }",
+        ]
+        # One path served by several functions: the method picks the function ("set" inside "if"
+        # is one of the few things nginx does safely there).
+        for method, other in pairs:
+            if other != target:
+                out += [
+                    f"            if ($request_method = {method}) {{",
+                    f"                set {HOST_VARIABLE} {service_host(other, namespace)};",
+                    "            }",
+                ]
+        out += [
             "            proxy_pass http://kourier_internal;",
             "        }",
         ]

@@ -20,6 +20,8 @@ from shared.config import Settings, configure_logging
 from shared.embedded import die_with_parent
 from shared.errors import ConfigError
 
+SENDER_POOL = 5  # PostgreSQL connections per sender process (as many again under load, as overflow)
+
 
 def load_settings(environ=None) -> Settings:
     try:
@@ -140,7 +142,13 @@ def _raise_stop(signum, frame):
 @click.option("--data-dir", default=".mailq", show_default=True, type=click.Path(path_type=Path))
 @click.option("--smtp-port", default=1025, show_default=True, type=int, help="port of the local SMTP sink")
 @click.option("--api-workers", default=2, show_default=True, type=int, help="gunicorn worker processes")
-def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int) -> None:
+@click.option(
+    "--senders",
+    default=None,
+    type=click.IntRange(min=1),
+    help="sender processes [default: one per CPU core; threads in one process share one interpreter lock]",
+)
+def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int, senders: int | None) -> None:
     """Run the whole service on this machine: PostgreSQL, Redis, the API, workers and an SMTP sink."""
     from shared.db import migrate as run_migrations
     from shared.embedded import EmbeddedPostgres, EmbeddedRedis, dev_secrets
@@ -180,7 +188,7 @@ def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int) 
         run_migrations(settings.database_url)
 
         supervisor.start("api", ["serve", "--host", host, "--port", str(port), "--workers", str(api_workers)])
-        for name, args in _dev_workers(data_dir, smtp_port):
+        for name, args in _dev_workers(data_dir, smtp_port, senders or os.cpu_count() or 1):
             supervisor.start(name, args)
         url = f"http://{host}:{port}"
         _wait_ready(url, supervisor)
@@ -203,12 +211,12 @@ def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int) 
             postgres.stop()
 
 
-def _dev_workers(data_dir: Path, smtp_port: int) -> list[tuple[str, list[str]]]:
+def _dev_workers(data_dir: Path, smtp_port: int, senders: int = 1) -> list[tuple[str, list[str]]]:
     """The worker processes `mailq dev` runs beside the API."""
     return [
         ("sink", ["sink", "--data-dir", str(data_dir), "--port", str(smtp_port)]),
         ("consumer", ["consumer"]),
-        ("sender", ["sender"]),
+        *((f"sender-{i + 1}" if senders > 1 else "sender", ["sender"]) for i in range(senders)),
         ("sweep", ["sweep", "--every", "1"]),
     ]
 
@@ -216,13 +224,13 @@ def _dev_workers(data_dir: Path, smtp_port: int) -> list[tuple[str, list[str]]]:
 # --- workers ------------------------------------------------------------------------------------
 
 
-def _worker_deps(settings: Settings, block_timeout: float):
+def _worker_deps(settings: Settings, block_timeout: float, pool: int):
     from shared.db import engine_for
     from shared.services import make_redis
 
     settings.require_runtime()
     configure_logging(settings)
-    pool = max(settings.worker_count, settings.queue_consumer_count) + 2
+    # pool connections (and as many again under overflow); a thread waits for one when all are busy
     engine = engine_for(settings.database_url, pool_size=pool, pre_ping=False)
     # Blocking reads wait BLOCK_SECONDS; the socket timeout must be longer than that.
     client = make_redis(settings.redis_url, socket_timeout=block_timeout + 10)
@@ -241,23 +249,44 @@ def _run_worker(worker) -> None:
 @main.command()
 def consumer() -> None:
     """Hand live tasks from the task list to the senders (runs until SIGTERM)."""
-    from shared.workers import BLOCK_SECONDS, Consumer
+    from shared.consumer import Consumer
+    from shared.workers import BLOCK_SECONDS
 
     settings = load_settings()
-    engine, client = _worker_deps(settings, BLOCK_SECONDS)
+    engine, client = _worker_deps(settings, BLOCK_SECONDS, settings.queue_consumer_count + 1)
     _run_worker(Consumer(settings, engine, client))
 
 
 @main.command()
 def sender() -> None:
-    """Send claimed tasks over each user's SMTP account (runs until SIGTERM)."""
+    """Send mail over each user's SMTP account, tenant by tenant (runs until SIGTERM)."""
     from shared.crypto import SecretBox
     from shared.mailer import Mailer
-    from shared.workers import BLOCK_SECONDS, Sender
+    from shared.sender import Sender
+    from shared.workers import BLOCK_SECONDS
 
     settings = load_settings()
-    engine, client = _worker_deps(settings, BLOCK_SECONDS)
+    # Conversations hold a connection only to claim and to record, so a few serve many threads.
+    engine, client = _worker_deps(settings, BLOCK_SECONDS, min(settings.worker_count, SENDER_POOL))
     _run_worker(Sender(settings, engine, client, Mailer(settings), SecretBox(settings.encryption_keys)))
+
+
+@main.command("rotate-keys")
+def rotate_keys() -> None:
+    """Re-encrypt every stored SMTP password with the first key of MAILQ_ENCRYPTION_KEYS."""
+    from shared.crypto import SecretBox
+    from shared.db import engine_for
+    from shared.services import rotate_keys as rotate
+
+    settings = load_settings()
+    if not settings.database_url or not settings.encryption_keys:
+        raise click.ClickException("rotate-keys needs DATABASE_URL and MAILQ_ENCRYPTION_KEYS")
+    configure_logging(settings)
+    try:
+        count = rotate(engine_for(settings.database_url), SecretBox(settings.encryption_keys))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"re-encrypted {count} SMTP password(s) with the first key; the other keys can be retired")
 
 
 @main.command()
@@ -267,7 +296,7 @@ def sweep(every: float | None) -> None:
     from shared.sweep import sweep_once
 
     settings = load_settings()
-    engine, client = _worker_deps(settings, 0)
+    engine, client = _worker_deps(settings, 0, 2)
     if every is None:
         report = sweep_once(settings, engine, client)
         click.echo(

@@ -51,6 +51,14 @@ def get_user(ctx, request, id):
 
 
 @functions_framework.http
+@endpoint("update_user")
+def update_user(ctx, request, id):
+    caller = services.authenticate(ctx, request.headers.get("Authorization"))
+    body = json_body(request)
+    return 200, services.update_smtp(ctx, caller.id, id, body)
+
+
+@functions_framework.http
 @endpoint("enqueue")
 def enqueue(ctx, request):
     # The token is checked here; that its user still exists is checked by the insert itself.

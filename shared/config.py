@@ -16,6 +16,7 @@ from shared.errors import ConfigError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 DEVELOPMENT = "development"
+DEADLINE_SHARE_OF_LEASE = 0.8
 PRODUCTION = "production"
 
 
@@ -68,11 +69,13 @@ class Settings:
     # --- the pipeline ---
     max_try_count: int = 3  # MAX_TRY_COUNT, SMTP attempts before a task is cancelled
     queue_consumer_count: int = 4  # QUEUE_CONSUMER_COUNT, consumer threads in one consumer process
-    worker_count: int = 4  # WORKER_COUNT, sender threads in one sender process
+    worker_count: int = 32  # WORKER_COUNT, SMTP conversations (threads) one sender process holds at once
     retry_backoff_base: float = 30.0  # RETRY_BACKOFF_BASE, seconds before the first retry; doubles per try
     retry_backoff_max: float = 3600.0  # RETRY_BACKOFF_MAX, cap on the retry delay, seconds
     sweep_leak_window: int = 300  # SWEEP_LEAK_WINDOW, seconds a queued task may wait before re-enqueue
-    lease_seconds: int = 300  # TASK_LEASE_SECONDS, how long a sender owns a claimed task (> a slow SMTP send)
+    # TASK_LEASE_SECONDS, how long a sender owns a claimed task; its SMTP conversation must end within
+    # 0.8 of it (smtp_deadline), so a live sender's lease never runs out
+    lease_seconds: int = 300
     heartbeat_ttl: int = 30  # WORKER_HEARTBEAT_TTL, seconds a silent worker is still considered alive
     heartbeat_file: str = "/tmp/mailq-heartbeat"  # MAILQ_HEARTBEAT_FILE, touched by a healthy worker  # noqa: S108
     sweep_batch: int = 1000  # SWEEP_BATCH, rows re-enqueued per statement of one sweep pass
@@ -81,6 +84,8 @@ class Settings:
     # --- SMTP ---
     smtp_timeout: float = 30.0  # SMTP_TIMEOUT, seconds for every SMTP socket operation
     smtp_idle_seconds: float = 30.0  # SMTP_IDLE_SECONDS, a reused SMTP connection is closed after this idle
+    # SMTP_MAX_CONNECTIONS_PER_ACCOUNT, SMTP conversations at once per account across all senders
+    smtp_max_connections_per_account: int = 3
     smtp_allow_private_hosts: bool = True  # SMTP_ALLOW_PRIVATE_HOSTS, allow loopback/private SMTP hosts
     smtp_allow_insecure: bool = True  # SMTP_ALLOW_INSECURE, allow smtp_security=none (plaintext)
 
@@ -89,6 +94,12 @@ class Settings:
     @property
     def is_production(self) -> bool:
         return self.env == PRODUCTION
+
+    @property
+    def smtp_deadline(self) -> float:
+        """Seconds one whole SMTP conversation may take, from its claim: 0.8 of the lease, so the
+        outcome is recorded before the lease runs out and the sweep never takes a live send back."""
+        return self.lease_seconds * DEADLINE_SHARE_OF_LEASE
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -116,7 +127,7 @@ class Settings:
             trusted_proxy_hops=_int(get("TRUSTED_PROXY_HOPS", "0"), "TRUSTED_PROXY_HOPS"),
             max_try_count=_int(get("MAX_TRY_COUNT", "3"), "MAX_TRY_COUNT", 1),
             queue_consumer_count=_int(get("QUEUE_CONSUMER_COUNT", "4"), "QUEUE_CONSUMER_COUNT", 1),
-            worker_count=_int(get("WORKER_COUNT", "4"), "WORKER_COUNT", 1),
+            worker_count=_int(get("WORKER_COUNT", "32"), "WORKER_COUNT", 1),
             retry_backoff_base=_float(get("RETRY_BACKOFF_BASE", "30"), "RETRY_BACKOFF_BASE"),
             retry_backoff_max=_float(get("RETRY_BACKOFF_MAX", "3600"), "RETRY_BACKOFF_MAX"),
             sweep_leak_window=_int(get("SWEEP_LEAK_WINDOW", "300"), "SWEEP_LEAK_WINDOW", 1),
@@ -127,6 +138,9 @@ class Settings:
             max_body_bytes=_int(get("MAX_BODY_BYTES", str(1024 * 1024)), "MAX_BODY_BYTES", 1),
             smtp_timeout=_float(get("SMTP_TIMEOUT", "30"), "SMTP_TIMEOUT"),
             smtp_idle_seconds=_float(get("SMTP_IDLE_SECONDS", "30"), "SMTP_IDLE_SECONDS"),
+            smtp_max_connections_per_account=_int(
+                get("SMTP_MAX_CONNECTIONS_PER_ACCOUNT", "3"), "SMTP_MAX_CONNECTIONS_PER_ACCOUNT", 1
+            ),
             smtp_allow_private_hosts=_bool(
                 get("SMTP_ALLOW_PRIVATE_HOSTS", "false" if production else "true"), "SMTP_ALLOW_PRIVATE_HOSTS"
             ),

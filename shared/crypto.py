@@ -18,6 +18,7 @@ class SecretBox:
         if not keys:
             raise ConfigError("MAILQ_ENCRYPTION_KEYS is missing (a Fernet key is required)")
         try:
+            self._primary = Fernet(keys[0].encode())
             self._fernet = MultiFernet([Fernet(k.encode()) for k in keys])
         except (ValueError, TypeError):
             raise ConfigError("MAILQ_ENCRYPTION_KEYS holds a key that is not a valid Fernet key") from None
@@ -33,7 +34,18 @@ class SecretBox:
 
     def rotate(self, token: str) -> str:
         """The same secret re-encrypted under the first (newest) key."""
-        return self._fernet.rotate(token.encode()).decode()
+        try:
+            return self._fernet.rotate(token.encode()).decode()
+        except InvalidToken:
+            raise ConfigError("a stored secret cannot be decrypted with the configured keys") from None
+
+    def is_current(self, token: str) -> bool:
+        """True when the first key alone decrypts it (nothing to rotate)."""
+        try:
+            self._primary.decrypt(token.encode())
+            return True
+        except InvalidToken:
+            return False
 
 
 def generate_key() -> str:

@@ -37,6 +37,9 @@ class User(Base):
     smtp_username: orm.Mapped[str] = orm.mapped_column(sa.Text)
     smtp_password_enc: orm.Mapped[str] = orm.mapped_column(sa.Text)  # Fernet token, never the clear text
     smtp_security: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    # Set when the SMTP server refused the credentials; the account's mail waits until they change.
+    smtp_paused_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    smtp_paused_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
     created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
 
@@ -58,7 +61,11 @@ class Task(Base):
     subject: orm.Mapped[str] = orm.mapped_column(sa.Text)
     body: orm.Mapped[str] = orm.mapped_column(sa.Text)
     status: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    # Claims so far: the fencing token, it only ever grows (never reset, never reused).
     try_count: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    # The try count at which the current budget of MAX_TRY_COUNT tries began (a retry or a worker
+    # fault raises it); tries left = MAX_TRY_COUNT - (try_count - budget_base).
+    budget_base: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0", nullable=False)
     scheduled_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=False)
     # When the task next needs attention: scheduled_at, the retry time, or (queued) when it was pushed.
     next_attempt_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=False)
@@ -126,6 +133,11 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
+# Every socket operation on a PostgreSQL connection ends within this many seconds, so a connection
+# that went half-open (a peer gone without a reset) is noticed instead of hanging a worker forever.
+SOCKET_TIMEOUT = 60.0
+
+
 def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
     """A new engine. ``pre_ping`` checks each connection before use, so a request right after a
     PostgreSQL restart does not fail; workers skip it (one round trip per transaction) because
@@ -137,6 +149,7 @@ def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engin
         max_overflow=pool_size,
         pool_recycle=1800,
         hide_parameters=True,  # bound values (hashes, ciphertexts, mail bodies) never reach an error log
+        connect_args={"timeout": SOCKET_TIMEOUT},
     )
 
 
@@ -157,8 +170,11 @@ def dispose_engines() -> None:
         _engines.clear()
 
 
-# SQLSTATEs of a server that is going away or not there yet (class 08: connection exceptions).
+# SQLSTATEs of a server that is going away, not there yet, or out of room for us right now: class 08
+# (connection exceptions), class 53 (insufficient resources: 53300 too many connections, 53100 disk
+# full, 53200 out of memory) and the shutdown codes of class 57.
 _UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+_UNAVAILABLE_CLASSES = ("08", "53")
 
 
 def is_unavailable(exc: BaseException) -> bool:
@@ -174,7 +190,7 @@ def is_unavailable(exc: BaseException) -> bool:
             return True
         args = getattr(exc.orig, "args", ())
         code = args[0].get("C") if args and isinstance(args[0], dict) else None
-        return bool(code) and (code.startswith("08") or code in _UNAVAILABLE_SQLSTATES)
+        return bool(code) and (code.startswith(_UNAVAILABLE_CLASSES) or code in _UNAVAILABLE_SQLSTATES)
     return False
 
 

@@ -15,7 +15,8 @@
      │    └── DependencyUnavailable PostgreSQL or Redis cannot be reached
      └── SmtpError                a send failed
           ├── TransientSmtpError    worth retrying (4xx, timeout, connection lost)
-          └── PermanentSmtpError    not worth retrying (5xx, bad credentials, TLS refused)
+          └── PermanentSmtpError    not worth retrying (5xx, TLS refused)
+               └── SmtpAuthError      the server refused the account's credentials (535)
 
 Only ``functions/`` knows which HTTP status each ServiceError becomes.
 """
@@ -127,3 +128,8 @@ class TransientSmtpError(SmtpError):
 
 class PermanentSmtpError(SmtpError):
     """Raised for failures not worth retrying: 5xx replies, bad credentials, TLS refused."""
+
+
+class SmtpAuthError(PermanentSmtpError):
+    """Raised when the server refuses the account's credentials (535 and other 5xx to AUTH): the
+    account is paused until its SMTP settings change, rather than every queued mail trying again."""

@@ -29,7 +29,7 @@ from email.utils import format_datetime
 
 from shared.config import Settings
 from shared.domain import SmtpSecurity
-from shared.errors import PermanentSmtpError, SmtpError, TransientSmtpError
+from shared.errors import PermanentSmtpError, SmtpAuthError, SmtpError, TransientSmtpError
 from shared.validation import LINE_BREAKS
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class Mailer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def send(self, account: SmtpAccount, message: EmailMessage) -> str:
+    def send(self, account: SmtpAccount, message: EmailMessage, *, deadline: float | None = None) -> str:
         """Deliver one message from its From to its To; return the server's acceptance, e.g. "250 OK"."""
         if account.security == SmtpSecurity.NONE and not self._settings.smtp_allow_insecure:
             raise PermanentSmtpError("plaintext SMTP (security none) is not allowed by this deployment")
@@ -366,6 +366,8 @@ class Mailer:
             # 4xx (including 454 "temporary authentication failure") is worth retrying; so is a reply
             # that is not a reply code at all (-1: the server hung up mid-answer).
             kind = PermanentSmtpError if 500 <= code < 600 else TransientSmtpError
+            if kind is PermanentSmtpError and stage == "AUTH":
+                kind = SmtpAuthError
             return kind(f"{where} answered {stage} with {code} {text}".rstrip(), code)
         if isinstance(exc, smtplib.SMTPServerDisconnected):
             maybe = " (the server may have accepted the message)" if stage == "DATA" else ""

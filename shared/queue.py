@@ -1,8 +1,14 @@
 """The Redis protocol: every key mailq uses and the envelope format, in one place.
 
 Redis only carries wake-up envelopes ``{"v": 1, "task_id": N}``; the task itself (and every
-credential) stays in PostgreSQL. The KEDA ScaledObjects' ``listName`` must equal TASK_LIST and
-SEND_LIST (a manifest test says so).
+credential) stays in PostgreSQL. Tenant ids in key names are user ids, never an address or a host.
+The KEDA ScaledObjects' ``listName`` must equal TASK_LIST and SEND_READY (a manifest test says so).
+
+    enqueue ─LPUSH─► mailq:tasks ─(consumer)─► mailq:send:q:<tenant>  (a sorted set per tenant)
+                                                mailq:send:ready       (the ring of tenants with mail)
+                                                         │ (sender: one per tenant per turn,
+                                                         ▼  at most the per-account cap at once)
+                                                mailq:processing:<sender> ─► SMTP
 """
 
 from __future__ import annotations
@@ -12,11 +18,26 @@ import json
 from shared.errors import EnvelopeDecodeError
 
 PREFIX = "mailq:"
-TASK_LIST = "mailq:tasks"  # enqueue and the sweep push here; consumers read it
-SEND_LIST = "mailq:send"  # consumers hand off here; senders read it
+TASK_LIST = "mailq:tasks"  # enqueue pushes here; consumers read it; dead senders' envelopes return here
+SEND_READY = "mailq:send:ready"  # the ring: tenants with mail waiting to be taken, each at most once
+SEND_QUEUE_PREFIX = "mailq:send:q:"  # + tenant: a sorted set of envelopes, score = task id (FIFO)
+SLOTS_PREFIX = "mailq:slots:"  # + tenant: holders of an SMTP conversation slot, score = expiry (ms)
+PAUSED = "mailq:paused"  # set of tenants whose SMTP login was refused; their mail waits
+SEND_BELL = "mailq:send:bell"  # wake-up tokens for idle senders; trimmed to BELL_MAX
+BELL_MAX = 64
 WORKERS = "mailq:workers"  # hash: worker id -> the list its processing list drains back into
 
 ENVELOPE_VERSION = 1
+
+
+def send_queue(tenant: int | str) -> str:
+    """The tenant's queue of envelopes waiting for a sender."""
+    return f"{SEND_QUEUE_PREFIX}{tenant}"
+
+
+def slots(tenant: int | str) -> str:
+    """The tenant's SMTP conversation slots (a lease-based semaphore)."""
+    return f"{SLOTS_PREFIX}{tenant}"
 
 
 def processing_list(worker_id: str) -> str:

@@ -27,6 +27,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/register", "register"),
     Route("POST", "/api/v1/login", "login"),
     Route("GET", "/api/v1/user/{id}", "get_user"),
+    Route("PATCH", "/api/v1/user/{id}", "update_user"),
     Route("POST", "/api/v1/task/enqueue", "enqueue"),
     Route("GET", "/api/v1/task/queue", "task_queue"),
     Route("GET", "/api/v1/task/queue/fail", "task_queue_fail"),

@@ -21,6 +21,7 @@ from shared.crypto import SecretBox
 from shared.db import users
 from shared.domain import default_security
 from shared.errors import Conflict, DependencyUnavailable, NotFound, Unauthorized, ValidationFailed
+from shared.sendqueue import SendQueue
 from shared.validation import SECURITY_CHOICES, Fields
 
 
@@ -70,6 +71,9 @@ def user_view(row: Any) -> dict[str, Any]:
         "smtp_port": row.smtp_port,
         "smtp_username": row.smtp_username,
         "smtp_security": row.smtp_security,
+        # Set when the SMTP server refused the credentials: mail waits until they are updated.
+        "smtp_paused_at": row.smtp_paused_at.isoformat() if row.smtp_paused_at else None,
+        "smtp_paused_reason": row.smtp_paused_reason,
         "created_at": row.created_at.isoformat(),
         "updated_at": row.updated_at.isoformat(),
     }
@@ -82,6 +86,8 @@ _USER_COLUMNS = (
     users.c.smtp_port,
     users.c.smtp_username,
     users.c.smtp_security,
+    users.c.smtp_paused_at,
+    users.c.smtp_paused_reason,
     users.c.created_at,
     users.c.updated_at,
 )
@@ -100,14 +106,7 @@ def register(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
     security = f.choice("smtp_security", SECURITY_CHOICES)
     if port is not None and security is None and "smtp_security" not in f.errors:
         security = default_security(port).value
-    if security == "none" and not ctx.settings.smtp_allow_insecure:
-        f.fail("smtp_security", "plaintext SMTP (none) is not allowed on this deployment")
-    if host is not None and port is not None and not ctx.settings.smtp_allow_private_hosts:
-        from shared.mailer import host_refusal_reason
-
-        reason = host_refusal_reason(host, port, allow_private=False)
-        if reason:
-            f.fail("smtp_host", reason)
+    _check_smtp(ctx, f, host, port, security)
     if f.errors:
         raise ValidationFailed(f.errors)
 
@@ -132,6 +131,113 @@ def register(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
     except sa.exc.IntegrityError:
         raise Conflict("An account with this email already exists.") from None
     return user_view(row)
+
+
+def _check_smtp(ctx: Context, f: Fields, host: str | None, port: int | None, security: str | None) -> None:
+    """The deployment's SMTP rules: plaintext only where allowed, no private hosts unless allowed."""
+    if security == "none" and not ctx.settings.smtp_allow_insecure:
+        f.fail("smtp_security", "plaintext SMTP (none) is not allowed on this deployment")
+    if host is not None and port is not None and not ctx.settings.smtp_allow_private_hosts:
+        from shared.mailer import host_refusal_reason
+
+        reason = host_refusal_reason(host, port, allow_private=False)
+        if reason:
+            f.fail("smtp_host", reason)
+
+
+SMTP_FIELDS = ("smtp_host", "smtp_port", "smtp-username", "smtp-password", "smtp_security")
+
+
+def update_smtp(ctx: Context, caller_id: int, user_id: int, body: dict[str, Any]) -> dict[str, Any]:
+    """Change the caller's SMTP settings (any of SMTP_FIELDS); a paused account is resumed.
+
+    The host is checked again, the password encrypted again; an absent field keeps its value
+    (``smtp_security`` too: it is not re-derived from a new port).
+    """
+    if caller_id != user_id:
+        raise NotFound("No such user.")
+    f = Fields(body)
+    for name in body:
+        if name not in SMTP_FIELDS:
+            f.fail(name, "cannot be changed here (only " + ", ".join(SMTP_FIELDS) + ")")
+    if not any(name in body for name in SMTP_FIELDS):
+        f.fail("body", "must change at least one of " + ", ".join(SMTP_FIELDS))
+    if f.errors:
+        raise ValidationFailed(f.errors)
+    with ctx.engine.connect() as conn:
+        current = conn.execute(
+            sa.select(users.c.smtp_host, users.c.smtp_port, users.c.smtp_security).where(
+                users.c.id == user_id
+            )
+        ).one_or_none()
+    if current is None:
+        raise NotFound("No such user.")
+    values: dict[str, Any] = {}
+    if "smtp_host" in body:
+        values["smtp_host"] = f.hostname("smtp_host")
+    if "smtp_port" in body:
+        values["smtp_port"] = f.port("smtp_port")
+    if "smtp-username" in body:
+        values["smtp_username"] = f.string("smtp-username", max_len=320, allow_empty=True)
+    if "smtp-password" in body:
+        clear = f.string("smtp-password", max_len=1024, allow_empty=True)
+        values["smtp_password_enc"] = None if clear is None else ctx.box.encrypt(clear)
+    if "smtp_security" in body:
+        values["smtp_security"] = f.choice("smtp_security", SECURITY_CHOICES)
+        if values["smtp_security"] is None:
+            f.fail("smtp_security", "must be one of " + ", ".join(SECURITY_CHOICES))
+    if not f.errors:
+        _check_smtp(
+            ctx,
+            f,
+            values.get("smtp_host", current.smtp_host),
+            values.get("smtp_port", current.smtp_port),
+            values.get("smtp_security", current.smtp_security),
+        )
+    if f.errors:
+        raise ValidationFailed(f.errors)
+    statement = (
+        sa.update(users)
+        .where(users.c.id == user_id)
+        .values(**values, smtp_paused_at=None, smtp_paused_reason=None, updated_at=sa.func.now())
+        .returning(*_USER_COLUMNS)
+    )
+    with ctx.engine.begin() as conn:
+        row = conn.execute(statement).one_or_none()
+    if row is None:
+        raise NotFound("No such user.")
+    try:
+        SendQueue(ctx.redis).resume(user_id)  # its waiting mail goes out again now
+    except redis.RedisError:
+        pass  # PostgreSQL says resumed; the next sweep resumes it in Redis too
+    return user_view(row)
+
+
+def rotate_keys(engine: Engine, box: SecretBox, batch: int = 500) -> int:
+    """Re-encrypt every stored SMTP password with the first key, so older keys can be retired.
+
+    Safe to run while the service runs and to run again; returns how many were rewritten. Raises
+    ConfigError (naming no secret) if a password cannot be decrypted with any configured key.
+    """
+    rewritten, after = 0, 0
+    while True:
+        with engine.begin() as conn:
+            rows = conn.execute(
+                sa.select(users.c.id, users.c.smtp_password_enc)
+                .where(users.c.id > after)
+                .order_by(users.c.id)
+                .limit(batch)
+                .with_for_update()
+            ).all()
+            for row in rows:
+                if box.is_current(row.smtp_password_enc):
+                    continue
+                token = box.rotate(row.smtp_password_enc)
+                conn.execute(sa.update(users).where(users.c.id == row.id).values(smtp_password_enc=token))
+                rewritten += 1
+        if not rows:
+            return rewritten
+        after = rows[-1].id
 
 
 def login(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:

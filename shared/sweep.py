@@ -1,10 +1,13 @@
 """The sweep: one idempotent pass that puts back whatever fell through the cracks.
 
 It re-enqueues due ``scheduled`` and ``failed`` tasks, ``queued`` tasks older than the leak
-window, and ``processing`` tasks whose lease ran out; and it returns envelopes stranded in the
-processing lists of workers whose heartbeat is gone. Two sweeps at once double nothing: rows are
-taken with ``FOR UPDATE SKIP LOCKED`` and leave the due set as they are updated, and each stranded
-envelope is moved by one atomic LMOVE.
+window, and ``processing`` tasks whose lease ran out, straight into their tenants' queues (where an
+envelope that is still waiting is not added twice, so a long backlog is not multiplied); it ends
+any task without a try left (also one a lowered MAX_TRY_COUNT left behind); it returns envelopes
+stranded in the processing lists of workers whose heartbeat is gone; and it lets go of Redis pauses
+that PostgreSQL no longer has. Two sweeps at once double nothing: rows are taken with
+``FOR UPDATE SKIP LOCKED`` and leave the due set as they are updated, and each stranded envelope is
+moved by one atomic LMOVE.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from sqlalchemy.engine import Engine
 
 from shared import queue
 from shared.config import Settings
+from shared.sendqueue import SendQueue
 from shared.sweep_sql import conditions, pending_work_sql
-from shared.tasks import push
 
 log = logging.getLogger("mailq.sweep")
 
@@ -27,7 +30,8 @@ log = logging.getLogger("mailq.sweep")
 @dataclass
 class SweepReport:
     requeued: int = 0  # rows put back to queued (and pushed)
-    cancelled: int = 0  # rows whose last try's worker died: no tries left
+    cancelled: int = 0  # rows with no try left (the last try's worker died, or MAX_TRY_COUNT lowered)
+    resumed: int = 0  # tenants paused in Redis but no longer in PostgreSQL
     rescued: int = 0  # envelopes returned from dead workers' processing lists
     dead_workers: int = 0
     push_failed: bool = False
@@ -35,25 +39,30 @@ class SweepReport:
 
 def _requeue_sql(settings: Settings) -> sa.TextClause:
     # Each kind of due work is picked from its own index, oldest first, and locked; SKIP LOCKED lets
-    # a second sweep take other rows instead of waiting. A processing row whose lease ran out on its
-    # last allowed try has no tries left: it is cancelled here rather than sent an extra time.
+    # a second sweep take other rows instead of waiting. A row without a try left is cancelled here
+    # rather than sent an extra time: a processing one whose worker died during its last try (a try
+    # counts from its claim, made just before the attempt), or any row a lowered MAX_TRY_COUNT left
+    # with none.
     picks = " || ".join(
         f"ARRAY(SELECT id FROM tasks WHERE {where} ORDER BY {column} LIMIT :batch FOR UPDATE SKIP LOCKED)"
         for column, where in conditions(settings.sweep_leak_window)
     )
+    exhausted = "t.try_count - t.budget_base >= :max_tries"
     return sa.text(
         f"""
         UPDATE tasks AS t
-           SET status = CASE WHEN t.status = 'processing' AND t.try_count >= :max_tries
-                             THEN 'cancelled' ELSE 'queued' END,
-               last_error = CASE WHEN t.status = 'processing' AND t.try_count >= :max_tries
-                                 THEN 'the worker sending the last try was lost (the mail may have gone out)'
-                                 ELSE t.last_error END,
+           SET status = CASE WHEN {exhausted} THEN 'cancelled' ELSE 'queued' END,
+               last_error = CASE
+                   WHEN {exhausted} AND t.status = 'processing'
+                   THEN 'the worker sending the last try was lost (the mail may have gone out)'
+                   WHEN {exhausted}
+                   THEN 'no tries left (MAX_TRY_COUNT is ' || CAST(:max_tries AS text) || ')'
+                   ELSE t.last_error END,
                next_attempt_at = now(),
                lease_until = NULL,
                updated_at = now()
          WHERE t.id = ANY({picks})
-        RETURNING t.id, t.status
+        RETURNING t.id, t.user_id, t.status
         """
     )
 
@@ -73,10 +82,32 @@ def rescue_stranded(client: redis.Redis) -> tuple[int, int]:
     return rescued, dead
 
 
+def resume_unpaused(engine: Engine, sendq: SendQueue) -> int:
+    """Resume tenants paused in Redis whose account PostgreSQL no longer has paused (the update that
+    resumed them could not reach Redis). Returns how many."""
+    paused = sendq.paused()
+    if not paused:
+        return 0
+    with engine.connect() as conn:
+        still = set(
+            conn.execute(
+                sa.text(
+                    "SELECT id FROM users WHERE id = ANY(CAST(:ids AS bigint[])) AND smtp_paused_at IS NOT NULL"
+                ),
+                {"ids": sorted(paused)},
+            ).scalars()
+        )
+    for tenant in paused - still:
+        sendq.resume(tenant)
+    return len(paused - still)
+
+
 def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> SweepReport:
     report = SweepReport()
+    sendq = SendQueue(client)
     try:
         report.rescued, report.dead_workers = rescue_stranded(client)
+        report.resumed = resume_unpaused(engine, sendq)
     except redis.RedisError as exc:
         log.warning("sweep could not check workers: %s", type(exc).__name__)
         report.push_failed = True
@@ -85,22 +116,27 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
     while True:
         with engine.begin() as conn:
             rows = conn.execute(statement, params).all()
-        queued = [r.id for r in rows if r.status == "queued"]
+        queued = [(r.user_id, r.id, queue.encode(r.id)) for r in rows if r.status == "queued"]
         report.requeued += len(queued)
         report.cancelled += len(rows) - len(queued)
-        if queued and not push(client, queued):
-            # The rows stay queued; the next sweep after the leak window pushes them again.
-            report.push_failed = True
-            break
+        if queued:
+            try:
+                sendq.route(queued)  # an envelope still waiting in its tenant's queue is not added twice
+            except redis.RedisError as exc:
+                # The rows stay queued; the next sweep after the leak window pushes them again.
+                log.warning("sweep could not push %d envelope(s): %s", len(queued), type(exc).__name__)
+                report.push_failed = True
+                break
         if not rows:  # a put-back row never matches again, so this ends
             break
-    if report.requeued or report.rescued or report.cancelled:
+    if report.requeued or report.rescued or report.cancelled or report.resumed:
         log.info(
-            "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d",
+            "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d, resumed %d",
             report.requeued,
             report.rescued,
             report.dead_workers,
             report.cancelled,
+            report.resumed,
         )
     return report
 

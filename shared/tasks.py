@@ -101,7 +101,6 @@ def enqueue(
     gives the Message-ID its domain), so an enqueue costs a single round trip to PostgreSQL.
     """
     key = _idempotency_key(idempotency_header)
-    now = ctx.now()
     f = Fields(body)
     recipient = f.email("recipient_email")
     subject = f.string("subject", max_len=MAX_SUBJECT, allow_empty=True)
@@ -114,19 +113,16 @@ def enqueue(
         f.fail("body", "must not contain NUL characters")
     elif len(text.encode("utf-8", "surrogatepass")) > ctx.settings.max_body_bytes:
         raise PayloadTooLarge(f"The mail body must be at most {ctx.settings.max_body_bytes} bytes.")
-    scheduled_at = f.timestamp("scheduled_at", now)
+    scheduled_at = f.timestamp("scheduled_at")  # absent or in the past: now, on PostgreSQL's clock
     if f.errors:
         raise ValidationFailed(f.errors)
 
-    future = scheduled_at > now
     params = {
         "user_id": user_id,
         "recipient_email": recipient,
         "subject": subject,
         "body": text,
-        "status": (Status.SCHEDULED if future else Status.QUEUED).value,
-        "scheduled_at": scheduled_at,
-        "next_attempt_at": scheduled_at if future else now,
+        "at": scheduled_at,
         "token": uuid.uuid4().hex,
         "idempotency_key": key,
         "request_hash": _request_hash(body) if key else None,
@@ -154,11 +150,15 @@ def enqueue(
 
 
 # The Message-ID is fixed for the task's life, so a duplicate after a lost SMTP reply is recognisable.
+# Whether the task is due yet is decided on PostgreSQL's clock, the one the sweep and senders use.
 _INSERT_SQL = sa.text(
     """
     INSERT INTO tasks (user_id, recipient_email, subject, body, status, scheduled_at, next_attempt_at,
                        message_id, idempotency_key, request_hash)
-    SELECT u.id, :recipient_email, :subject, :body, :status, :scheduled_at, :next_attempt_at,
+    SELECT u.id, :recipient_email, :subject, :body,
+           CASE WHEN CAST(:at AS timestamptz) > now() THEN 'scheduled' ELSE 'queued' END,
+           GREATEST(COALESCE(CAST(:at AS timestamptz), now()), now()),
+           GREATEST(COALESCE(CAST(:at AS timestamptz), now()), now()),
            '<mailq.' || :token || '@' || CASE WHEN split_part(u.email, '@', 2) ~ '^[A-Za-z0-9.-]+$'
                                               THEN lower(split_part(u.email, '@', 2))
                                               ELSE 'mailq.invalid' END || '>',

@@ -114,11 +114,12 @@ class Fields:
             return None
         return value
 
-    def timestamp(self, name: str, now: datetime) -> datetime | None:
-        """ISO 8601; without an offset it means UTC; absent, null or in the past means now."""
+    def timestamp(self, name: str) -> datetime | None:
+        """ISO 8601; without an offset it means UTC. None when absent or null (the caller decides
+        what that means: for ``scheduled_at`` it is "now", on PostgreSQL's clock)."""
         value = self.body.get(name, MISSING)
         if value is MISSING or value is None or value == "":
-            return now
+            return None
         if not isinstance(value, str):
             self.fail(name, "must be an ISO 8601 date-time string")
             return None
@@ -135,7 +136,7 @@ class Fields:
         if parsed.year < 1970 or parsed.year > 9000:
             self.fail(name, "is out of range")
             return None
-        return max(parsed, now)
+        return parsed
 
 
 def is_hostname_or_ip(value: str) -> bool:

@@ -9,9 +9,11 @@ from typing import Any
 import sqlalchemy as sa
 
 from shared import services, tasks
+from shared.consumer import Consumer
 from shared.mailer import Mailer
+from shared.sender import Sender
 from shared.sweep import sweep_once
-from shared.workers import Consumer, Outcome, Sender
+from shared.workers import Outcome
 
 
 class Pipeline:

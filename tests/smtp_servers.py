@@ -57,6 +57,18 @@ class _Handler:
         server = self.server
         with server._lock:
             server.data_attempts += 1
+            server.in_data += 1
+            server.max_in_data = max(server.max_in_data, server.in_data)
+        try:
+            # A slow server: DATA is answered only once the gate is open, and after the delay.
+            while not server.gate.is_set():
+                await asyncio.sleep(0.01)
+            if server.delay:
+                await asyncio.sleep(server.delay)
+        finally:
+            with server._lock:
+                server.in_data -= 1
+        with server._lock:
             reply = server._script.pop(0) if server._script else "250 OK"
         if reply == DROP or reply.startswith("2"):
             raw = envelope.original_content
@@ -120,6 +132,11 @@ class ScriptedSmtpServer:
         self.data_attempts = 0  # DATA commands answered, whatever the reply
         self.received: list[Received] = []  # messages answered with 2xx (or DROP)
         self.logins: list[tuple[str, bool]] = []  # (username, accepted)
+        self.gate = threading.Event()  # DATA waits until this is set (it is, unless a test clears it)
+        self.gate.set()
+        self.delay = 0.0  # seconds every DATA waits before it is answered
+        self.in_data = 0  # DATA commands being answered right now
+        self.max_in_data = 0  # the most DATA commands answered at once
         self._script = list(replies)
         self._lock = threading.Lock()
         self._open: set[_CountingSMTP] = set()

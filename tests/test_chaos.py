@@ -187,8 +187,8 @@ def test_a_sender_records_its_outcome_through_a_postgresql_shutdown(stack, pipe_
         real_send = pipe.mailer.send
         comeback: list[threading.Timer] = []
 
-        def send_then_lose_postgresql(account, message):
-            reply = real_send(account, message)  # the server has accepted the mail
+        def send_then_lose_postgresql(account, message, **kwargs):
+            reply = real_send(account, message, **kwargs)  # the server has accepted the mail
             outage = postgresql_shutting_down(stack)
             outage.__enter__()
             pipe.ctx.engine.dispose()  # the outcome write needs a new connection

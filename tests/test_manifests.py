@@ -65,7 +65,7 @@ POSTGRES_TRIGGER_KEYS = {
     "targetQueryValue", "activationTargetQueryValue",
 }  # fmt: skip
 # Worker command -> the Redis list that worker reads (shared/queue.py).
-WORKER_LIST = {"consumer": queue.TASK_LIST, "sender": queue.SEND_LIST}
+WORKER_LIST = {"consumer": queue.TASK_LIST, "sender": queue.SEND_READY}
 
 
 def _in_ci() -> bool:

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from shared import queue, services
+from shared.sendqueue import Taken
 from shared.workers import Outcome, backoff_seconds
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer, make_ca, make_self_signed_context
@@ -142,45 +143,34 @@ def test_a_server_that_always_answers_451_gets_exactly_max_try_count_attempts(pi
     assert "451" in row.last_error and "gave up after 3 tries" in row.last_error
 
 
-def test_wrong_smtp_credentials_cancel_without_retry(fast_ctx):
-    with ScriptedSmtpServer(auth=lambda u, p: p == "right") as server:
-        pipe = Pipeline(fast_ctx)
-        user = pipe.user(server, **{"smtp-username": "ada", "smtp-password": "wrong"})
-        task_id = pipe.enqueue(user)
-        pipe.run_until_settled()
-        pipe.close()
-    row = pipe.task(task_id)
-    assert row.status == "cancelled" and row.try_count == 1
-    assert "535" in row.last_error and "wrong" not in row.last_error
-    # smtplib tries each mechanism the server offers (PLAIN, LOGIN) within the one attempt
-    assert set(server.logins) == {("ada", False)} and server.connections == 1
-    assert server.received == [] and server.data_attempts == 0
-
-
-def test_the_same_envelope_pushed_twice_sends_one_mail(pipe, smtp):
+def test_the_same_envelope_taken_twice_sends_one_mail(pipe, smtp):
+    """The conditional claim, deterministically: a second copy of a sent task's envelope finds
+    nothing to claim (the sender never relies on Redis holding one copy)."""
     user = pipe.user(smtp)
     task_id = pipe.enqueue(user)
-    pipe.ctx.redis.lpush(queue.TASK_LIST, queue.encode(task_id))
-    pipe.ctx.redis.lpush(queue.SEND_LIST, queue.encode(task_id))
-    outcomes = pipe.pump()
-    assert outcomes.count(Outcome.SENT) == 1
-    assert len(smtp.received) == 1 and pipe.task(task_id).status == "sent"
+    assert pipe.pump() == [Outcome.HANDED_OFF, Outcome.SENT]
+    duplicate = Taken(user.id, queue.encode(task_id), "test:dup")
+    pipe.ctx.redis.lpush(pipe.sender.processing, duplicate.raw)
+    assert pipe.sender.handle(duplicate) == Outcome.DROPPED
+    assert len(smtp.received) == 1 and pipe.task(task_id).try_count == 1
+    assert pipe.ctx.redis.llen(pipe.sender.processing) == 0
 
 
 def test_two_senders_racing_on_one_task_send_one_mail(fast_ctx, smtp):
     pipes = [Pipeline(fast_ctx) for _ in range(4)]
     user = pipes[0].user(smtp)
     task_ids = [pipes[0].enqueue(user, subject=f"race {i}") for i in range(20)]
-    for task_id in task_ids:  # every task has one envelope per sender on the send list
-        for _ in pipes:
-            fast_ctx.redis.lpush(queue.SEND_LIST, queue.encode(task_id))
     fast_ctx.redis.delete(queue.TASK_LIST)
+    # Every sender holds a copy of every envelope, as if each had taken it.
+    held = {p: [Taken(user.id, queue.encode(t), f"{p.sender.id}:{t}") for t in task_ids] for p in pipes}
+    for p, items in held.items():
+        fast_ctx.redis.lpush(p.sender.processing, *(item.raw for item in items))
     barrier = threading.Barrier(len(pipes))
 
     def run(p):
         barrier.wait()
-        while p.sender.step(0.05):
-            pass
+        for item in held[p]:
+            p.sender.handle(item)
 
     threads = [threading.Thread(target=run, args=(p,)) for p in pipes]
     for t in threads:
@@ -191,6 +181,7 @@ def test_two_senders_racing_on_one_task_send_one_mail(fast_ctx, smtp):
         p.close()
     assert sorted(m["Subject"] for m in smtp.messages) == sorted(f"race {i}" for i in range(20))
     assert set(pipes[0].statuses().values()) == {"sent"}
+    assert {pipes[0].task(t).try_count for t in task_ids} == {1}
 
 
 def test_a_push_that_fails_at_enqueue_is_delivered_by_the_sweep(fast_ctx, smtp):
@@ -304,7 +295,7 @@ def test_envelopes_of_a_dead_worker_go_back_to_their_list(pipe, smtp):
     user = pipe.user(smtp)
     task_id = pipe.enqueue(user)
     pipe.consumer.register()
-    assert pipe.consumer.take(0.1) == queue.encode(task_id)  # in hand, then the worker dies
+    assert pipe.consumer.take_many(0.1) == [queue.encode(task_id)]  # in hand, then the worker dies
     pipe.ctx.redis.delete(queue.heartbeat_key(pipe.consumer.id))
     report = pipe.sweep()
     assert report.rescued == 1 and report.dead_workers == 1
@@ -317,7 +308,7 @@ def test_a_live_workers_envelopes_are_left_alone(pipe, smtp):
     user = pipe.user(smtp)
     pipe.enqueue(user)
     pipe.consumer.register()
-    pipe.consumer.take(0.1)
+    pipe.consumer.take_many(0.1)
     assert pipe.sweep().rescued == 0
     assert pipe.ctx.redis.llen(pipe.consumer.processing) == 1
 
@@ -341,7 +332,7 @@ def test_two_sweeps_at_once_double_nothing(pipe, smtp):
     for t in threads:
         t.join()
     assert sum(r.requeued for r in reports) == 300
-    envelopes = pipe.ctx.redis.lrange(queue.TASK_LIST, 0, -1)
+    envelopes = pipe.ctx.redis.zrange(queue.send_queue(user.id), 0, -1)
     assert sorted(queue.decode(e) for e in envelopes) == sorted(ids)
 
 
@@ -371,24 +362,6 @@ def test_backoff_doubles_per_try_with_jitter_and_is_capped():
     assert backoff_seconds(20, 30, 3600, rng=lambda: 1.0) == 3600
 
 
-def test_a_batch_is_claimed_at_once_and_what_was_not_tried_is_given_back_on_stop(pipe, smtp):
-    user = pipe.user(smtp)
-    ids = [pipe.enqueue(user, subject=f"b{i}") for i in range(3)]
-    while pipe.consumer.step(0.05):
-        pass
-    raws = pipe.sender.take_many(0.1)
-    assert len(raws) == 3  # one blocking move, then the rest in one round trip
-    pipe.sender.stopping.set()
-    outcomes = pipe.sender.handle([(queue.decode(r), r) for r in raws])
-    assert outcomes == [Outcome.RELEASED] * 3
-    assert all(pipe.task(i).status == "queued" and pipe.task(i).try_count == 0 for i in ids)
-    assert pipe.ctx.redis.llen(pipe.sender.processing) == 0
-    assert sorted(queue.decode(e) for e in pipe.ctx.redis.lrange(queue.SEND_LIST, 0, -1)) == sorted(ids)
-    pipe.sender.stopping.clear()
-    pipe.pump()
-    assert {pipe.task(i).status for i in ids} == {"sent"} and len(smtp.received) == 3
-
-
 def test_duplicates_within_one_batch_send_one_mail(pipe, smtp):
     user = pipe.user(smtp)
     task_id = pipe.enqueue(user)
@@ -410,8 +383,8 @@ def test_the_try_count_fences_a_stale_outcome_while_the_new_claim_is_in_flight(p
     assert pipe.sweep().requeued == 1
     fresh = pipe.sender.claim(task_id)
     assert fresh.try_count == 2 and pipe.task(task_id).status == "processing"
-    assert pipe.sender.record(stale, Status.SENT, None, sent_at=datetime.now(UTC)) == Outcome.STALE
+    assert pipe.sender.record(stale, Status.SENT, None) == Outcome.STALE
     row = pipe.task(task_id)
     assert row.status == "processing" and row.try_count == 2 and row.sent_at is None
-    assert pipe.sender.deliver(fresh) == Outcome.SENT
+    assert pipe.sender.attempt(fresh) == Outcome.SENT
     assert pipe.task(task_id).status == "sent" and len(smtp.received) == 1

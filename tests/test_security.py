@@ -85,6 +85,10 @@ def scan_redis(client: redis.Redis) -> dict[str, object]:
         kind = client.type(key).decode()
         if kind == "list":
             found[name] = client.lrange(key, 0, -1)
+        elif kind == "zset":
+            found[name] = ("zset", client.zrange(key, 0, -1))
+        elif kind == "set":
+            found[name] = ("set", sorted(client.smembers(key)))
         elif kind == "hash":
             found[name] = client.hgetall(key)
         elif kind == "string":
@@ -262,22 +266,40 @@ def test_the_logs_of_a_full_run_hold_no_password_token_or_key(dev_run):
 
 ENVELOPE = re.compile(rb'^\{"v":1,"task_id":[1-9][0-9]*\}$')
 KNOWN_KEYS = re.compile(
-    r"^mailq:(tasks|send|workers|processing:.+|heartbeat:.+|ratelimit:(login|register):(client|email):[^:]+:\d+)$"
+    r"^mailq:(tasks|send:ready|send:bell|send:q:\d+|slots:\d+|paused|workers|processing:.+|heartbeat:.+"
+    r"|ratelimit:(login|register):(client|email):[^:]+:\d+)$"
 )
+WORKER_ID = rb"(consumer|sender):[^:]+:\d+:[0-9a-f]{8}"
+
+
+def envelopes_in(snapshot: dict[str, object]) -> list[bytes]:
+    """Every envelope Redis holds: in the task list, tenants' queues and processing lists."""
+    found = []
+    for key, value in snapshot.items():
+        if key in (queue.TASK_LIST,) or key.startswith("mailq:processing:"):
+            found += value
+        elif key.startswith(queue.SEND_QUEUE_PREFIX):
+            found += value[1]
+    return found
 
 
 @pytest.mark.parametrize("moment", ["redis_mid_run", "redis_after"])
 def test_redis_holds_only_envelopes_and_mailqs_own_bookkeeping(dev_run, moment):
     snapshot = dev_run[moment]
     assert set(snapshot) <= {k for k in snapshot if KNOWN_KEYS.match(k)}, sorted(snapshot)
-    lists = {k: v for k, v in snapshot.items() if isinstance(v, list)}
-    envelopes = [e for v in lists.values() for e in v]
+    envelopes = envelopes_in(snapshot)
     assert all(ENVELOPE.match(e) for e in envelopes), envelopes[:5]
     if moment == "redis_mid_run":
         assert len(envelopes) >= 5  # the held mails were there, as envelopes and nothing else
     for key, value in snapshot.items():
         if key == queue.WORKERS:
-            assert set(value.values()) <= {queue.TASK_LIST.encode(), queue.SEND_LIST.encode()}
+            assert set(value.values()) <= {queue.TASK_LIST.encode()}
+        elif key in (queue.SEND_READY, queue.PAUSED):  # tenants are user ids, never an address
+            assert all(v.isdigit() for v in (value if key == queue.SEND_READY else value[1]))
+        elif key == queue.SEND_BELL:
+            assert set(value) <= {b"1"}
+        elif key.startswith(queue.SLOTS_PREFIX):  # holders: a worker id and the envelope it holds
+            assert all(re.fullmatch(WORKER_ID + rb":" + ENVELOPE.pattern[1:-1], v) for v in value[1])
         elif key.startswith("mailq:heartbeat:"):
             assert value == b"1"
         elif key.startswith("mailq:ratelimit:"):

@@ -114,9 +114,11 @@ def test_sigterm_stops_a_busy_sender_cleanly_and_loses_nothing(pipe, base_env, t
         assert set(statuses.values()) <= {"sent", "queued"}, collections.Counter(statuses.values())
         unsent = sorted(i for i, s in statuses.items() if s == "queued")
         assert unsent, "the sender finished everything before SIGTERM; the test proves nothing"
-        # everything it did not send is back on the send list, and it left nothing registered
-        back = sorted(queue.decode(e) for e in pipe.ctx.redis.lrange(queue.SEND_LIST, 0, -1))
+        # everything it did not send waits in its tenant's queue, and it left nothing registered
+        back = sorted(queue.decode(e) for e in pipe.ctx.redis.zrange(queue.send_queue(user.id), 0, -1))
         assert back == unsent
+        assert all(pipe.task(i).try_count == 0 for i in unsent)  # no try spent on what was not sent
+        assert pipe.ctx.redis.zcard(queue.slots(user.id)) == 0  # and it kept no conversation slot
         assert pipe.ctx.redis.hlen(queue.WORKERS) == 0
         assert not [k for k in pipe.ctx.redis.keys("mailq:processing:*")]
         pipe.pump()

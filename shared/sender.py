@@ -1,0 +1,517 @@
+"""The sender: takes work tenant by tenant, claims each task just before its SMTP attempt, sends it
+within a deadline, and records the outcome behind the fencing token.
+
+- **Fair share and the per-account cap** come from the queue (``shared.sendqueue``): one envelope per
+  tenant per turn, at most SMTP_MAX_CONNECTIONS_PER_ACCOUNT conversations at once per account.
+- **A try counts when its attempt starts.** A task is claimed (``try_count + 1``) by the thread about
+  to talk to its server, right before it does; nothing waits in a claimed batch behind a slow
+  server, so nothing spends a try it never used.
+- **A live sender keeps its lease.** The whole conversation must end within ``smtp_deadline`` (0.8 of
+  the lease) after the claim; the mailer enforces it by shutting the socket down.
+- **The try count is the fencing token.** The outcome lands only while nobody has claimed the task
+  since (``WHERE try_count = <ours>``); a user's retry and a worker fault raise the separate budget
+  (``budget_base``) instead of ever lowering the count.
+- **Worker faults are not mail faults.** A missing decryption key or an unavailable PostgreSQL gives
+  the task back without spending a try, and this sender backs off; a refused SMTP login pauses the
+  account (its mail waits for new credentials) instead of letting every queued mail try again.
+
+``step()`` takes and handles work in the calling thread (tests drive it); ``run()`` runs one
+dispatcher thread taking work for WORKER_COUNT conversation threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue as stdqueue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+import redis
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from shared.config import Settings
+from shared.crypto import SecretBox
+from shared.domain import SmtpSecurity, Status
+from shared.errors import (
+    ConfigError,
+    EnvelopeDecodeError,
+    PermanentSmtpError,
+    SmtpAuthError,
+    SmtpError,
+    TransientSmtpError,
+)
+from shared.sendqueue import SendQueue, Taken
+from shared.workers import BLOCK_SECONDS, Outcome, Worker, backoff_seconds, dependency_of, utcnow
+
+log = logging.getLogger("mailq.sender")
+
+MAX_FAULT_BACKOFF = 60.0  # seconds a sender waits at most after a worker fault before taking again
+IDLE_CHECK_SECONDS = 1.0  # how often the dispatcher closes idle SMTP connections
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    user_id: int
+    try_count: int
+    budget_base: int
+    recipient_email: str
+    subject: str
+    body: str
+    message_id: str
+    created_at: datetime
+    sender_email: str
+    smtp_host: str
+    smtp_port: int
+    smtp_username: str
+    smtp_password_enc: str
+    smtp_security: str
+    account_version: datetime  # users.updated_at: a pause applies only to the credentials we used
+
+    @property
+    def tries_used(self) -> int:
+        return self.try_count - self.budget_base
+
+
+# The claim is the start of an attempt: it spends a try and takes the lease, only while the task is
+# queued (a duplicate envelope finds nothing), has a try left, and its account is not paused.
+_CLAIM_SQL = sa.text(
+    """
+    UPDATE tasks AS t
+       SET status = 'processing',
+           try_count = t.try_count + 1,
+           lease_until = now() + make_interval(secs => :lease),
+           updated_at = now()
+      FROM users AS u
+     WHERE t.id = :id AND t.status = 'queued' AND t.try_count - t.budget_base < :max_tries
+       AND u.id = t.user_id AND u.smtp_paused_at IS NULL
+ RETURNING t.id, t.user_id, t.try_count, t.budget_base, t.recipient_email, t.subject, t.body,
+           t.message_id, t.created_at, u.email AS sender_email, u.smtp_host, u.smtp_port,
+           u.smtp_username, u.smtp_password_enc, u.smtp_security, u.updated_at AS account_version
+    """
+)
+
+# Why a claim found nothing (the rare path: duplicate envelope, no tries left, account paused).
+_WHY_SQL = sa.text(
+    """
+    SELECT t.status, t.try_count, t.try_count - t.budget_base >= :max_tries AS exhausted,
+           u.smtp_paused_at IS NOT NULL AS paused
+      FROM tasks AS t JOIN users AS u ON u.id = t.user_id
+     WHERE t.id = :id
+    """
+)
+
+# A queued task without tries left (MAX_TRY_COUNT was lowered) ends here instead of waiting forever.
+_EXHAUSTED_SQL = sa.text(
+    """
+    UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
+                     next_attempt_at = now(), updated_at = now()
+     WHERE id = :id AND status = 'queued' AND try_count = :try_count
+    """
+)
+
+# The try count is the fencing token: an outcome lands only while nobody has claimed the task since.
+# 'queued' is allowed too: had the sweep taken a lease back without anyone claiming the task again,
+# what the server said is still the truth. Times come from PostgreSQL's clock.
+_OUTCOME_SQL = sa.text(
+    """
+    UPDATE tasks
+       SET status = :status, last_error = :last_error,
+           next_attempt_at = now() + make_interval(secs => :delay),
+           lease_until = NULL,
+           sent_at = CASE WHEN CAST(:status AS text) = 'sent' THEN now() END,
+           updated_at = now()
+     WHERE id = :id AND try_count = :try_count AND status IN ('processing', 'queued')
+    """
+)
+
+# Gives a claim back without spending a try: the budget moves up by one (the count never goes down).
+_REFUND_SQL = sa.text(
+    """
+    UPDATE tasks SET status = 'queued', budget_base = budget_base + 1, lease_until = NULL,
+                     last_error = COALESCE(CAST(:reason AS text), last_error),
+                     next_attempt_at = now(), updated_at = now()
+     WHERE id = :id AND try_count = :try_count AND status IN ('processing', 'queued')
+    """
+)
+
+# Only if the credentials are still the ones that were refused (the user may have fixed them since).
+_PAUSE_SQL = sa.text(
+    """
+    UPDATE users SET smtp_paused_at = COALESCE(smtp_paused_at, now()), smtp_paused_reason = :reason
+     WHERE id = :user_id AND updated_at = :version
+    """
+)
+
+
+class Sender(Worker):
+    """Claims tasks one at a time, just before each attempt, and sends them over each user's account."""
+
+    role = "sender"
+    source = "mailq:tasks"  # a dead sender's envelopes go back through the consumer, which re-routes them
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        client: redis.Redis,
+        mailer,
+        box: SecretBox,
+        *,
+        now=utcnow,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
+    ):
+        super().__init__(settings, engine, client, now=now)
+        self.mailer = mailer
+        self.box = box
+        self.clock = clock
+        self.rng = rng
+        self.sendq = SendQueue(client)
+        self._holder = f"{self.id}:"
+        self._fault_until = 0.0
+        self._fault_delay = 0.0
+        self._unacked: list[Taken] = []  # done() calls Redis refused; retried by the dispatcher
+        self._lock = threading.Lock()
+        self._work: stdqueue.Queue[Taken] = stdqueue.Queue()
+        self._idle = threading.Semaphore(settings.worker_count)
+        self._busy = 0  # conversation threads at work right now (a gauge)
+        self._dispatching = threading.Event()
+
+    # --- taking work ---
+
+    def take(self, count: int) -> list[Taken]:
+        """Up to ``count`` envelopes, fairly, each with a conversation slot of its account."""
+        s = self.settings
+        return self.sendq.take(
+            self.processing, self._holder, count, s.smtp_max_connections_per_account, s.lease_seconds * 1000
+        )
+
+    def step(self, timeout: float = BLOCK_SECONDS, count: int | None = None) -> list[Outcome]:
+        """Take up to ``count`` envelopes (waiting up to ``timeout`` for one) and handle each in turn."""
+        self.retry_unacked()
+        if self.faulted():
+            return []
+        count = count or self.settings.worker_count
+        taken = self.take(count)
+        if not taken and timeout > 0 and self.sendq.wait(timeout):
+            taken = self.take(count)
+        return [self.handle(item) for item in taken]
+
+    # --- one envelope ---
+
+    def handle(self, item: Taken) -> Outcome:
+        """Claim, send and record one taken envelope; every path lets go of it before returning."""
+        try:
+            task_id = item.task_id
+        except EnvelopeDecodeError as exc:
+            log.warning("%s dropped a malformed envelope: %s", self.id, exc)
+            self.done(item)
+            return Outcome.DROPPED
+        try:
+            claim = self.claim(task_id)
+            if claim is None:
+                return self._unclaimable(item, task_id)
+        except Exception as exc:
+            which = dependency_of(exc)
+            if which is None:
+                log.exception("%s: claiming task %d failed", self.id, task_id)
+            else:
+                log.warning("%s: %s unavailable while claiming (%s)", self.id, which, type(exc).__name__)
+            self._give_back_quietly(item, task_id)
+            self.fault()
+            return Outcome.RELEASED
+        outcome = self.attempt(claim, item)
+        if outcome not in (Outcome.RELEASED, Outcome.PAUSED):  # those already gave the envelope back
+            self.done(item)
+        return outcome
+
+    def claim(self, task_id: int) -> Claim | None:
+        """Spend a try and take the lease, if the task is still queued with a try left."""
+        params = {
+            "id": task_id,
+            "lease": self.settings.lease_seconds,
+            "max_tries": self.settings.max_try_count,
+        }
+        with self.engine.begin() as conn:
+            row = conn.execute(_CLAIM_SQL, params).one_or_none()
+        return None if row is None else Claim(**row._asdict())
+
+    def _unclaimable(self, item: Taken, task_id: int) -> Outcome:
+        cancelled = False
+        with self.engine.begin() as conn:
+            row = conn.execute(
+                _WHY_SQL, {"id": task_id, "max_tries": self.settings.max_try_count}
+            ).one_or_none()
+            if row is not None and row.status == Status.QUEUED and row.exhausted:
+                reason = f"no tries left (MAX_TRY_COUNT is {self.settings.max_try_count})"
+                params = {"id": task_id, "try_count": row.try_count, "reason": reason}
+                cancelled = conn.execute(_EXHAUSTED_SQL, params).rowcount == 1
+        if cancelled:
+            self.done(item)
+            return Outcome.CANCELLED
+        if row is not None and row.status == Status.QUEUED and row.paused:
+            self.sendq.give_back(self.processing, item, task_id, pause=True)
+            return Outcome.PAUSED
+        self.done(item)  # a duplicate envelope, or a task that is no longer queued: nothing to send
+        return Outcome.DROPPED
+
+    def attempt(self, claim: Claim, item: Taken | None = None) -> Outcome:
+        """Send a claimed task and record what happened; no transaction is open while SMTP talks.
+
+        ``item`` is the envelope it came with, given back on a worker fault or a pause."""
+        from shared.mailer import SmtpAccount, build_message
+
+        deadline = self.clock() + self.settings.smtp_deadline
+        try:
+            password = self.box.decrypt(claim.smtp_password_enc)  # decrypted here, only for this send
+        except ConfigError as exc:
+            log.error(
+                "%s: WORKER FAULT: %s (account %d); task %d given back without spending a try",
+                self.id,
+                exc,
+                claim.user_id,
+                claim.id,
+            )
+            return self._give_back_claim(claim, item, None)
+        try:
+            message = build_message(
+                sender=claim.sender_email,
+                recipient=claim.recipient_email,
+                subject=claim.subject,
+                body=claim.body,
+                message_id=claim.message_id,
+                date=self.now(),
+            )
+        except Exception as exc:  # the task's own content: no try will do better
+            return self.record(claim, Status.CANCELLED, f"the mail cannot be built: {exc}"[:1000])
+        account = SmtpAccount(
+            host=claim.smtp_host,
+            port=claim.smtp_port,
+            username=claim.smtp_username,
+            password=password,
+            security=SmtpSecurity(claim.smtp_security),
+        )
+        try:
+            self.mailer.send(account, message, deadline=deadline)
+        except SmtpAuthError as exc:
+            return self._pause(claim, item, _reason(exc))
+        except TransientSmtpError as exc:
+            return self._transient(claim, _reason(exc))
+        except (PermanentSmtpError, SmtpError) as exc:
+            return self.record(claim, Status.CANCELLED, _reason(exc))
+        except Exception as exc:  # a bug must not loop forever: a try spent, bounded by the budget
+            log.exception("%s: task %d could not be sent", self.id, claim.id)
+            return self._transient(claim, f"internal error: {type(exc).__name__}")
+        return self.record(claim, Status.SENT, None)
+
+    def _transient(self, claim: Claim, reason: str) -> Outcome:
+        if claim.tries_used >= self.settings.max_try_count:
+            return self.record(claim, Status.CANCELLED, f"{reason} (gave up after {claim.tries_used} tries)")
+        s = self.settings
+        delay = backoff_seconds(claim.tries_used, s.retry_backoff_base, s.retry_backoff_max, self.rng)
+        return self.record(claim, Status.FAILED, reason, delay=delay)
+
+    def _give_back_claim(self, claim: Claim, item: Taken | None, reason: str | None) -> Outcome:
+        """A worker fault: the claim goes back without spending a try, and this sender backs off."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(_REFUND_SQL, {"id": claim.id, "try_count": claim.try_count, "reason": reason})
+        except Exception as exc:  # noqa: BLE001 - the lease gives it back otherwise
+            log.warning("%s: could not give task %d back (%s)", self.id, claim.id, type(exc).__name__)
+        if item is not None:
+            self._give_back_quietly(item, claim.id)
+        self.fault()
+        return Outcome.RELEASED
+
+    def _pause(self, claim: Claim, item: Taken | None, reason: str) -> Outcome:
+        """The server refused the account's login: pause the account; this mail waits with the rest."""
+        text = f"the SMTP server refused the account's credentials: {reason}"
+        with self.engine.begin() as conn:
+            paused = conn.execute(
+                _PAUSE_SQL, {"user_id": claim.user_id, "version": claim.account_version, "reason": text}
+            ).rowcount
+            wait = f"waiting for new SMTP credentials ({text})" if paused else None
+            conn.execute(_REFUND_SQL, {"id": claim.id, "try_count": claim.try_count, "reason": wait})
+        log.warning("%s: account %d paused: %s", self.id, claim.user_id, reason)
+        try:
+            if item is not None:
+                self.sendq.give_back(self.processing, item, claim.id, pause=bool(paused))
+            elif paused:
+                self.sendq.pause(claim.user_id)
+        except redis.RedisError:
+            pass  # the envelope stays in our processing list; shutdown or the sweep returns it
+        return Outcome.PAUSED
+
+    def record(self, claim: Claim, status: Status, error: str | None, *, delay: float = 0.0) -> Outcome:
+        """Write the outcome behind the fencing token; a short PostgreSQL outage is waited out."""
+        params = {
+            "id": claim.id,
+            "try_count": claim.try_count,
+            "status": status.value,
+            "last_error": error,
+            "delay": delay,
+        }
+        # A lost "sent" means a resend, so keep trying while PostgreSQL is briefly unavailable; the
+        # fencing token keeps a late write harmless.
+        deadline = time.monotonic() + max(30.0, self.settings.lease_seconds)
+        while True:
+            try:
+                with self.engine.begin() as conn:
+                    updated = conn.execute(_OUTCOME_SQL, params).rowcount
+                break
+            except Exception as exc:
+                if not dependency_of(exc) or time.monotonic() > deadline or self.stopping.is_set():
+                    raise
+                log.warning(
+                    "%s: recording task %d failed (%s); retrying", self.id, claim.id, type(exc).__name__
+                )
+                time.sleep(0.5)
+        if updated == 0:
+            log.warning("%s: task %d outcome %s discarded: claimed again since", self.id, claim.id, status)
+            return Outcome.STALE
+        # A success per mail is DEBUG (it is the hot path); anything else is worth a line.
+        level = logging.DEBUG if status == Status.SENT else logging.INFO
+        log.log(
+            level, "task %d try %d -> %s%s", claim.id, claim.try_count, status, f" ({error})" if error else ""
+        )
+        return Outcome(status.value)
+
+    # --- letting go ---
+
+    def done(self, item: Taken) -> None:
+        try:
+            self.sendq.done(self.processing, item)
+        except redis.RedisError:
+            with self._lock:
+                self._unacked.append(item)
+
+    def retry_unacked(self) -> None:
+        with self._lock:
+            pending, self._unacked = self._unacked, []
+        for i, item in enumerate(pending):
+            try:
+                self.sendq.done(self.processing, item)
+            except redis.RedisError:
+                with self._lock:
+                    self._unacked.extend(pending[i:])
+                return
+
+    def _give_back_quietly(self, item: Taken, task_id: int) -> None:
+        try:
+            self.sendq.give_back(self.processing, item, task_id)
+        except redis.RedisError:
+            pass  # it stays in our processing list; shutdown or the sweep returns it
+
+    def fault(self) -> None:
+        """A worker fault: stop taking work for a while (1 s, doubling to MAX_FAULT_BACKOFF)."""
+        with self._lock:
+            self._fault_delay = min(MAX_FAULT_BACKOFF, max(1.0, self._fault_delay * 2))
+            self._fault_until = time.monotonic() + self._fault_delay
+
+    def faulted(self) -> bool:
+        with self._lock:
+            if self._fault_until and time.monotonic() >= self._fault_until:
+                self._fault_until = 0.0
+            return bool(self._fault_until)
+
+    # --- running ---
+
+    def busy(self) -> int:
+        """Conversation threads at work right now."""
+        return self._busy
+
+    def loops(self):
+        self._dispatching.set()
+        conversations = [(f"sender-{i}", self._converse) for i in range(self.settings.worker_count)]
+        return [("sender-dispatch", self._dispatch), *conversations]
+
+    def _dispatch(self) -> None:
+        """Take work for idle conversation threads, fairly; sleep on the bell when there is none."""
+        next_idle_check = 0.0
+        try:
+            while not self.stopping.is_set():
+                self.mark_progress()
+                if time.monotonic() >= next_idle_check:
+                    self.mailer.close_idle()
+                    next_idle_check = time.monotonic() + IDLE_CHECK_SECONDS
+                self.retry_unacked()
+                if self.faulted():
+                    self.stopping.wait(0.5)
+                    continue
+                if not self._idle.acquire(timeout=BLOCK_SECONDS):
+                    continue
+                free = 1
+                while free < self.settings.worker_count and self._idle.acquire(blocking=False):
+                    free += 1
+                try:
+                    taken = [] if self.stopping.is_set() else self.take(free)
+                except Exception as exc:
+                    taken = []
+                    log.warning("%s: taking work failed (%s)", self.id, type(exc).__name__)
+                    self.stopping.wait(1.0)
+                for item in taken:
+                    self._work.put(item)
+                for _ in range(free - len(taken)):
+                    self._idle.release()
+                if not taken and not self.stopping.is_set():
+                    try:
+                        self.sendq.wait(BLOCK_SECONDS)
+                    except redis.RedisError:
+                        self.stopping.wait(1.0)
+        finally:
+            self._dispatching.clear()
+
+    def _converse(self) -> None:
+        while True:
+            try:
+                item = self._work.get(timeout=0.2)
+            except stdqueue.Empty:
+                if self.stopping.is_set() and not self._dispatching.is_set():
+                    return
+                continue
+            with self._lock:
+                self._busy += 1
+            try:
+                if self.stopping.is_set():
+                    self._give_back_quietly(item, _task_id_or_zero(item))  # not started: give it back
+                else:
+                    self.handle(item)
+            except Exception:  # handle() lets go of the envelope on every path it knows
+                log.exception("%s: unexpected error", self.id)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                self._idle.release()
+
+    def shutdown(self) -> None:
+        while True:  # anything the dispatcher took after the threads were gone
+            try:
+                item = self._work.get_nowait()
+            except stdqueue.Empty:
+                break
+            self._give_back_quietly(item, _task_id_or_zero(item))
+        self.retry_unacked()
+        super().shutdown()
+
+    def close(self) -> None:
+        self.mailer.close()
+
+
+def _task_id_or_zero(item: Taken) -> int:
+    try:
+        return item.task_id
+    except EnvelopeDecodeError:
+        return 0
+
+
+def _reason(exc: SmtpError) -> str:
+    text = str(exc)
+    if exc.code is not None and not text.startswith(str(exc.code)):
+        text = f"{exc.code} {text}"
+    return text[:1000]

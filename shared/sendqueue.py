@@ -1,0 +1,256 @@
+"""The senders' fair queue in Redis: a queue per tenant, a ring of tenants, slots per account, pauses.
+
+One FIFO for everybody let a tenant's 20,000-mail burst delay another tenant's single mail and let
+one slow server occupy every sender. Instead (keys in ``shared.queue``):
+
+- each tenant (user) has its own queue, a sorted set of envelopes scored by task id: FIFO per
+  tenant, and adding an envelope that is already waiting changes nothing (a sweep that re-pushes a
+  long backlog does not grow it);
+- the ring lists the tenants with mail waiting, each once; a sender takes one envelope from the
+  tenant at the head and moves that tenant to the tail, so every tenant with waiting mail gets its
+  turn;
+- a tenant's slots (a sorted set of holders scored by expiry) allow at most
+  ``SMTP_MAX_CONNECTIONS_PER_ACCOUNT`` conversations at once across all senders; a slot whose
+  sender was killed expires by itself, so a dead sender never keeps one;
+- a paused tenant (its SMTP login was refused) keeps its queue but leaves the ring until resumed.
+
+Every operation is one Lua script, so it runs atomically, and each keeps this invariant: **a tenant
+is in the ring exactly when its queue is not empty and it is not paused.** A taken envelope moves
+into the sender's processing list in the same script, so a crash never loses it (the sweep returns
+a dead sender's list to ``mailq:tasks``, and the consumer routes it again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import redis
+
+from shared import queue
+
+MAX_SCAN = 256  # tenants one take looks at, at most: bounds the script's run time with many tenants
+
+# Shared by the scripts: ring the bell once per newly waiting envelope (at most BELL_MAX tokens).
+_BELL = """
+local function ring_bell(bell, tokens, bell_max)
+  if tokens > 0 then
+    local args = {}
+    for k = 1, math.min(tokens, bell_max) do args[k] = '1' end
+    redis.call('RPUSH', bell, unpack(args))
+    redis.call('LTRIM', bell, -bell_max, -1)
+  end
+end
+local function enqueue(ring, paused, q, tenant, score, raw)
+  if redis.call('ZADD', q, 'NX', score, raw) == 1 then
+    if redis.call('ZCARD', q) == 1 and redis.call('SISMEMBER', paused, tenant) == 0 then
+      redis.call('RPUSH', ring, tenant)
+    end
+    return 1
+  end
+  return 0
+end
+"""
+
+# KEYS: ring, paused, bell, processing.  ARGV: queue prefix, bell max, n, n x (tenant, score, raw),
+# then envelopes to remove from the processing list (the consumer's hand-off and release, at once).
+_ROUTE = (
+    _BELL
+    + """
+local ring, paused, bell, processing = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local prefix, bell_max, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local added, i = 0, 4
+for _ = 1, n do
+  added = added + enqueue(ring, paused, prefix .. ARGV[i], ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  i = i + 3
+end
+for j = i, #ARGV do
+  redis.call('LREM', processing, 1, ARGV[j])
+end
+ring_bell(bell, added, bell_max)
+return added
+"""
+)
+
+# KEYS: ring, paused, processing.  ARGV: queue prefix, slots prefix, count, cap, slot ttl (ms),
+# holder prefix, max scan.  Returns a flat list of (tenant, envelope, holder).
+_TAKE = """
+local ring, paused, processing = KEYS[1], KEYS[2], KEYS[3]
+local qp, sp = ARGV[1], ARGV[2]
+local count, cap, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local holder_prefix, max_scan = ARGV[6], tonumber(ARGV[7])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {}
+local taken, scanned, misses = 0, 0, 0
+local size = redis.call('LLEN', ring)
+while taken < count and scanned < max_scan and size > 0 and misses < size do
+  local tenant = redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+  scanned = scanned + 1
+  local q = qp .. tenant
+  if redis.call('SISMEMBER', paused, tenant) == 1 or redis.call('ZCARD', q) == 0 then
+    redis.call('LREM', ring, -1, tenant)  -- does not belong in the ring (it was just moved to the tail)
+    size = size - 1
+  else
+    local s = sp .. tenant
+    redis.call('ZREMRANGEBYSCORE', s, '-inf', now)  -- slots of killed senders expire here
+    if redis.call('ZCARD', s) >= cap then
+      misses = misses + 1  -- every conversation this account may have is busy: its turn passes
+    else
+      local raw = redis.call('ZPOPMIN', q)[1]
+      local holder = holder_prefix .. raw
+      redis.call('ZADD', s, now + ttl, holder)
+      redis.call('PEXPIRE', s, ttl)  -- no slot outlives the lease, nor does the set
+      redis.call('LPUSH', processing, raw)
+      taken = taken + 1
+      out[#out + 1] = tenant
+      out[#out + 1] = raw
+      out[#out + 1] = holder
+      misses = 0
+      if redis.call('ZCARD', q) == 0 then
+        redis.call('LREM', ring, -1, tenant)
+        size = size - 1
+      end
+    end
+  end
+end
+return out
+"""
+
+# KEYS: processing, slots, queue, bell.  ARGV: envelope, holder, bell max.
+_DONE = """
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+if redis.call('ZCARD', KEYS[3]) > 0 then  -- a slot came free for a tenant with mail: wake a sender
+  redis.call('RPUSH', KEYS[4], '1')
+  redis.call('LTRIM', KEYS[4], -tonumber(ARGV[3]), -1)
+end
+"""
+
+# KEYS: processing, slots, queue, ring, paused, bell.  ARGV: envelope, holder, score, tenant,
+# bell max, pause (1 or 0).  Puts an envelope we hold back in its tenant's queue (only if it is still
+# ours: one the sweep already returned is not put back twice).
+_GIVE_BACK = (
+    _BELL
+    + """
+local processing, slots, q, ring, paused, bell = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local raw, holder, score, tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if ARGV[6] == '1' then
+  redis.call('SADD', paused, tenant)
+  redis.call('LREM', ring, 0, tenant)
+end
+redis.call('ZREM', slots, holder)
+if redis.call('LREM', processing, 1, raw) == 0 then
+  return 0
+end
+ring_bell(bell, enqueue(ring, paused, q, tenant, score, raw), tonumber(ARGV[5]))
+return 1
+"""
+)
+
+# KEYS: ring, paused, queue, bell.  ARGV: tenant, bell max.
+_RESUME = """
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('LREM', KEYS[1], 0, ARGV[1])
+if redis.call('ZCARD', KEYS[3]) > 0 then
+  redis.call('RPUSH', KEYS[1], ARGV[1])
+  redis.call('RPUSH', KEYS[4], '1')
+  redis.call('LTRIM', KEYS[4], -tonumber(ARGV[2]), -1)
+end
+"""
+
+
+@dataclass(frozen=True)
+class Taken:
+    """One envelope a sender took, with the slot it holds for the conversation."""
+
+    tenant: int
+    raw: bytes
+    holder: str
+
+    @property
+    def task_id(self) -> int:
+        return queue.decode(self.raw)
+
+
+class SendQueue:
+    """The fair queue's operations on one Redis client (scripts are loaded on first use)."""
+
+    def __init__(self, client: redis.Redis):
+        self.redis = client
+        self._route = client.register_script(_ROUTE)
+        self._take = client.register_script(_TAKE)
+        self._done = client.register_script(_DONE)
+        self._give_back = client.register_script(_GIVE_BACK)
+        self._resume = client.register_script(_RESUME)
+
+    def route(
+        self,
+        items: Iterable[tuple[int, int, bytes]],
+        *,
+        processing: str | None = None,
+        release: Sequence[bytes] = (),
+    ) -> int:
+        """Queue (tenant, task id, envelope) triples; an envelope already waiting is not added twice.
+
+        With ``processing``, ``release`` are removed from that list in the same step (the consumer's
+        hand-off: never released before it is handed on). Returns how many were newly queued.
+        """
+        args: list = [queue.SEND_QUEUE_PREFIX, queue.BELL_MAX, 0]
+        for tenant, task_id, raw in items:
+            args += [tenant, task_id, raw]
+            args[2] += 1
+        if not args[2] and not release:
+            return 0
+        keys = [queue.SEND_READY, queue.PAUSED, queue.SEND_BELL, processing or queue.SEND_READY]
+        return self._route(keys=keys, args=[*args, *(release if processing else ())])
+
+    def take(self, processing: str, holder: str, count: int, cap: int, slot_ms: int) -> list[Taken]:
+        """Up to ``count`` envelopes, one per tenant per turn of the ring, each with one of its
+        tenant's ``cap`` slots held for ``slot_ms``; moved into ``processing`` in the same step."""
+        flat = self._take(
+            keys=[queue.SEND_READY, queue.PAUSED, processing],
+            args=[queue.SEND_QUEUE_PREFIX, queue.SLOTS_PREFIX, count, cap, slot_ms, holder, MAX_SCAN],
+        )
+        return [Taken(int(flat[i]), flat[i + 1], flat[i + 2].decode()) for i in range(0, len(flat), 3)]
+
+    def done(self, processing: str, taken: Taken) -> None:
+        """The envelope's work is recorded: let go of it and of its slot."""
+        keys = [processing, queue.slots(taken.tenant), queue.send_queue(taken.tenant), queue.SEND_BELL]
+        self._done(keys=keys, args=[taken.raw, taken.holder, queue.BELL_MAX])
+
+    def give_back(self, processing: str, taken: Taken, task_id: int, *, pause: bool = False) -> bool:
+        """Return a taken envelope to its tenant's queue (pausing the tenant first if asked)."""
+        keys = [
+            processing,
+            queue.slots(taken.tenant),
+            queue.send_queue(taken.tenant),
+            queue.SEND_READY,
+            queue.PAUSED,
+            queue.SEND_BELL,
+        ]
+        args = [taken.raw, taken.holder, task_id, taken.tenant, queue.BELL_MAX, int(pause)]
+        return bool(self._give_back(keys=keys, args=args))
+
+    def pause(self, tenant: int) -> None:
+        """Pause a tenant: its queue stays, but it leaves the ring until resumed."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(queue.PAUSED, tenant)
+        pipe.lrem(queue.SEND_READY, 0, tenant)
+        pipe.execute()
+
+    def resume(self, tenant: int) -> None:
+        """Let a paused tenant's mail be taken again."""
+        keys = [queue.SEND_READY, queue.PAUSED, queue.send_queue(tenant), queue.SEND_BELL]
+        self._resume(keys=keys, args=[tenant, queue.BELL_MAX])
+
+    def paused(self) -> set[int]:
+        return {int(t) for t in self.redis.smembers(queue.PAUSED)}
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a bell rings (new mail, or a slot came free) or ``timeout`` passes."""
+        return self.redis.blpop([queue.SEND_BELL], timeout=timeout) is not None
+
+    def waiting(self, tenant: int) -> int:
+        """How many envelopes wait in the tenant's queue."""
+        return self.redis.zcard(queue.send_queue(tenant))
