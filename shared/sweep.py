@@ -92,7 +92,8 @@ def resume_unpaused(engine: Engine, sendq: SendQueue) -> int:
         still = set(
             conn.execute(
                 sa.text(
-                    "SELECT id FROM users WHERE id = ANY(CAST(:ids AS bigint[])) AND smtp_paused_at IS NOT NULL"
+                    "SELECT id FROM users"
+                    " WHERE id = ANY(CAST(:ids AS bigint[])) AND smtp_paused_at IS NOT NULL"
                 ),
                 {"ids": sorted(paused)},
             ).scalars()
