@@ -15,7 +15,8 @@
      │    └── DependencyUnavailable PostgreSQL or Redis cannot be reached
      └── SmtpError                a send failed
           ├── TransientSmtpError    worth retrying (4xx, timeout, connection lost)
-          └── PermanentSmtpError    not worth retrying (5xx, bad credentials, TLS refused)
+          └── PermanentSmtpError    not worth retrying (5xx, TLS refused, too big for the server)
+               └── SmtpAuthError          the server refused the account's credentials (5xx to AUTH)
 
 Only ``functions/`` knows which HTTP status each ServiceError becomes.
 """
@@ -127,3 +128,11 @@ class TransientSmtpError(SmtpError):
 
 class PermanentSmtpError(SmtpError):
     """Raised for failures not worth retrying: 5xx replies, bad credentials, TLS refused."""
+
+
+class SmtpAuthError(PermanentSmtpError):
+    """Raised when the server answers AUTH with 5xx (535: credentials refused).
+
+    Every mail of that account would fail the same way (and each try counts against the account at the
+    provider), so the sender pauses the account instead of failing its mails one by one.
+    """
