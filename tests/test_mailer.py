@@ -440,7 +440,12 @@ def test_a_pooled_connection_is_retired_at_its_maximum_age_or_message_count(serv
 def test_the_pool_limits_are_settings_with_defaults_and_validation():
     settings = Settings.from_env({})
     assert (settings.smtp_connection_max_age, settings.smtp_connection_max_messages) == (300, 100)
-    for bad in ({"SMTP_CONNECTION_MAX_AGE": "0"}, {"SMTP_CONNECTION_MAX_MESSAGES": "0"}):
+    # SMTP_TIMEOUT=0 would make every socket non-blocking rather than patient.
+    for bad in (
+        {"SMTP_CONNECTION_MAX_AGE": "0"},
+        {"SMTP_CONNECTION_MAX_MESSAGES": "0"},
+        {"SMTP_TIMEOUT": "0"},
+    ):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             Settings.from_env(bad)
 
