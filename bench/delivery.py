@@ -27,7 +27,7 @@ from bench import seed
 from bench.mailbox import MailboxTail, Verdict, verify
 from bench.stack import Child, CpuMeter, Stack
 from shared import queue, services
-from shared.mailer import build_message
+from shared.message import build_message
 
 CELERY_HOLD = "bench-hold"  # the queue Celery tasks are published to before the clock starts
 CELERY_QUEUE = "celery"  # the queue the worker consumes (Celery's default)

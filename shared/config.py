@@ -86,6 +86,8 @@ class Settings:
     smtp_idle_seconds: float = 30.0  # SMTP_IDLE_SECONDS, a reused SMTP connection is closed after this idle
     # SMTP_MAX_CONNECTIONS_PER_ACCOUNT, SMTP conversations at once per account across all senders
     smtp_max_connections_per_account: int = 3
+    smtp_connection_max_age: float = 300.0  # SMTP_CONNECTION_MAX_AGE, seconds a pooled connection may live
+    smtp_connection_max_messages: int = 100  # SMTP_CONNECTION_MAX_MESSAGES, mails over one connection at most
     smtp_allow_private_hosts: bool = True  # SMTP_ALLOW_PRIVATE_HOSTS, allow loopback/private SMTP hosts
     smtp_allow_insecure: bool = True  # SMTP_ALLOW_INSECURE, allow smtp_security=none (plaintext)
 
@@ -141,6 +143,10 @@ class Settings:
             smtp_max_connections_per_account=_int(
                 get("SMTP_MAX_CONNECTIONS_PER_ACCOUNT", "3"), "SMTP_MAX_CONNECTIONS_PER_ACCOUNT", 1
             ),
+            smtp_connection_max_age=_float(get("SMTP_CONNECTION_MAX_AGE", "300"), "SMTP_CONNECTION_MAX_AGE"),
+            smtp_connection_max_messages=_int(
+                get("SMTP_CONNECTION_MAX_MESSAGES", "100"), "SMTP_CONNECTION_MAX_MESSAGES", 1
+            ),
             smtp_allow_private_hosts=_bool(
                 get("SMTP_ALLOW_PRIVATE_HOSTS", "false" if production else "true"), "SMTP_ALLOW_PRIVATE_HOSTS"
             ),
@@ -157,6 +163,10 @@ class Settings:
         problems = []
         if self.retry_backoff_max < self.retry_backoff_base:
             problems.append("RETRY_BACKOFF_MAX must be at least RETRY_BACKOFF_BASE")
+        if self.smtp_timeout <= 0:
+            problems.append("SMTP_TIMEOUT must be more than 0 seconds")
+        if self.smtp_connection_max_age <= 0:
+            problems.append("SMTP_CONNECTION_MAX_AGE must be more than 0 seconds")
         if self.is_production:
             if not self.jwt_secret:
                 problems.append("JWT_SECRET is missing (at least 32 bytes are required in production)")

@@ -15,8 +15,8 @@
      │    └── DependencyUnavailable PostgreSQL or Redis cannot be reached
      └── SmtpError                a send failed
           ├── TransientSmtpError    worth retrying (4xx, timeout, connection lost)
-          └── PermanentSmtpError    not worth retrying (5xx, TLS refused)
-               └── SmtpAuthError      the server refused the account's credentials (535)
+          └── PermanentSmtpError    not worth retrying (5xx, TLS refused, too big for the server)
+               └── SmtpAuthError          the server refused the account's credentials (5xx to AUTH)
 
 Only ``functions/`` knows which HTTP status each ServiceError becomes.
 """
@@ -131,5 +131,8 @@ class PermanentSmtpError(SmtpError):
 
 
 class SmtpAuthError(PermanentSmtpError):
-    """Raised when the server refuses the account's credentials (535 and other 5xx to AUTH): the
-    account is paused until its SMTP settings change, rather than every queued mail trying again."""
+    """Raised when the server answers AUTH with 5xx (535: credentials refused).
+
+    Every mail of that account would fail the same way (and each try counts against the account at the
+    provider), so the sender pauses the account instead of failing its mails one by one.
+    """

@@ -45,6 +45,8 @@ from shared.errors import (
     SmtpError,
     TransientSmtpError,
 )
+from shared.mailer import SmtpAccount
+from shared.message import build_message
 from shared.sendqueue import SendQueue, Taken
 from shared.workers import BLOCK_SECONDS, Outcome, Worker, backoff_seconds, dependency_of, utcnow
 
@@ -265,7 +267,6 @@ class Sender(Worker):
         """Send a claimed task and record what happened; no transaction is open while SMTP talks.
 
         ``item`` is the envelope it came with, given back on a worker fault or a pause."""
-        from shared.mailer import SmtpAccount, build_message
 
         deadline = self.clock() + self.settings.smtp_deadline
         try:
@@ -511,7 +512,4 @@ def _task_id_or_zero(item: Taken) -> int:
 
 
 def _reason(exc: SmtpError) -> str:
-    text = str(exc)
-    if exc.code is not None and not text.startswith(str(exc.code)):
-        text = f"{exc.code} {text}"
-    return text[:1000]
+    return str(exc)[:1000]  # the mailer's messages start with the reply code, once, and hold no secret

@@ -138,7 +138,7 @@ def _check_smtp(ctx: Context, f: Fields, host: str | None, port: int | None, sec
     if security == "none" and not ctx.settings.smtp_allow_insecure:
         f.fail("smtp_security", "plaintext SMTP (none) is not allowed on this deployment")
     if host is not None and port is not None and not ctx.settings.smtp_allow_private_hosts:
-        from shared.mailer import host_refusal_reason
+        from shared.hosts import host_refusal_reason
 
         reason = host_refusal_reason(host, port, allow_private=False)
         if reason:

@@ -1,4 +1,5 @@
-"""The mailer against real SMTP servers (aiosmtpd): TLS, AUTH, reply classification, connection reuse."""
+"""The mailer against real SMTP servers (aiosmtpd, and the raw hostile servers of tests/hostile_smtp.py):
+TLS, AUTH, reply classification, connection reuse, and what a hostile server cannot do to a sender."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import ssl
 import threading
 import time
 import traceback
+import tracemalloc
 from datetime import UTC, datetime
 from email.headerregistry import HeaderRegistry
 
@@ -16,14 +18,16 @@ import pytest
 
 from shared.config import Settings
 from shared.domain import SmtpSecurity
-from shared.errors import PermanentSmtpError, TransientSmtpError
-from shared.mailer import (
-    Mailer,
-    SmtpAccount,
-    build_message,
-    check_host_allowed,
-    host_refusal_reason,
-    message_id_for,
+from shared.errors import ConfigError, PermanentSmtpError, SmtpAuthError, TransientSmtpError
+from shared.hosts import check_host_allowed, host_refusal_reason
+from shared.mailer import Mailer, SmtpAccount
+from shared.message import build_message, message_id_for
+from tests.hostile_smtp import (
+    FloodingServer,
+    HostileSmtpServer,
+    SilentServer,
+    SlowGoodbyeServer,
+    TricklingServer,
 )
 from tests.smtp_servers import DROP, ScriptedSmtpServer, make_ca, make_self_signed_context
 
@@ -207,6 +211,46 @@ def test_rejected_credentials_are_permanent_and_the_password_never_shows(caplog,
     assert PASSWORD not in repr(account)
 
 
+def test_a_wrong_password_costs_exactly_one_auth_attempt(mailer):
+    # smtplib's login() would try every mechanism offered in turn: three refused logins per mail.
+    with HostileSmtpServer(password=PASSWORD, auth="CRAM-MD5 PLAIN LOGIN") as server:
+        with pytest.raises(SmtpAuthError) as caught:
+            mailer.send(account_for(server, SmtpSecurity.NONE, "alice", "wrong"), a_message())
+    assert server.auth_attempts == 1 and server.count("MAIL") == 0
+    assert caught.value.code == 535 and caught.value.message.startswith("535 ")
+
+
+def test_login_is_used_when_plain_is_not_offered(mailer):
+    with HostileSmtpServer(password=PASSWORD, auth="LOGIN") as server:
+        mailer.send(account_for(server, SmtpSecurity.NONE, "alice", PASSWORD), a_message())
+    assert server.auth_attempts == 1 and "AUTH LOGIN" in server.commands and len(server.messages) == 1
+
+
+def test_a_temporary_auth_failure_is_transient_and_tried_once(mailer):
+    refusal = b"454 4.7.0 Temporary authentication failure\r\n"
+    with HostileSmtpServer(password=PASSWORD, replies={"AUTH": refusal}) as server:
+        with pytest.raises(TransientSmtpError, match="454"):
+            mailer.send(account_for(server, SmtpSecurity.NONE, "alice", PASSWORD), a_message())
+    assert server.auth_attempts == 1
+
+
+def test_a_server_offering_only_cram_md5_is_refused_without_trying(mailer):
+    with HostileSmtpServer(password=PASSWORD, auth="CRAM-MD5") as server:
+        with pytest.raises(PermanentSmtpError, match="PLAIN or LOGIN"):
+            mailer.send(account_for(server, SmtpSecurity.NONE, "alice", PASSWORD), a_message())
+    assert server.auth_attempts == 0
+
+
+@pytest.mark.parametrize("echo", [PASSWORD, "AGFsaWNlAHMzY3JldC1QYTU1d29yZC14eXp6eQ=="])
+def test_a_server_echoing_the_password_in_its_refusal_does_not_get_it_into_the_error(mailer, echo):
+    # The second form is base64("\0alice\0" + PASSWORD), the AUTH PLAIN line a server might quote back.
+    refusal = f"535 5.7.8 bad credentials {echo}\r\n".encode()
+    with HostileSmtpServer(password=PASSWORD, replies={"AUTH": refusal}) as server:
+        with pytest.raises(SmtpAuthError) as caught:
+            mailer.send(account_for(server, SmtpSecurity.NONE, "alice", PASSWORD), a_message())
+    assert echo not in caught.value.message and "***" in caught.value.message
+
+
 def test_a_username_for_a_server_without_auth_is_permanent(server, mailer):
     with pytest.raises(PermanentSmtpError, match="does not offer AUTH"):
         mailer.send(account_for(server, SmtpSecurity.NONE, "alice", PASSWORD), a_message())
@@ -232,12 +276,21 @@ def test_a_5xx_reply_is_permanent(mailer):
     assert "550 5.1.1 no such user" in caught.value.message
 
 
-def test_a_refused_message_leaves_the_connection_usable(mailer):
+def test_a_permanently_refused_message_leaves_the_connection_usable(mailer):
+    with ScriptedSmtpServer(["550 5.7.1 content rejected"]) as server:
+        with pytest.raises(PermanentSmtpError):
+            mailer.send(account_for(server), a_message())
+        mailer.send(account_for(server), a_message())
+    assert server.connections == 1 and len(server.messages) == 1
+
+
+def test_after_a_transient_refusal_the_retry_uses_a_fresh_connection(mailer):
     with ScriptedSmtpServer(["451 4.3.0 try later"]) as server:
         with pytest.raises(TransientSmtpError):
             mailer.send(account_for(server), a_message())
         mailer.send(account_for(server), a_message())
-    assert server.connections == 1 and len(server.messages) == 1
+        assert server.connections == 2 and len(server.messages) == 1
+        assert wait_until(lambda: server.open_connections == 1)  # the one that refused was closed
 
 
 def test_a_server_that_hangs_up_is_transient_and_is_not_retried(mailer):
@@ -255,16 +308,27 @@ def test_a_lost_final_reply_on_a_reused_connection_is_not_retried(mailer):
     assert server.data_attempts == 2 and server.connections == 1
 
 
-def test_a_server_that_never_greets_times_out_as_transient():
+def test_a_server_that_never_greets_times_out_waiting_for_the_greeting():
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(1)  # the kernel completes the handshake; nobody ever says 220
         host, port = silent.getsockname()
         with Mailer(SETTINGS.replace(smtp_timeout=0.3)) as mailer:
-            started = time.monotonic()
-            with pytest.raises(TransientSmtpError, match="timed out"):
+            with pytest.raises(TransientSmtpError) as caught:
                 mailer.send(SmtpAccount(host, port, "", "", SmtpSecurity.NONE), a_message())
-    assert time.monotonic() - started < 3
+    assert "timed out waiting for the greeting" in caught.value.message
+    assert "connection lost" not in caught.value.message
+
+
+@pytest.mark.parametrize("reply", ["550 5.1.1 no such user", "451 4.3.0 try later"])
+def test_a_refusal_names_its_reply_code_once_at_the_start(mailer, reply):
+    with ScriptedSmtpServer([reply]) as server:
+        with pytest.raises((PermanentSmtpError, TransientSmtpError)) as caught:
+            mailer.send(account_for(server), a_message())
+    code = reply[:3]
+    message = caught.value.message
+    assert message.startswith(reply) and caught.value.code == int(code)
+    assert re.findall(rf"\b{code}\b", message) == [code]  # last_error must not read "550 ... 550 ..."
 
 
 def test_a_refused_connection_is_transient(mailer):
@@ -355,6 +419,147 @@ def test_a_private_host_is_refused_before_connecting(server):
         with pytest.raises(PermanentSmtpError, match="loopback"):
             mailer.send(account_for(server), a_message())
     assert server.connections == 0
+
+
+@pytest.mark.parametrize("limit", ["age", "messages"])
+def test_a_pooled_connection_is_retired_at_its_maximum_age_or_message_count(server, limit):
+    clock = FakeClock()
+    settings = SETTINGS.replace(
+        smtp_idle_seconds=1000, smtp_connection_max_age=60, smtp_connection_max_messages=3
+    )
+    with Mailer(settings, clock=clock) as mailer:
+        for task_id in range(3 if limit == "messages" else 2):
+            mailer.send(account_for(server), a_message(task_id=task_id))
+            clock.advance(35 if limit == "age" else 1)
+        assert server.connections == 1
+        mailer.send(account_for(server), a_message(task_id=9))  # 70 s old, or its 4th mail
+        assert server.connections == 2
+        assert wait_until(lambda: server.open_connections == 1)
+
+
+def test_the_pool_limits_are_settings_with_defaults_and_validation():
+    settings = Settings.from_env({})
+    assert (settings.smtp_connection_max_age, settings.smtp_connection_max_messages) == (300, 100)
+    # SMTP_TIMEOUT=0 would make every socket non-blocking rather than patient.
+    for bad in (
+        {"SMTP_CONNECTION_MAX_AGE": "0"},
+        {"SMTP_CONNECTION_MAX_MESSAGES": "0"},
+        {"SMTP_TIMEOUT": "0"},
+    ):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            Settings.from_env(bad)
+
+
+# --- hostile servers: deadlines, caps, no waiting on a goodbye ---
+
+MARGIN = 1.0  # seconds past the deadline a send may take to unwind on a loaded machine
+
+
+def hostile_account(server, security=SmtpSecurity.NONE, host=None) -> SmtpAccount:
+    return SmtpAccount(host or server.host, server.port, "", "", security)
+
+
+@pytest.mark.parametrize("trickled", ["banner", "replies"])
+def test_a_server_trickling_one_byte_at_a_time_cannot_outlast_the_deadline(trickled):
+    # Every byte comes well within SMTP_TIMEOUT, so only a deadline on the whole conversation stops it.
+    with (
+        TricklingServer(0.2, banner=trickled == "banner", replies=trickled == "replies") as server,
+        Mailer(SETTINGS.replace(smtp_timeout=1)) as mailer,
+    ):
+        deadline = time.monotonic() + 1.5
+        with pytest.raises(TransientSmtpError, match="deadline"):
+            mailer.send(hostile_account(server), a_message(), deadline=deadline)
+        assert time.monotonic() < deadline + MARGIN
+        assert wait_until(lambda: server.open_connections == 0)
+
+
+def test_the_deadline_also_cuts_a_trickling_tls_server_short(ca, trusting):
+    with (
+        TricklingServer(0.2, tls_context=ca.server_context()) as server,
+        Mailer(SETTINGS.replace(smtp_timeout=1), ssl_context_factory=trusting) as mailer,
+    ):
+        deadline = time.monotonic() + 1.5
+        with pytest.raises(TransientSmtpError, match="deadline"):
+            mailer.send(
+                hostile_account(server, SmtpSecurity.TLS, "localhost"), a_message(), deadline=deadline
+            )
+        assert time.monotonic() < deadline + MARGIN
+
+
+def test_a_server_that_never_answers_data_hits_the_deadline_and_may_have_accepted(mailer):
+    # SMTP_TIMEOUT is 5 s here: the wait for the final reply must be cut to the time left.
+    with SilentServer("DATA") as server:
+        deadline = time.monotonic() + 1.5
+        with pytest.raises(TransientSmtpError) as caught:
+            mailer.send(hostile_account(server), a_message(), deadline=deadline)
+        assert time.monotonic() < deadline + MARGIN
+    assert "deadline" in caught.value.message and "may have accepted" in caught.value.message
+    assert len(server.messages) == 1
+
+
+def test_without_a_deadline_a_send_gets_four_fifths_of_the_lease():
+    with (
+        TricklingServer(0.2) as server,
+        Mailer(SETTINGS.replace(smtp_timeout=1, lease_seconds=2)) as mailer,
+    ):
+        started = time.monotonic()
+        with pytest.raises(TransientSmtpError, match="deadline"):
+            mailer.send(hostile_account(server), a_message())
+        assert time.monotonic() < started + 0.8 * 2 + MARGIN
+
+
+def test_a_deadline_already_passed_fails_at_once_and_spares_the_pooled_connection(server, mailer):
+    mailer.send(account_for(server), a_message(task_id=1))
+    with pytest.raises(TransientSmtpError, match="deadline passed before the send began"):
+        mailer.send(account_for(server), a_message(task_id=2), deadline=time.monotonic())
+    mailer.send(account_for(server), a_message(task_id=3))
+    assert server.connections == 1 and len(server.messages) == 2
+
+
+@pytest.mark.parametrize("width, lines", [(80, 50_000), (8000, 600)])
+def test_an_endless_multi_line_reply_fails_fast_and_memory_stays_bounded(width, lines):
+    # 4 MB or more stand for "endless": smtplib alone would keep every line before answering.
+    with FloodingServer("EHLO", lines=lines, width=width) as server, Mailer(SETTINGS) as mailer:
+        tracemalloc.start()
+        try:
+            with pytest.raises(TransientSmtpError, match="reply to EHLO exceeded"):
+                mailer.send(hostile_account(server), a_message())
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak < 1_000_000
+    assert server.count("MAIL") == 0
+
+
+@pytest.mark.parametrize("closing", ["close_idle", "close"])
+def test_closing_idle_connections_never_waits_for_the_servers_goodbye(closing):
+    clock = FakeClock()
+    with SlowGoodbyeServer(0.2) as server, Mailer(SETTINGS, clock=clock) as mailer:
+        mailer.send(hostile_account(server), a_message())
+        clock.advance(SETTINGS.smtp_idle_seconds + 1)
+        started = time.monotonic()
+        getattr(mailer, closing)()
+        assert time.monotonic() - started < 0.5
+        assert wait_until(lambda: server.quits == 1)  # QUIT was still said, just not waited on
+
+
+# --- SIZE ---
+
+
+def test_a_message_over_the_advertised_size_is_refused_before_uploading(mailer):
+    with HostileSmtpServer(extensions=["SIZE 1000"]) as server:
+        with pytest.raises(PermanentSmtpError, match="exceeds the server's limit of 1000 bytes"):
+            mailer.send(hostile_account(server), a_message(body="x" * 2000))
+        mailer.send(hostile_account(server), a_message())  # the connection is still good
+    assert server.count("MAIL") == 1 and server.count("DATA") == 1 and server.connections == 1
+
+
+def test_mail_from_declares_the_size_when_the_server_advertises_size(mailer):
+    with HostileSmtpServer(extensions=["SIZE 100000"]) as server:
+        mailer.send(hostile_account(server), a_message())
+    [mail] = [line for line in server.commands if line.upper().startswith("MAIL")]
+    declared = int(re.search(r" SIZE=(\d+)", mail).group(1))
+    assert declared == len(server.messages[0])  # no dots to stuff in this message
 
 
 # --- host checks ---

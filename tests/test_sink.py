@@ -17,7 +17,8 @@ import pytest
 
 from shared.config import Settings
 from shared.domain import SmtpSecurity
-from shared.mailer import Mailer, SmtpAccount, build_message, message_id_for
+from shared.mailer import Mailer, SmtpAccount
+from shared.message import build_message, message_id_for
 from shared.sink import Sink, count_message_ids, read_mailbox
 
 SETTINGS = Settings(smtp_timeout=5.0)
