@@ -37,5 +37,5 @@ clean-local: ## remove the local data directory (.mailq/) — embedded databases
 	rm -rf .mailq
 
 -include deployment/k8s.mk
--include bench/bench.mk
--include chaos/chaos.mk
+-include tests/bench/bench.mk
+-include tests/chaos/chaos.mk

@@ -17,7 +17,6 @@ from pathlib import Path
 import click
 
 from shared.config import Settings, configure_logging
-from shared.embedded import die_with_parent
 from shared.errors import ConfigError
 
 SENDER_POOL = 5  # PostgreSQL connections per sender process (as many again under load, as overflow)
@@ -83,6 +82,9 @@ class Supervisor:
         self.children: list[tuple[str, subprocess.Popen]] = []
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        # Imported here: the local stack's module stays out of the cluster image (see .dockerignore).
+        from shared.embedded import die_with_parent
+
         proc = subprocess.Popen(
             [sys.executable, "-m", "functions.cli", *args],
             env=self.env,
@@ -348,14 +350,6 @@ def mailbox(data_dir: Path, limit: int) -> None:
         click.echo(f"{m.get('received_at')}  {m.get('mail_from')} -> {to}")
         click.echo(f"    Subject: {m.get('subject')}")
         click.echo(f"    Message-ID: {m.get('message_id')}")
-
-
-try:  # the benchmark ships with the source tree, not with the cluster image
-    from bench.cli import bench as _bench
-
-    main.add_command(_bench)
-except ImportError:
-    pass
 
 
 if __name__ == "__main__":

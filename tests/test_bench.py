@@ -31,7 +31,7 @@ TINY = ["--n", "200", "--seconds", "1", "--latency-seconds", "1", "--scale-rows"
 
 def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bench", "--no-progress", "--out", str(out), *TINY, *args],
+        [sys.executable, "-m", "tests.bench", "--no-progress", "--out", str(out), *TINY, *args],
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
 
@@ -80,9 +80,9 @@ def test_the_chart_is_a_png_with_every_delivery_bar(tmp_path):
         pytest.skip(
             "matplotlib is not installed; it comes with the bench extra: pip install -e '.[dev,bench]'"
         )
-    from bench.delivery import Delivery
-    from bench.mailbox import Verdict
-    from bench.report import Run, chart
+    from tests.bench.delivery import Delivery
+    from tests.bench.mailbox import Verdict
+    from tests.bench.report import Run, chart
 
     verdict = Verdict(expected=10, delivered=10, duplicates=0, missing=0, unexpected=0)
     run = Run(started=datetime(2026, 1, 1), options={"n": 10})

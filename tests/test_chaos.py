@@ -1,6 +1,6 @@
 """Fault runs, short: hundreds of tasks through real mailq processes while workers are SIGKILLed, Redis and
-PostgreSQL restart and the SMTP server misbehaves; then the audit (chaos/audit.py). `make chaos` runs the
-same scenarios with thousands of tasks. The last tests pin down bugs the fault runs found."""
+PostgreSQL restart and the SMTP server misbehaves; then the audit (tests/chaos/audit.py). `make chaos` runs
+the same scenarios with thousands of tasks. The last tests pin down bugs the fault runs found."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from chaos import scenarios
-from chaos.audit import wait_settled
-from chaos.client import Client, Enqueuer, make_accounts
-from chaos.stack import Stack, wait_beat
 from shared import queue, services
 from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.db import make_engine
 from shared.embedded import EmbeddedRedis, free_port
 from shared.workers import Outcome
+from tests.chaos import scenarios
+from tests.chaos.audit import wait_settled
+from tests.chaos.client import Client, Enqueuer, make_accounts
+from tests.chaos.stack import Stack, wait_beat
 from tests.conftest import TEST_ENV
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer

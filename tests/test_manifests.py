@@ -1063,7 +1063,7 @@ def test_the_docker_build_context_holds_the_package_and_nothing_secret():
         assert not _docker_ignored(patterns, path), f"{path} is left out of the image"
     for path in (
         "deployment/secrets.env", ".venv/bin/python", ".mailq/pg/PG_VERSION", "tests/test_manifests.py",
-        ".git/HEAD", "bench/results/run.json", "shared/__pycache__/config.cpython-311.pyc",
+        ".git/HEAD", "tests/bench/results/run.json", "shared/__pycache__/config.cpython-311.pyc",
         "build/k8s/mailq.yaml",
     ):  # fmt: skip
         assert _docker_ignored(patterns, path), f"{path} would be sent into the image build"

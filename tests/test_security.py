@@ -25,10 +25,10 @@ import psutil
 import pytest
 import redis
 
-from chaos.audit import secrets_found
 from shared import queue
 from shared.embedded import free_port
 from shared.sink import count_message_ids
+from tests.chaos.audit import secrets_found
 from tests.conftest import auth_header, login
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer

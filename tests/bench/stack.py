@@ -29,7 +29,7 @@ from shared.crypto import SecretBox, generate_key
 from shared.db import dispose_engines, engine_for, migrate
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MAIN_SOURCE = ROOT / "functions" / "main.py"
 TRIVIAL_SOURCE = Path(__file__).resolve().with_name("trivial.py")
 CELERY_DB = 1  # the Celery peer's broker lives in its own Redis database on the same server

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from bench import SCENARIOS, TITLES  # noqa: F401 - SCENARIOS is part of this module's interface
-from bench.api import ApiResult, LatencyResult
-from bench.delivery import Delivery
-from bench.load import percentile
-from bench.scale import ScaleResult
-from bench.stack import ROOT
+from tests.bench import SCENARIOS, TITLES  # noqa: F401 - SCENARIOS is part of this module's interface
+from tests.bench.api import ApiResult, LatencyResult
+from tests.bench.delivery import Delivery
+from tests.bench.load import percentile
+from tests.bench.scale import ScaleResult
+from tests.bench.stack import ROOT
 
 TARGETS = {
     "delivery/raw": 0.6,
@@ -412,7 +412,7 @@ def write(run: Run, out_dir: Path, *, make_chart: bool = True) -> Path:
         "```\n" + "\n".join(f"$ {k}\n{v}" for k, v in info.items()) + "\n```\n",
         "## How each scenario is measured\n",
         METHOD,
-        "Reproduce: `make bench` (or `mailq bench`, `python -m bench` before it is registered).\n",
+        "Reproduce: `make bench` (or `python -m tests.bench` from the repository root).\n",
     ]
     md_path.write_text("\n".join(sections))
     (out_dir / f"{stem}.json").write_text(json.dumps(_numbers(run, commit, dirty), indent=2, default=str))
@@ -508,7 +508,7 @@ METHOD = """\
   no status, no retry bookkeeping beyond Celery's own.
 - **4. Enqueue API**: `functions-framework --source functions/main.py --target enqueue` (gunicorn
   gthread) with WORKERS/THREADS read from the enqueue Service in `knative/functions.yaml`; the
-  trivial function (`bench/trivial.py`, reads the body and answers 202) is served the same way and
+  trivial function (`tests/bench/trivial.py`, reads the body and answers 202) is served the same way and
   receives the same requests. The load generator is an asyncio keep-alive HTTP/1.1 client in the
   benchmark process, C connections back to back, 1 s warm-up not counted; it shares the machine's
   cores with the server, the same way for both.

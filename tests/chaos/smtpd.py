@@ -1,6 +1,6 @@
 """An SMTP server (aiosmtpd) that answers each DATA at random and logs every decision.
 
-    python -m chaos.smtpd --port 2525 --log smtp.jsonl --mix 250=0.7,451=0.1,550=0.1,drop_after=0.1
+    python -m tests.chaos.smtpd --port 2525 --log smtp.jsonl --mix 250=0.7,451=0.1,550=0.1,drop_after=0.1
 
 Fates: ``250`` accepts and stores, ``451`` and ``550`` refuse, ``drop_before`` hangs up while the client
 is still sending the message (after its headers, before the final dot: nothing stored), ``drop_after``

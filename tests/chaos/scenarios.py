@@ -16,10 +16,17 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from chaos.audit import Audit, audit_against_server_log, audit_delivery, count_status, rows, secrets_found
-from chaos.client import Enqueuer, EnqueueRun, make_accounts
-from chaos.smtpd import STORED
-from chaos.stack import Stack, WorkerSet
+from tests.chaos.audit import (
+    Audit,
+    audit_against_server_log,
+    audit_delivery,
+    count_status,
+    rows,
+    secrets_found,
+)
+from tests.chaos.client import Enqueuer, EnqueueRun, make_accounts
+from tests.chaos.smtpd import STORED
+from tests.chaos.stack import Stack, WorkerSet
 
 SETTLE_TIMEOUT = 240.0
 
@@ -167,7 +174,7 @@ class Run:
 
 
 def _wait_settled(stack: Stack, accepted: list[int], timeout: float) -> dict:
-    from chaos.audit import wait_settled
+    from tests.chaos.audit import wait_settled
 
     return wait_settled(stack.engine, accepted, timeout)
 

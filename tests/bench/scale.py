@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from bench import seed
-from bench.api import Sizing, enqueue_requests, knative_sizing
-from bench.load import LoadResult, build_request, closed_loop
-from bench.stack import MAIN_SOURCE, Stack
 from shared.sweep import SweepReport, sweep_once
+from tests.bench import seed
+from tests.bench.api import Sizing, enqueue_requests, knative_sizing
+from tests.bench.load import LoadResult, build_request, closed_loop
+from tests.bench.stack import MAIN_SOURCE, Stack
 
 QUEUE_PATH = "/api/v1/task/queue"
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from bench import seed
-from bench.delivery import _settled, _timeout
-from bench.load import LoadResult, build_request, closed_loop, open_loop, percentile
-from bench.mailbox import MailboxTail, Verdict, verify
-from bench.stack import MAIN_SOURCE, ROOT, TRIVIAL_SOURCE, Child, CpuMeter, Stack
+from tests.bench import seed
+from tests.bench.delivery import _settled, _timeout
+from tests.bench.load import LoadResult, build_request, closed_loop, open_loop, percentile
+from tests.bench.mailbox import MailboxTail, Verdict, verify
+from tests.bench.stack import MAIN_SOURCE, ROOT, TRIVIAL_SOURCE, Child, CpuMeter, Stack
 
 ENQUEUE_PATH = "/api/v1/task/enqueue"
 DEFAULT_SIZING = (1, 8)  # WORKERS, THREADS when knative/ cannot be read

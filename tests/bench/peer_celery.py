@@ -8,7 +8,7 @@ backend (``ignore_result``), and Redis is the broker.
 
 Configured from the environment so the benchmark can point it at its own Redis and sink:
 ``BENCH_CELERY_BROKER``, ``MAIL_SERVER``, ``MAIL_PORT``, ``MAIL_USERNAME``, ``MAIL_PASSWORD``,
-``MAIL_DEFAULT_SENDER``. Run the worker with ``celery -A bench.peer_celery worker``.
+``MAIL_DEFAULT_SENDER``. Run the worker with ``celery -A tests.bench.peer_celery worker``.
 """
 
 from __future__ import annotations
@@ -71,4 +71,4 @@ def send_mail(recipient: str, subject: str, body: str, message_id: str) -> None:
 
 flask_app = create_app()
 celery_app = flask_app.extensions["celery"]
-app = celery_app  # what `celery -A bench.peer_celery` looks for
+app = celery_app  # what `celery -A tests.bench.peer_celery` looks for

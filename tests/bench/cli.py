@@ -1,4 +1,4 @@
-"""`mailq bench`: run every scenario on the local embedded stack and write bench/results/<date>.md."""
+"""`python -m tests.bench`: every scenario on the local embedded stack, into tests/bench/results/<date>.md."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import click
 
-from bench import SCENARIOS, TITLES
+from tests.bench import SCENARIOS, TITLES
 
-# Only click and the standard library at import time: `mailq` imports this module on every start, and
-# the benchmark's own dependencies (psutil, the embedded servers, Celery) are not in the cluster image.
-ROOT = Path(__file__).resolve().parent.parent
+# Only click and the standard library at import time: `--help` must answer without the benchmark's own
+# dependencies (psutil, the embedded servers, Celery), which come with the bench extra.
+ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_N = 20_000
 QUICK = {"n": 2_000, "seconds": 3.0, "latency_seconds": 4.0, "scale_rows": 100_000, "scale_user_rows": 10_000}
@@ -88,8 +88,8 @@ class Progress:
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
-    default=ROOT / "bench" / "results",
-    show_default="bench/results",
+    default=ROOT / "tests" / "bench" / "results",
+    show_default="tests/bench/results",
     help="directory for <date>.md, .png and .json",
 )
 @click.option(
@@ -148,8 +148,8 @@ def bench(
     if unknown:
         raise click.BadParameter(f"unknown scenario(s): {', '.join(sorted(unknown))}", param_hint="--only")
 
-    from bench.report import Run, write
-    from bench.stack import Stack
+    from tests.bench.report import Run, write
+    from tests.bench.stack import Stack
 
     run = Run(
         started=datetime.now(),
@@ -239,7 +239,7 @@ def _run_scenarios(
     scale_user_rows,
     profile,
 ) -> None:
-    from bench import api, delivery, scale
+    from tests.bench import api, delivery, scale
 
     def raw_limit(when: str) -> None:
         with _guard(run, "raw"), progress.step(f"1. raw limit ({when}): one smtplib connection", n) as tick:
@@ -295,10 +295,10 @@ def _run_scenarios(
 def _profiler(profile: Path | None, name: str):
     if profile is None:
         return None
-    from bench.profile import Profiler
+    from tests.bench.profile import Profiler
 
     return Profiler(Path(profile) / name)
 
 
 if __name__ == "__main__":
-    bench(prog_name="mailq bench")
+    bench(prog_name="python -m tests.bench")

@@ -1,8 +1,10 @@
-"""`python -m chaos`: run the fault scenarios at full size and print the reliability table.
+"""`python -m tests.chaos`: run the fault scenarios at full size and print the reliability table.
 
-    python -m chaos                         # every scenario, thousands of tasks each (what `make chaos` runs)
-    python -m chaos -s sender-kills -n 500  # one scenario, smaller
-    python -m chaos --report out.md --keep  # also write the table to a file; keep logs and databases
+    python -m tests.chaos                         # every scenario, thousands of tasks each (`make chaos`)
+    python -m tests.chaos -s sender-kills -n 500  # one scenario, smaller
+    python -m tests.chaos --report out.md --keep  # also write the table to a file; keep logs and databases
+
+From the repository root (`tests` is not an installed package).
 
 Exits 1 when any scenario broke a guarantee (a lost task, an unexplained duplicate, a 500, a crash).
 """
@@ -21,8 +23,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from chaos.scenarios import SCENARIOS, Result
-from chaos.stack import ROOT, Stack
+from tests.chaos.scenarios import SCENARIOS, Result
+from tests.chaos.stack import ROOT, Stack
 
 # The full-size runs: thousands of tasks; faults every few seconds.
 FULL: dict[str, dict] = {
@@ -80,7 +82,7 @@ def header(command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m chaos", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.chaos", description=__doc__.splitlines()[0])
     parser.add_argument("-s", "--scenario", action="append", choices=list(SCENARIOS), help="repeatable")
     parser.add_argument("-n", "--tasks", type=int, help="tasks per scenario (default: the full sizes)")
     parser.add_argument("--workdir", type=Path, help="where the databases and logs go (default: a temp dir)")
@@ -93,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
 
     names = args.scenario or list(SCENARIOS)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mailq-chaos-"))
-    command = (
-        "make chaos" if argv is None and len(sys.argv) == 1 else "python -m chaos " + " ".join(sys.argv[1:])
-    )
+    command = "python -m tests.chaos " + " ".join(sys.argv[1:])
+    if argv is None and len(sys.argv) == 1:
+        command = "make chaos"
     results: list[Result] = []
     started = time.monotonic()
     print(f"fault runs in {workdir}", flush=True)

@@ -5,7 +5,7 @@
     client.py    a keep-alive HTTP client and the enqueue load (latencies, retries with Idempotency-Key)
     audit.py     what every run ends with: every task terminal, every sent one at the server, none lost
     scenarios.py one function per fault, each returning a Result
-    __main__.py  `python -m chaos` (what `make chaos` runs): every scenario, then a Markdown table
+    __main__.py  `python -m tests.chaos` (what `make chaos` runs): every scenario, then a Markdown table
 
 `tests/test_chaos.py` runs the same scenarios with hundreds of tasks instead of thousands.
 """

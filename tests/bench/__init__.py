@@ -1,4 +1,4 @@
-"""`mailq bench`: delivery and enqueue measured against the raw limit and against Celery, in one run.
+"""`make bench` (`python -m tests.bench`): delivery and enqueue against the raw limit and Celery, in one run.
 
 The file list is the map: ``stack`` starts and stops every process, ``seed`` fills PostgreSQL fast,
 ``mailbox`` watches the SMTP sink, ``load`` is the HTTP load generator, ``delivery``/``api``/``scale``

@@ -23,11 +23,11 @@ from email.policy import default as default_policy
 
 import sqlalchemy as sa
 
-from bench import seed
-from bench.mailbox import MailboxTail, Verdict, verify
-from bench.stack import Child, CpuMeter, Stack
 from shared import queue, services
 from shared.message import build_message
+from tests.bench import seed
+from tests.bench.mailbox import MailboxTail, Verdict, verify
+from tests.bench.stack import Child, CpuMeter, Stack
 
 CELERY_HOLD = "bench-hold"  # the queue Celery tasks are published to before the clock starts
 CELERY_QUEUE = "celery"  # the queue the worker consumes (Celery's default)
@@ -208,7 +208,7 @@ def celery_delivery(
     profiler=None,
 ) -> Delivery:
     """N ``send_mail`` tasks drained by a Celery worker with ``concurrency`` prefork processes."""
-    from bench import peer_celery
+    from tests.bench import peer_celery
 
     stack.reset()
     data_dir = stack.scratch("sink-celery")
@@ -229,7 +229,7 @@ def celery_delivery(
                 )
         worker = stack.spawn(
             "celery",
-            [sys.executable, "-m", "celery", "-A", "bench.peer_celery", "worker", "--pool", "prefork",
+            [sys.executable, "-m", "celery", "-A", "tests.bench.peer_celery", "worker", "--pool", "prefork",
              "--concurrency", str(concurrency), "--loglevel", log_level, "--hostname", "bench@%h"],
             **celery_env(stack),
         )  # fmt: skip

@@ -31,7 +31,7 @@ from shared.db import make_engine, migrate
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
 from shared.services import make_redis
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Recovery in seconds instead of minutes: a dead worker's lease and heartbeat run out quickly and the
 # sweep looks every second. Scenarios override some of these.
@@ -233,14 +233,14 @@ class Stack:
         return Sink(proc, port, data_dir)
 
     def start_flaky_smtp(self, mix: dict[str, float], seed: int) -> FlakySmtp:
-        """chaos.smtpd in its own process: DATA answered at random, every decision logged."""
+        """tests.chaos.smtpd in its own process: DATA answered at random, every decision logged."""
         log = self.workdir / f"smtp-{next(self._serial)}.jsonl"
         port = free_port()
         spec = ",".join(f"{k}={v}" for k, v in mix.items())
         proc = self.spawn(
             "flaky-smtp",
             ["--port", str(port), "--log", str(log), "--mix", spec, "--seed", str(seed)],
-            module="chaos.smtpd",
+            module="tests.chaos.smtpd",
         )
         wait_smtp(port, proc)
         return FlakySmtp(proc, port, log)
@@ -402,7 +402,7 @@ class FlakySmtp:
     log: Path
 
     def records(self) -> list[dict]:
-        from chaos.smtpd import read_log
+        from tests.chaos.smtpd import read_log
 
         return read_log(self.log)
 
