@@ -380,7 +380,9 @@ def redis_restart(
     run.enqueuer.start()
     run.wait_delivered(at)
     queued = count_status(stack.engine, "queued")
-    envelopes = stack.redis.llen("mailq:tasks") + stack.redis.llen("mailq:send")
+    envelopes = stack.redis.llen("mailq:tasks") + sum(
+        stack.redis.zcard(key) for key in stack.redis.scan_iter("mailq:send:q:*")
+    )
     restarted = time.monotonic()
     stack.restart_redis_empty(downtime)
     stack.redis.connection_pool.disconnect()
