@@ -678,14 +678,21 @@ class Gateway:
         assert longest is not None, f"no location for {uri}"
         return longest
 
-    def target_host(self, location: Directive) -> str | None:
-        for directive in location.all("set"):
-            if directive.args[0] == gen_gateway.HOST_VARIABLE:
-                return directive.args[1]
-        return None
+    def target_host(self, location: Directive, method: str = "GET") -> str | None:
+        """The host a request with ``method`` is sent to: the location's default, or the one its
+        ``if ($request_method = METHOD)`` block sets (one path served by several functions)."""
+        host = None
+        for directive in location.block or []:
+            if directive.name == "set" and directive.args[0] == gen_gateway.HOST_VARIABLE:
+                host = directive.args[1]
+            elif directive.name == "if" and " ".join(directive.args) == f"($request_method = {method})":
+                for inner in directive.all("set"):
+                    if inner.args[0] == gen_gateway.HOST_VARIABLE:
+                        host = inner.args[1]
+        return host
 
     def allowed(self, location: Directive) -> set[str]:
-        (guard,) = location.all("if")
+        (guard,) = [d for d in location.all("if") if "!~" in d.args]
         match = re.fullmatch(r"\(\$request_method !~ (\S+)\)", " ".join(guard.args))
         assert match, f"unexpected method guard {guard.args}"
         return {m for m in HTTP_METHODS if re.search(match.group(1), m)}
@@ -747,7 +754,7 @@ def test_every_route_is_reachable_through_the_gateway_and_nothing_else_is(render
         for path in _sample_paths(route):
             location = gateway.locate(path)
             used.add(id(location))
-            assert gateway.target_host(location) == hosts[route.target], f"{route.method} {path}"
+            assert gateway.target_host(location, route.method) == hosts[route.target], f"{route.method} {path}"
             for method in HTTP_METHODS:
                 known = routes.match(method, path)
                 assert (method in gateway.allowed(location)) == (
@@ -809,7 +816,7 @@ class _Echo(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body.encode())
 
-    do_GET = do_POST = do_HEAD = do_PUT = do_DELETE = _answer
+    do_GET = do_POST = do_HEAD = do_PUT = do_PATCH = do_DELETE = _answer
 
     def log_message(self, *args):
         pass
@@ -868,7 +875,7 @@ def test_nginx_serves_the_gateway_config_as_these_checks_read_it(rendered, nginx
                 time.sleep(0.05)
         for route in routes.ROUTES:
             path = _sample_paths(route)[0]
-            status, _, body = request(route.method, path, b"{}" if route.method == "POST" else None)
+            status, _, body = request(route.method, path, b"{}" if route.method in ("POST", "PATCH") else None)
             seen = json.loads(body)
             assert status == 200 and seen["path"] == path, (route, status, body)
             assert seen["host"] == gen_gateway.service_host(route.target, rendered.namespace)
