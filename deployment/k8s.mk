@@ -1,12 +1,13 @@
-# mailq on Kubernetes (minikube): included by the top-level Makefile. deployment/README-section.md
-# walks through it. The seed's order still works: make cluster -> make image -> make apply -> make hpa.
+# mailq on Kubernetes (minikube): included by the top-level Makefile. The README's "Deployment on
+# Kubernetes" section walks through it. The seed's order still works: make cluster -> make image -> make apply -> make hpa.
 #
 # Everything runs against the kubectl context of a dedicated minikube profile, never the current
 # context, so these targets cannot touch another cluster by accident.
 
 # Sized for what `make apply` starts (tests/test_cluster_sizing.py adds up every request: the
-# control plane, Knative Serving, Kourier, KEDA and mailq come to ~4.4 CPUs and ~3.7 GiB) plus a CPU
-# to spare for scaling out; Knative's install guide asks for 6 CPUs and 30 GB of disk on one node.
+# control plane, Knative Serving, Kourier, KEDA and mailq come to ~4.4 CPUs and ~3.6 GiB) plus a CPU
+# to spare for scaling out; Knative's YAML install guide recommends 6 CPUs, 6 GB and 30 GB of disk
+# for a one-node cluster.
 # minikube 1.37 or newer: the first release that starts Kubernetes 1.34 (`make cluster` checks).
 MINIKUBE         ?= minikube
 MINIKUBE_MIN_VERSION := 1.37.0

@@ -130,12 +130,14 @@ def test_postgresql_max_connections_covers_every_connection_the_manifests_allow_
 
 # --- what one minikube node must hold ---------------------------------------------------------------------
 
-# (CPU millicores, memory MiB) requested by what `make cluster` installs, per pod. Sources: kubeadm's
-# static pod manifests and the CoreDNS Deployment (one replica on minikube); knative/serving
-# config/core/deployments/{activator,autoscaler,controller,webhook}.yaml; knative-extensions/net-kourier
-# config/300-controller.yaml and 300-gateway.yaml; kedacore/keda config/manager/manager.yaml,
-# config/metrics-server/deployment.yaml and config/webhooks/webhooks.yaml. Read from those
-# repositories' sources, not from a running cluster.
+# (CPU millicores, memory MiB) requested by what `make cluster` installs, per pod. Sources, read
+# from the projects' source repositories (default branch as stored, not the pinned release files,
+# not a running cluster): knative/serving config/core/deployments/{activator,controller,webhook}.yaml;
+# its autoscaler.yaml copy we could read was an older revision (30m/40Mi), so the 100m/100Mi of the
+# current one is counted, the larger; knative-extensions/net-kourier config/300-controller.yaml and
+# 300-gateway.yaml; kedacore/keda config/manager/manager.yaml, config/metrics-server/deployment.yaml
+# and config/webhooks/webhooks.yaml. The control plane's are kubeadm's static-pod defaults and the
+# CoreDNS Deployment's (one replica on minikube), not re-read here.
 SYSTEM_REQUESTS = {
     "kube-apiserver": (250, 0),
     "kube-controller-manager": (200, 0),
