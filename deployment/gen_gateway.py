@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from shared.config import Settings  # noqa: E402
 from shared.routes import ROUTES, TARGETS, Route  # noqa: E402
+from shared.tasks import request_limit  # noqa: E402
 
 NGINX_CONF = ROOT / "knative" / "nginx.conf"
 FUNCTIONS_YAML = ROOT / "knative" / "functions.yaml"
+CONFIG_ENV = ROOT / "deployment" / "base" / "config.env"
 
 NAMESPACE = "mailq"  # must equal the overlay's namespace; a manifest test compares them
 IMAGE = "dev.local/mailq:dev"  # the overlay sets the real tag; dev.local skips Knative's tag resolution
@@ -53,15 +57,34 @@ class Profile:
         return self.workers * self.threads
 
 
+# max_scale is bounded twice: by what one minikube node can schedule (a pod the node cannot hold
+# stays Pending and only holds a place in PostgreSQL's connection budget), and by that budget
+# itself: every pod may open its SQLAlchemy pool plus overflow, 2 * max(5, THREADS) connections
+# (functions/http.py, shared/db.py), and deployment/base/postgres.yaml's max_connections is sized
+# for all of them at once (tests/test_cluster_sizing.py recomputes it from the rendered manifests).
 PROFILES = {
-    # Database/Redis round trips: threads wait on I/O, so one process serves eight requests at once.
-    "io": Profile(1, 8, 10, "100m", "1", "192Mi", "512Mi"),
+    # Database/Redis round trips: threads wait on I/O, so one process serves eight requests at once;
+    # a small CPU request (it bursts to its limit), so one pod of every function fits on the node.
+    "io": Profile(1, 8, 5, "50m", "1", "192Mi", "512Mi"),
     # bcrypt at cost 12 keeps a core busy for ~250 ms per request: two at a time per pod, more pods.
-    "bcrypt": Profile(1, 2, 10, "500m", "1", "192Mi", "512Mi"),
-    # Health endpoints: cheap, and nobody needs ten of them.
-    "health": Profile(1, 4, 2, "50m", "500m", "128Mi", "384Mi"),
+    "bcrypt": Profile(1, 2, 5, "500m", "1", "192Mi", "512Mi"),
+    # Health endpoints: cheap; one pod answers far more probes than anyone sends.
+    "health": Profile(1, 4, 1, "50m", "500m", "128Mi", "384Mi"),
 }
 TARGET_PROFILE = {"register": "bcrypt", "login": "bcrypt", "live": "health", "ping": "health"}
+
+
+def body_limit() -> int:
+    """The gateway's client_max_body_size: the app's own request limit (shared.tasks.request_limit)
+    for the MAX_BODY_BYTES the cluster runs with, so nginx never refuses what the function accepts
+    and the function answers every 413 itself, in its own words."""
+    values = {}
+    for line in CONFIG_ENV.read_text().splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and not key.startswith("#"):
+            values[key] = value
+    settings = Settings.from_env({"MAX_BODY_BYTES": values.get("MAX_BODY_BYTES", "")})
+    return request_limit(types.SimpleNamespace(settings=settings))
 
 
 def profile_for(target: str) -> Profile:
@@ -169,8 +192,10 @@ def render_nginx(namespace: str = NAMESPACE) -> str:
         "        listen 8080 default_server;",
         "        server_name _;",
         "        default_type application/problem+json;",
-        "        # MAX_BODY_BYTES is 1 MiB: the function answers 413 itself up to this limit.",
-        "        client_max_body_size 2m;",
+        "        # shared.tasks.request_limit for config.env's MAX_BODY_BYTES (a full-size body sent",
+        "        # as \\uXXXX escapes is six times its size): beyond it nginx answers 413, below it the",
+        "        # function does, in its own words.",
+        f"        client_max_body_size {body_limit()};",
         "",
         "        proxy_http_version 1.1;",
         '        proxy_set_header Connection "";',
@@ -187,8 +212,14 @@ def render_nginx(namespace: str = NAMESPACE) -> str:
         "        proxy_connect_timeout 5s;",
         "        proxy_send_timeout 60s;",
         f"        proxy_read_timeout {GATEWAY_READ_TIMEOUT}s;",
-        "        # Never replay a request on another upstream: an enqueue must reach one function once.",
-        "        proxy_next_upstream off;",
+        "        # nginx's default, bounded: a request that failed to connect, or found its pooled keepalive",
+        "        # connection already closed by Kourier, goes out again on a fresh connection instead of",
+        "        # becoming a 502. nginx never resends a POST or PATCH it has already sent (that needs",
+        "        # `non_idempotent`, deliberately absent), so an enqueue still reaches a function at most",
+        "        # once; and no retry after a read timeout, which starts past the 10 s below.",
+        "        proxy_next_upstream error timeout;",
+        "        proxy_next_upstream_tries 3;",
+        "        proxy_next_upstream_timeout 10s;",
         "",
         "        error_page 413 @too_large;",
         "        error_page 502 503 @unreachable;",

@@ -1,4 +1,4 @@
-"""Create deployment/secrets.env (git-ignored) from secrets.env.example, with random values.
+"""Create deployment/base/secrets.env (git-ignored) from secrets.env.example, with random values.
 
     python deployment/gen_secrets.py [--example PATH] [--out PATH]
 
@@ -6,6 +6,11 @@ A key already in the output file keeps its value: the script only fills in what 
 safe to run before every `make apply` and it never rotates a live password behind PostgreSQL's back.
 The two URLs are the example's URLs with their password replaced by the generated one, so host,
 user and database stay written down in one place (the example).
+
+The file sits inside deployment/base, next to the kustomization that turns it into the Secret:
+kustomize loads no file from outside a kustomization's directory unless told to, and operators
+expect `kubectl apply -k deployment/overlays/minikube` to work as it is. An older checkout kept it
+at deployment/secrets.env; that file is moved here, never regenerated, so live passwords survive.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 HERE = Path(__file__).resolve().parent
 EXAMPLE = HERE / "secrets.env.example"
-OUT = HERE / "secrets.env"
+OUT = HERE / "base" / "secrets.env"
+LEGACY = HERE / "secrets.env"  # where releases before the move kept it
 
 # URL key -> the password key whose value its password must be.
 URL_PASSWORDS = {"DATABASE_URL": "POSTGRES_PASSWORD", "REDIS_URL": "REDIS_PASSWORD"}
@@ -80,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--example", type=Path, default=EXAMPLE)
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--legacy", type=Path, help="an older secrets file to move to --out if it is missing")
     args = parser.parse_args(argv)
+    # Only the real file is ever moved: a run with another --out (the tests) leaves it alone.
+    legacy = args.legacy or (LEGACY if args.out == OUT else None)
+    if legacy is not None and legacy.exists() and not args.out.exists():
+        os.replace(legacy, args.out)
+        print(f"moved {legacy} to {args.out} (kustomize loads it from there)")
     example = read_env(args.example)
     current = read_env(args.out) if args.out.exists() else {}
     values = fill(example, current)

@@ -1,13 +1,20 @@
-# mailq on Kubernetes (minikube): included by the top-level Makefile. deployment/README-section.md
-# walks through it. The seed's order still works: make cluster -> make image -> make apply -> make hpa.
+# mailq on Kubernetes (minikube): included by the top-level Makefile. The README's "Deployment on
+# Kubernetes" section walks through it. The seed's order still works: make cluster -> make image -> make apply -> make hpa.
 #
 # Everything runs against the kubectl context of a dedicated minikube profile, never the current
 # context, so these targets cannot touch another cluster by accident.
 
+# Sized for what `make apply` starts (tests/test_cluster_sizing.py adds up every request: the
+# control plane, Knative Serving, Kourier, KEDA and mailq come to ~4.2 CPUs and ~3.6 GiB) plus a CPU
+# to spare for scaling out; Knative's YAML install guide recommends 6 CPUs, 6 GB and 30 GB of disk
+# for a one-node cluster.
+# minikube 1.37 or newer: the first release that starts Kubernetes 1.34 (`make cluster` checks).
 MINIKUBE         ?= minikube
+MINIKUBE_MIN_VERSION := 1.37.0
 MINIKUBE_PROFILE ?= mailq
-MINIKUBE_CPUS    ?= 4
+MINIKUBE_CPUS    ?= 6
 MINIKUBE_MEMORY  ?= 8g
+MINIKUBE_DISK    ?= 30g
 MINIKUBE_DRIVER  ?=
 K8S_VERSION      ?= v1.34.0
 KNATIVE_VERSION  ?= 1.23.0
@@ -37,7 +44,10 @@ IMAGE_TAG     ?= $(shell cat pyproject.toml deployment/Dockerfile .dockerignore 
 .PHONY: cluster image apply hpa keda re delete clean all status manifests k8s-secrets k8s-render
 
 cluster: k8s-secrets ## start minikube and install Knative Serving + Kourier and KEDA (pinned); waits until ready
-	$(MK) start --cpus=$(MINIKUBE_CPUS) --memory=$(MINIKUBE_MEMORY) \
+	@have=$$($(MINIKUBE) version --short | sed 's/^v//'); \
+	if [ "$$(printf '%s\n%s\n' "$(MINIKUBE_MIN_VERSION)" "$$have" | sort -V | head -n1)" != "$(MINIKUBE_MIN_VERSION)" ]; then \
+		echo "minikube $$have is too old for Kubernetes $(K8S_VERSION): $(MINIKUBE_MIN_VERSION) or newer is needed" >&2; exit 1; fi
+	$(MK) start --cpus=$(MINIKUBE_CPUS) --memory=$(MINIKUBE_MEMORY) --disk-size=$(MINIKUBE_DISK) \
 		--kubernetes-version=$(K8S_VERSION) $(if $(MINIKUBE_DRIVER),--driver=$(MINIKUBE_DRIVER))
 	$(KUBECTL) apply -f $(KNATIVE_CRDS)
 	$(KUBECTL) wait --for=condition=Established --timeout=120s crd/services.serving.knative.dev
@@ -55,7 +65,9 @@ image: ## build the image inside minikube (no registry): dev.local/mailq:<hash o
 	$(MK) image build -t $(IMAGE_NAME):$(IMAGE_TAG) -f deployment/Dockerfile .
 	@echo "built $(IMAGE_NAME):$(IMAGE_TAG)"
 
-apply: k8s-render ## deploy: PostgreSQL + Redis, wait, migrate, then functions, gateway and workers; print the URL
+# Every workload that runs the mailq image is in a stage this target applies (the sweep's ScaledJob
+# too), after the migration: one `make apply` moves all of them to the new image and config.
+apply: k8s-render ## deploy: PostgreSQL + Redis, wait, migrate, then functions, gateway, workers and sweep; print the URL
 	@$(MK) image ls 2>/dev/null | grep -q "$(IMAGE_NAME):$(IMAGE_TAG)" || \
 		{ echo "image $(IMAGE_NAME):$(IMAGE_TAG) is not in minikube: run 'make image' first" >&2; exit 1; }
 	$(KUBECTL) apply -f $(K8S_RENDERED) -l mailq.dev/stage=base
@@ -63,7 +75,7 @@ apply: k8s-render ## deploy: PostgreSQL + Redis, wait, migrate, then functions, 
 	$(KUBECTL) -n $(K8S_NAMESPACE) rollout status statefulset/mailq-redis --timeout=300s
 	$(KUBECTL) -n $(K8S_NAMESPACE) delete job mailq-migrate --ignore-not-found --wait
 	$(KUBECTL) apply -f $(K8S_RENDERED) -l mailq.dev/stage=migrate
-	$(KUBECTL) -n $(K8S_NAMESPACE) wait --for=condition=Complete job/mailq-migrate --timeout=600s
+	$(BIN)/python deployment/wait_job.py --kubectl "$(KUBECTL)" -n $(K8S_NAMESPACE) mailq-migrate --timeout 420
 	$(KUBECTL) apply -f $(K8S_RENDERED) -l mailq.dev/stage=app
 	$(KUBECTL) -n $(K8S_NAMESPACE) wait ksvc --all --for=condition=Ready --timeout=300s
 	$(KUBECTL) -n $(K8S_NAMESPACE) rollout status deployment/mailq-gateway --timeout=180s
@@ -71,7 +83,7 @@ apply: k8s-render ## deploy: PostgreSQL + Redis, wait, migrate, then functions, 
 	@echo "(if that address is not reachable from here, as with the docker driver on macOS:"
 	@echo " $(MK) service -n $(K8S_NAMESPACE) mailq-gateway --url)"
 
-keda: k8s-render ## apply KEDA's ScaledObjects (consumer, sender), the sweep's ScaledJob and their TriggerAuthentications
+keda: k8s-render ## apply KEDA's ScaledObjects (consumer, sender) and their TriggerAuthentication
 	$(KUBECTL) apply -f $(K8S_RENDERED) -l mailq.dev/stage=keda
 	$(KUBECTL) -n $(K8S_NAMESPACE) get scaledobject,scaledjob
 
@@ -87,7 +99,7 @@ delete: ## remove mailq from the cluster: the namespace, with PostgreSQL's and R
 	-$(KUBECTL) -n $(K8S_NAMESPACE) delete scaledobject,scaledjob --all --ignore-not-found
 	$(KUBECTL) delete namespace $(K8S_NAMESPACE) --ignore-not-found --wait
 
-clean: ## delete the minikube profile (the whole cluster) and build/k8s/; keeps deployment/secrets.env
+clean: ## delete the minikube profile (the whole cluster) and build/k8s/; keeps deployment/base/secrets.env
 	-$(MK) delete
 	rm -rf $(K8S_BUILD)
 
@@ -102,12 +114,13 @@ manifests: $(STAMP) ## regenerate knative/nginx.conf and knative/functions.yaml 
 
 # Helpers (not listed by `make help`).
 
-# Creates deployment/secrets.env from the example, or adds the keys it lacks; never changes a value.
+# Creates deployment/base/secrets.env from the example, or adds the keys it lacks; never changes a value.
 k8s-secrets: $(STAMP)
 	$(BIN)/python deployment/gen_secrets.py
 
 # The overlay, with the image tag pinned to this build, rendered once; every apply step filters it by
-# its mailq.dev/stage label. LoadRestrictionsNone: the Secret's env file sits above deployment/base.
+# its mailq.dev/stage label. Plain `kubectl kustomize`: every file the kustomizations load sits inside
+# their own directories (the generated Secret's env file too), so no load restrictor is lifted.
 k8s-render: k8s-secrets
 	@mkdir -p $(K8S_BUILD)/overlay
 	@printf '%s\n' \
@@ -118,5 +131,5 @@ k8s-render: k8s-secrets
 		'images:' \
 		'  - name: $(IMAGE_NAME)' \
 		'    newTag: "$(IMAGE_TAG)"' > $(K8S_BUILD)/overlay/kustomization.yaml
-	kubectl kustomize --load-restrictor LoadRestrictionsNone $(K8S_BUILD)/overlay > $(K8S_RENDERED)
+	kubectl kustomize $(K8S_BUILD)/overlay > $(K8S_RENDERED)
 	@echo "rendered $(K8S_RENDERED) with $(IMAGE_NAME):$(IMAGE_TAG)"

@@ -255,7 +255,7 @@ def consumer() -> None:
     from shared.workers import BLOCK_SECONDS
 
     settings = load_settings()
-    engine, client = _worker_deps(settings, BLOCK_SECONDS, settings.queue_consumer_count + 1)
+    engine, client = _worker_deps(settings, BLOCK_SECONDS, settings.queue_consumer_count + 2)
     _run_worker(Consumer(settings, engine, client))
 
 

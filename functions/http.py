@@ -71,8 +71,7 @@ def context() -> services.Context:
                 configure_logging(settings)
                 _context = services.Context(
                     settings=settings,
-                    # One pooled connection per server thread: a smaller pool reconnects under load.
-                    engine=engine_for(settings.database_url, pool_size=_server_threads()),
+                    engine=engine_for(settings.database_url, **pool_sizing()),
                     redis=services.make_redis(settings.redis_url),
                     box=SecretBox(settings.encryption_keys),
                 )
@@ -80,9 +79,15 @@ def context() -> services.Context:
 
 
 def _server_threads() -> int:
-    """functions-framework's THREADS (gunicorn threads per worker), at least 5."""
+    """functions-framework's THREADS (gunicorn threads per worker)."""
     raw = os.environ.get("THREADS", "8")
-    return max(5, int(raw)) if raw.isdigit() else 8
+    return max(1, int(raw)) if raw.isdigit() else 8
+
+
+def pool_sizing() -> dict[str, int]:
+    """One pooled connection per server thread and no overflow: a request holds at most one
+    connection at a time, so more could only sit idle (and count against max_connections)."""
+    return {"pool_size": _server_threads(), "max_overflow": 0}
 
 
 def reset_context() -> None:

@@ -138,7 +138,9 @@ _engines_lock = threading.Lock()
 SOCKET_TIMEOUT = 60.0
 
 
-def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
+def make_engine(
+    url: str, *, pool_size: int = 5, pre_ping: bool = True, max_overflow: int | None = None
+) -> Engine:
     """A new engine. ``pre_ping`` checks each connection before use, so a request right after a
     PostgreSQL restart does not fail; workers skip it (one round trip per transaction) because
     their loop retries a failed step anyway, and SQLAlchemy drops the dead pool on the first error."""
@@ -146,19 +148,23 @@ def make_engine(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engin
         url,
         pool_pre_ping=pre_ping,
         pool_size=pool_size,
-        max_overflow=pool_size,
+        max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_recycle=1800,
         hide_parameters=True,  # bound values (hashes, ciphertexts, mail bodies) never reach an error log
         connect_args={"timeout": SOCKET_TIMEOUT},
     )
 
 
-def engine_for(url: str, *, pool_size: int = 5, pre_ping: bool = True) -> Engine:
+def engine_for(
+    url: str, *, pool_size: int = 5, pre_ping: bool = True, max_overflow: int | None = None
+) -> Engine:
     """One engine per URL per process, created on first use (never at import time)."""
     with _engines_lock:
         engine = _engines.get(url)
         if engine is None:
-            engine = _engines[url] = make_engine(url, pool_size=pool_size, pre_ping=pre_ping)
+            engine = _engines[url] = make_engine(
+                url, pool_size=pool_size, pre_ping=pre_ping, max_overflow=max_overflow
+            )
         return engine
 
 

@@ -72,8 +72,14 @@ def task_view(row: Any, *, with_body: bool = False) -> dict[str, Any]:
 
 
 def request_limit(ctx: Context) -> int:
-    """Largest enqueue request accepted before parsing: room for a JSON-escaped body at the limit."""
-    return 2 * ctx.settings.max_body_bytes + 64 * 1024
+    """Largest enqueue request accepted before parsing: room for a JSON-escaped body at the limit.
+
+    JSON may spell any character as a six-byte ``\\uXXXX`` escape, and an ASCII or control character
+    is one byte of the body: a full-size body can arrive six times its size. The 64 KiB are for the
+    other fields. The cluster's gateway takes its client_max_body_size from this function
+    (deployment/gen_gateway.py), so the two limits cannot disagree.
+    """
+    return 6 * ctx.settings.max_body_bytes + 64 * 1024
 
 
 def _idempotency_key(header: str | None) -> str | None:

@@ -230,7 +230,7 @@ def test_a_body_that_is_not_json_is_a_415(api, caller, pg_url, path):
 def test_a_body_over_the_request_limit_is_a_413(api, caller, pg_url, path):
     headers, redis_client = caller
     before = counts(pg_url, redis_client)
-    size = 3 * 1024 * 1024 if path.endswith("enqueue") else 70 * 1024  # over 2 MiB + 64 KiB, or 64 KiB
+    size = 7 * 1024 * 1024 if path.endswith("enqueue") else 70 * 1024  # over 6 MiB + 64 KiB, or 64 KiB
     body = b'{"recipient_email": "bob@example.org", "subject": "x", "pad": "' + b"x" * size + b'"}'
     response = api.post(path, data=body, content_type="application/json", headers=headers)
     assert_problem(response, 413)
