@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 import urllib.request
-import warnings
 from pathlib import Path
 
 import click
@@ -295,8 +294,6 @@ def sink(data_dir: Path, host: str, port: int) -> None:
     from shared.sink import serve_forever
 
     configure_logging(load_settings())
-    # aiosmtpd warns about its own use of a deprecated attribute on every AUTH.
-    warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd: five INFO lines per message
     try:
         serve_forever(data_dir.resolve(), host, port)

@@ -204,3 +204,5 @@ def test_sigterm_stops_every_child_and_the_embedded_servers(dev):
     )
     output = "".join(dev["lines"])
     assert "Traceback" not in output
+    # No library deprecation noise either (aiosmtpd's login_data warning came once per mail).
+    assert "deprecat" not in output.lower(), [line for line in dev["lines"] if "deprecat" in line.lower()]
