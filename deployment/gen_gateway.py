@@ -60,8 +60,16 @@ PROFILES = {
     "bcrypt": Profile(1, 2, 10, "500m", "1", "192Mi", "512Mi"),
     # Health endpoints: cheap, and nobody needs ten of them.
     "health": Profile(1, 4, 2, "50m", "500m", "128Mi", "384Mi"),
+    # The dashboard's files from memory: no database, a few people looking at once.
+    "static": Profile(1, 8, 2, "50m", "500m", "128Mi", "384Mi"),
 }
-TARGET_PROFILE = {"register": "bcrypt", "login": "bcrypt", "live": "health", "ping": "health"}
+TARGET_PROFILE = {
+    "register": "bcrypt",
+    "login": "bcrypt",
+    "live": "health",
+    "ping": "health",
+    "dashboard": "static",
+}
 
 
 def profile_for(target: str) -> Profile:

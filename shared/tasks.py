@@ -212,9 +212,15 @@ def _decode_cursor(cursor: str | None) -> int:
 
 
 def list_tasks(
-    ctx: Context, caller_id: int, statuses: tuple[str, ...], limit: int, cursor: str | None
+    ctx: Context,
+    caller_id: int,
+    statuses: tuple[str, ...],
+    limit: int,
+    cursor: str | None,
+    recipient: str | None = None,
 ) -> dict[str, Any]:
-    """One page of the caller's tasks in ``statuses``, oldest first, keyset-paginated on id."""
+    """One page of the caller's tasks in ``statuses`` (and to ``recipient``, when given), oldest
+    first, keyset-paginated on id."""
     after = _decode_cursor(cursor)
     query = (
         sa.select(*_VIEW_COLUMNS)
@@ -222,6 +228,8 @@ def list_tasks(
         .order_by(tasks.c.id)
         .limit(limit + 1)
     )
+    if recipient is not None:
+        query = query.where(tasks.c.recipient_email == recipient)
     if len(statuses) == 1:
         query = query.where(tasks.c.status == statuses[0])
     else:
@@ -245,3 +253,14 @@ def queue_statuses(status_param: str | None) -> tuple[str, ...]:
 
 
 FAIL_STATUSES = tuple(s.value for s in FAILURES)
+
+
+def recipient_filter(param: str | None) -> str | None:
+    """The ``recipient`` query parameter as enqueue stores addresses (normalized), or None if absent."""
+    if param is None or param == "":
+        return None
+    f = Fields({"recipient": param})
+    recipient = f.email("recipient")
+    if f.errors:
+        raise ValidationFailed(f.errors)
+    return recipient
