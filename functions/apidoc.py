@@ -49,7 +49,11 @@ class _Doc:
             name = schema["$ref"].rsplit("/", 1)[-1]
             return f'<a href="#schema-{escape(name)}">{escape(name)}</a>'
         if "allOf" in schema:
-            return " and ".join(self.type_of(s) for s in schema["allOf"])
+            return " ".join(self.type_of(s) for s in schema["allOf"])
+        if "type" not in schema and "properties" in schema:  # a constraint inside allOf
+            return "with " + ", ".join(
+                f"{_code(name)} {self.type_of(prop)}" for name, prop in schema["properties"].items()
+            )
         for key in ("oneOf", "anyOf"):
             if key in schema:
                 return " or ".join(self.type_of(s) for s in schema[key])

@@ -183,7 +183,12 @@ def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int) 
             supervisor.start(name, args)
         url = f"http://{host}:{port}"
         _wait_ready(url, supervisor)
-        click.echo(f"mailq is ready: {url}  (data in {data_dir}; Ctrl-C stops everything)", err=False)
+        click.echo(
+            f"mailq is ready: {url}  (data in {data_dir}; Ctrl-C stops everything)\n"
+            f"  dashboard:      {url}/\n"
+            f"  API reference:  {url}/docs\n"
+            f"  SMTP sink:      127.0.0.1:{smtp_port} (`mailq mailbox` lists what arrived)"
+        )
         sys.stdout.flush()
         while True:
             failure = supervisor.dead_child()

@@ -250,7 +250,7 @@ function taskRow(task) {
 }
 
 function formatTime(iso) {
-  return iso ? new Date(iso).toLocaleString() : "";
+  return iso ? new Date(iso).toLocaleString() : "—";
 }
 
 // --- one task --------------------------------------------------------------------------------------
