@@ -59,9 +59,9 @@ class Profile:
 
 # max_scale is bounded twice: by what one minikube node can schedule (a pod the node cannot hold
 # stays Pending and only holds a place in PostgreSQL's connection budget), and by that budget
-# itself: every pod may open its SQLAlchemy pool plus overflow, 2 * max(5, THREADS) connections
-# (functions/http.py, shared/db.py), and deployment/base/postgres.yaml's max_connections is sized
-# for all of them at once (tests/test_cluster_sizing.py recomputes it from the rendered manifests).
+# itself: every pod may open its SQLAlchemy pool, THREADS connections (functions/http.py), and
+# deployment/base/postgres.yaml's max_connections is sized for all of them at once
+# (tests/test_cluster_sizing.py recomputes it from the rendered manifests).
 PROFILES = {
     # Database/Redis round trips: threads wait on I/O, so one process serves eight requests at once;
     # a small CPU request (it bursts to its limit), so one pod of every function fits on the node.
@@ -70,8 +70,16 @@ PROFILES = {
     "bcrypt": Profile(1, 2, 5, "500m", "1", "192Mi", "512Mi"),
     # Health endpoints: cheap; one pod answers far more probes than anyone sends.
     "health": Profile(1, 4, 1, "50m", "500m", "128Mi", "384Mi"),
+    # The dashboard's files from memory: no database, a few people looking at once.
+    "static": Profile(1, 8, 2, "50m", "500m", "128Mi", "384Mi"),
 }
-TARGET_PROFILE = {"register": "bcrypt", "login": "bcrypt", "live": "health", "ping": "health"}
+TARGET_PROFILE = {
+    "register": "bcrypt",
+    "login": "bcrypt",
+    "live": "health",
+    "ping": "health",
+    "dashboard": "static",
+}
 
 
 def body_limit() -> int:

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 import urllib.request
-import warnings
 from pathlib import Path
 
 import click
@@ -194,7 +193,12 @@ def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int, 
             supervisor.start(name, args)
         url = f"http://{host}:{port}"
         _wait_ready(url, supervisor)
-        click.echo(f"mailq is ready: {url}  (data in {data_dir}; Ctrl-C stops everything)", err=False)
+        click.echo(
+            f"mailq is ready: {url}  (data in {data_dir}; Ctrl-C stops everything)\n"
+            f"  dashboard:      {url}/\n"
+            f"  API reference:  {url}/docs\n"
+            f"  SMTP sink:      127.0.0.1:{smtp_port} (`mailq mailbox` lists what arrived)"
+        )
         sys.stdout.flush()
         while True:
             failure = supervisor.dead_child()
@@ -326,8 +330,6 @@ def sink(data_dir: Path, host: str, port: int) -> None:
     from shared.sink import serve_forever
 
     configure_logging(load_settings())
-    # aiosmtpd warns about its own use of a deprecated attribute on every AUTH.
-    warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd: five INFO lines per message
     try:
         serve_forever(data_dir.resolve(), host, port)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functions_framework
 
+from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import services, tasks
+from shared import services, stats, tasks
 
 
 @functions_framework.http
@@ -81,7 +82,8 @@ def task_queue(ctx, request):
     user = services.authenticate(ctx, request.headers.get("Authorization"))
     statuses = tasks.queue_statuses(request.args.get("status"))
     limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
-    return 200, tasks.list_tasks(ctx, user.id, statuses, limit, request.args.get("cursor"))
+    recipient = tasks.recipient_filter(request.args.get("recipient"))
+    return 200, tasks.list_tasks(ctx, user.id, statuses, limit, request.args.get("cursor"), recipient)
 
 
 @functions_framework.http
@@ -89,4 +91,20 @@ def task_queue(ctx, request):
 def task_queue_fail(ctx, request):
     user = services.authenticate(ctx, request.headers.get("Authorization"))
     limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
-    return 200, tasks.list_tasks(ctx, user.id, tasks.FAIL_STATUSES, limit, request.args.get("cursor"))
+    recipient = tasks.recipient_filter(request.args.get("recipient"))
+    cursor = request.args.get("cursor")
+    return 200, tasks.list_tasks(ctx, user.id, tasks.FAIL_STATUSES, limit, cursor, recipient)
+
+
+@functions_framework.http
+@endpoint("task_stats")
+def task_stats(ctx, request):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    return 200, stats.task_stats(ctx, user.id)
+
+
+@functions_framework.http
+@endpoint("dashboard", needs_context=False)
+def dashboard(request):
+    # The page, its files, the API reference and the OpenAPI document: static answers, no database.
+    return web.answer(request.path)

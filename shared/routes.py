@@ -15,6 +15,11 @@ class Route:
     method: str
     path: str  # OpenAPI style: {id} is a positive integer segment
     target: str  # the function's name in functions/main.py (FUNCTION_TARGET)
+    operation: str = ""  # the OpenAPI operationId when one function serves several routes
+
+    @property
+    def operation_id(self) -> str:
+        return self.operation or self.target
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -31,7 +36,18 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/task/enqueue", "enqueue"),
     Route("GET", "/api/v1/task/queue", "task_queue"),
     Route("GET", "/api/v1/task/queue/fail", "task_queue_fail"),
+    # Before {id} for the reader; {id} matches digits only, so it could not take "stats" anyway.
+    Route("GET", "/api/v1/task/stats", "task_stats"),
     Route("GET", "/api/v1/task/{id}", "get_task"),
+    # The dashboard function: the page, its files (a fixed list: a {segment} here is an integer id),
+    # the API reference rendered from shared/openapi.json, and that document itself.
+    Route("GET", "/", "dashboard"),
+    Route("GET", "/ui/app.css", "dashboard", "dashboard_css"),
+    Route("GET", "/ui/app.js", "dashboard", "dashboard_js"),
+    Route("GET", "/ui/chart.js", "dashboard", "dashboard_chart_js"),
+    Route("GET", "/ui/icon.svg", "dashboard", "dashboard_icon"),
+    Route("GET", "/docs", "dashboard", "api_docs"),
+    Route("GET", "/openapi.json", "dashboard", "openapi_document"),
 )
 
 MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints; anything larger cannot exist

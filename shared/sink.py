@@ -21,7 +21,7 @@ from email.policy import default as default_policy
 from pathlib import Path
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult, Session
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,25 @@ INDEX = "index.jsonl"
 def _accept_any_login(server, session, envelope, mechanism, auth_data) -> AuthResult:
     # Development only: users register with whatever username and password they like.
     return AuthResult(success=True)
+
+
+class _Session(Session):
+    """aiosmtpd 1.4 assigns the legacy ``Session.login_data`` on every successful AUTH, and that
+    property logs "Session.login_data is deprecated" on each assignment: a warning about the library's
+    own code, once per mail. A plain attribute of the same name takes the assignment silently; nothing
+    here reads it (``auth_data`` is the supported one)."""
+
+    login_data = None
+
+
+class _SMTP(SMTP):
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
+
+
+class _Controller(Controller):
+    def factory(self) -> SMTP:  # aiosmtpd's documented hook for a custom server class
+        return _SMTP(self.handler, **self.SMTP_kwargs)
 
 
 class _MailboxHandler:
@@ -94,7 +113,7 @@ class Sink:
         # aiosmtpd reports a bind failure only after its ready timeout, and obscurely; try it first.
         self.port = self._probe_port()
         self.mailbox.mkdir(parents=True, exist_ok=True)
-        controller = Controller(
+        controller = _Controller(
             _MailboxHandler(self.mailbox),
             hostname=self.host,
             port=self.port,

@@ -218,16 +218,35 @@ def _decode_cursor(cursor: str | None) -> int:
 
 
 def list_tasks(
-    ctx: Context, caller_id: int, statuses: tuple[str, ...], limit: int, cursor: str | None
+    ctx: Context,
+    caller_id: int,
+    statuses: tuple[str, ...],
+    limit: int,
+    cursor: str | None,
+    recipient: str | None = None,
 ) -> dict[str, Any]:
-    """One page of the caller's tasks in ``statuses``, oldest first, keyset-paginated on id."""
-    after = _decode_cursor(cursor)
+    """One page of the caller's tasks in ``statuses`` (and to ``recipient``, when given), oldest
+    first, keyset-paginated on id."""
+    query = list_query(caller_id, statuses, limit + 1, _decode_cursor(cursor), recipient)
+    with ctx.engine.connect() as conn:
+        rows = conn.execute(query).all()
+    items = [task_view(r) for r in rows[:limit]]
+    next_cursor = _encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
+    return {"items": items, "next_cursor": next_cursor}
+
+
+def list_query(
+    caller_id: int, statuses: tuple[str, ...], limit: int, after: int, recipient: str | None = None
+) -> sa.Select:
+    """The list statement (tests EXPLAIN it): each filter is served by an index of shared.db."""
     query = (
         sa.select(*_VIEW_COLUMNS)
         .where(tasks.c.user_id == caller_id, tasks.c.id > after)
         .order_by(tasks.c.id)
-        .limit(limit + 1)
+        .limit(limit)
     )
+    if recipient is not None:
+        query = query.where(tasks.c.recipient_email == recipient)
     if len(statuses) == 1:
         query = query.where(tasks.c.status == statuses[0])
     else:
@@ -235,11 +254,7 @@ def list_tasks(
         # exact status set even under a generic plan.
         assert all(s in STATUS_CHOICES for s in statuses)
         query = query.where(sa.text(f"status IN ({', '.join(repr(s) for s in statuses)})"))
-    with ctx.engine.connect() as conn:
-        rows = conn.execute(query).all()
-    items = [task_view(r) for r in rows[:limit]]
-    next_cursor = _encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
-    return {"items": items, "next_cursor": next_cursor}
+    return query
 
 
 def queue_statuses(status_param: str | None) -> tuple[str, ...]:
@@ -251,3 +266,14 @@ def queue_statuses(status_param: str | None) -> tuple[str, ...]:
 
 
 FAIL_STATUSES = tuple(s.value for s in FAILURES)
+
+
+def recipient_filter(param: str | None) -> str | None:
+    """The ``recipient`` query parameter as enqueue stores addresses (normalized), or None if absent."""
+    if param is None or param == "":
+        return None
+    f = Fields({"recipient": param})
+    recipient = f.email("recipient")
+    if f.errors:
+        raise ValidationFailed(f.errors)
+    return recipient

@@ -117,6 +117,16 @@ def test_register_login_and_read_the_user_over_http(dev):
     dev["token"] = session["token"]
 
 
+def test_mailq_dev_prints_where_the_dashboard_and_the_reference_are(dev):
+    deadline = time.monotonic() + 5  # the lines right after "mailq is ready", drained by a thread
+    while not any("API reference:" in line for line in dev["lines"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"  dashboard:      {dev['base']}/\n" in dev["lines"]
+    assert f"  API reference:  {dev['base']}/docs\n" in dev["lines"]
+    with urllib.request.urlopen(dev["base"] + "/", timeout=10) as page:
+        assert page.status == 200 and page.headers.get_content_type() == "text/html"
+
+
 def test_five_hundred_mails_arrive_exactly_once(dev):
     base, token = dev["base"], dev["token"]
     soon = (datetime.now(UTC) + timedelta(seconds=3)).replace(tzinfo=None).isoformat()
@@ -204,3 +214,5 @@ def test_sigterm_stops_every_child_and_the_embedded_servers(dev):
     )
     output = "".join(dev["lines"])
     assert "Traceback" not in output
+    # No library deprecation noise either (aiosmtpd's login_data warning came once per mail).
+    assert "deprecat" not in output.lower(), [line for line in dev["lines"] if "deprecat" in line.lower()]

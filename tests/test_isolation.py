@@ -8,7 +8,6 @@ their threads where the point is about threads.
 from __future__ import annotations
 
 import collections
-import re
 import threading
 import time
 from datetime import UTC, datetime, timedelta

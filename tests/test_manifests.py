@@ -735,7 +735,8 @@ def _near_misses() -> list[str]:
         "/API/v1/login",
     }
     for route in routes.ROUTES:
-        misses |= {route.path + "/", route.path + "x", route.path.rsplit("/", 1)[0], "/x" + route.path}
+        parent = route.path.rsplit("/", 1)[0] or "/"  # "/docs" -> "/", itself a route
+        misses |= {route.path + "/", route.path + "x", parent, "/x" + route.path}
         if "{" in route.path:
             for value in ("0", "01", "-1", "abc", "1.5", "", "9" * 19, "9" * 20, "1/x"):
                 misses.add(re.sub(r"\{\w+\}", value, route.path))

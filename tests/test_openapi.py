@@ -26,8 +26,8 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
 from functions import http as fhttp
-from functions import main
-from shared import routes, tasks
+from functions import main, web
+from shared import routes, stats, tasks
 from shared.validation import SECURITY_CHOICES
 from tests.conftest import auth_header, login, register_user
 
@@ -259,10 +259,15 @@ def test_document_and_route_table_have_the_same_routes():
     )
 
 
+def uses_dependencies(route: routes.Route) -> bool:
+    """False for the functions built without a context (no PostgreSQL, no Redis): they cannot 503."""
+    return "needs_context=False" not in inspect.getsource(getattr(main, route.target))
+
+
 @pytest.mark.parametrize("route", routes.ROUTES, ids=ROUTE_IDS)
-def test_operation_id_is_the_function_target(route):
+def test_operation_id_is_the_route_operation_and_names_its_function(route):
     op = operation(route.method, route.path)
-    assert op["operationId"] == route.target
+    assert op["operationId"] == route.operation_id
     assert callable(getattr(main, route.target, None)), f"functions/main.py has no function {route.target}"
 
 
@@ -272,8 +277,10 @@ def test_every_error_response_is_a_problem(route):
     errors = {code: _deref(r) for code, r in op["responses"].items() if code == "default" or code[0] in "45"}
     successes = {code: _deref(r) for code, r in op["responses"].items() if code[0] == "2"}
     assert successes, "an operation needs a success response"
+    # The API answers JSON; the dashboard function answers each of its paths with that file's type.
+    success_type = web.media_type(route.path) if route.target == "dashboard" else "application/json"
     for code, response in successes.items():
-        assert set(response["content"]) == {"application/json"}, f"{code}: successes are application/json"
+        assert set(response["content"]) == {success_type}, f"{code}: successes are {success_type}"
     for code, response in errors.items():
         assert set(response["content"]) == {PROBLEM_JSON}, f"{code}: errors are {PROBLEM_JSON} only"
         schema = response["content"][PROBLEM_JSON]["schema"]
@@ -332,8 +339,7 @@ def test_auth_and_bodies_follow_the_function_source(route):
         assert {"400", "413", "415", "422"} <= set(responses)
     else:
         assert not {"400", "413", "415"} & set(responses)
-    if route.target != "live":  # every other function touches PostgreSQL or Redis
-        assert "503" in responses
+    assert ("503" in responses) is uses_dependencies(route)
     if route.target in ("register", "login"):
         rate_limited = _deref(responses["429"])
         assert _deref(rate_limited["headers"]["Retry-After"])["required"] is True
@@ -353,6 +359,11 @@ def test_constants_match_the_code():
     assert schemas["EnqueueRequest"]["properties"]["subject"]["maxLength"] == tasks.MAX_SUBJECT
     assert schemas["Task"]["properties"]["subject"]["maxLength"] == tasks.MAX_SUBJECT
     assert params["IdempotencyKey"]["schema"]["maxLength"] == tasks.MAX_IDEMPOTENCY_KEY
+    figures = schemas["TaskStats"]["properties"]
+    assert figures["counts"]["required"] == list(tasks.STATUS_CHOICES)
+    assert {c["maximum"] for c in figures["counts"]["properties"].values()} == {stats.COUNT_CAP}
+    assert figures["minutes"]["minItems"] == figures["minutes"]["maxItems"] == stats.WINDOW_MINUTES
+    assert schemas["TaskMinute"]["required"] == ["start", *stats.OUTCOMES]
     register = schemas["RegisterRequest"]
     assert {"smtp-username", "smtp-password"} <= set(register["required"])
     assert "smtp_username" not in register["properties"] and "smtp_password" not in register["properties"]
@@ -363,7 +374,8 @@ def test_constants_match_the_code():
 
 def check(response, method: str, path: str, status: int) -> Any:
     """Assert the answer is ``status``, documented for the operation, and matches its schema and headers."""
-    body = response.get_json(silent=True)
+    is_json = response.mimetype == "application/json" or response.mimetype.endswith("+json")
+    body = response.get_json(silent=True) if is_json else response.get_data(as_text=True)
     assert response.status_code == status, (response.status_code, body)
     documented = operation(method, path)["responses"].get(str(status))
     assert documented is not None, (
@@ -525,3 +537,29 @@ def test_live_tasks(api):
     check(api.get("/api/v1/task/999999", headers=headers), "GET", "/api/v1/task/{id}", 404)
     check(api.get("/api/v1/task/queue"), "GET", "/api/v1/task/queue", 401)
     check(api.post("/api/v1/task/enqueue", json=mail), "POST", "/api/v1/task/enqueue", 401)
+
+    to_grace = check(
+        api.get("/api/v1/task/queue?recipient=grace@EXAMPLE.org", headers=headers),
+        "GET",
+        "/api/v1/task/queue",
+        200,
+    )
+    assert [t["id"] for t in to_grace["items"]] == [first["task_id"], scheduled["task_id"]]
+    check(api.get("/api/v1/task/queue?recipient=nobody", headers=headers), "GET", "/api/v1/task/queue", 422)
+    check(
+        api.get("/api/v1/task/queue/fail?recipient=bob@example.org", headers=headers),
+        "GET",
+        "/api/v1/task/queue/fail",
+        200,
+    )
+    figures = check(api.get("/api/v1/task/stats", headers=headers), "GET", "/api/v1/task/stats", 200)
+    assert figures["counts"]["queued"] == 1 and figures["counts"]["scheduled"] == 1
+    check(api.get("/api/v1/task/stats"), "GET", "/api/v1/task/stats", 401)
+
+
+@pytest.mark.parametrize("route", [r for r in routes.ROUTES if r.target == "dashboard"], ids=lambda r: r.path)
+def test_live_dashboard_files(api, route):
+    response = api.get(route.path)
+    body = check(response, route.method, route.path, 200)
+    assert body, f"{route.path} is empty"
+    assert response.headers["Content-Security-Policy"] == web.CONTENT_SECURITY_POLICY

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -124,3 +125,16 @@ def test_serve_forever_runs_until_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_login_leaves_no_deprecation_warning_in_the_log_or_the_warnings(sink, tmp_path, caplog, recwarn):
+    # aiosmtpd 1.4 logs "Session.login_data is deprecated" (on its logger mail.log) for its own
+    # assignment on every AUTH; `mailq dev` printed it once per mail.
+    with caplog.at_level(logging.DEBUG, logger="mail.log"):
+        send(sink, a_message(1), username="ada", password="anything")
+
+    assert len(read_mailbox(tmp_path)) == 1
+    assert any("AUTH" in r.getMessage() for r in caplog.records), "the AUTH exchange was not logged at all"
+    deprecations = [r.getMessage() for r in caplog.records if "deprecat" in r.getMessage().lower()]
+    assert deprecations == []
+    assert [str(w.message) for w in recwarn] == []

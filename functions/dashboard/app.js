@@ -1,0 +1,400 @@
+// The mailq dashboard: a client of the public API and nothing else. No framework, no build step.
+// The token lives in this tab's sessionStorage (never a cookie, so no request carries it unasked),
+// and every value from the API reaches the page as text (textContent), never as markup.
+import { drawChart } from "./chart.js";
+
+const SESSION_KEY = "mailq.session";
+const REFRESH_MS = 3000;
+const PAGE_SIZE = 25;
+const STATUSES = ["scheduled", "queued", "processing", "sent", "failed", "cancelled"];
+// What the API allows (docs: task statuses); the buttons show only where the server offers the action.
+const ACTIONS = {
+  cancel: { path: "/api/v1/task/{id}/cancel", allowed: new Set(["scheduled", "queued", "failed"]), done: "Cancelled." },
+  retry: { path: "/api/v1/task/{id}/retry", allowed: new Set(["failed", "cancelled"]), done: "Queued again." },
+};
+const DETAIL_FIELDS = [
+  ["status", "status"],
+  ["recipient_email", "recipient"],
+  ["subject", "subject"],
+  ["try_count", "tries"],
+  ["last_error", "last error"],
+  ["message_id", "Message-ID"],
+  ["scheduled_at", "scheduled at"],
+  ["next_attempt_at", "next attempt"],
+  ["created_at", "created"],
+  ["updated_at", "last change"],
+  ["sent_at", "sent at"],
+];
+const TIMESTAMPS = new Set(["scheduled_at", "next_attempt_at", "created_at", "updated_at", "sent_at"]);
+
+const $ = (id) => document.getElementById(id);
+
+class ApiError extends Error {
+  constructor(status, problem) {
+    super((problem && problem.detail) || `HTTP ${status}`);
+    this.status = status;
+    this.problem = problem || {};
+  }
+}
+
+let session = readSession();
+const offered = { cancel: false, retry: false };
+const list = { status: "", filters: {}, cursors: [null], page: 0, next: null };
+let openTaskId = null;
+let timer = null;
+let refreshing = false;
+let refreshAgain = false;
+
+// --- the API ---------------------------------------------------------------------------------------
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (session) headers.Authorization = `Bearer ${session.token}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+    credentials: "omit",
+    cache: "no-store",
+  });
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    if (response.status === 401 && session) signOut("Your session has ended: sign in again.");
+    throw new ApiError(response.status, data);
+  }
+  return data;
+}
+
+function readSession() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(SESSION_KEY) || "null");
+    return saved && typeof saved.token === "string" ? saved : null;
+  } catch {
+    return null;
+  }
+}
+
+// --- signing in and out ----------------------------------------------------------------------------
+
+async function signIn(event) {
+  event.preventDefault();
+  const form = event.target;
+  const error = $("login-error");
+  error.hidden = true;
+  try {
+    session = null;
+    const login = await api("POST", "/api/v1/login", {
+      email: form.elements.email.value,
+      password: form.elements.password.value,
+    });
+    session = { token: login.token, id: login.id, email: form.elements.email.value };
+    const user = await api("GET", `/api/v1/user/${login.id}`);
+    session.email = user.email;
+    sessionStorage.setItem(SESSION_KEY, JSON.stringify(session));
+    form.reset();
+    show();
+  } catch (err) {
+    session = null;
+    error.textContent = err.status === 401 ? "The email or password is wrong." : err.message;
+    error.hidden = false;
+  }
+}
+
+function signOut(message) {
+  session = null;
+  sessionStorage.removeItem(SESSION_KEY);
+  clearTimeout(timer);
+  closeDetail();
+  show();
+  if (message) {
+    $("login-error").textContent = message;
+    $("login-error").hidden = false;
+  }
+}
+
+function show() {
+  const signedIn = session !== null;
+  $("login-view").hidden = signedIn;
+  $("app-view").hidden = !signedIn;
+  $("sign-out").hidden = !signedIn;
+  $("who").hidden = !signedIn;
+  $("who").textContent = signedIn ? session.email : "";
+  if (signedIn) {
+    discoverActions();
+    refresh();
+  } else {
+    $("login-form").elements.email.focus();
+  }
+}
+
+// Cancel and retry are offered where the server's own OpenAPI document lists them.
+async function discoverActions() {
+  try {
+    const response = await fetch("/openapi.json", { credentials: "omit" });
+    const doc = await response.json();
+    for (const [name, action] of Object.entries(ACTIONS)) {
+      offered[name] = Boolean(doc.paths && doc.paths[action.path] && doc.paths[action.path].post);
+    }
+  } catch {
+    // Without the document the buttons stay hidden; everything else works.
+  }
+}
+
+// --- refreshing ------------------------------------------------------------------------------------
+
+async function refresh() {
+  if (refreshing) {
+    refreshAgain = true; // one refresh at a time; a click during one asks for another right after
+    return;
+  }
+  clearTimeout(timer);
+  if (!session) return;
+  refreshing = true;
+  try {
+    await Promise.all([refreshStats(), refreshList(), openTaskId ? refreshDetail() : null]);
+    $("banner").hidden = true;
+    $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (err) {
+    if (session) {
+      $("banner").textContent = `The API answered: ${err.message}`;
+      $("banner").hidden = false;
+    }
+  } finally {
+    refreshing = false;
+  }
+  if (refreshAgain) {
+    refreshAgain = false;
+    return refresh();
+  }
+  if (session) timer = setTimeout(refresh, document.hidden ? REFRESH_MS * 5 : REFRESH_MS);
+}
+
+async function refreshStats() {
+  const stats = await api("GET", "/api/v1/task/stats");
+  for (const status of STATUSES) {
+    const button = document.querySelector(`#counts button[data-status="${status}"]`);
+    const capped = stats.capped.includes(status);
+    button.querySelector(".n").textContent = stats.counts[status].toLocaleString() + (capped ? "+" : "");
+    button.classList.toggle("active", list.status === status);
+  }
+  const totals = { sent: 0, failed: 0, cancelled: 0 };
+  for (const minute of stats.minutes) for (const key of Object.keys(totals)) totals[key] += minute[key];
+  for (const [key, value] of Object.entries(totals)) $(`total-${key}`).textContent = value;
+  drawChart($("chart"), stats.minutes);
+}
+
+function listUrl() {
+  const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  let path = "/api/v1/task/queue";
+  if (list.status === "fail") path = "/api/v1/task/queue/fail";
+  else if (list.status) params.set("status", list.status);
+  for (const [name, value] of Object.entries(list.filters)) if (value) params.set(name, value);
+  const cursor = list.cursors[list.page];
+  if (cursor) params.set("cursor", cursor);
+  return `${path}?${params}`;
+}
+
+async function refreshList() {
+  let page;
+  try {
+    page = await api("GET", listUrl());
+  } catch (err) {
+    if (err.status !== 422) throw err;
+    const errors = Object.entries(err.problem.errors || {}).map(([k, v]) => `${k} ${v}`);
+    $("banner").textContent = `Filter refused: ${errors.join("; ") || err.message}`;
+    $("banner").hidden = false;
+    page = { items: [], next_cursor: null };
+  }
+  list.next = page.next_cursor;
+  $("task-table").tBodies[0].replaceChildren(...page.items.map(taskRow));
+  $("empty").hidden = page.items.length > 0;
+  $("next-page").disabled = !list.next;
+  $("prev-page").disabled = list.page === 0;
+  $("first-page").disabled = list.page === 0;
+}
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === null || text === undefined ? "" : String(text);
+  if (className) td.className = className;
+  return td;
+}
+
+function statusBadge(status) {
+  const span = document.createElement("span");
+  span.className = `status status-${STATUSES.includes(status) ? status : "other"}`;
+  span.textContent = status;
+  return span;
+}
+
+function taskRow(task) {
+  const tr = document.createElement("tr");
+  tr.dataset.id = task.id;
+  tr.tabIndex = 0;
+  const status = cell("");
+  status.append(statusBadge(task.status));
+  const error = cell(task.last_error, "error-text");
+  if (task.last_error) error.title = task.last_error;
+  tr.append(
+    cell(task.id, "num"),
+    status,
+    cell(task.recipient_email),
+    cell(task.subject),
+    cell(task.try_count, "num"),
+    cell(formatTime(task.updated_at)),
+    error,
+  );
+  tr.classList.toggle("selected", task.id === openTaskId);
+  return tr;
+}
+
+function formatTime(iso) {
+  return iso ? new Date(iso).toLocaleString() : "—";
+}
+
+// --- one task --------------------------------------------------------------------------------------
+
+async function openDetail(id) {
+  openTaskId = id;
+  $("detail-message").textContent = "";
+  $("detail").hidden = false;
+  for (const row of $("task-table").tBodies[0].rows) row.classList.toggle("selected", Number(row.dataset.id) === id);
+  try {
+    await refreshDetail();
+  } catch (err) {
+    $("detail-message").textContent = err.message;
+  }
+}
+
+function closeDetail() {
+  openTaskId = null;
+  $("detail").hidden = true;
+}
+
+async function refreshDetail() {
+  const id = openTaskId;
+  const task = await api("GET", `/api/v1/task/${id}`);
+  if (id === openTaskId) renderDetail(task);
+}
+
+function renderDetail(task) {
+  $("detail-id").textContent = `#${task.id}`;
+  const rows = [];
+  const known = new Set(["id", "body"]);
+  for (const [key, label] of DETAIL_FIELDS) {
+    known.add(key);
+    if (key in task) rows.push([key, label, task[key]]);
+  }
+  // Whatever else the API returns (headers, tags, cc, ... as it learns them) is shown as it comes.
+  for (const [key, value] of Object.entries(task)) if (!known.has(key)) rows.push([key, key, value]);
+  $("detail-fields").replaceChildren(
+    ...rows.flatMap(([key, label, value]) => {
+      const dt = document.createElement("dt");
+      dt.textContent = label;
+      const dd = document.createElement("dd");
+      dd.dataset.field = key;
+      if (key === "status") dd.append(statusBadge(value));
+      else if (TIMESTAMPS.has(key)) {
+        dd.textContent = formatTime(value);
+        if (value) dd.title = value;
+      } else if (value !== null && typeof value === "object") {
+        const pre = document.createElement("pre");
+        pre.textContent = JSON.stringify(value, null, 2);
+        dd.append(pre);
+      } else dd.textContent = value === null ? "—" : String(value);
+      return [dt, dd];
+    }),
+  );
+  $("detail-body").textContent = task.body ?? "";
+  for (const [name, action] of Object.entries(ACTIONS)) {
+    $(`${name}-task`).hidden = !(offered[name] && action.allowed.has(task.status));
+  }
+}
+
+async function act(name) {
+  const action = ACTIONS[name];
+  const id = openTaskId;
+  const button = $(`${name}-task`);
+  button.disabled = true;
+  try {
+    const task = await api("POST", action.path.replace("{id}", id));
+    if (task && task.id === id) renderDetail(task);
+    $("detail-message").textContent = action.done;
+    refresh();
+  } catch (err) {
+    // A 404 naming no route (rather than the task) or a 405: the server does not have this action.
+    const noRoute = err.status === 404 && !(err.problem.detail || "").startsWith("No such task");
+    if (noRoute || err.status === 405) {
+      offered[name] = false;
+      button.hidden = true;
+      $("detail-message").textContent = `This server does not offer ${name} yet.`;
+    } else {
+      $("detail-message").textContent = err.message; // e.g. 409: it is being sent right now
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// --- wiring ----------------------------------------------------------------------------------------
+
+function applyFilters(event) {
+  event.preventDefault();
+  const form = $("filters");
+  list.status = form.elements.status.value;
+  list.filters = {};
+  for (const input of form.querySelectorAll("[data-param]")) list.filters[input.name] = input.value.trim();
+  list.cursors = [null];
+  list.page = 0;
+  refresh();
+}
+
+function pickStatus(status) {
+  $("filters").elements.status.value = status;
+  $("filters").requestSubmit();
+}
+
+// A module runs once the document is parsed: the elements are there.
+function init() {
+  $("login-form").addEventListener("submit", signIn);
+  $("sign-out").addEventListener("click", () => signOut());
+  $("filters").addEventListener("submit", applyFilters);
+  for (const button of document.querySelectorAll("#counts button")) {
+    button.addEventListener("click", () => pickStatus(button.dataset.status));
+  }
+  $("next-page").addEventListener("click", () => {
+    list.cursors[list.page + 1] = list.next;
+    list.page += 1;
+    refresh();
+  });
+  $("prev-page").addEventListener("click", () => {
+    list.page = Math.max(0, list.page - 1);
+    refresh();
+  });
+  $("first-page").addEventListener("click", () => {
+    list.page = 0;
+    refresh();
+  });
+  const rows = $("task-table").tBodies[0];
+  rows.addEventListener("click", (event) => {
+    const row = event.target.closest("tr");
+    if (row) openDetail(Number(row.dataset.id));
+  });
+  rows.addEventListener("keydown", (event) => {
+    const row = event.target.closest("tr");
+    if (row && (event.key === "Enter" || event.key === " ")) {
+      event.preventDefault();
+      openDetail(Number(row.dataset.id));
+    }
+  });
+  $("detail-close").addEventListener("click", closeDetail);
+  $("cancel-task").addEventListener("click", () => act("cancel"));
+  $("retry-task").addEventListener("click", () => act("retry"));
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden && session) refresh();
+  });
+  show();
+}
+
+init();

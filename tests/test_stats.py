@@ -1,0 +1,189 @@
+"""GET /api/v1/task/stats and the recipient filter: what they answer, and that PostgreSQL serves them
+from their indexes at a realistic size (EXPLAIN, with sequential scans allowed and forbidden)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from shared import stats, tasks
+from shared.db import engine_for
+from tests.conftest import auth_header, login, register_user
+from tests.test_accounts_api import assert_problem
+
+MAIL = {"recipient_email": "bob@example.org", "subject": "Hi", "body": "Hello Bob"}
+
+
+@pytest.fixture()
+def alice(api):
+    user = register_user(api)
+    return user, auth_header(login(api))
+
+
+def enqueue(api, headers, n: int, **fields) -> list[int]:
+    return [
+        api.post("/api/v1/task/enqueue", json={**MAIL, **fields}, headers=headers).get_json()["task_id"]
+        for _ in range(n)
+    ]
+
+
+def set_status(pg_url, ids, status: str, updated: str = "now()") -> None:
+    with engine_for(pg_url).begin() as conn:
+        conn.execute(
+            sa.text(f"UPDATE tasks SET status = :status, updated_at = {updated} WHERE id = ANY(:ids)"),
+            {"status": status, "ids": list(ids)},
+        )
+
+
+def test_stats_count_each_status_and_place_each_outcome_in_its_minute(api, alice, pg_url):
+    _, headers = alice
+    ids = enqueue(api, headers, 9)
+    enqueue(api, headers, 1, scheduled_at="2999-01-01T00:00:00Z")
+    with engine_for(pg_url).connect() as conn:
+        anchor = conn.execute(sa.text("SELECT date_trunc('minute', now()) - interval '10 minutes'")).scalar()
+    at = f"TIMESTAMPTZ '{anchor.isoformat()}' + interval '30 seconds'"
+    set_status(pg_url, ids[:3], "sent", at)
+    set_status(pg_url, ids[3:4], "failed", at)
+    set_status(pg_url, ids[4:5], "cancelled", at)
+    set_status(pg_url, ids[5:6], "sent", "now() - interval '2 hours'")  # counted, but not in the hour
+    set_status(pg_url, ids[6:7], "processing")
+    bob = register_user(api, email="bob@example.com")
+    other = auth_header(login(api, email=bob["email"]))
+    set_status(pg_url, enqueue(api, other, 2), "sent")  # someone else's
+
+    figures = api.get("/api/v1/task/stats", headers=headers).get_json()
+
+    assert figures["counts"] == {
+        "scheduled": 1,
+        "queued": 2,
+        "processing": 1,
+        "sent": 4,
+        "failed": 1,
+        "cancelled": 1,
+    }
+    assert figures["capped"] == []
+    minutes = figures["minutes"]
+    assert len(minutes) == 60 and minutes[0]["start"] == figures["since"]
+    starts = [datetime.fromisoformat(m["start"]) for m in minutes]
+    assert all(b - a == timedelta(minutes=1) for a, b in zip(starts, starts[1:], strict=False))
+    busy = {
+        m["start"]: (m["sent"], m["failed"], m["cancelled"])
+        for m in minutes
+        if m["sent"] + m["failed"] + m["cancelled"]
+    }
+    assert busy == {anchor.isoformat(): (3, 1, 1)}
+
+
+def test_a_count_stops_at_the_cap_and_the_answer_says_which(api, alice, pg_url, monkeypatch):
+    monkeypatch.setattr(stats, "COUNT_CAP", 3)
+    _, headers = alice
+    set_status(pg_url, enqueue(api, headers, 5), "sent")
+    enqueue(api, headers, 3)
+
+    figures = api.get("/api/v1/task/stats", headers=headers).get_json()
+
+    assert figures["counts"]["sent"] == 3 and figures["counts"]["queued"] == 3
+    assert figures["capped"] == ["sent"]
+
+
+def test_stats_need_a_token(api):
+    assert_problem(api.get("/api/v1/task/stats"), 401)
+
+
+def test_the_recipient_filter_finds_one_addresses_tasks_as_enqueue_stored_them(api, alice, pg_url):
+    _, headers = alice
+    to_bob = enqueue(api, headers, 2)
+    enqueue(api, headers, 2, recipient_email="carol@example.org")
+    set_status(pg_url, to_bob[:1], "cancelled")
+
+    def ids(url):
+        return [t["id"] for t in api.get(url, headers=headers).get_json()["items"]]
+
+    assert ids("/api/v1/task/queue?recipient=bob@EXAMPLE.ORG") == to_bob[1:]
+    assert ids("/api/v1/task/queue?status=cancelled&recipient=bob@example.org") == to_bob[:1]
+    assert ids("/api/v1/task/queue/fail?recipient=bob@example.org") == to_bob[:1]
+    assert ids("/api/v1/task/queue?recipient=") == ids("/api/v1/task/queue")
+    problem = assert_problem(api.get("/api/v1/task/queue?recipient=bob", headers=headers), 422)
+    assert "recipient" in problem["errors"]
+
+
+# --- the plans ----------------------------------------------------------------------------------------
+
+SEED_USERS = """
+INSERT INTO users (email, password_hash, smtp_host, smtp_port, smtp_username, smtp_password_enc,
+                   smtp_security)
+SELECT 'explain' || g || '@example.com', 'x', 'smtp.example.com', 587, 'u', 'x', 'starttls'
+  FROM generate_series(1, 20) AS g
+RETURNING id
+"""
+# 20 users, 60,000 tasks: mostly sent long ago, a few hundred outcomes in the last hour, a spread of
+# recipients, some of everything else -- the shape of a live system.
+SEED_TASKS = """
+INSERT INTO tasks (user_id, recipient_email, subject, body, status, try_count, scheduled_at,
+                   next_attempt_at, message_id, updated_at)
+SELECT (SELECT min(id) FROM users) + mod(g, 20), 'r' || mod(g, 500) || '@example.org', 's', 'b',
+       CASE WHEN mod(g, 50) = 0 THEN 'failed' WHEN mod(g, 50) = 1 THEN 'cancelled'
+            WHEN mod(g, 50) = 2 THEN 'queued' WHEN mod(g, 50) = 3 THEN 'scheduled' ELSE 'sent' END,
+       1, now(), now(), 'm' || g,
+       CASE WHEN mod(g, 100) < 1 THEN now() - mod(g, 3600) * interval '1 second'
+            ELSE now() - interval '1 day' - mod(g, 86400) * interval '1 second' END
+  FROM generate_series(1, 60000) AS g
+"""
+
+
+def _plan_nodes(plan):
+    if isinstance(plan, dict):
+        if "Node Type" in plan:
+            yield plan
+        for value in plan.values():
+            yield from _plan_nodes(value)
+    elif isinstance(plan, list):
+        for value in plan:
+            yield from _plan_nodes(value)
+
+
+def test_stats_and_the_recipient_filter_are_served_by_indexes(pg_url, clean):
+    engine = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    dialect = engine.dialect
+    try:
+        with engine.connect() as conn:
+            tx = conn.begin()  # rolled back: the rows and ANALYZE's statistics vanish with it
+            user_id = conn.execute(sa.text(SEED_USERS)).scalars().all()[7]
+            conn.execute(sa.text(SEED_TASKS))
+            conn.execute(sa.text("ANALYZE tasks"))
+            pending = tuple(s for s in tasks.STATUS_CHOICES if s not in ("sent", "cancelled"))
+            statements = {
+                "counts": (stats._COUNTS_SQL, {"user_id": user_id, "cap_plus_one": stats.COUNT_CAP + 1}),
+                "hour": (stats._HOUR_SQL, {"user_id": user_id, "minutes": stats.WINDOW_MINUTES}),
+                "recipient": (tasks.list_query(user_id, pending, 51, 0, "r7@example.org"), None),
+                "recipient+status": (tasks.list_query(user_id, ("sent",), 51, 0, "r7@example.org"), None),
+            }
+            wanted = {
+                "counts": "tasks_user_status_id",
+                "hour": "tasks_user_outcome_at",
+                "recipient": "tasks_user_recipient_id",
+                "recipient+status": "tasks_user_recipient_id",
+            }
+            plans = {}
+            for name, (statement, params) in statements.items():
+                if params is None:
+                    sql = str(statement.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+                else:
+                    sql = statement.text
+                for seqscan in ("on", "off"):
+                    conn.execute(sa.text(f"SET LOCAL enable_seqscan = {seqscan}"))
+                    plans[name, seqscan] = conn.execute(
+                        sa.text("EXPLAIN (FORMAT JSON) " + sql), params or {}
+                    ).scalar_one()
+            tx.rollback()
+    finally:
+        engine.dispose()
+    for (name, seqscan), plan in plans.items():
+        nodes = list(_plan_nodes(plan))
+        seq = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
+        assert not seq, f"{name}: sequential scan on tasks (enable_seqscan={seqscan}): {json.dumps(plan)}"
+        used = {n.get("Index Name") for n in nodes}
+        assert wanted[name] in used, f"{name} (enable_seqscan={seqscan}) used {used}: {json.dumps(plan)}"
