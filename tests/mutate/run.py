@@ -3,6 +3,7 @@
     python -m tests.mutate                 # every mutant (what `make mutate` runs)
     python -m tests.mutate -k consumer     # those whose name contains "consumer" (-k again to add more)
     python -m tests.mutate --list          # the list, with each invariant and its tests
+    python -m tests.mutate --mutants x.toml  # another list (trying out new entries)
 
 The working tree is never written: its files (``git ls-files``, untracked ones included, ignored ones
 not) are copied once, then each mutant gets a fresh copy of that, its exact edit, and one pytest run of
@@ -119,6 +120,8 @@ def snapshot(dest: Path) -> int:
 def run_tests(tree: Path, tests: tuple[str, ...], python: str, timeout: float) -> tuple[str, str, dict]:
     """One pytest run of ``tests`` in ``tree``: (passed|failed|timeout|error, detail, the guard's report)."""
     report = tree / ".mutate-report.json"
+    scratch_tmp = tree / ".tmp"  # the run's temporary files (databases included) go when the copy goes
+    scratch_tmp.mkdir(exist_ok=True)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
@@ -126,6 +129,7 @@ def run_tests(tree: Path, tests: tuple[str, ...], python: str, timeout: float) -
         "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
         "MAILQ_MUTATE_ROOT": str(tree),
         "MAILQ_MUTATE_REPORT": str(report),
+        "TMPDIR": str(scratch_tmp),
     }
     plugins = [arg for plugin in PLUGINS for arg in ("-p", plugin)]
     command = [python, "-m", "pytest", "-x", "-q", "--no-header", "-p", "no:cacheprovider", *plugins, *tests]
@@ -140,8 +144,14 @@ def run_tests(tree: Path, tests: tuple[str, ...], python: str, timeout: float) -
     try:
         output, _ = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
+        # Ctrl-C first, so the session fixtures stop the PostgreSQL and Redis they started (pgserver's
+        # postgres leaves our process group, so a SIGKILL alone would leave it running).
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
         return "timeout", f"no answer within {timeout:.0f} s", {}
     seen = json.loads(report.read_text()) if report.exists() else {}
     tail = output.decode(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
@@ -201,12 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make mutate", description=__doc__.split("\n\n")[0])
     parser.add_argument("-k", dest="select", action="append", default=[], help="mutants whose name has this")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--mutants", type=Path, default=LIST, help="the list to run (a TOML file)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run on the unmutated copy")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per pytest run")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs pytest")
     args = parser.parse_args(argv)
 
-    mutants = [m for m in load() if not args.select or any(s in m.name for s in args.select)]
+    mutants = [m for m in load(args.mutants) if not args.select or any(s in m.name for s in args.select)]
     if not mutants:
         print("no mutant matches", args.select, file=sys.stderr)
         return 2
@@ -217,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     scratch = Path(tempfile.mkdtemp(prefix="mailq-mutate-"))
+    scratch.chmod(0o755)  # pgserver runs postgres as another user when we are root: it must reach its data
     try:
         base = scratch / "base"
         files = snapshot(base)
