@@ -4,9 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+MUTATE_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint fmt clean-local
+.PHONY: help install run test mutate lint fmt clean-local
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
@@ -24,6 +25,9 @@ run: $(STAMP) ## start the whole service on embedded PostgreSQL, Redis and an SM
 
 test: $(STAMP) ## run the whole test suite (real PostgreSQL, Redis and SMTP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+mutate: $(STAMP) ## break each design invariant in a scratch copy; its tests must fail (MUTATE_ARGS='-k name')
+	$(BIN)/python -m tests.mutate $(MUTATE_ARGS)
 
 lint: $(STAMP) ## ruff check and format check
 	$(BIN)/ruff check .

@@ -12,9 +12,9 @@ from shared.errors import Unauthorized
 ALGORITHM = "HS256"
 MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything past 72 bytes; we refuse instead of truncating
 MIN_PASSWORD_BYTES = 8
-
-# A hash of a random password, checked when the email is unknown so both 401s take the same time.
-_DUMMY_HASH_CACHE: dict[int, bytes] = {}
+# Pods' clocks drift a little: a token minted by a pod a few seconds ahead is not refused as "issued in
+# the future" by one behind it, nor one just past exp. Far less than any token's lifetime.
+TOKEN_LEEWAY_SECONDS = 30
 
 
 def hash_password(password: str, rounds: int) -> str:
@@ -22,17 +22,28 @@ def hash_password(password: str, rounds: int) -> str:
 
 
 def check_password(password: str, password_hash: str | None, rounds: int) -> bool:
-    """True when the password matches; with no hash, burns the same time and returns False."""
+    """True when the password matches. Every call does exactly one bcrypt check of full cost, so an
+    unknown email (no hash), a password bcrypt would refuse at once (over 72 bytes) and a wrong
+    password all take the same time: no 401 tells a registered email apart."""
+    secret = password.encode()
+    if password_hash is not None and len(secret) <= MAX_PASSWORD_BYTES:
+        try:
+            return bcrypt.checkpw(secret, password_hash.encode())
+        except ValueError:  # a malformed stored hash: bcrypt did no work, so the check below does it
+            pass
+    # A bare salt is a hash that matches nothing: checking against it costs what a real check costs
+    # (at the stored hash's cost when there is one), and making it costs nothing.
+    cost = _cost(password_hash) or rounds
+    bcrypt.checkpw(secret[:MAX_PASSWORD_BYTES], bcrypt.gensalt(rounds=cost))
+    return False
+
+
+def _cost(password_hash: str | None) -> int | None:
+    """The cost factor of a bcrypt hash ("$2b$12$…" → 12); None when there is none to read."""
     if password_hash is None:
-        dummy = _DUMMY_HASH_CACHE.get(rounds)
-        if dummy is None:
-            dummy = _DUMMY_HASH_CACHE[rounds] = bcrypt.hashpw(b"not-a-password", bcrypt.gensalt(rounds))
-        bcrypt.checkpw(password.encode()[:MAX_PASSWORD_BYTES], dummy)
-        return False
-    try:
-        return bcrypt.checkpw(password.encode(), password_hash.encode())
-    except ValueError:
-        return False
+        return None
+    parts = password_hash.split("$")
+    return int(parts[2]) if len(parts) > 3 and parts[2].isdigit() and 4 <= int(parts[2]) <= 31 else None
 
 
 def issue_token(user_id: int, secret: str, ttl_seconds: int, now: float | None = None) -> str:
@@ -49,6 +60,7 @@ def verify_token(token: str, secret: str) -> int:
             secret,
             algorithms=[ALGORITHM],
             options={"require": ["exp", "iat", "sub"]},
+            leeway=TOKEN_LEEWAY_SECONDS,
         )
         sub = claims["sub"]
         if not isinstance(sub, str) or not sub.isdigit():

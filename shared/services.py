@@ -24,6 +24,11 @@ from shared.errors import Conflict, DependencyUnavailable, NotFound, Unauthorize
 from shared.sendqueue import SendQueue
 from shared.validation import SECURITY_CHOICES, Fields
 
+PRIVATE_HOST_REFUSED = (
+    "resolves to an address that is not public (private, loopback, link-local, metadata or reserved); "
+    "refused on this deployment"
+)
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -140,7 +145,11 @@ def _check_smtp(ctx: Context, f: Fields, host: str | None, port: int | None, sec
     if host is not None and port is not None and not ctx.settings.smtp_allow_private_hosts:
         from shared.hosts import host_refusal_reason
 
-        reason = host_refusal_reason(host, port, allow_private=False)
+        # A name that does not resolve is reported as such; one that resolves to a refused address is
+        # not told which address: that would let a caller map our internal network through register.
+        reason = host_refusal_reason(host, port, allow_private=True)
+        if reason is None and host_refusal_reason(host, port, allow_private=False):
+            reason = PRIVATE_HOST_REFUSED
         if reason:
             f.fail("smtp_host", reason)
 

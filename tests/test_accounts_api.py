@@ -245,7 +245,7 @@ def _token(claims, key=TEST_ENV["JWT_SECRET"], algorithm="HS256"):
         lambda uid: "Basic abc",
         lambda uid: "Bearer",
         lambda uid: "Bearer not.a.token",
-        lambda uid: "Bearer " + _token({"sub": str(uid), "iat": 1, "exp": int(time.time()) - 10}),
+        lambda uid: "Bearer " + _token({"sub": str(uid), "iat": 1, "exp": int(time.time()) - 60}),  # > leeway
         lambda uid: (
             "Bearer " + _token({"sub": str(uid), "iat": 1, "exp": int(time.time()) + 60}, key="k" * 40)
         ),

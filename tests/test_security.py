@@ -9,6 +9,7 @@ literals live in tests/test_accounts_api.py and tests/test_tasks_api.py.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
@@ -456,9 +457,26 @@ def test_a_name_resolving_to_a_private_address_is_refused_at_register(
     monkeypatch.setenv("SMTP_ALLOW_PRIVATE_HOSTS", "false")
     http.reset_context()
     fake_dns["addresses"] = addresses
-    body = assert_problem(api.post("/api/v1/register", json={**GOOD, "smtp_host": REBINDING_HOST}), 422)
+    response = api.post("/api/v1/register", json={**GOOD, "smtp_host": REBINDING_HOST})
+    body = assert_problem(response, 422)
     assert "smtp_host" in body["errors"] and "refused" in body["errors"]["smtp_host"]
+    # The address the name resolved to is ours to know: a caller could map the internal network with it.
+    assert ip_literals(response.get_data(as_text=True)) == []
     assert user_count(pg_url) == 0
+
+
+def ip_literals(text: str) -> list[str]:
+    """Every IPv4 or IPv6 address written in ``text``."""
+    found = []
+    for candidate in re.findall(r"[0-9A-Fa-f:.]{2,}", text):
+        for form in (candidate, candidate.rstrip(".:")):  # "… 10.0.0.1." ends a sentence
+            try:
+                ipaddress.ip_address(form)
+            except ValueError:
+                continue
+            found.append(form)
+            break
+    return found
 
 
 # --- SMTP smuggling through the body --------------------------------------------------------------

@@ -1,0 +1,5 @@
+import sys
+
+from tests.mutate.run import main
+
+sys.exit(main())
