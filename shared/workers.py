@@ -97,7 +97,8 @@ class Worker:
         """Register, retrying with backoff while Redis is down; False if told to stop meanwhile."""
         delay = 0.5
         while not self.stopping.is_set():
-            self.mark_progress()  # waiting for Redis is not being wedged
+            self.mark_progress()  # waiting for Redis is not being wedged:
+            self._touch_liveness_file()  # the liveness probe must not restart us for Redis's outage
             try:
                 self.register()
                 return True

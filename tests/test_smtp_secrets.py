@@ -9,6 +9,7 @@ import socket
 import threading
 
 import pytest
+import sqlalchemy as sa
 
 from tests.pipeline import Pipeline
 
@@ -100,7 +101,8 @@ def pipe(ctx):
 @pytest.mark.parametrize(
     ("stage", "reply", "status"),
     [
-        ("AUTH", "535 5.7.8 {password} is not the password", "cancelled"),
+        # a refused login pauses the account: the mail waits, the reason in last_error and on the user
+        ("AUTH", "535 5.7.8 {password} is not the password", "queued"),
         ("MAIL", "550 5.7.1 the account with password {password} may not send", "cancelled"),
         ("DATA", "451 4.3.0 try again later, {password}", "failed"),
     ],
@@ -116,3 +118,6 @@ def test_a_password_the_server_repeats_is_not_recorded_or_logged(pipe, caplog, s
     assert row.status == status and reply[:3] in row.last_error  # the reply was recorded…
     assert PASSWORD not in row.last_error  # …without the password in it
     assert PASSWORD not in caplog.text
+    with pipe.ctx.engine.connect() as conn:
+        paused_reason = conn.execute(sa.text("SELECT smtp_paused_reason FROM users")).scalar_one()
+    assert (paused_reason is not None) == (stage == "AUTH") and PASSWORD not in (paused_reason or "")
