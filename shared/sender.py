@@ -203,7 +203,17 @@ class Sender(Worker):
         taken = self.take(count)
         if not taken and timeout > 0 and self.sendq.wait(timeout):
             taken = self.take(count)
-        return [self.handle(item) for item in taken]
+        outcomes: list[Outcome] = []
+        for i, item in enumerate(taken):
+            try:
+                outcomes.append(self.handle(item))
+            except BaseException:
+                # Nothing of the rest has started: give it back now rather than leave it in our
+                # processing list (and its slots held) until the sweep or a restart.
+                for rest in taken[i + 1 :]:
+                    self._give_back_quietly(rest, _task_id_or_zero(rest))
+                raise
+        return outcomes
 
     # --- one envelope ---
 

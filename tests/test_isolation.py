@@ -514,3 +514,106 @@ def test_redis_holds_tenant_ids_and_envelopes_only(pipe, smtp_server):
 def smtp_server():
     with ScriptedSmtpServer() as server:
         yield server
+
+
+# --- what a failure leaves behind ------------------------------------------------------------------
+
+
+def test_envelopes_not_yet_started_are_given_back_when_a_step_fails_part_way(pipe, smtp_server, monkeypatch):
+    """Issue 15's survivor: a step that fails after its first mail must not leave the others in its
+    processing list (holding their slots) until the sweep or a restart."""
+    users = [pipe.user(smtp_server, email=f"t{i}@example.com") for i in range(3)]
+    ids = [pipe.enqueue(u) for u in users]
+    while pipe.consumer.step(0.05):
+        pass
+    real_handle, calls = pipe.sender.handle, []
+
+    def handle_then_fail(item):  # a fault no server can provoke: the step itself breaks
+        calls.append(item)
+        if len(calls) == 2:
+            raise RuntimeError("the step broke")
+        return real_handle(item)
+
+    monkeypatch.setattr(pipe.sender, "handle", handle_then_fail)
+    with pytest.raises(RuntimeError):
+        pipe.sender.step(0.1)
+    processing = pipe.ctx.redis.lrange(pipe.sender.processing, 0, -1)
+    assert processing == [calls[1].raw]  # only the one that broke is still held
+    third = next(i for i in ids if queue.encode(i) not in (calls[0].raw, calls[1].raw))
+    waiting = pipe.ctx.redis.zrange(queue.send_queue(pipe.task(third).user_id), 0, -1)
+    assert waiting == [queue.encode(third)] and pipe.task(third).try_count == 0
+
+
+def test_a_paused_account_is_not_claimed_even_when_redis_forgot_the_pause(pipe):
+    """PostgreSQL is the source of truth: a Redis that restarted empty must not let a paused
+    account's mail try the refused credentials again."""
+    with ScriptedSmtpServer(auth=lambda u, p: p == "right") as server:
+        user = pipe.user(server, **{"smtp-username": "ada", "smtp-password": "wrong"})
+        first, second = pipe.enqueue(user), pipe.enqueue(user)
+        pipe.pump()
+        assert len(server.logins) == 1
+        pipe.ctx.redis.flushall()  # the pause (and every envelope) is gone from Redis
+        time.sleep(pipe.ctx.settings.sweep_leak_window + 0.05)
+        pipe.sweep()
+        assert Outcome.PAUSED in pipe.pump()
+        assert len(server.logins) == 1 and pipe.ctx.redis.sismember(queue.PAUSED, user.id)
+        assert {pipe.task(first).status, pipe.task(second).status} == {"queued"}
+
+
+def test_a_worker_fault_never_lowers_the_try_count(pipe, smtp_server):
+    """The try count is the fencing token: a claim given back raises the budget instead."""
+    user = pipe.user(smtp_server)
+    task_id = pipe.enqueue(user)
+    pipe.consumer.step(0.1)
+    keyless = Sender(
+        pipe.ctx.settings, pipe.ctx.engine, pipe.ctx.redis, pipe.mailer, SecretBox((generate_key(),))
+    )
+    assert keyless.step(0.1) == [Outcome.RELEASED]
+    row = pipe.task(task_id)
+    assert (row.try_count, row.budget_base) == (1, 1)
+    pipe.sender.step(0.1)
+    row = pipe.task(task_id)
+    assert row.status == "sent" and (row.try_count, row.budget_base) == (2, 1)
+
+
+def test_another_users_smtp_settings_cannot_be_changed(api, env):
+    from tests.conftest import auth_header, login, register_user
+
+    ada = register_user(api)
+    bob = register_user(api, email="bob@example.com")
+    token = login(api, email="bob@example.com")
+    answer = api.patch(
+        f"/api/v1/user/{ada['id']}", json={"smtp_host": "evil.example"}, headers=auth_header(token)
+    )
+    assert answer.status_code == 404
+    mine = api.patch(f"/api/v1/user/{bob['id']}", json={"smtp_port": 2525}, headers=auth_header(token))
+    assert mine.status_code == 200 and mine.get_json()["smtp_port"] == 2525
+    assert (
+        api.get(f"/api/v1/user/{ada['id']}", headers=auth_header(login(api))).get_json()["smtp_host"]
+        == "127.0.0.1"
+    )
+
+
+def test_a_worker_stays_live_while_redis_refuses_its_heartbeat(fast_ctx, tmp_path):
+    """Liveness means "this process is not wedged", not "Redis is up": a Redis that refuses every
+    command (here: a password it starts requiring) must not stop the liveness file's updates."""
+    from shared.consumer import Consumer
+
+    settings = fast_ctx.settings.replace(heartbeat_ttl=3, heartbeat_file=str(tmp_path / "beat"))
+    consumer = Consumer(settings, fast_ctx.engine, services.make_redis(settings.redis_url))
+    running = run_in_thread(consumer.run)
+    beat = tmp_path / "beat"
+    try:
+        wait_for(beat.exists, what="the first heartbeat")
+        fast_ctx.redis.config_set("requirepass", "now-you-need-this")
+        before = beat.stat().st_mtime
+        time.sleep(2.5)  # more than two heartbeats (every TTL/3 = 1 s)
+        assert beat.stat().st_mtime > before
+    finally:
+        import redis
+
+        admin = redis.Redis.from_url(settings.redis_url, password="now-you-need-this")
+        admin.config_set("requirepass", "")
+        admin.close()
+        consumer.stopping.set()
+        running.join(20)
