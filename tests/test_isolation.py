@@ -129,10 +129,11 @@ def test_an_outcome_still_lands_when_nobody_claimed_the_task_since_its_lease_ran
 
 
 def test_a_slow_tenant_does_not_spend_another_tenants_tries(pipe, fast_ctx):
-    """B's mails, each on its last try, wait while A's server sits on DATA past the lease.
-    Before: they were claimed with A's in one batch, their tries spent, and the sweep cancelled them
-    ("the worker sending the last try was lost") although their server never saw a byte."""
-    with ScriptedSmtpServer() as slow, ScriptedSmtpServer() as fine:
+    """B's mails, each on its last try, wait while A's server trickles every reply (each byte well
+    within SMTP_TIMEOUT). Before: they were claimed with A's in one batch, their tries spent, and once
+    the lease ran out behind A the sweep cancelled them ("the worker sending the last try was lost")
+    although their server never saw a byte."""
+    with TricklingServer(delay=0.03) as slow, ScriptedSmtpServer() as fine:
         a = pipe.user(slow, email="a@example.com")
         b = pipe.user(fine, email="b@example.com")
         pipe.enqueue(a, subject="A")
@@ -141,13 +142,12 @@ def test_a_slow_tenant_does_not_spend_another_tenants_tries(pipe, fast_ctx):
             conn.execute(sa.text("UPDATE tasks SET try_count = 2 WHERE id = ANY(:ids)"), {"ids": b_ids})
         while pipe.consumer.step(0.05):
             pass
-        slow.gate.clear()  # A's server takes DATA and does not answer
+        started = time.monotonic()
         stepping = run_in_thread(pipe.sender.step)
-        wait_for(lambda: slow.in_data == 1, what="A's DATA to hang")
+        time.sleep(0.5)  # A's conversation is under way
         assert [pipe.task(i).try_count for i in b_ids] == [2, 2, 2]  # not claimed: no try spent
-        time.sleep(fast_ctx.settings.lease_seconds + 0.1)
+        time.sleep(max(0.0, fast_ctx.settings.lease_seconds + 0.1 - (time.monotonic() - started)))
         report = pipe.sweep()
-        slow.gate.set()
         stepping.join(20)
         pipe.run_until_settled()
         assert report.cancelled == 0
@@ -158,8 +158,8 @@ def test_a_slow_tenant_does_not_spend_another_tenants_tries(pipe, fast_ctx):
 
 def test_a_thread_is_not_held_by_one_tenant_while_another_tenants_mail_waits(fast_ctx):
     """Before: a thread sent its claimed batch one mail after another, so B's mails waited behind A's
-    stuck send while the other threads were free."""
-    settings = fast_ctx.settings.replace(worker_count=4, lease_seconds=10)
+    stuck send (here until SMTP_TIMEOUT, 5 s) while the other threads were free."""
+    settings = fast_ctx.settings.replace(worker_count=4, lease_seconds=10, smtp_timeout=5)
     with ScriptedSmtpServer() as slow, ScriptedSmtpServer() as fine:
         pipe = Pipeline(fast_ctx)
         a = pipe.user(slow, email="a@example.com")
@@ -294,16 +294,63 @@ def test_sweeping_a_long_backlog_does_not_multiply_it(pipe, smtp_server):
 # --- 7. PostgreSQL refusing connections is "unavailable" ------------------------------------------
 
 
+class TcpToUnix:
+    """Forwards 127.0.0.1:<port> to PostgreSQL's unix socket, so a client talks to it over TCP as in
+    production (over a unix socket pg8000 meets a refused connection as a broken pipe before it
+    reads the server's 53300, which the old code already took for "unavailable")."""
+
+    def __init__(self, unix_path: str):
+        import socket
+
+        self.unix_path = unix_path
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        run_in_thread(self._accept)
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.socket(socket.AF_UNIX)
+            server.connect(self.unix_path)
+            for a, b in ((client, server), (server, client)):
+                run_in_thread(lambda a=a, b=b: self._pump(a, b))
+
+    @staticmethod
+    def _pump(source, target) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                try:
+                    sock.shutdown(2)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 @pytest.fixture()
 def limited_url(pg_url):
-    """A role allowed one connection: the second one meets SQLSTATE 53300, as a full server answers."""
+    """A role allowed one connection, reached over TCP: the second connection meets SQLSTATE 53300,
+    as a server at max_connections answers."""
     engine = make_engine(pg_url)
     with engine.begin() as conn:
         conn.execute(sa.text("DROP ROLE IF EXISTS mailq_limited"))
         conn.execute(sa.text("CREATE ROLE mailq_limited LOGIN CONNECTION LIMIT 1"))
         conn.execute(sa.text("GRANT ALL ON ALL TABLES IN SCHEMA public TO mailq_limited"))
         conn.execute(sa.text("GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO mailq_limited"))
-    yield pg_url.replace("postgres@", "mailq_limited@", 1)
+    forwarder = TcpToUnix(pg_url.split("unix_sock=", 1)[1])
+    yield f"postgresql+pg8000://mailq_limited@127.0.0.1:{forwarder.port}/postgres"
+    forwarder.close()
     with engine.begin() as conn:
         conn.execute(
             sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'mailq_limited'")
@@ -325,6 +372,7 @@ def test_too_many_connections_is_a_503_not_a_500(api, env, limited_url, monkeypa
         with pytest.raises(sa.exc.DBAPIError) as refused:
             with make_engine(limited_url).connect():
                 pass
+        assert "53300" in str(refused.value.orig)  # the real refusal, as production sees it
         assert is_unavailable(refused.value)  # the sender's record() retries exactly these
         monkeypatch.setenv("DATABASE_URL", limited_url)
         http.reset_context()
@@ -458,22 +506,24 @@ def test_a_quiet_tenants_mail_is_not_queued_behind_another_tenants_backlog(pipe,
 
 
 def test_an_account_never_has_more_conversations_than_its_cap_across_senders(fast_ctx):
+    """Mails arrive one by one while two senders with eight threads each are idle: without the cap
+    each new mail would start a conversation of its own (before: six at once)."""
     settings = fast_ctx.settings.replace(worker_count=8, lease_seconds=10)
     assert settings.smtp_max_connections_per_account == 3
     with ScriptedSmtpServer() as server:
         server.delay = 0.3
         pipe = Pipeline(fast_ctx)
         user = pipe.user(server)
-        for _ in range(12):
-            pipe.enqueue(user)
-        while pipe.consumer.step(0.05):
-            pass
         senders = [
             Sender(settings, fast_ctx.engine, fast_ctx.redis, Mailer(settings), fast_ctx.box)
             for _ in range(2)
         ]
         threads = [run_in_thread(s.run) for s in senders]
         try:
+            for _ in range(12):
+                pipe.enqueue(user)
+                pipe.consumer.step(0.05)
+                time.sleep(0.05)
             wait_for(lambda: len(server.messages) == 12, timeout=20, what="twelve mails")
         finally:
             for s in senders:
