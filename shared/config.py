@@ -80,6 +80,9 @@ class Settings:
     heartbeat_file: str = "/tmp/mailq-heartbeat"  # MAILQ_HEARTBEAT_FILE, touched by a healthy worker  # noqa: S108
     sweep_batch: int = 1000  # SWEEP_BATCH, rows re-enqueued per statement of one sweep pass
     max_body_bytes: int = 1024 * 1024  # MAX_BODY_BYTES, largest mail body accepted by enqueue
+    task_retention_days: int = (
+        30  # TASK_RETENTION_DAYS, sent/cancelled tasks are deleted after this; 0 keeps all
+    )
 
     # --- SMTP ---
     smtp_timeout: float = 30.0  # SMTP_TIMEOUT, seconds for every SMTP socket operation
@@ -138,6 +141,7 @@ class Settings:
             heartbeat_file=get("MAILQ_HEARTBEAT_FILE", "/tmp/mailq-heartbeat"),  # noqa: S108
             sweep_batch=_int(get("SWEEP_BATCH", "1000"), "SWEEP_BATCH", 1),
             max_body_bytes=_int(get("MAX_BODY_BYTES", str(1024 * 1024)), "MAX_BODY_BYTES", 1),
+            task_retention_days=_int(get("TASK_RETENTION_DAYS", "30"), "TASK_RETENTION_DAYS"),
             smtp_timeout=_float(get("SMTP_TIMEOUT", "30"), "SMTP_TIMEOUT"),
             smtp_idle_seconds=_float(get("SMTP_IDLE_SECONDS", "30"), "SMTP_IDLE_SECONDS"),
             smtp_max_connections_per_account=_int(

@@ -130,6 +130,12 @@ class Task(Base):
             "next_attempt_at",
             postgresql_where=sa.text("status = 'queued'"),
         ),
+        # Retention: final tasks by age (the predicate is shared.sweep_sql.FINAL_STATUSES).
+        sa.Index(
+            "tasks_retention",
+            "updated_at",
+            postgresql_where=sa.text("status IN ('sent', 'cancelled')"),
+        ),
         # The sweep: processing tasks whose lease ran out.
         sa.Index(
             "tasks_sweep_lease",

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 
 from shared import queue
 from shared.config import Settings
+from shared.retention import purge_once
 from shared.sendqueue import SendQueue
 from shared.sweep_sql import conditions, pending_work_sql
 
@@ -32,6 +33,7 @@ class SweepReport:
     requeued: int = 0  # rows put back to queued (and pushed)
     cancelled: int = 0  # rows with no try left (the last try's worker died, or MAX_TRY_COUNT lowered)
     resumed: int = 0  # tenants paused in Redis but no longer in PostgreSQL
+    purged: int = 0  # tasks past TASK_RETENTION_DAYS deleted
     rescued: int = 0  # envelopes returned from dead workers' processing lists
     dead_workers: int = 0
     push_failed: bool = False
@@ -130,14 +132,17 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
                 break
         if not rows:  # a put-back row never matches again, so this ends
             break
-    if report.requeued or report.rescued or report.cancelled or report.resumed:
+    report.purged = purge_once(settings, engine)
+    if report.requeued or report.rescued or report.cancelled or report.resumed or report.purged:
         log.info(
-            "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d, resumed %d",
+            "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d, resumed %d, "
+            "purged %d",
             report.requeued,
             report.rescued,
             report.dead_workers,
             report.cancelled,
             report.resumed,
+            report.purged,
         )
     return report
 
@@ -145,4 +150,5 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
 def pending_work(settings: Settings, engine: Engine) -> int:
     """How many rows the next sweep would put back (the same query the KEDA ScaledJob runs)."""
     with engine.connect() as conn:
-        return conn.execute(sa.text(pending_work_sql(settings.sweep_leak_window))).scalar_one()
+        sql = pending_work_sql(settings.sweep_leak_window, settings.task_retention_days)
+        return conn.execute(sa.text(sql)).scalar_one()

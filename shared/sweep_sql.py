@@ -28,9 +28,17 @@ def conditions(leak_window_seconds: int) -> list[tuple[str, str]]:
     return [(column, where.format(leak=int(leak_window_seconds))) for column, where in _CONDITIONS]
 
 
-def pending_work_sql(leak_window_seconds: int) -> str:
-    """How many tasks the sweep would put back now (the ScaledJob's query)."""
-    counts = " + ".join(
-        f"(SELECT count(*) FROM tasks WHERE {where})" for _, where in conditions(leak_window_seconds)
-    )
-    return f"SELECT {counts}"
+# Tasks past TASK_RETENTION_DAYS ({days}), served by the partial index tasks_retention (whose
+# predicate is FINAL_STATUSES word for word).
+FINAL_STATUSES = "status IN ('sent', 'cancelled')"
+RETENTION_WHERE = FINAL_STATUSES + " AND updated_at < now() - interval '{days} days'"
+
+
+def pending_work_sql(leak_window_seconds: int, retention_days: int = 0) -> str:
+    """How many tasks the sweep would put back now, plus 1 while any task is past retention (the
+    ScaledJob's query; counting every expired row would cost as much as deleting them)."""
+    counts = [f"(SELECT count(*) FROM tasks WHERE {where})" for _, where in conditions(leak_window_seconds)]
+    if retention_days > 0:
+        expired = RETENTION_WHERE.format(days=int(retention_days))
+        counts.append(f"(SELECT count(*) FROM (SELECT 1 FROM tasks WHERE {expired} LIMIT 1) AS expired)")
+    return "SELECT " + " + ".join(counts)

@@ -481,7 +481,8 @@ def test_the_sweep_scaledjob_query_is_the_code_query_byte_for_byte(rendered):
     (trigger,) = job["spec"]["triggers"]
     assert trigger["type"] == "postgresql"
     leak_window = int(rendered.config["SWEEP_LEAK_WINDOW"])
-    assert trigger["metadata"]["query"] == pending_work_sql(leak_window)
+    retention = int(rendered.config["TASK_RETENTION_DAYS"])
+    assert trigger["metadata"]["query"] == pending_work_sql(leak_window, retention)
 
 
 def test_the_sweep_scaledjob_runs_one_bounded_sweep_at_a_time(rendered):
@@ -533,6 +534,10 @@ SELECT CAST(:user_id AS bigint), 'r@example.com', 's', 'b', 'sent', 1, now() - i
        now() - interval '1 day', NULL, 'n' || g
   FROM generate_series(1, 19000) AS g
 """
+# ... and some of it older than any retention period.
+EXPLAIN_OLD = (
+    "UPDATE tasks SET updated_at = now() - interval '400 days' WHERE status = 'sent' AND id % 500 = 0"
+)
 
 
 def test_the_sweep_query_runs_on_postgresql_from_the_indexes(rendered, pg_url):
@@ -545,6 +550,7 @@ def test_the_sweep_query_runs_on_postgresql_from_the_indexes(rendered, pg_url):
             tx = conn.begin()  # rolled back: ANALYZE's statistics and the rows vanish with it
             user_id = conn.execute(sa.text(EXPLAIN_USER)).scalar_one()
             conn.execute(sa.text(EXPLAIN_TASKS), {"user_id": user_id})
+            conn.execute(sa.text(EXPLAIN_OLD))
             conn.execute(sa.text("ANALYZE tasks"))
             assert conn.execute(sa.text(query)).scalar_one() > 0
             plans = {}
@@ -559,7 +565,7 @@ def test_the_sweep_query_runs_on_postgresql_from_the_indexes(rendered, pg_url):
         seq = [n for n in nodes if n["Node Type"] == "Seq Scan" and n.get("Relation Name") == "tasks"]
         assert not seq, f"sequential scan on tasks (enable_seqscan={seqscan}): {json.dumps(plan)}"
         indexes = {n.get("Index Name") for n in nodes}
-        assert {"tasks_sweep_due", "tasks_sweep_queued", "tasks_sweep_lease"} <= indexes, (
+        assert {"tasks_sweep_due", "tasks_sweep_queued", "tasks_sweep_lease", "tasks_retention"} <= indexes, (
             f"indexes used: {indexes}"
         )
 
