@@ -104,13 +104,15 @@ def reschedule(ctx: Context, caller_id: int, task_id: int, body: dict[str, Any])
 
 
 def retry(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
-    """Queue a failed or cancelled task again, due now, with a fresh budget of MAX_TRY_COUNT tries.
+    """Queue a failed or cancelled task again, due now (also one cancelled before its scheduled time),
+    with a fresh budget of MAX_TRY_COUNT tries.
 
     The try count keeps counting (it is the senders' fencing token and never goes down); the new
     budget begins at it (``budget_base``)."""
     statement = _mine(caller_id, task_id, RETRYABLE).values(
         status=Status.QUEUED.value,
         budget_base=tasks.c.try_count,
+        scheduled_at=sa.func.least(tasks.c.scheduled_at, sa.func.now()),  # one cancelled before its time
         next_attempt_at=sa.func.now(),
         lease_until=None,
         updated_at=sa.func.now(),

@@ -249,11 +249,23 @@ def test_a_task_the_user_cancelled_can_be_retried_and_is_sent_once(api, pipe, ad
     user, headers = ada
     task_id = pipe.enqueue(user)
     api.post(f"/api/v1/task/{task_id}/cancel", headers=headers)
+    enqueued_at = pipe.task(task_id).scheduled_at
     response = api.post(f"/api/v1/task/{task_id}/retry", headers=headers)
     assert response.status_code == 200 and response.get_json()["status"] == "queued"
+    assert response.get_json()["scheduled_at"] == enqueued_at.isoformat()  # a past due time stays
     # Two envelopes (enqueue's and retry's), one mail.
     assert Counter(pipe.pump()) == Counter([Outcome.HANDED_OFF, Outcome.DROPPED, Outcome.SENT])
     assert len(smtp.received) == 1 and pipe.task(task_id).try_count == 1
+
+
+def test_a_mail_cancelled_before_its_time_is_due_now_when_retried(api, pipe, ada, smtp):
+    user, headers = ada
+    task_id = pipe.enqueue(user, scheduled_at=later(days=30))
+    api.post(f"/api/v1/task/{task_id}/cancel", headers=headers)
+    before = pg_now(pipe)
+    task = api.post(f"/api/v1/task/{task_id}/retry", headers=headers).get_json()
+    assert before <= datetime.fromisoformat(task["scheduled_at"]) <= pg_now(pipe)
+    assert pipe.pump() == [Outcome.HANDED_OFF, Outcome.SENT]
 
 
 @pytest.mark.parametrize("status", ["sent", "processing", "queued", "scheduled"])
