@@ -134,8 +134,9 @@ RACES = 150
 
 def test_cancel_racing_a_sender_either_wins_before_the_claim_or_answers_409(api, pipe, ada, smtp):
     """Each round hands one task to the sender, then a sender thread (take, claim, SMTP, outcome) and
-    a thread cancelling through the API start at a barrier, each after a seeded jitter of up to 3 ms
-    so either may go first. Whoever wins, the answer and what the SMTP server saw must agree."""
+    a thread cancelling through the API start at a barrier, each after a seeded jitter (the sender's
+    up to 6 ms, the cancel's up to 3 ms: its way to the UPDATE is the longer one), so either may go
+    first. Whoever wins, the answer and what the SMTP server saw must agree."""
     user, headers = ada
     rng = random.Random(20261128)
     answers: dict[int, int] = {}
@@ -143,7 +144,7 @@ def test_cancel_racing_a_sender_either_wins_before_the_claim_or_answers_409(api,
         task_id = pipe.enqueue(user, subject="race")
         assert pipe.consumer.step(0.05) == [Outcome.HANDED_OFF]
         start = threading.Barrier(2)
-        delays = (rng.uniform(0, 0.003), rng.uniform(0, 0.003))
+        delays = (rng.uniform(0, 0.006), rng.uniform(0, 0.003))
         outcome: list[Outcome] = []
 
         def send(delay=delays[0], start=start, outcome=outcome):
