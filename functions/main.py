@@ -10,7 +10,7 @@ import functions_framework
 
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import services, stats, tasks
+from shared import control, services, stats, tasks
 
 
 @functions_framework.http
@@ -74,6 +74,28 @@ def enqueue(ctx, request):
 def get_task(ctx, request, id):
     user = services.authenticate(ctx, request.headers.get("Authorization"))
     return 200, tasks.get_task(ctx, user.id, id)
+
+
+@functions_framework.http
+@endpoint("reschedule_task")
+def reschedule_task(ctx, request, id):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    body = json_body(request)
+    return 200, control.reschedule(ctx, user.id, id, body)
+
+
+@functions_framework.http
+@endpoint("cancel_task")
+def cancel_task(ctx, request, id):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    return 200, control.cancel(ctx, user.id, id)
+
+
+@functions_framework.http
+@endpoint("retry_task")
+def retry_task(ctx, request, id):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    return 200, control.retry(ctx, user.id, id)
 
 
 @functions_framework.http

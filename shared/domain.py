@@ -1,9 +1,20 @@
 """Task statuses and the transitions between them.
 
+The data path (workers and the sweep):
+
 scheduled ──(due; sweep)──────────────┐
 queued ──(sender claims)──> processing ├─> sent
   ^                            │       ├─> failed ──(due; sweep)──> queued
   └──(lease ran out; sweep)────┘       └─> cancelled
+
+What a user may do (shared/control.py), each one conditional UPDATE on the status:
+
+scheduled | queued | failed ──(cancel)──────> cancelled     never processing: it is being sent
+scheduled | queued | failed ──(reschedule)──> scheduled (later) | queued (due now)
+failed | cancelled ─────────(retry)────────> queued         a fresh budget; try_count keeps counting
+
+A sender claims only a ``queued`` row, so a task the user cancelled or moved to later has nothing
+left to claim, whatever envelopes of it are still in Redis.
 """
 
 from __future__ import annotations
@@ -17,21 +28,28 @@ class Status(enum.StrEnum):
     PROCESSING = "processing"  # claimed by a sender until lease_until
     SENT = "sent"  # the SMTP server accepted it
     FAILED = "failed"  # a transient failure; will be retried at next_attempt_at
-    CANCELLED = "cancelled"  # no more tries: permanent error, tries used up, or cancelled
+    CANCELLED = "cancelled"  # no more tries: permanent error, tries used up, or cancelled by the user
 
 
-TERMINAL = frozenset({Status.SENT, Status.CANCELLED})
+TERMINAL = frozenset({Status.SENT, Status.CANCELLED})  # for the workers; only a user's retry revives one
 PENDING = (Status.SCHEDULED, Status.QUEUED, Status.PROCESSING, Status.FAILED)  # "still to go out"
 FAILURES = (Status.FAILED, Status.CANCELLED)
 
+# A reschedule may keep the status (scheduled -> scheduled at another time, queued -> queued now).
 TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED}),
-    Status.QUEUED: frozenset({Status.PROCESSING, Status.CANCELLED}),
+    Status.SCHEDULED: frozenset({Status.QUEUED, Status.CANCELLED, Status.SCHEDULED}),
+    Status.QUEUED: frozenset({Status.PROCESSING, Status.CANCELLED, Status.SCHEDULED, Status.QUEUED}),
     Status.PROCESSING: frozenset({Status.SENT, Status.FAILED, Status.CANCELLED, Status.QUEUED}),
-    Status.FAILED: frozenset({Status.QUEUED, Status.CANCELLED}),
+    Status.FAILED: frozenset({Status.QUEUED, Status.CANCELLED, Status.SCHEDULED}),
     Status.SENT: frozenset(),
-    Status.CANCELLED: frozenset(),
+    Status.CANCELLED: frozenset({Status.QUEUED}),  # retry
 }
+
+# The statuses from which a user may cancel, reschedule or retry a task (shared/control.py). Never
+# ``processing``: an attempt under way cannot be taken back; its outcome decides what comes next.
+CANCELLABLE = (Status.SCHEDULED, Status.QUEUED, Status.FAILED)
+RESCHEDULABLE = (Status.SCHEDULED, Status.QUEUED, Status.FAILED)
+RETRYABLE = (Status.FAILED, Status.CANCELLED)
 
 
 def can_move(old: Status, new: Status) -> bool:

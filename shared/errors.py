@@ -8,7 +8,7 @@
      │    ├── ValidationFailed      parsed, but fields are wrong (one entry per field)
      │    ├── Unauthorized          no valid credentials
      │    ├── NotFound              nothing the caller may see under that id
-     │    ├── Conflict              would duplicate something unique
+     │    ├── Conflict              would duplicate something unique, or the task's status forbids it
      │    ├── PayloadTooLarge       body beyond the configured limit
      │    ├── UnsupportedMediaType  not JSON
      │    ├── RateLimited           too many attempts; retry_after seconds
@@ -76,7 +76,8 @@ class NotFound(ServiceError):
 
 
 class Conflict(ServiceError):
-    """Raised when a unique thing (an email) already exists."""
+    """Raised when a unique thing (an email) already exists, or a task's status does not allow the
+    change asked for (cancelling a task that is being sent, retrying one that was sent)."""
 
     title = "Conflict"
 

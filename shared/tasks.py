@@ -31,7 +31,7 @@ DEFAULT_PAGE, MAX_PAGE = 50, 500
 MAX_ID = 2**63 - 1  # ids are bigint
 STATUS_CHOICES = tuple(s.value for s in Status)
 
-_VIEW_COLUMNS = (
+VIEW_COLUMNS = (
     tasks.c.id,
     tasks.c.status,
     tasks.c.recipient_email,
@@ -39,6 +39,7 @@ _VIEW_COLUMNS = (
     tasks.c.scheduled_at,
     tasks.c.next_attempt_at,
     tasks.c.try_count,
+    tasks.c.budget_base,
     tasks.c.last_error,
     tasks.c.message_id,
     tasks.c.created_at,
@@ -51,7 +52,16 @@ def _iso(value) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def task_view(row: Any, *, with_body: bool = False) -> dict[str, Any]:
+def tries_left(row: Any, max_tries: int) -> int | None:
+    """Attempts the task may still make (MAX_TRY_COUNT - tries of the current budget); None once it
+    is sent or cancelled. A retry starts a new budget, so this is what the user sees it gave them."""
+    if row.status in ("sent", "cancelled"):
+        return None
+    return max(0, max_tries - (row.try_count - row.budget_base))
+
+
+def task_view(row: Any, *, max_tries: int, with_body: bool = False) -> dict[str, Any]:
+    """The public form of a task (the columns of VIEW_COLUMNS; the body only when asked)."""
     view = {
         "id": row.id,
         "status": row.status,
@@ -60,6 +70,7 @@ def task_view(row: Any, *, with_body: bool = False) -> dict[str, Any]:
         "scheduled_at": _iso(row.scheduled_at),
         "next_attempt_at": _iso(row.next_attempt_at) if row.status not in ("sent", "cancelled") else None,
         "try_count": row.try_count,
+        "tries_left": tries_left(row, max_tries),
         "last_error": row.last_error,
         "message_id": row.message_id,
         "created_at": _iso(row.created_at),
@@ -190,14 +201,14 @@ def push(client: redis.Redis, task_ids: list[int]) -> bool:
 
 
 def get_task(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
-    columns = (*_VIEW_COLUMNS, tasks.c.body)
+    columns = (*VIEW_COLUMNS, tasks.c.body)
     with ctx.engine.connect() as conn:
         row = conn.execute(
             sa.select(*columns).where(tasks.c.id == task_id, tasks.c.user_id == caller_id)
         ).one_or_none()
     if row is None:
         raise NotFound("No such task.")
-    return task_view(row, with_body=True)
+    return task_view(row, max_tries=ctx.settings.max_try_count, with_body=True)
 
 
 def _encode_cursor(last_id: int) -> str:
@@ -230,7 +241,7 @@ def list_tasks(
     query = list_query(caller_id, statuses, limit + 1, _decode_cursor(cursor), recipient)
     with ctx.engine.connect() as conn:
         rows = conn.execute(query).all()
-    items = [task_view(r) for r in rows[:limit]]
+    items = [task_view(r, max_tries=ctx.settings.max_try_count) for r in rows[:limit]]
     next_cursor = _encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
     return {"items": items, "next_cursor": next_cursor}
 
@@ -240,7 +251,7 @@ def list_query(
 ) -> sa.Select:
     """The list statement (tests EXPLAIN it): each filter is served by an index of shared.db."""
     query = (
-        sa.select(*_VIEW_COLUMNS)
+        sa.select(*VIEW_COLUMNS)
         .where(tasks.c.user_id == caller_id, tasks.c.id > after)
         .order_by(tasks.c.id)
         .limit(limit)

@@ -246,6 +246,25 @@ def test_a_scheduled_mail_is_cancelled_with_the_button(stack, browser, shots):
     page.screenshot(path=shots / "4-cancelled.png")
 
 
+def test_a_scheduled_mail_is_moved_with_the_reschedule_form(stack, browser, shots):
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    task_id = enqueue(stack, subject="Move me", scheduled_at=in_seconds(86400))
+    page.get_by_role("button", name="Apply").click()
+    page.locator(f'#task-table tr[data-id="{task_id}"]').click()
+    expect(page.locator('#detail dd[data-field="tries_left"]')).to_have_text("3")
+    at = (datetime.now() + timedelta(days=2)).replace(microsecond=0).isoformat()  # as the input takes it
+    page.locator("#reschedule-form input[name=at]").fill(at)
+    page.get_by_role("button", name="Reschedule").click()
+    expect(page.locator("#detail-message")).to_have_text("Rescheduled.")
+    _, task = call(stack["base"], "GET", f"/api/v1/task/{task_id}", token=stack["token"])
+    meant = page.evaluate("(at) => new Date(at).toISOString()", at)  # the browser's own time zone
+    assert datetime.fromisoformat(task["scheduled_at"]) == datetime.fromisoformat(meant)
+    assert task["status"] == "scheduled"
+    page.screenshot(path=shots / "5-rescheduled.png")
+
+
 def test_the_page_broke_no_rule_of_its_policy_and_kept_the_token_out_of_cookies(stack, browser):
     page = browser["page"]
     assert browser["complaints"] == []  # a refused inline script or style is a console error

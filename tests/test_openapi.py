@@ -563,3 +563,29 @@ def test_live_dashboard_files(api, route):
     body = check(response, route.method, route.path, 200)
     assert body, f"{route.path} is empty"
     assert response.headers["Content-Security-Policy"] == web.CONTENT_SECURITY_POLICY
+
+
+def test_live_task_control(api):
+    register_user(api)
+    headers = auth_header(login(api))
+    mail = {"recipient_email": "grace@example.org", "subject": "Hello", "body": "Hi Grace!"}
+    task_id = api.post("/api/v1/task/enqueue", json=mail, headers=headers).get_json()["task_id"]
+    one, cancel, retry = "/api/v1/task/{id}", "/api/v1/task/{id}/cancel", "/api/v1/task/{id}/retry"
+    at = {"scheduled_at": (datetime.now(UTC) + timedelta(days=1)).isoformat()}
+    assert_request_valid("PATCH", one, at)
+
+    moved = check(api.patch(f"/api/v1/task/{task_id}", json=at, headers=headers), "PATCH", one, 200)
+    assert moved["status"] == "scheduled" and moved["tries_left"] == 3
+    check(api.patch(f"/api/v1/task/{task_id}", json={}, headers=headers), "PATCH", one, 422)
+    check(api.patch(f"/api/v1/task/{task_id}", data="x", headers=headers), "PATCH", one, 415)
+    cancelled = check(api.post(f"/api/v1/task/{task_id}/cancel", headers=headers), "POST", cancel, 200)
+    assert cancelled["status"] == "cancelled" and cancelled["tries_left"] is None
+    check(api.post(f"/api/v1/task/{task_id}/cancel", headers=headers), "POST", cancel, 409)
+    check(api.patch(f"/api/v1/task/{task_id}", json=at, headers=headers), "PATCH", one, 409)
+    retried = check(api.post(f"/api/v1/task/{task_id}/retry", headers=headers), "POST", retry, 200)
+    assert retried["status"] == "queued"
+    check(api.post(f"/api/v1/task/{task_id}/retry", headers=headers), "POST", retry, 409)
+    for method, path in (("POST", cancel), ("POST", retry), ("PATCH", one)):
+        url = path.replace("{id}", "999999")
+        check(api.open(url, method=method, json=at, headers=headers), method, path, 404)
+        check(api.open(url, method=method, json=at), method, path, 401)

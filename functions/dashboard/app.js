@@ -12,11 +12,14 @@ const ACTIONS = {
   cancel: { path: "/api/v1/task/{id}/cancel", allowed: new Set(["scheduled", "queued", "failed"]), done: "Cancelled." },
   retry: { path: "/api/v1/task/{id}/retry", allowed: new Set(["failed", "cancelled"]), done: "Queued again." },
 };
+// PATCH on the task itself moves it in time.
+const RESCHEDULE = { path: "/api/v1/task/{id}", allowed: new Set(["scheduled", "queued", "failed"]) };
 const DETAIL_FIELDS = [
   ["status", "status"],
   ["recipient_email", "recipient"],
   ["subject", "subject"],
   ["try_count", "tries"],
+  ["tries_left", "tries left"],
   ["last_error", "last error"],
   ["message_id", "Message-ID"],
   ["scheduled_at", "scheduled at"],
@@ -38,7 +41,7 @@ class ApiError extends Error {
 }
 
 let session = readSession();
-const offered = { cancel: false, retry: false };
+const offered = { cancel: false, retry: false, reschedule: false };
 const list = { status: "", filters: {}, cursors: [null], page: 0, next: null };
 let openTaskId = null;
 let timer = null;
@@ -128,7 +131,7 @@ function show() {
   }
 }
 
-// Cancel and retry are offered where the server's own OpenAPI document lists them.
+// Cancel, retry and reschedule are offered where the server's own OpenAPI document lists them.
 async function discoverActions() {
   try {
     const response = await fetch("/openapi.json", { credentials: "omit" });
@@ -136,6 +139,7 @@ async function discoverActions() {
     for (const [name, action] of Object.entries(ACTIONS)) {
       offered[name] = Boolean(doc.paths && doc.paths[action.path] && doc.paths[action.path].post);
     }
+    offered.reschedule = Boolean(doc.paths && doc.paths[RESCHEDULE.path] && doc.paths[RESCHEDULE.path].patch);
   } catch {
     // Without the document the buttons stay hidden; everything else works.
   }
@@ -258,6 +262,7 @@ function formatTime(iso) {
 async function openDetail(id) {
   openTaskId = id;
   $("detail-message").textContent = "";
+  $("reschedule-form").reset();
   $("detail").hidden = false;
   for (const row of $("task-table").tBodies[0].rows) row.classList.toggle("selected", Number(row.dataset.id) === id);
   try {
@@ -306,10 +311,11 @@ function renderDetail(task) {
       return [dt, dd];
     }),
   );
-  $("detail-body").textContent = task.body ?? "";
+  if ("body" in task) $("detail-body").textContent = task.body ?? ""; // the actions answer without it
   for (const [name, action] of Object.entries(ACTIONS)) {
     $(`${name}-task`).hidden = !(offered[name] && action.allowed.has(task.status));
   }
+  $("reschedule-form").hidden = !(offered.reschedule && RESCHEDULE.allowed.has(task.status));
 }
 
 async function act(name) {
@@ -332,6 +338,31 @@ async function act(name) {
     } else {
       $("detail-message").textContent = err.message; // e.g. 409: it is being sent right now
     }
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function reschedule(event) {
+  event.preventDefault();
+  const form = event.target;
+  const id = openTaskId;
+  const when = new Date(form.elements.at.value); // datetime-local: the browser's own time zone
+  if (Number.isNaN(when.getTime())) return;
+  const button = form.querySelector("button");
+  button.disabled = true;
+  try {
+    const task = await api("PATCH", RESCHEDULE.path.replace("{id}", id), { scheduled_at: when.toISOString() });
+    if (task && task.id === id) renderDetail(task);
+    $("detail-message").textContent = task.status === "scheduled" ? "Rescheduled." : "Due now: on its way.";
+    form.reset();
+    refresh();
+  } catch (err) {
+    if (err.status === 405) {
+      offered.reschedule = false;
+      form.hidden = true;
+    }
+    $("detail-message").textContent = err.message; // e.g. 409: it is being sent right now
   } finally {
     button.disabled = false;
   }
@@ -391,6 +422,7 @@ function init() {
   $("detail-close").addEventListener("click", closeDetail);
   $("cancel-task").addEventListener("click", () => act("cancel"));
   $("retry-task").addEventListener("click", () => act("retry"));
+  $("reschedule-form").addEventListener("submit", reschedule);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden && session) refresh();
   });

@@ -1,0 +1,125 @@
+"""Use cases for a user's control over a task: cancel it, move it in time, retry it.
+
+Each is one conditional ``UPDATE ... WHERE id = … AND user_id = … AND status IN (…) RETURNING``, so
+the status it was decided on is the status it changed: there is no read before the write for
+another writer to slip into. The sender's claim is conditional too (``status = 'queued'``), and
+PostgreSQL re-checks both conditions on the row's newest version, so a cancel and a claim of the
+same task cannot both win: a cancel that answers 200 has left nothing for any sender to claim,
+whatever envelopes of the task are still in Redis. The allowed statuses come from
+``shared.domain``; a refused change is a ``Conflict`` (409) naming the status the task is in.
+
+A task that becomes due now is pushed after the commit, as enqueue does (the row is its own outbox:
+a failed push leaves it for the sweep).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from shared import tasks as task_use_cases
+from shared.db import tasks
+from shared.domain import CANCELLABLE, RESCHEDULABLE, RETRYABLE, Status
+from shared.errors import Conflict, NotFound, ValidationFailed
+from shared.services import Context
+from shared.validation import Fields
+
+CANCELLED_BY_USER = "cancelled by the user"
+
+
+def _mine(caller_id: int, task_id: int, allowed: tuple[Status, ...]) -> sa.Update:
+    """The UPDATE of one of the caller's tasks, only while it is in ``allowed``."""
+    return (
+        sa.update(tasks)
+        .where(
+            tasks.c.id == task_id,
+            tasks.c.user_id == caller_id,
+            tasks.c.status.in_([s.value for s in allowed]),
+        )
+        .returning(*task_use_cases.VIEW_COLUMNS)
+    )
+
+
+def _refusal(conn: Connection, caller_id: int, task_id: int, action: str, allowed: tuple[Status, ...]):
+    """Why an UPDATE of ``_mine`` changed nothing: 404 if the task is not the caller's, else 409."""
+    status = conn.execute(
+        sa.select(tasks.c.status).where(tasks.c.id == task_id, tasks.c.user_id == caller_id)
+    ).scalar_one_or_none()
+    if status is None:
+        return NotFound("No such task.")
+    names = ", ".join(s.value for s in allowed[:-1]) + f" or {allowed[-1].value}"
+    now = "being sent right now (processing)" if status == Status.PROCESSING else status
+    return Conflict(f"The task is {now}; only a {names} task can be {action}.")
+
+
+def _view(ctx: Context, row: Any) -> dict[str, Any]:
+    return task_use_cases.task_view(row, max_tries=ctx.settings.max_try_count)
+
+
+def cancel(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
+    """Cancel a scheduled, queued or failed task. Once this returns, no attempt of it starts."""
+    statement = _mine(caller_id, task_id, CANCELLABLE).values(
+        status=Status.CANCELLED.value,
+        last_error=CANCELLED_BY_USER,
+        lease_until=None,
+        next_attempt_at=sa.func.now(),
+        updated_at=sa.func.now(),
+    )
+    with ctx.engine.begin() as conn:
+        row = conn.execute(statement).one_or_none()
+        if row is None:
+            raise _refusal(conn, caller_id, task_id, "cancelled", CANCELLABLE)
+        # Anything recorded about this cancel (a webhook event) is written here, in its transaction.
+    return _view(ctx, row)
+
+
+def reschedule(ctx: Context, caller_id: int, task_id: int, body: dict[str, Any]) -> dict[str, Any]:
+    """Move a scheduled, queued or failed task to ``scheduled_at``: ``scheduled`` when that is later
+    than now on PostgreSQL's clock, else ``queued`` and due now (and pushed), as enqueue decides."""
+    if "scheduled_at" not in body:
+        raise ValidationFailed({"scheduled_at": "is required (null or a past time: now)"})
+    f = Fields(body)
+    at = f.timestamp("scheduled_at")
+    if f.errors:
+        raise ValidationFailed(f.errors)
+    requested = sa.cast(sa.bindparam("at", at), sa.DateTime(timezone=True))
+    due = sa.func.greatest(sa.func.coalesce(requested, sa.func.now()), sa.func.now())
+    statement = _mine(caller_id, task_id, RESCHEDULABLE).values(
+        # A sender claims only a queued row: moved to later, an envelope still in Redis finds nothing.
+        status=sa.case((requested > sa.func.now(), Status.SCHEDULED.value), else_=Status.QUEUED.value),
+        scheduled_at=due,
+        next_attempt_at=due,
+        lease_until=None,
+        updated_at=sa.func.now(),
+    )
+    with ctx.engine.begin() as conn:
+        row = conn.execute(statement).one_or_none()
+        if row is None:
+            raise _refusal(conn, caller_id, task_id, "rescheduled", RESCHEDULABLE)
+    if row.status == Status.QUEUED:
+        task_use_cases.push(ctx.redis, [row.id])
+    return _view(ctx, row)
+
+
+def retry(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
+    """Queue a failed or cancelled task again, due now (also one cancelled before its scheduled time),
+    with a fresh budget of MAX_TRY_COUNT tries.
+
+    The try count keeps counting (it is the senders' fencing token and never goes down); the new
+    budget begins at it (``budget_base``)."""
+    statement = _mine(caller_id, task_id, RETRYABLE).values(
+        status=Status.QUEUED.value,
+        budget_base=tasks.c.try_count,
+        scheduled_at=sa.func.least(tasks.c.scheduled_at, sa.func.now()),  # one cancelled before its time
+        next_attempt_at=sa.func.now(),
+        lease_until=None,
+        updated_at=sa.func.now(),
+    )
+    with ctx.engine.begin() as conn:
+        row = conn.execute(statement).one_or_none()
+        if row is None:
+            raise _refusal(conn, caller_id, task_id, "retried", RETRYABLE)
+    task_use_cases.push(ctx.redis, [row.id])
+    return _view(ctx, row)
