@@ -136,6 +136,16 @@ class Task(Base):
             "lease_until",
             postgresql_where=sa.text("status = 'processing'"),
         ),
+        # The metrics function: exact counts of the pending statuses (never the history's rows)...
+        sa.Index(
+            "tasks_pending_status", "status", postgresql_where=sa.text(f"status IN ({PENDING_SQL_LIST})")
+        ),
+        # ...and the oldest first try still waiting: its scheduled_at is when it became due.
+        sa.Index(
+            "tasks_queued_first_try",
+            "scheduled_at",
+            postgresql_where=sa.text("status = 'queued' AND try_count = 0"),
+        ),
     )
 
 
