@@ -401,6 +401,50 @@ def sweep(every: float | None) -> None:
 
 @main.command()
 @click.option("--data-dir", default=".mailq", show_default=True, type=click.Path(path_type=Path))
+@click.option("--cluster", is_flag=True, help="the cluster's view, with the kubernetes client (kubeconfig)")
+@click.option("--context", default=None, help="kubeconfig context [default: the current one]")
+@click.option("--namespace", default="mailq", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON document, for scripts")
+def status(data_dir: Path, cluster: bool, context: str | None, namespace: str, as_json: bool) -> None:
+    """Tasks per status, Redis lists, the oldest due mail, live workers -- here or on the cluster."""
+    import json
+
+    try:
+        from rich.console import Console
+
+        from functions import status as view
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(
+            f"mailq status needs the ops extra ({exc.name} is missing): pip install 'mailq[ops]'"
+        ) from None
+    console = Console()
+    if cluster:
+        from functions.cluster import read_cluster
+
+        seen = read_cluster(context, namespace)
+        figures = view.figures_from_exposition(seen.metrics) if seen.metrics else None
+        if as_json:
+            click.echo(json.dumps({"cluster": seen.as_dict(), "figures": figures}, indent=2))
+        else:
+            view.print_cluster(console, seen, figures)
+        return
+    try:
+        source = view.local_source(data_dir, os.environ)
+    except view.NoStack as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = load_settings(
+        {**os.environ, "DATABASE_URL": source["database_url"], "REDIS_URL": source["redis_url"]}
+    )
+    figures = view.local_figures(settings)
+    if as_json:
+        public = {k: v for k, v in source.items() if k not in ("database_url", "redis_url")}
+        click.echo(json.dumps({"source": public, "figures": figures}, indent=2))
+    else:
+        view.print_local(console, source, figures)
+
+
+@main.command()
+@click.option("--data-dir", default=".mailq", show_default=True, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=1025, show_default=True, type=int)
 def sink(data_dir: Path, host: str, port: int) -> None:
