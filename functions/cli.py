@@ -220,7 +220,7 @@ def dev(
             f"  SMTP sink:      127.0.0.1:{smtp_port} (`mailq mailbox` lists what arrived)"
         )
         for name, metrics in ports.items():
-            click.echo(f"  {name + ' metrics:':<16}http://127.0.0.1:{metrics}/metrics")
+            click.echo(f"  {name} metrics: http://127.0.0.1:{metrics}/metrics")
         sys.stdout.flush()
         while True:
             failure = supervisor.dead_child()

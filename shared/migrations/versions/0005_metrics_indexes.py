@@ -4,6 +4,10 @@ The metrics function counts each pending status from ``tasks_pending_status`` (a
 over the rows still to go out, never the table's history), and reads the oldest queued first try
 from ``tasks_queued_first_try`` (one index entry: the task due longest ago that has not been tried).
 
+``tasks_pending_status``'s predicate also says ``scheduled_at IS NOT NULL``, which every row meets
+(the column is NOT NULL) and only the metrics query states: PostgreSQL then never picks this index
+for the sweep's queries, which keep their own indexes ordered by due time.
+
 Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-01
@@ -23,7 +27,9 @@ def upgrade() -> None:
         "tasks_pending_status",
         "tasks",
         ["status"],
-        postgresql_where=sa.text("status IN ('scheduled', 'queued', 'processing', 'failed')"),
+        postgresql_where=sa.text(
+            "status IN ('scheduled', 'queued', 'processing', 'failed') AND scheduled_at IS NOT NULL"
+        ),
     )
     op.create_index(
         "tasks_queued_first_try",
