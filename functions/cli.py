@@ -410,14 +410,13 @@ def status(data_dir: Path, cluster: bool, context: str | None, namespace: str, a
     import json
 
     try:
-        from rich.console import Console
-
-        from functions import status as view
+        from functions import status as view  # with rich: not in the cluster image (.dockerignore)
     except ModuleNotFoundError as exc:
         raise click.ClickException(
-            f"mailq status needs the ops extra ({exc.name} is missing): pip install 'mailq[ops]'"
+            f"mailq status runs from a checkout with the ops extra, not in the cluster image ({exc.name} "
+            "is missing): pip install -e '.[ops]'"
         ) from None
-    console = Console()
+    console = view.Console()
     if cluster:
         from functions.cluster import read_cluster
 
