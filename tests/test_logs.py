@@ -38,6 +38,8 @@ def test_production_logs_json_and_development_text_unless_told_otherwise():
 
 
 def _capture() -> tuple[io.StringIO, logging.Handler]:
+    logs.bind_worker(None)  # this thread's context: a test driving a sender's step() may have bound a task
+    logs.bind_task(None)
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.JsonFormatter())
