@@ -301,7 +301,8 @@ def results_table(run: Run) -> str:
             _met(sweep_ms <= TARGETS["sweep ms"] and s.sweep.requeued == s.due),
         )
         ratio = "—"
-        if run.api is not None and run.api.trivial.rps:
+        # Both divisors: on a busy machine a 1-second load can end without one answered enqueue.
+        if run.api is not None and run.api.trivial.rps and run.api.enqueue.rps:
             ratio = (
                 f"{s.enqueue.rps / run.api.trivial.rps:.2f} of trivial; "
                 f"{s.enqueue.rps / run.api.enqueue.rps:.2f} of empty table"
