@@ -72,6 +72,9 @@ PROFILES = {
     "health": Profile(1, 4, 1, "50m", "500m", "128Mi", "384Mi"),
     # The dashboard's files from memory: no database, a few people looking at once.
     "static": Profile(1, 8, 2, "50m", "500m", "128Mi", "384Mi"),
+    # The queue gauges: a scrape every 15-30 s and an operator's `mailq status`, milliseconds each.
+    # One pod of two threads (two PostgreSQL connections) however often it is asked.
+    "scrape": Profile(1, 2, 1, "50m", "500m", "128Mi", "384Mi"),
 }
 TARGET_PROFILE = {
     "register": "bcrypt",
@@ -79,6 +82,7 @@ TARGET_PROFILE = {
     "live": "health",
     "ping": "health",
     "dashboard": "static",
+    "metrics": "scrape",
 }
 
 

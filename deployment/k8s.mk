@@ -5,7 +5,7 @@
 # context, so these targets cannot touch another cluster by accident.
 
 # Sized for what `make apply` starts (tests/test_cluster_sizing.py adds up every request: the
-# control plane, Knative Serving, Kourier, KEDA and mailq come to ~4.6 CPUs and ~4.7 GiB) plus a CPU
+# control plane, Knative Serving, Kourier, KEDA and mailq come to ~4.65 CPUs and ~4.7 GiB) plus a CPU
 # to spare for scaling out; Knative's YAML install guide recommends 6 CPUs, 6 GB and 30 GB of disk
 # for a one-node cluster.
 # minikube 1.37 or newer: the first release that starts Kubernetes 1.34 (`make cluster` checks).
@@ -41,7 +41,7 @@ IMAGE_TAG     ?= $(shell cat pyproject.toml deployment/Dockerfile .dockerignore 
                    $$(find shared functions -name '*.py' -o -name '*.json' -o -name '*.mako' | LC_ALL=C sort) \
                    2>/dev/null | sha256sum | cut -c1-12)
 
-.PHONY: cluster image apply hpa keda re delete clean all status manifests k8s-secrets k8s-render
+.PHONY: cluster image apply hpa keda re delete clean all status smoke manifests k8s-secrets k8s-render
 
 cluster: k8s-secrets ## start minikube and install Knative Serving + Kourier and KEDA (pinned); waits until ready
 	@have=$$($(MINIKUBE) version --short | sed 's/^v//'); \
@@ -103,11 +103,11 @@ clean: ## delete the minikube profile (the whole cluster) and build/k8s/; keeps 
 	-$(MK) delete
 	rm -rf $(K8S_BUILD)
 
-status: ## show Knative services, ScaledObjects/ScaledJob, HPAs, jobs and pods
-	-$(KUBECTL) -n $(K8S_NAMESPACE) get ksvc
-	-$(KUBECTL) -n $(K8S_NAMESPACE) get scaledobject,scaledjob,hpa
-	-$(KUBECTL) -n $(K8S_NAMESPACE) get statefulset,deployment,job
-	-$(KUBECTL) -n $(K8S_NAMESPACE) get pods -o wide
+status: $(STAMP) ## the operator's view: Knative Services, KEDA scalers, pods not Ready, then the queue figures
+	$(BIN)/mailq status --cluster --context $(MINIKUBE_PROFILE) --namespace $(K8S_NAMESPACE)
+
+smoke: $(STAMP) ## after `make all`: register, enqueue 20 mails to an in-cluster sink, watch KEDA scale 0 -> N -> 0
+	$(BIN)/python deployment/smoke.py --context $(MINIKUBE_PROFILE) --namespace $(K8S_NAMESPACE)
 
 manifests: $(STAMP) ## regenerate knative/nginx.conf and knative/functions.yaml from shared/routes.py
 	$(BIN)/python deployment/gen_gateway.py

@@ -19,6 +19,7 @@ from shared.config import Settings, configure_logging
 from shared.errors import ConfigError
 
 SENDER_POOL = 5  # PostgreSQL connections per sender process (as many again under load, as overflow)
+DEV_STATE = "dev.json"  # in --data-dir: where a running `mailq dev` says how to reach it (`mailq status`)
 
 
 def load_settings(environ=None) -> Settings:
@@ -80,13 +81,13 @@ class Supervisor:
         self.env = env
         self.children: list[tuple[str, subprocess.Popen]] = []
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         # Imported here: the local stack's module stays out of the cluster image (see .dockerignore).
         from shared.embedded import die_with_parent
 
         proc = subprocess.Popen(
             [sys.executable, "-m", "functions.cli", *args],
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C reaches us once; we stop the children in order
             preexec_fn=die_with_parent,  # noqa: PLW1509 - a dead `mailq dev` must not leave orphans
@@ -149,7 +150,22 @@ def _raise_stop(signum, frame):
     type=click.IntRange(min=1),
     help="sender processes [default: one per CPU core; threads in one process share one interpreter lock]",
 )
-def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int, senders: int | None) -> None:
+@click.option(
+    "--metrics-port",
+    default=9100,
+    show_default=True,
+    type=click.IntRange(min=0, max=65535),
+    help="first port of the workers' /metrics (one each, the next free port up); 0 turns them off",
+)
+def dev(
+    host: str,
+    port: int,
+    data_dir: Path,
+    smtp_port: int,
+    api_workers: int,
+    senders: int | None,
+    metrics_port: int,
+) -> None:
     """Run the whole service on this machine: PostgreSQL, Redis, the API, workers and an SMTP sink."""
     from shared.db import migrate as run_migrations
     from shared.embedded import EmbeddedPostgres, EmbeddedRedis, dev_secrets
@@ -189,16 +205,22 @@ def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int, 
         run_migrations(settings.database_url)
 
         supervisor.start("api", ["serve", "--host", host, "--port", str(port), "--workers", str(api_workers)])
-        for name, args in _dev_workers(data_dir, smtp_port, senders or os.cpu_count() or 1):
-            supervisor.start(name, args)
+        workers = _dev_workers(data_dir, smtp_port, senders or os.cpu_count() or 1)
+        ports = _metrics_ports([name for name, args in workers if args[0] in METRIC_COMMANDS], metrics_port)
+        for name, args in workers:
+            supervisor.start(name, args, {"METRICS_PORT": str(ports.get(name, 0))})
         url = f"http://{host}:{port}"
         _wait_ready(url, supervisor)
+        _write_state(data_dir, url, env, ports)
         click.echo(
             f"mailq is ready: {url}  (data in {data_dir}; Ctrl-C stops everything)\n"
             f"  dashboard:      {url}/\n"
             f"  API reference:  {url}/docs\n"
+            f"  queue gauges:   {url}/metrics  (`mailq status` prints them)\n"
             f"  SMTP sink:      127.0.0.1:{smtp_port} (`mailq mailbox` lists what arrived)"
         )
+        for name, metrics in ports.items():
+            click.echo(f"  {name} metrics: http://127.0.0.1:{metrics}/metrics")
         sys.stdout.flush()
         while True:
             failure = supervisor.dead_child()
@@ -210,11 +232,52 @@ def dev(host: str, port: int, data_dir: Path, smtp_port: int, api_workers: int, 
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        (data_dir / DEV_STATE).unlink(missing_ok=True)
         supervisor.stop()
         if redis_server is not None:
             redis_server.stop()
         if postgres is not None:
             postgres.stop()
+
+
+METRIC_COMMANDS = ("consumer", "sender", "sweep")  # the worker commands that serve /metrics
+
+
+def _metrics_ports(names: list[str], first: int) -> dict[str, int]:
+    """A port of its own for each named process, from ``first`` up, skipping ports already taken
+    (several senders on one machine cannot share one). {} when ``first`` is 0 (metrics off)."""
+    ports: dict[str, int] = {}
+    candidate = first
+    for name in names if first else []:
+        while candidate <= 65535 and not _port_is_free("127.0.0.1", candidate):
+            candidate += 1
+        if candidate > 65535:
+            raise click.ClickException(
+                f"no free port for the workers' metrics from {first} up (use --metrics-port)"
+            )
+        ports[name] = candidate
+        candidate += 1
+    return ports
+
+
+def _write_state(data_dir: Path, url: str, env: dict[str, str], metrics: dict[str, int]) -> None:
+    """Tell `mailq status` where this run's API, databases and metrics are (removed when it stops).
+    Owner-only: a DATABASE_URL given from outside may hold a password."""
+    import json
+
+    state = {
+        "pid": os.getpid(),
+        "api": url,
+        "database_url": env["DATABASE_URL"],
+        "redis_url": env["REDIS_URL"],
+        "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in metrics.items()},
+    }
+    path = data_dir / DEV_STATE
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(tmp, path)
 
 
 def _dev_workers(data_dir: Path, smtp_port: int, senders: int = 1) -> list[tuple[str, list[str]]]:
@@ -243,10 +306,20 @@ def _worker_deps(settings: Settings, block_timeout: float, pool: int):
     return engine, client
 
 
+def _serve_metrics(settings: Settings, metrics):
+    """The process's /metrics on METRICS_PORT (nothing when it is 0)."""
+    from shared.metrics import bind_address, serve
+
+    return serve(metrics, settings.metrics_port, bind_address(settings.is_production))
+
+
 def _run_worker(worker) -> None:
     def stop(signum, frame):
         worker.stopping.set()
 
+    if hasattr(worker, "busy"):
+        worker.metrics.watch_busy(worker.busy, worker.settings.worker_count)
+    _serve_metrics(worker.settings, worker.metrics)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     worker.run()
@@ -299,12 +372,17 @@ def rotate_keys() -> None:
 @click.option("--every", type=float, default=None, help="loop, one pass every SECONDS (local use)")
 def sweep(every: float | None) -> None:
     """One pass putting back tasks that fell through the cracks, then exit (or loop with --every)."""
+    from shared.metrics import WorkerMetrics
     from shared.sweep import sweep_once
 
     settings = load_settings()
     engine, client = _worker_deps(settings, 0, 2)
+    # A Job's pass is short, so Prometheus sees its counters only while a long pass runs (README: Metrics).
+    metrics = WorkerMetrics()
+    _serve_metrics(settings, metrics)
     if every is None:
         report = sweep_once(settings, engine, client)
+        metrics.record_sweep(report)
         click.echo(
             f"requeued {report.requeued}, rescued {report.rescued} envelope(s) "
             f"from {report.dead_workers} dead worker(s), cancelled {report.cancelled}"
@@ -315,10 +393,53 @@ def sweep(every: float | None) -> None:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     while not stopping.is_set():
         try:
-            sweep_once(settings, engine, client)
+            metrics.record_sweep(sweep_once(settings, engine, client))
         except Exception as exc:  # a dependency blip must not end the local loop
             logging.getLogger("mailq.sweep").warning("sweep pass failed: %s", type(exc).__name__)
         stopping.wait(every)
+
+
+@main.command()
+@click.option("--data-dir", default=".mailq", show_default=True, type=click.Path(path_type=Path))
+@click.option("--cluster", is_flag=True, help="the cluster's view, with the kubernetes client (kubeconfig)")
+@click.option("--context", default=None, help="kubeconfig context [default: the current one]")
+@click.option("--namespace", default="mailq", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON document, for scripts")
+def status(data_dir: Path, cluster: bool, context: str | None, namespace: str, as_json: bool) -> None:
+    """Tasks per status, Redis lists, the oldest due mail, live workers -- here or on the cluster."""
+    import json
+
+    try:
+        from functions import status as view  # with rich: not in the cluster image (.dockerignore)
+    except ModuleNotFoundError as exc:
+        raise click.ClickException(
+            f"mailq status runs from a checkout with the ops extra, not in the cluster image ({exc.name} "
+            "is missing): pip install -e '.[ops]'"
+        ) from None
+    console = view.Console()
+    if cluster:
+        from functions.cluster import read_cluster
+
+        seen = read_cluster(context, namespace)
+        figures = view.figures_from_exposition(seen.metrics) if seen.metrics else None
+        if as_json:
+            click.echo(json.dumps({"cluster": seen.as_dict(), "figures": figures}, indent=2))
+        else:
+            view.print_cluster(console, seen, figures)
+        return
+    try:
+        source = view.local_source(data_dir, os.environ)
+    except view.NoStack as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = load_settings(
+        {**os.environ, "DATABASE_URL": source["database_url"], "REDIS_URL": source["redis_url"]}
+    )
+    figures = view.local_figures(settings)
+    if as_json:
+        public = {k: v for k, v in source.items() if k not in ("database_url", "redis_url")}
+        click.echo(json.dumps({"source": public, "figures": figures}, indent=2))
+    else:
+        view.print_local(console, source, figures)
 
 
 @main.command()

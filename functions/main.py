@@ -6,11 +6,12 @@ Each body reads: parse -> call a use case in ``shared`` -> render. Names equal t
 
 from __future__ import annotations
 
+import flask
 import functions_framework
 
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import control, services, stats, tasks
+from shared import control, gauges, services, stats, tasks
 
 
 @functions_framework.http
@@ -130,3 +131,11 @@ def task_stats(ctx, request):
 def dashboard(request):
     # The page, its files, the API reference and the OpenAPI document: static answers, no database.
     return web.answer(request.path)
+
+
+@functions_framework.http
+@endpoint("metrics")
+def metrics(ctx, request):
+    # The queue gauges for Prometheus: fixed words as labels, no tenant's data (README: Metrics).
+    body = gauges.render(gauges.read(ctx.settings, ctx.engine, ctx.redis))
+    return flask.Response(body, content_type=gauges.CONTENT_TYPE, headers={"Cache-Control": "no-store"})

@@ -8,13 +8,12 @@ mirrors this file (a test keeps them in step).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from shared import logs
 from shared.errors import ConfigError
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 DEVELOPMENT = "development"
 DEADLINE_SHARE_OF_LEASE = 0.8
 PRODUCTION = "production"
@@ -95,6 +94,8 @@ class Settings:
     smtp_allow_insecure: bool = True  # SMTP_ALLOW_INSECURE, allow smtp_security=none (plaintext)
 
     log_level: str = "INFO"  # LOG_LEVEL, Python logging level name
+    log_format: str = logs.TEXT  # LOG_FORMAT, json (one object per line) | text; json in production
+    metrics_port: int = 9100  # METRICS_PORT, where a worker serves /metrics; 0 turns it off
 
     @property
     def is_production(self) -> bool:
@@ -158,6 +159,8 @@ class Settings:
                 get("SMTP_ALLOW_INSECURE", "false" if production else "true"), "SMTP_ALLOW_INSECURE"
             ),
             log_level=get("LOG_LEVEL", "INFO").upper(),
+            log_format=get("LOG_FORMAT", logs.JSON if production else logs.TEXT).strip().lower(),
+            metrics_port=_int(get("METRICS_PORT", "9100"), "METRICS_PORT"),
         )
         settings.validate()
         return settings
@@ -169,6 +172,10 @@ class Settings:
             problems.append("RETRY_BACKOFF_MAX must be at least RETRY_BACKOFF_BASE")
         if self.smtp_timeout <= 0:
             problems.append("SMTP_TIMEOUT must be more than 0 seconds")
+        if self.log_format not in logs.FORMATS:
+            problems.append(f"LOG_FORMAT must be one of {', '.join(logs.FORMATS)}, got {self.log_format!r}")
+        if self.metrics_port > 65535:
+            problems.append(f"METRICS_PORT must be a port number (0 turns it off), got {self.metrics_port}")
         if self.smtp_connection_max_age <= 0:
             problems.append("SMTP_CONNECTION_MAX_AGE must be more than 0 seconds")
         if self.is_production:
@@ -207,4 +214,4 @@ class Settings:
 
 def configure_logging(settings: Settings) -> None:
     """One log format for every mailq process (a no-op if logging is already configured)."""
-    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT)
+    logs.configure(settings.log_level, settings.log_format)

@@ -82,6 +82,7 @@ class Consumer(Worker):
         outcomes = [Outcome.DROPPED] * len(dropped)
         outcomes += self.handle(envelopes, also_release=dropped)
         self._held.raws = []
+        self.metrics.count_envelopes(outcomes)
         return outcomes
 
     def handle(self, envelopes: list[tuple[int, bytes]], also_release: list[bytes] = ()) -> list[Outcome]:

@@ -142,6 +142,20 @@ class Task(Base):
             "lease_until",
             postgresql_where=sa.text("status = 'processing'"),
         ),
+        # The metrics function: exact counts of the pending statuses (never the history's rows). Only
+        # shared/gauges.py states the always-true "scheduled_at IS NOT NULL", so the sweep's queries
+        # never pick this index over their own (ordered by due time)...
+        sa.Index(
+            "tasks_pending_status",
+            "status",
+            postgresql_where=sa.text(f"status IN ({PENDING_SQL_LIST}) AND scheduled_at IS NOT NULL"),
+        ),
+        # ...and the oldest first try still waiting: its scheduled_at is when it became due.
+        sa.Index(
+            "tasks_queued_first_try",
+            "scheduled_at",
+            postgresql_where=sa.text("status = 'queued' AND try_count = 0"),
+        ),
     )
 
 

@@ -31,6 +31,15 @@ class Status(enum.StrEnum):
     CANCELLED = "cancelled"  # no more tries: permanent error, tries used up, or cancelled by the user
 
 
+class CancelReason(enum.StrEnum):
+    """Why a task was cancelled: a bounded vocabulary (metrics labels and webhook events share it)."""
+
+    PERMANENT_FAILURE = "permanent_failure"  # the SMTP server refused it for good, or it cannot be built
+    TRIES_EXHAUSTED = "tries_exhausted"  # transient failures used up its MAX_TRY_COUNT tries
+    USER = "user"  # the user cancelled it
+    LOST_IN_FLIGHT = "lost_in_flight"  # the worker sending its last try was lost (it may have gone out)
+
+
 TERMINAL = frozenset({Status.SENT, Status.CANCELLED})  # for the workers; only a user's retry revives one
 PENDING = (Status.SCHEDULED, Status.QUEUED, Status.PROCESSING, Status.FAILED)  # "still to go out"
 FAILURES = (Status.FAILED, Status.CANCELLED)

@@ -52,6 +52,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/ui/icon.svg", "dashboard", "dashboard_icon"),
     Route("GET", "/docs", "dashboard", "api_docs"),
     Route("GET", "/openapi.json", "dashboard", "openapi_document"),
+    # The queue gauges in Prometheus's text format (a function of its own: it reads PostgreSQL and Redis).
+    Route("GET", "/metrics", "metrics"),
 )
 
 MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints; anything larger cannot exist

@@ -34,9 +34,10 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from shared import logs
 from shared.config import Settings
 from shared.crypto import SecretBox
-from shared.domain import SmtpSecurity, Status
+from shared.domain import CancelReason, SmtpSecurity, Status
 from shared.errors import (
     ConfigError,
     EnvelopeDecodeError,
@@ -225,6 +226,7 @@ class Sender(Worker):
             log.warning("%s dropped a malformed envelope: %s", self.id, exc)
             self.done(item)
             return Outcome.DROPPED
+        logs.bind_task(task_id)
         try:
             claim = self.claim(task_id)
             if claim is None:
@@ -238,6 +240,7 @@ class Sender(Worker):
             self._give_back_quietly(item, task_id)
             self.fault()
             return Outcome.RELEASED
+        self.metrics.claims.inc()
         outcome = self.attempt(claim, item)
         if outcome not in (Outcome.RELEASED, Outcome.PAUSED):  # those already gave the envelope back
             self.done(item)
@@ -265,6 +268,7 @@ class Sender(Worker):
                 params = {"id": task_id, "try_count": row.try_count, "reason": reason}
                 cancelled = conn.execute(_EXHAUSTED_SQL, params).rowcount == 1
         if cancelled:
+            self.metrics.cancel(CancelReason.TRIES_EXHAUSTED)
             self.done(item)
             return Outcome.CANCELLED
         if row is not None and row.status == Status.QUEUED and row.paused:
@@ -300,7 +304,8 @@ class Sender(Worker):
                 date=self.now(),
             )
         except Exception as exc:  # the task's own content: no try will do better
-            return self.record(claim, Status.CANCELLED, f"the mail cannot be built: {exc}"[:1000])
+            reason = f"the mail cannot be built: {exc}"[:1000]
+            return self.record(claim, Status.CANCELLED, reason, cause=CancelReason.PERMANENT_FAILURE)
         account = SmtpAccount(
             host=claim.smtp_host,
             port=claim.smtp_port,
@@ -309,13 +314,14 @@ class Sender(Worker):
             security=SmtpSecurity(claim.smtp_security),
         )
         try:
-            self.mailer.send(account, message, deadline=deadline)
+            with self.metrics.smtp_seconds.time():
+                self.mailer.send(account, message, deadline=deadline)
         except SmtpAuthError as exc:
             return self._pause(claim, item, _reason(exc))
         except TransientSmtpError as exc:
             return self._transient(claim, _reason(exc))
         except (PermanentSmtpError, SmtpError) as exc:
-            return self.record(claim, Status.CANCELLED, _reason(exc))
+            return self.record(claim, Status.CANCELLED, _reason(exc), cause=CancelReason.PERMANENT_FAILURE)
         except Exception as exc:  # a bug must not loop forever: a try spent, bounded by the budget
             log.exception("%s: task %d could not be sent", self.id, claim.id)
             return self._transient(claim, f"internal error: {type(exc).__name__}")
@@ -323,7 +329,8 @@ class Sender(Worker):
 
     def _transient(self, claim: Claim, reason: str) -> Outcome:
         if claim.tries_used >= self.settings.max_try_count:
-            return self.record(claim, Status.CANCELLED, f"{reason} (gave up after {claim.tries_used} tries)")
+            reason = f"{reason} (gave up after {claim.tries_used} tries)"
+            return self.record(claim, Status.CANCELLED, reason, cause=CancelReason.TRIES_EXHAUSTED)
         s = self.settings
         delay = backoff_seconds(claim.tries_used, s.retry_backoff_base, s.retry_backoff_max, self.rng)
         return self.record(claim, Status.FAILED, reason, delay=delay)
@@ -359,8 +366,18 @@ class Sender(Worker):
             pass  # the envelope stays in our processing list; shutdown or the sweep returns it
         return Outcome.PAUSED
 
-    def record(self, claim: Claim, status: Status, error: str | None, *, delay: float = 0.0) -> Outcome:
-        """Write the outcome behind the fencing token; a short PostgreSQL outage is waited out."""
+    def record(
+        self,
+        claim: Claim,
+        status: Status,
+        error: str | None,
+        *,
+        delay: float = 0.0,
+        cause: CancelReason | None = None,
+    ) -> Outcome:
+        """Write the outcome behind the fencing token; a short PostgreSQL outage is waited out.
+
+        ``cause``: why a cancellation happened (the metrics' reason label)."""
         params = {
             "id": claim.id,
             "try_count": claim.try_count,
@@ -384,8 +401,10 @@ class Sender(Worker):
                 )
                 time.sleep(0.5)
         if updated == 0:
+            self.metrics.stale.inc()
             log.warning("%s: task %d outcome %s discarded: claimed again since", self.id, claim.id, status)
             return Outcome.STALE
+        self.metrics.record_outcome(status, cause, claim.created_at, self.now())
         # A success per mail is DEBUG (it is the hot path); anything else is worth a line.
         level = logging.DEBUG if status == Status.SENT else logging.INFO
         log.log(
@@ -496,6 +515,7 @@ class Sender(Worker):
             except Exception:  # handle() lets go of the envelope on every path it knows
                 log.exception("%s: unexpected error", self.id)
             finally:
+                logs.bind_task(None)
                 with self._lock:
                     self._busy -= 1
                 self._idle.release()

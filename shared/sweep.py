@@ -27,11 +27,14 @@ from shared.sweep_sql import conditions, pending_work_sql
 
 log = logging.getLogger("mailq.sweep")
 
+LOST_IN_FLIGHT = "the worker sending the last try was lost (the mail may have gone out)"
+
 
 @dataclass
 class SweepReport:
     requeued: int = 0  # rows put back to queued (and pushed)
     cancelled: int = 0  # rows with no try left (the last try's worker died, or MAX_TRY_COUNT lowered)
+    lost_in_flight: int = 0  # of those, the ones whose last try's worker died (the mail may have gone out)
     resumed: int = 0  # tenants paused in Redis but no longer in PostgreSQL
     purged: int = 0  # tasks past TASK_RETENTION_DAYS deleted
     rescued: int = 0  # envelopes returned from dead workers' processing lists
@@ -55,8 +58,7 @@ def _requeue_sql(settings: Settings) -> sa.TextClause:
         UPDATE tasks AS t
            SET status = CASE WHEN {exhausted} THEN 'cancelled' ELSE 'queued' END,
                last_error = CASE
-                   WHEN {exhausted} AND t.status = 'processing'
-                   THEN 'the worker sending the last try was lost (the mail may have gone out)'
+                   WHEN {exhausted} AND t.status = 'processing' THEN :lost
                    WHEN {exhausted}
                    THEN 'no tries left (MAX_TRY_COUNT is ' || CAST(:max_tries AS text) || ')'
                    ELSE t.last_error END,
@@ -64,7 +66,7 @@ def _requeue_sql(settings: Settings) -> sa.TextClause:
                lease_until = NULL,
                updated_at = now()
          WHERE t.id = ANY({picks})
-        RETURNING t.id, t.user_id, t.status
+        RETURNING t.id, t.user_id, t.status, t.last_error
         """
     )
 
@@ -115,13 +117,14 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
         log.warning("sweep could not check workers: %s", type(exc).__name__)
         report.push_failed = True
     statement = _requeue_sql(settings)
-    params = {"batch": settings.sweep_batch, "max_tries": settings.max_try_count}
+    params = {"batch": settings.sweep_batch, "max_tries": settings.max_try_count, "lost": LOST_IN_FLIGHT}
     while True:
         with engine.begin() as conn:
             rows = conn.execute(statement, params).all()
         queued = [(r.user_id, r.id, queue.encode(r.id)) for r in rows if r.status == "queued"]
         report.requeued += len(queued)
         report.cancelled += len(rows) - len(queued)
+        report.lost_in_flight += sum(r.status == "cancelled" and r.last_error == LOST_IN_FLIGHT for r in rows)
         if queued:
             try:
                 sendq.route(queued)  # an envelope still waiting in its tenant's queue is not added twice

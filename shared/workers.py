@@ -23,9 +23,10 @@ from pathlib import Path
 import redis
 from sqlalchemy.engine import Engine
 
-from shared import queue
+from shared import logs, queue
 from shared.config import Settings
 from shared.db import is_unavailable
+from shared.metrics import WorkerMetrics
 
 log = logging.getLogger("mailq.worker")
 
@@ -79,6 +80,7 @@ class Worker:
         self.processing = queue.processing_list(self.id)
         self.stopping = threading.Event()
         self.heartbeat_file = Path(settings.heartbeat_file)
+        self.metrics = WorkerMetrics()  # served on METRICS_PORT by the process's entry point
         self._progress = time.monotonic()  # when a work loop last went round (liveness)
 
     # --- Redis bookkeeping ---
@@ -151,9 +153,13 @@ class Worker:
 
     def run(self) -> None:
         """Run the work loops until ``stopping`` is set, then hand back what is held and exit."""
+        logs.bind_worker(self.id)
         if not self.wait_for_redis():
             return
-        threads = [threading.Thread(target=body, name=name, daemon=True) for name, body in self.loops()]
+        loops = self.loops()
+        threads = [
+            threading.Thread(target=self._labelled(body), name=name, daemon=True) for name, body in loops
+        ]
         log.info("%s started with %d thread(s)", self.id, len(threads))
         for t in threads:
             t.start()
@@ -175,6 +181,15 @@ class Worker:
             for t in threads:
                 t.join()
             self.shutdown()
+
+    def _labelled(self, body: Callable[[], None]) -> Callable[[], None]:
+        """The thread body, with this worker's id on every line it logs."""
+
+        def run() -> None:
+            logs.bind_worker(self.id)
+            body()
+
+        return run
 
     def shutdown(self) -> None:
         """After the loops ended: hand back whatever is left and leave the registry."""

@@ -54,6 +54,10 @@ def dev(tmp_path_factory):
             str(smtp_port),
             "--data-dir",
             str(data_dir),
+            "--senders",
+            "2",
+            "--metrics-port",
+            str(free_port()),
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -163,6 +167,52 @@ def test_five_hundred_mails_arrive_exactly_once(dev):
     assert statuses == {"sent": 500}
     status, pending = call(base, "GET", "/api/v1/task/queue", token=token)
     assert pending["items"] == []
+
+
+def scrape(url: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        s.name + json.dumps(s.labels, sort_keys=True): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_every_worker_process_serves_its_metrics_on_a_port_of_its_own(dev):
+    """Two senders on one machine: each its own port, listed at start and in the data directory,
+    and between them they counted every mail the 500-mail test sent."""
+    listed = {
+        line.split()[0]: line.split()[-1]
+        for line in dev["lines"]
+        if line.strip().endswith("/metrics") and "metrics:" in line
+    }
+    state = json.loads((dev["data_dir"] / "dev.json").read_text())
+    assert listed == state["metrics"] and set(listed) == {"consumer", "sender-1", "sender-2", "sweep"}
+    assert len(set(listed.values())) == 4
+    figures = {name: scrape(url) for name, url in listed.items()}
+    sent = sum(figures[name].get("mailq_mails_sent_total{}", 0) for name in ("sender-1", "sender-2"))
+    assert sent == 500
+    assert figures["consumer"]['mailq_envelopes_total{"outcome": "handed_off"}'] >= 450
+    assert "mailq_sweep_requeued_total{}" in figures["sweep"]
+    queue = scrape(dev["base"] + "/metrics")  # the metrics function, behind the API
+    assert (
+        queue['mailq_workers_alive{"role": "sender"}'] == 2 and queue['mailq_tasks{"status": "queued"}'] == 0
+    )
+
+
+def test_mailq_status_finds_the_running_dev_stack_from_its_data_directory(dev):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    result = subprocess.run(
+        [sys.executable, "-m", "functions.cli", "status", "--data-dir", str(dev["data_dir"]), "--json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["figures"]["workers_alive"] == {"consumer": 1, "sender": 2}
+    assert set(shown["source"]["metrics"]) == {"consumer", "sender-1", "sender-2", "sweep"}
 
 
 def test_mailbox_lists_what_arrived(dev):

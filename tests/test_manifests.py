@@ -1043,6 +1043,33 @@ def test_workers_have_heartbeat_probes_resources_and_a_grace_period_for_the_mail
     assert grace > 4 * float(config["SMTP_TIMEOUT"]) and grace > int(config["TASK_LEASE_SECONDS"])
 
 
+def test_every_worker_pod_names_its_metrics_port_as_the_settings_serve_it(rendered):
+    """Prometheus finds each worker's /metrics: by the named port (a PodMonitor) or by the annotations,
+    both at the METRICS_PORT the ConfigMap gives the process."""
+    port = int(rendered.config["METRICS_PORT"])
+    workers = [
+        doc
+        for doc in rendered.docs
+        if doc["kind"] in ("Deployment", "ScaledJob")
+        and [c.get("command", [""])[:2] for c in _containers(doc)] in (
+            [["mailq", "consumer"]], [["mailq", "sender"]], [["mailq", "sweep"]],
+        )
+    ]  # fmt: skip
+    assert len(workers) == 3
+    for doc in workers:
+        (container,) = _containers(doc)
+        template = (
+            doc["spec"]["jobTargetRef"]["template"] if doc["kind"] == "ScaledJob" else doc["spec"]["template"]
+        )
+        annotations = template["metadata"]["annotations"]
+        ports = [(p["name"], p["containerPort"]) for p in container["ports"]]
+        assert ("metrics", port) in ports, doc["metadata"]["name"]
+        assert (
+            annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == port
+        )
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
 def test_every_mailq_container_runs_the_same_image_as_non_root(rendered):
     tags = set()
     for doc in rendered.docs:

@@ -277,8 +277,11 @@ def test_every_error_response_is_a_problem(route):
     errors = {code: _deref(r) for code, r in op["responses"].items() if code == "default" or code[0] in "45"}
     successes = {code: _deref(r) for code, r in op["responses"].items() if code[0] == "2"}
     assert successes, "an operation needs a success response"
-    # The API answers JSON; the dashboard function answers each of its paths with that file's type.
-    success_type = web.media_type(route.path) if route.target == "dashboard" else "application/json"
+    # The API answers JSON; the dashboard function answers each of its paths with that file's type, the
+    # metrics function in Prometheus's text format.
+    success_type = {"metrics": "text/plain"}.get(route.target, "application/json")
+    if route.target == "dashboard":
+        success_type = web.media_type(route.path)
     for code, response in successes.items():
         assert set(response["content"]) == {success_type}, f"{code}: successes are {success_type}"
     for code, response in errors.items():
@@ -416,6 +419,11 @@ REGISTER = {
 def test_live_health(api):
     check(api.get("/healthz/live"), "GET", "/healthz/live", 200)
     check(api.get("/healthz/ping"), "GET", "/healthz/ping", 200)
+
+
+def test_live_metrics(api):
+    text = check(api.get("/metrics"), "GET", "/metrics", 200)
+    assert 'mailq_tasks{status="queued"} 0.0' in text
 
 
 def test_live_accounts(api):

@@ -27,6 +27,7 @@ TARGETS = {
     "enqueue/trivial": 0.5,
     "e2e p99 ms": 250.0,
     "page p99 ms": 20.0,
+    "metrics p99 ms": 50.0,  # issue 12: the metrics function answers within 50 ms at a million rows
     "sweep ms": 200.0,
 }
 
@@ -265,6 +266,7 @@ def results_table(run: Run) -> str:
     if (why := _absent(run, "scale")) or run.scale is None:
         for what, target in (
             ("/task/queue page p99", "≤ 20 ms"),
+            ("/metrics scrape p99", "≤ 50 ms"),
             ("sweep pass", "≤ 200 ms"),
             ("enqueue", "—"),
         ):
@@ -280,6 +282,15 @@ def results_table(run: Run) -> str:
             f"p99 ≤ {TARGETS['page p99 ms']:.0f} ms",
             _met(s.page.errors == 0 and s.page.p99 <= TARGETS["page p99 ms"]),
         )
+        if s.metrics is not None:
+            t.add(
+                f"{TITLES['scale']}, {rows}: /metrics scrape (the queue gauges)",
+                f"1 scraper, {s.metrics.requests} scrapes: p50 **{_ms(s.metrics.p50)}**, "
+                f"p99 **{_ms(s.metrics.p99)}**, {s.metrics.errors} errors",
+                "—",
+                f"p99 ≤ {TARGETS['metrics p99 ms']:.0f} ms",
+                _met(s.metrics.errors == 0 and s.metrics.p99 <= TARGETS["metrics p99 ms"]),
+            )
         sweep_ms = s.sweep_seconds * 1000
         t.add(
             f"{TITLES['scale']}, {rows}: one sweep pass",
@@ -290,7 +301,8 @@ def results_table(run: Run) -> str:
             _met(sweep_ms <= TARGETS["sweep ms"] and s.sweep.requeued == s.due),
         )
         ratio = "—"
-        if run.api is not None and run.api.trivial.rps:
+        # Both divisors: on a busy machine a 1-second load can end without one answered enqueue.
+        if run.api is not None and run.api.trivial.rps and run.api.enqueue.rps:
             ratio = (
                 f"{s.enqueue.rps / run.api.trivial.rps:.2f} of trivial; "
                 f"{s.enqueue.rps / run.api.enqueue.rps:.2f} of empty table"
@@ -477,6 +489,7 @@ def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
             "due": s.due,
             "idle_sweep_ms": s.idle_sweep_seconds * 1000,
             "page": load(s.page),
+            "metrics": load(s.metrics) if s.metrics else None,
             "enqueue": load(s.enqueue),
         }
     return data

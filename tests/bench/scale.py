@@ -3,8 +3,8 @@
 The rows are copied in (history first, then the live queued/processing rows so they are fresh),
 spread round-robin over users of USER_ROWS tasks each, then ``VACUUM ANALYZE`` — what autovacuum
 would have done by the time a table grew this big. Then, with nothing else running:
-one sweep pass (and an idle one right after), the ``/task/queue`` page of one of those users, and
-the enqueue API again.
+one sweep pass (and an idle one right after), the ``/task/queue`` page of one of those users, a
+Prometheus scrape of the ``metrics`` function (the queue gauges), and the enqueue API again.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tests.bench.load import LoadResult, build_request, closed_loop
 from tests.bench.stack import MAIN_SOURCE, Stack
 
 QUEUE_PATH = "/api/v1/task/queue"
+METRICS_PATH = "/metrics"
 
 
 @dataclass
@@ -38,6 +39,7 @@ class ScaleResult:
     enqueue: LoadResult
     sizing: Sizing
     due: int = 0
+    metrics: LoadResult | None = None  # GET /metrics, one scraper at a time
     notes: list[str] = field(default_factory=list)
 
 
@@ -128,6 +130,15 @@ def scale(
     finally:
         stack.stop(child)
 
+    _note(progress, "/metrics scrapes")
+    metrics_sizing = knative_sizing("metrics")
+    child, port = stack.start_function(MAIN_SOURCE, "metrics", metrics_sizing.workers, metrics_sizing.threads)
+    try:
+        scrape = build_request("GET", METRICS_PATH, port)
+        metrics = closed_loop(port, lambda i: scrape, clients=1, seconds=page_seconds, warmup=warmup)
+    finally:
+        stack.stop(child)
+
     _note(progress, "enqueue API")
     enqueue_sizing = knative_sizing("enqueue")
     child, port = stack.start_function(MAIN_SOURCE, "enqueue", enqueue_sizing.workers, enqueue_sizing.threads)
@@ -145,5 +156,5 @@ def scale(
         stack.stop(child)
     return ScaleResult(
         rows, rows // users, counts, load_seconds, sweep_seconds, report, idle_sweep_seconds, page, enqueue,
-        enqueue_sizing, due,
+        enqueue_sizing, due, metrics=metrics,
     )  # fmt: skip
