@@ -25,7 +25,7 @@ SCENARIO_TITLES = (
     "5. End-to-end latency",
     "6. Scale",
 )
-TINY = ["--n", "200", "--seconds", "1", "--latency-seconds", "1", "--scale-rows", "5000",
+TINY = ["--n", "200", "--seconds", "2", "--latency-seconds", "1", "--scale-rows", "5000",
         "--scale-user-rows", "500"]  # fmt: skip
 
 
