@@ -34,6 +34,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from shared import events
 from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.domain import SmtpSecurity, Status
@@ -109,19 +110,23 @@ _WHY_SQL = sa.text(
 )
 
 # A queued task without tries left (MAX_TRY_COUNT was lowered) ends here instead of waiting forever.
-_EXHAUSTED_SQL = sa.text(
-    """
+_EXHAUSTED_SQL = events.reported(
+    f"""
     UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
                      next_attempt_at = now(), updated_at = now()
      WHERE id = :id AND status = 'queued' AND try_count = :try_count
-    """
+    RETURNING {events.RETURNING}
+    """,
+    type_sql=f"'{events.CANCELLED}'",
+    reason_sql=f"'{events.TRIES_EXHAUSTED}'",
 )
 
 # The try count is the fencing token: an outcome lands only while nobody has claimed the task since.
 # 'queued' is allowed too: had the sweep taken a lease back without anyone claiming the task again,
-# what the server said is still the truth. Times come from PostgreSQL's clock.
-_OUTCOME_SQL = sa.text(
-    """
+# what the server said is still the truth. Times come from PostgreSQL's clock. The event the outcome
+# reports (a webhook's outbox row) is written by the same statement: a stale outcome writes none.
+_OUTCOME_SQL = events.reported(
+    f"""
     UPDATE tasks
        SET status = :status, last_error = :last_error,
            next_attempt_at = now() + make_interval(secs => :delay),
@@ -129,7 +134,11 @@ _OUTCOME_SQL = sa.text(
            sent_at = CASE WHEN CAST(:status AS text) = 'sent' THEN now() END,
            updated_at = now()
      WHERE id = :id AND try_count = :try_count AND status IN ('processing', 'queued')
-    """
+    RETURNING {events.RETURNING}
+    """,
+    type_sql="CAST(:event_type AS text)",
+    reason_sql="CAST(:event_reason AS text)",
+    code_sql="CAST(:smtp_code AS integer)",
 )
 
 # Gives a claim back without spending a try: the budget moves up by one (the count never goes down).
@@ -175,6 +184,7 @@ class Sender(Worker):
         self.clock = clock
         self.rng = rng
         self.sendq = SendQueue(client)
+        self.outbox = events.Outbox(client)
         self._holder = f"{self.id}:"
         self._fault_until = 0.0
         self._fault_delay = 0.0
@@ -245,7 +255,7 @@ class Sender(Worker):
         return None if row is None else Claim(**row._asdict())
 
     def _unclaimable(self, item: Taken, task_id: int) -> Outcome:
-        cancelled = False
+        cancelled = []
         with self.engine.begin() as conn:
             row = conn.execute(
                 _WHY_SQL, {"id": task_id, "max_tries": self.settings.max_try_count}
@@ -253,8 +263,9 @@ class Sender(Worker):
             if row is not None and row.status == Status.QUEUED and row.exhausted:
                 reason = f"no tries left (MAX_TRY_COUNT is {self.settings.max_try_count})"
                 params = {"id": task_id, "try_count": row.try_count, "reason": reason}
-                cancelled = conn.execute(_EXHAUSTED_SQL, params).rowcount == 1
+                cancelled = conn.execute(_EXHAUSTED_SQL, params).all()
         if cancelled:
+            self.outbox.wake(events.deliveries(cancelled))
             self.done(item)
             return Outcome.CANCELLED
         if row is not None and row.status == Status.QUEUED and row.paused:
@@ -303,20 +314,21 @@ class Sender(Worker):
         except SmtpAuthError as exc:
             return self._pause(claim, item, _reason(exc))
         except TransientSmtpError as exc:
-            return self._transient(claim, _reason(exc))
+            return self._transient(claim, _reason(exc), exc.code)
         except (PermanentSmtpError, SmtpError) as exc:
-            return self.record(claim, Status.CANCELLED, _reason(exc))
+            return self.record(claim, Status.CANCELLED, _reason(exc), code=exc.code)
         except Exception as exc:  # a bug must not loop forever: a try spent, bounded by the budget
             log.exception("%s: task %d could not be sent", self.id, claim.id)
             return self._transient(claim, f"internal error: {type(exc).__name__}")
         return self.record(claim, Status.SENT, None)
 
-    def _transient(self, claim: Claim, reason: str) -> Outcome:
+    def _transient(self, claim: Claim, reason: str, code: int | None = None) -> Outcome:
         if claim.tries_used >= self.settings.max_try_count:
-            return self.record(claim, Status.CANCELLED, f"{reason} (gave up after {claim.tries_used} tries)")
+            error = f"{reason} (gave up after {claim.tries_used} tries)"
+            return self.record(claim, Status.CANCELLED, error, code=code, reason=events.TRIES_EXHAUSTED)
         s = self.settings
         delay = backoff_seconds(claim.tries_used, s.retry_backoff_base, s.retry_backoff_max, self.rng)
-        return self.record(claim, Status.FAILED, reason, delay=delay)
+        return self.record(claim, Status.FAILED, reason, delay=delay, code=code)
 
     def _give_back_claim(self, claim: Claim, item: Taken | None, reason: str | None) -> Outcome:
         """A worker fault: the claim goes back without spending a try, and this sender backs off."""
@@ -349,14 +361,28 @@ class Sender(Worker):
             pass  # the envelope stays in our processing list; shutdown or the sweep returns it
         return Outcome.PAUSED
 
-    def record(self, claim: Claim, status: Status, error: str | None, *, delay: float = 0.0) -> Outcome:
-        """Write the outcome behind the fencing token; a short PostgreSQL outage is waited out."""
+    def record(
+        self,
+        claim: Claim,
+        status: Status,
+        error: str | None,
+        *,
+        delay: float = 0.0,
+        code: int | None = None,
+        reason: str | None = None,
+    ) -> Outcome:
+        """Write the outcome, and the event reporting it, behind the fencing token; a short PostgreSQL
+        outage is waited out. ``code`` is the SMTP reply code, ``reason`` a cancellation's reason."""
+        event_type, event_reason = events.outcome_event(status, reason)
         params = {
             "id": claim.id,
             "try_count": claim.try_count,
             "status": status.value,
             "last_error": error,
             "delay": delay,
+            "event_type": event_type,
+            "event_reason": event_reason,
+            "smtp_code": code,
         }
         # A lost "sent" means a resend, so keep trying while PostgreSQL is briefly unavailable; the
         # fencing token keeps a late write harmless.
@@ -364,7 +390,7 @@ class Sender(Worker):
         while True:
             try:
                 with self.engine.begin() as conn:
-                    updated = conn.execute(_OUTCOME_SQL, params).rowcount
+                    rows = conn.execute(_OUTCOME_SQL, params).all()
                 break
             except Exception as exc:
                 if not dependency_of(exc) or time.monotonic() > deadline or self.stopping.is_set():
@@ -373,9 +399,10 @@ class Sender(Worker):
                     "%s: recording task %d failed (%s); retrying", self.id, claim.id, type(exc).__name__
                 )
                 time.sleep(0.5)
-        if updated == 0:
+        if not rows:
             log.warning("%s: task %d outcome %s discarded: claimed again since", self.id, claim.id, status)
             return Outcome.STALE
+        self.outbox.wake(events.deliveries(rows))
         # A success per mail is DEBUG (it is the hot path); anything else is worth a line.
         level = logging.DEBUG if status == Status.SENT else logging.INFO
         log.log(

@@ -19,7 +19,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import queue
+from shared import events, queue, webhooks
 from shared.config import Settings
 from shared.sendqueue import SendQueue
 from shared.sweep_sql import conditions, pending_work_sql
@@ -35,6 +35,10 @@ class SweepReport:
     rescued: int = 0  # envelopes returned from dead workers' processing lists
     dead_workers: int = 0
     push_failed: bool = False
+    deliveries: int = 0  # webhook deliveries put back in their endpoints' queues (or failed for good)
+
+
+LOST_IN_FLIGHT = "the worker sending the last try was lost (the mail may have gone out)"
 
 
 def _requeue_sql(settings: Settings) -> sa.TextClause:
@@ -48,13 +52,14 @@ def _requeue_sql(settings: Settings) -> sa.TextClause:
         for column, where in conditions(settings.sweep_leak_window)
     )
     exhausted = "t.try_count - t.budget_base >= :max_tries"
-    return sa.text(
+    # A cancellation writes its task.cancelled event in the same statement (shared.events).
+    return events.reported(
         f"""
         UPDATE tasks AS t
            SET status = CASE WHEN {exhausted} THEN 'cancelled' ELSE 'queued' END,
                last_error = CASE
                    WHEN {exhausted} AND t.status = 'processing'
-                   THEN 'the worker sending the last try was lost (the mail may have gone out)'
+                   THEN '{LOST_IN_FLIGHT}'
                    WHEN {exhausted}
                    THEN 'no tries left (MAX_TRY_COUNT is ' || CAST(:max_tries AS text) || ')'
                    ELSE t.last_error END,
@@ -62,8 +67,11 @@ def _requeue_sql(settings: Settings) -> sa.TextClause:
                lease_until = NULL,
                updated_at = now()
          WHERE t.id = ANY({picks})
-        RETURNING t.id, t.user_id, t.status
-        """
+        RETURNING {events.RETURNING}
+        """,
+        type_sql=f"CASE WHEN t.status = 'cancelled' THEN '{events.CANCELLED}' END",
+        reason_sql=f"CASE WHEN t.last_error = '{LOST_IN_FLIGHT}' THEN '{events.LOST_IN_FLIGHT}'"
+        f" ELSE '{events.TRIES_EXHAUSTED}' END",
     )
 
 
@@ -114,9 +122,12 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
         report.push_failed = True
     statement = _requeue_sql(settings)
     params = {"batch": settings.sweep_batch, "max_tries": settings.max_try_count}
+    outbox = events.Outbox(client)
     while True:
         with engine.begin() as conn:
-            rows = conn.execute(statement, params).all()
+            result = conn.execute(statement, params).all()
+        outbox.wake(events.deliveries(result))
+        rows = list({r.id: r for r in result}.values())  # one row per delivery: one per task here
         queued = [(r.user_id, r.id, queue.encode(r.id)) for r in rows if r.status == "queued"]
         report.requeued += len(queued)
         report.cancelled += len(rows) - len(queued)
@@ -130,6 +141,7 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
                 break
         if not rows:  # a put-back row never matches again, so this ends
             break
+    report.deliveries = webhooks.sweep_deliveries(settings, engine, client)
     if report.requeued or report.rescued or report.cancelled or report.resumed:
         log.info(
             "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d, resumed %d",
