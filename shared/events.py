@@ -1,19 +1,21 @@
-"""Events: what happened to a task, written in the same statement as the status change it reports.
+"""Events: what happened to a task, written in the same transaction as the status change it reports.
 
-``reported()`` wraps an ``UPDATE tasks … RETURNING {RETURNING}`` in one statement that also writes the
-event (when the task's user has an enabled endpoint subscribed to its type) and one delivery per
-such endpoint: the outbox row exists exactly when the status change committed. A stale outcome that
-loses the fencing check updates no row, so it writes no event. A user without endpoints pays one
-index probe of ``webhook_endpoints``.
+Every UPDATE of tasks that makes a reportable change (the sender's outcome, its no-tries-left cancel,
+the sweep's cancellations, a user's cancel) returns ``hooked()``: whether the task's user has an
+enabled endpoint. For those rows, and only those, ``write()`` runs in the same transaction and
+writes the event (if an endpoint is subscribed to its type) and one delivery per such endpoint, so the
+outbox row exists exactly when the status change committed. A stale outcome that loses the fencing
+check updates no row, so it reports nothing; a user without endpoints pays one index probe.
 
 After the commit, ``Outbox.wake()`` puts the new deliveries' envelopes in their endpoints' queues; if
 Redis refuses, the sweep pushes them later (the row is its own outbox, as with tasks). This module
 also renders a delivery the way the Standard Webhooks spec says: the body, ``webhook-id``,
 ``webhook-timestamp`` and ``webhook-signature``.
 
-    outcome = UPDATE tasks … RETURNING {RETURNING}          (the sender, the sweep, a user's cancel)
-    reported(outcome, type_sql=…, reason_sql=…)  ->  rows: the task's columns, delivery_id, endpoint_id
-    Outbox(redis).wake(deliveries(rows))                     (after the commit)
+    with engine.begin() as conn:
+        row = conn.execute("UPDATE tasks … RETURNING id, " + hooked()).one_or_none()
+        created = write(conn, [Report(row.id, CANCELLED, USER)]) if row and row.hooked else []
+    Outbox(redis).wake(created)
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import hmac
 import json
 import logging
 import secrets as random_secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,66 +55,79 @@ MAX_ERROR = 2000
 SECRET_PREFIX = "whsec_"
 
 
-def tags_sql() -> str:
+def tags_sql(task: str = "t") -> str:
     """The task's tags as the event reports them. tasks.tags arrives with migration 0005 (mail
-    content + batch); until then every event says ``{}``. After it: ``return "tags"``."""
+    content + batch); until then every event says ``{}``. After it: ``return f"{task}.tags"``."""
     return "CAST('{}' AS jsonb)"
 
 
-# What an UPDATE of tasks returns for reported(): the task's columns its event needs.
-RETURNING = (
-    "id, user_id, status, recipient_email, message_id, try_count, last_error, next_attempt_at, "
-    f"{tags_sql()} AS tags"
+def hooked(task: str = "tasks") -> str:
+    """A RETURNING column for an UPDATE of tasks: does the task's user have an enabled endpoint? Only
+    then is write() called, so a user without endpoints pays one index probe and nothing else."""
+    return (
+        "EXISTS (SELECT 1 FROM webhook_endpoints AS w"
+        f" WHERE w.user_id = {task}.user_id AND w.enabled) AS hooked"
+    )
+
+
+@dataclass(frozen=True)
+class Report:
+    """One status change to report: which task, as which event type, why, with what SMTP code."""
+
+    task_id: int
+    type: str
+    reason: str | None = None
+    smtp_code: int | None = None
+
+
+# The events of the reported tasks, as their rows are now (in the transaction that changed them), for
+# users with an enabled endpoint subscribed to the type; one delivery per such endpoint.
+_WRITE_SQL = sa.text(
+    f"""
+    WITH x AS (
+        SELECT t.id, t.user_id, v.type,
+               jsonb_build_object(
+                   'task_id', t.id, 'status', t.status, 'recipient_email', t.recipient_email,
+                   'message_id', t.message_id, 'try_count', t.try_count,
+                   'last_error', left(t.last_error, {MAX_ERROR}), 'smtp_code', v.code,
+                   'next_attempt_at', CASE WHEN t.status = 'failed' THEN t.next_attempt_at END,
+                   'tags', {tags_sql("t")})
+               || CASE WHEN v.reason IS NULL THEN CAST('{{}}' AS jsonb)
+                       ELSE jsonb_build_object('reason', v.reason) END AS data
+          FROM unnest(CAST(:ids AS bigint[]), CAST(:types AS text[]), CAST(:reasons AS text[]),
+                      CAST(:codes AS integer[])) AS v(id, type, reason, code)
+          JOIN tasks AS t ON t.id = v.id
+         WHERE EXISTS (SELECT 1 FROM webhook_endpoints AS w
+                        WHERE w.user_id = t.user_id AND w.enabled AND v.type = ANY(w.events))
+    ),
+    e AS (
+        INSERT INTO webhook_events (task_id, type, data)
+        SELECT id, type, data FROM x
+        RETURNING id, task_id, type
+    )
+    INSERT INTO webhook_deliveries (event_id, endpoint_id, state)
+    SELECT e.id, w.id, 'queued'
+      FROM e JOIN x ON x.id = e.task_id
+      JOIN webhook_endpoints AS w ON w.user_id = x.user_id AND w.enabled AND e.type = ANY(w.events)
+    RETURNING id, endpoint_id
+    """
 )
 
 
-def reported(
-    update: str, *, type_sql: str, reason_sql: str = "NULL", code_sql: str = "NULL"
-) -> sa.TextClause:
-    """One statement: ``update`` (an ``UPDATE tasks … RETURNING {RETURNING}``), the event of each row it
-    changed, and that event's deliveries.
-
-    ``type_sql``, ``reason_sql`` and ``code_sql`` are SQL expressions over the updated row ``t`` (or
-    bound parameters): a NULL type means "no event for this row" (the sweep's requeues). The result
-    has the updated row's columns plus ``delivery_id`` and ``endpoint_id``: one row per delivery, or
-    one row with NULLs when nobody is told; no row at all when nothing was updated.
-    """
-    return sa.text(
-        f"""
-        WITH t AS ({update}),
-        x AS (
-            SELECT t.*, {type_sql} AS event_type, {reason_sql} AS event_reason, {code_sql} AS smtp_code
-              FROM t
-        ),
-        e AS (
-            INSERT INTO webhook_events (task_id, type, data)
-            SELECT x.id, x.event_type,
-                   jsonb_build_object(
-                       'task_id', x.id, 'status', x.status, 'recipient_email', x.recipient_email,
-                       'message_id', x.message_id, 'try_count', x.try_count,
-                       'last_error', left(x.last_error, {MAX_ERROR}), 'smtp_code', x.smtp_code,
-                       'next_attempt_at', CASE WHEN x.status = 'failed' THEN x.next_attempt_at END,
-                       'tags', x.tags)
-                   || CASE WHEN x.event_reason IS NULL THEN CAST('{{}}' AS jsonb)
-                           ELSE jsonb_build_object('reason', x.event_reason) END
-              FROM x
-             WHERE x.event_type IS NOT NULL
-               AND EXISTS (SELECT 1 FROM webhook_endpoints AS w
-                            WHERE w.user_id = x.user_id AND w.enabled AND x.event_type = ANY(w.events))
-            RETURNING id, task_id, type
-        ),
-        d AS (
-            INSERT INTO webhook_deliveries (event_id, endpoint_id, state)
-            SELECT e.id, w.id, 'queued'
-              FROM e JOIN x ON x.id = e.task_id
-              JOIN webhook_endpoints AS w
-                ON w.user_id = x.user_id AND w.enabled AND e.type = ANY(w.events)
-            RETURNING id, event_id, endpoint_id
-        )
-        SELECT x.*, d.id AS delivery_id, d.endpoint_id
-          FROM x LEFT JOIN e ON e.task_id = x.id LEFT JOIN d ON d.event_id = e.id
-        """
-    )
+def write(conn, reports: Sequence[Report]) -> list[tuple[int, int]]:
+    """Write the events of ``reports`` and their deliveries in the caller's transaction: the one whose
+    UPDATE made the status changes (and returned ``hooked`` true for these tasks). A stale outcome
+    updated nothing, so it has nothing to report. Returns (delivery id, endpoint id) of the new
+    deliveries, for Outbox.wake() after the commit."""
+    if not reports:
+        return []
+    params = {
+        "ids": [r.task_id for r in reports],
+        "types": [r.type for r in reports],
+        "reasons": [r.reason for r in reports],
+        "codes": [r.smtp_code for r in reports],
+    }
+    return [(r.id, r.endpoint_id) for r in conn.execute(_WRITE_SQL, params)]
 
 
 def outcome_event(status: Status, reason: str | None = None) -> tuple[str | None, str | None]:
@@ -124,11 +140,6 @@ def outcome_event(status: Status, reason: str | None = None) -> tuple[str | None
     if status == Status.CANCELLED:
         return CANCELLED, reason or PERMANENT_FAILURE
     return None, None
-
-
-def deliveries(rows: Iterable[Any]) -> list[tuple[int, int]]:
-    """(delivery id, endpoint id) of the deliveries a reported() statement created."""
-    return [(r.delivery_id, r.endpoint_id) for r in rows if r.delivery_id is not None]
 
 
 class Outbox:

@@ -110,22 +110,20 @@ _WHY_SQL = sa.text(
 )
 
 # A queued task without tries left (MAX_TRY_COUNT was lowered) ends here instead of waiting forever.
-_EXHAUSTED_SQL = events.reported(
+_EXHAUSTED_SQL = sa.text(
     f"""
     UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
                      next_attempt_at = now(), updated_at = now()
      WHERE id = :id AND status = 'queued' AND try_count = :try_count
-    RETURNING {events.RETURNING}
-    """,
-    type_sql=f"'{events.CANCELLED}'",
-    reason_sql=f"'{events.TRIES_EXHAUSTED}'",
+    RETURNING id, {events.hooked()}
+    """
 )
 
 # The try count is the fencing token: an outcome lands only while nobody has claimed the task since.
 # 'queued' is allowed too: had the sweep taken a lease back without anyone claiming the task again,
-# what the server said is still the truth. Times come from PostgreSQL's clock. The event the outcome
-# reports (a webhook's outbox row) is written by the same statement: a stale outcome writes none.
-_OUTCOME_SQL = events.reported(
+# what the server said is still the truth. Times come from PostgreSQL's clock. The event reporting the
+# outcome is written in the same transaction, only when the UPDATE changed the row (shared.events).
+_OUTCOME_SQL = sa.text(
     f"""
     UPDATE tasks
        SET status = :status, last_error = :last_error,
@@ -134,11 +132,8 @@ _OUTCOME_SQL = events.reported(
            sent_at = CASE WHEN CAST(:status AS text) = 'sent' THEN now() END,
            updated_at = now()
      WHERE id = :id AND try_count = :try_count AND status IN ('processing', 'queued')
-    RETURNING {events.RETURNING}
-    """,
-    type_sql="CAST(:event_type AS text)",
-    reason_sql="CAST(:event_reason AS text)",
-    code_sql="CAST(:smtp_code AS integer)",
+    RETURNING id, {events.hooked()}
+    """
 )
 
 # Gives a claim back without spending a try: the budget moves up by one (the count never goes down).
@@ -255,7 +250,7 @@ class Sender(Worker):
         return None if row is None else Claim(**row._asdict())
 
     def _unclaimable(self, item: Taken, task_id: int) -> Outcome:
-        cancelled = []
+        cancelled, created = False, []
         with self.engine.begin() as conn:
             row = conn.execute(
                 _WHY_SQL, {"id": task_id, "max_tries": self.settings.max_try_count}
@@ -263,9 +258,13 @@ class Sender(Worker):
             if row is not None and row.status == Status.QUEUED and row.exhausted:
                 reason = f"no tries left (MAX_TRY_COUNT is {self.settings.max_try_count})"
                 params = {"id": task_id, "try_count": row.try_count, "reason": reason}
-                cancelled = conn.execute(_EXHAUSTED_SQL, params).all()
+                done = conn.execute(_EXHAUSTED_SQL, params).one_or_none()
+                cancelled = done is not None
+                if cancelled and done.hooked:
+                    report = events.Report(task_id, events.CANCELLED, events.TRIES_EXHAUSTED)
+                    created = events.write(conn, [report])
         if cancelled:
-            self.outbox.wake(events.deliveries(cancelled))
+            self.outbox.wake(created)
             self.done(item)
             return Outcome.CANCELLED
         if row is not None and row.status == Status.QUEUED and row.paused:
@@ -374,15 +373,13 @@ class Sender(Worker):
         """Write the outcome, and the event reporting it, behind the fencing token; a short PostgreSQL
         outage is waited out. ``code`` is the SMTP reply code, ``reason`` a cancellation's reason."""
         event_type, event_reason = events.outcome_event(status, reason)
+        report = events.Report(claim.id, event_type, event_reason, code)
         params = {
             "id": claim.id,
             "try_count": claim.try_count,
             "status": status.value,
             "last_error": error,
             "delay": delay,
-            "event_type": event_type,
-            "event_reason": event_reason,
-            "smtp_code": code,
         }
         # A lost "sent" means a resend, so keep trying while PostgreSQL is briefly unavailable; the
         # fencing token keeps a late write harmless.
@@ -390,7 +387,8 @@ class Sender(Worker):
         while True:
             try:
                 with self.engine.begin() as conn:
-                    rows = conn.execute(_OUTCOME_SQL, params).all()
+                    row = conn.execute(_OUTCOME_SQL, params).one_or_none()
+                    created = events.write(conn, [report]) if row is not None and row.hooked else []
                 break
             except Exception as exc:
                 if not dependency_of(exc) or time.monotonic() > deadline or self.stopping.is_set():
@@ -399,10 +397,10 @@ class Sender(Worker):
                     "%s: recording task %d failed (%s); retrying", self.id, claim.id, type(exc).__name__
                 )
                 time.sleep(0.5)
-        if not rows:
+        if row is None:
             log.warning("%s: task %d outcome %s discarded: claimed again since", self.id, claim.id, status)
             return Outcome.STALE
-        self.outbox.wake(events.deliveries(rows))
+        self.outbox.wake(created)
         # A success per mail is DEBUG (it is the hot path); anything else is worth a line.
         level = logging.DEBUG if status == Status.SENT else logging.INFO
         log.log(

@@ -52,8 +52,7 @@ def _requeue_sql(settings: Settings) -> sa.TextClause:
         for column, where in conditions(settings.sweep_leak_window)
     )
     exhausted = "t.try_count - t.budget_base >= :max_tries"
-    # A cancellation writes its task.cancelled event in the same statement (shared.events).
-    return events.reported(
+    return sa.text(
         f"""
         UPDATE tasks AS t
            SET status = CASE WHEN {exhausted} THEN 'cancelled' ELSE 'queued' END,
@@ -67,11 +66,8 @@ def _requeue_sql(settings: Settings) -> sa.TextClause:
                lease_until = NULL,
                updated_at = now()
          WHERE t.id = ANY({picks})
-        RETURNING {events.RETURNING}
-        """,
-        type_sql=f"CASE WHEN t.status = 'cancelled' THEN '{events.CANCELLED}' END",
-        reason_sql=f"CASE WHEN t.last_error = '{LOST_IN_FLIGHT}' THEN '{events.LOST_IN_FLIGHT}'"
-        f" ELSE '{events.TRIES_EXHAUSTED}' END",
+        RETURNING t.id, t.user_id, t.status, t.last_error = '{LOST_IN_FLIGHT}' AS lost, {events.hooked("t")}
+        """
     )
 
 
@@ -125,9 +121,17 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
     outbox = events.Outbox(client)
     while True:
         with engine.begin() as conn:
-            result = conn.execute(statement, params).all()
-        outbox.wake(events.deliveries(result))
-        rows = list({r.id: r for r in result}.values())  # one row per delivery: one per task here
+            rows = conn.execute(statement, params).all()
+            # A cancellation's task.cancelled event, in the transaction that cancelled the task.
+            reports = [
+                events.Report(
+                    r.id, events.CANCELLED, events.LOST_IN_FLIGHT if r.lost else events.TRIES_EXHAUSTED
+                )
+                for r in rows
+                if r.status == "cancelled" and r.hooked
+            ]
+            created = events.write(conn, reports)
+        outbox.wake(created)
         queued = [(r.user_id, r.id, queue.encode(r.id)) for r in rows if r.status == "queued"]
         report.requeued += len(queued)
         report.cancelled += len(rows) - len(queued)

@@ -153,21 +153,20 @@ def test_a_task_whose_last_try_was_lost_in_flight_is_cancelled_by_the_sweep_with
         assert event["data"]["status"] == "cancelled" and "lost" in event["data"]["last_error"]
 
 
-def test_a_user_cancel_is_one_call_to_events_reported(pipe):
-    """How shared/control.py's cancel writes its event (the control helper owns the endpoint)."""
+def test_a_user_cancel_reports_itself_with_one_call_in_its_transaction(pipe):
+    """How shared/control.py's cancel will write its event (the control helper owns that endpoint)."""
     with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
         user = pipe.user(smtp)
         endpoint = subscribe(pipe, user, receiver)
         task_id = pipe.enqueue(user, scheduled_at=(datetime.now(UTC) + timedelta(days=1)).isoformat())
-        statement = events.reported(
-            f"UPDATE tasks SET status = 'cancelled', last_error = 'cancelled by the user', updated_at = now()"
-            f" WHERE id = :id AND status IN ('scheduled', 'queued', 'failed') RETURNING {events.RETURNING}",
-            type_sql=f"'{events.CANCELLED}'",
-            reason_sql=f"'{events.USER}'",
+        cancel = sa.text(
+            "UPDATE tasks SET status = 'cancelled', last_error = 'cancelled by the user', updated_at = now()"
+            f" WHERE id = :id AND status IN ('scheduled', 'queued', 'failed') RETURNING id, {events.hooked()}"
         )
         with pipe.ctx.engine.begin() as conn:
-            rows = conn.execute(statement, {"id": task_id}).all()
-        events.Outbox(pipe.ctx.redis).wake(events.deliveries(rows))
+            row = conn.execute(cancel, {"id": task_id}).one()
+            created = events.write(conn, [events.Report(row.id, events.CANCELLED, events.USER)])
+        events.Outbox(pipe.ctx.redis).wake(created)
         assert deliver(pipe) == [DELIVERED]
         event = receiver.requests[0].verified(endpoint["secret"])
         assert (event["type"], event["data"]["reason"], event["data"]["status"]) == (
@@ -185,6 +184,27 @@ def test_a_user_without_endpoints_gets_no_event_rows(pipe):
         pipe.enqueue(quiet)
         pipe.pump()
         assert event_rows(pipe) == [] and deliver(pipe) == [] and receiver.requests == []
+
+
+def test_a_stale_sender_outcome_reports_nothing_and_the_real_one_exactly_once(pipe):
+    """Sender A's lease runs out mid-send; the sweep requeues, sender B sends and records; then A's
+    server says 250 and A records: it loses the fencing check, so no second task.sent."""
+    with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
+        user = pipe.user(smtp)
+        endpoint = subscribe(pipe, user, receiver)
+        task_id = pipe.enqueue(user)
+        pipe.consumer.step(0.1)
+        late = pipe.sender.claim(task_id)  # A: try 1
+        with pipe.ctx.engine.begin() as conn:  # A's lease runs out (the clock moves on)
+            conn.execute(sa.text("UPDATE tasks SET lease_until = now() - interval '1 second'"))
+        pipe.sweep()
+        pipe.pump()  # B: try 2, sent and recorded
+        assert pipe.sender.attempt(late).value == "stale"  # A: the server took it, the record is fenced off
+        assert len(smtp.received) == 2  # the one duplicate nobody can rule out (same Message-ID)
+        assert [(r.type, r.data["try_count"]) for r in event_rows(pipe)] == [("task.sent", 2)]
+        assert deliver(pipe) == [DELIVERED]
+        (request,) = receiver.requests
+        assert request.verified(endpoint["secret"])["data"]["try_count"] == 2
 
 
 # --- retries, 410, timeouts ----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class WebhookReceiver:
 
     script: list = field(default_factory=list)
     default: object = 200
+    delay: float = 0.0  # seconds each answer waits
     requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self):
@@ -48,6 +49,12 @@ class WebhookReceiver:
             protocol_version = "HTTP/1.1"
 
             def do_POST(self):  # noqa: N802 - http.server's naming
+                try:
+                    self._answer()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the worker hung up (its deadline) or was killed: nothing to answer
+
+            def _answer(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with receiver._lock:
                     receiver.requests.append(
@@ -63,6 +70,8 @@ class WebhookReceiver:
                             return
                         self.wfile.write(bytes([byte]))
                         self.wfile.flush()
+                    return
+                if receiver.delay and receiver.closing.wait(receiver.delay):
                     return
                 status, headers = what if isinstance(what, tuple) else (what, {})
                 self.send_response(status)
