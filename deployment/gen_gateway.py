@@ -72,6 +72,9 @@ PROFILES = {
     "health": Profile(1, 4, 1, "50m", "500m", "128Mi", "384Mi"),
     # The dashboard's files from memory: no database, a few people looking at once.
     "static": Profile(1, 8, 2, "50m", "500m", "128Mi", "384Mi"),
+    # Managing webhook endpoints: a few requests a day per user, each a round trip or two; small pods,
+    # so six of them cost the node and PostgreSQL's connection budget little.
+    "light": Profile(1, 4, 2, "25m", "500m", "128Mi", "384Mi"),
 }
 TARGET_PROFILE = {
     "register": "bcrypt",
@@ -79,6 +82,12 @@ TARGET_PROFILE = {
     "live": "health",
     "ping": "health",
     "dashboard": "static",
+    "create_webhook": "light",
+    "list_webhooks": "light",
+    "delete_webhook": "light",
+    "rotate_webhook_secret": "light",
+    "list_webhook_deliveries": "light",
+    "replay_webhook_delivery": "light",
 }
 
 

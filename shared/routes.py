@@ -40,8 +40,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/task/stats", "task_stats"),
     Route("GET", "/api/v1/task/{id}", "get_task"),
     # Webhook endpoints and their delivery logs (one function each; the gateway picks by method).
-    Route("POST", "/api/v1/webhooks", "create_webhook"),
     Route("GET", "/api/v1/webhooks", "list_webhooks"),
+    Route("POST", "/api/v1/webhooks", "create_webhook"),
     Route("DELETE", "/api/v1/webhooks/{id}", "delete_webhook"),
     Route("POST", "/api/v1/webhooks/{id}/rotate", "rotate_webhook_secret"),
     Route("GET", "/api/v1/webhooks/{id}/deliveries", "list_webhook_deliveries"),

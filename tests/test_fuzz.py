@@ -186,7 +186,7 @@ def caller(api, redis_url):
     client.close()
 
 
-BODY_PATHS = ["/api/v1/register", "/api/v1/login", "/api/v1/task/enqueue"]
+BODY_PATHS = ["/api/v1/register", "/api/v1/login", "/api/v1/task/enqueue", "/api/v1/webhooks"]
 
 
 @pytest.mark.parametrize("path", BODY_PATHS)
@@ -331,6 +331,10 @@ IMPOSSIBLE_PATHS = [
     "/api/v1/task/%00",
     "/api/v1/user/0",
     "/api/v1/user/99999999999999999999",
+    "/api/v1/webhooks/0/deliveries",
+    "/api/v1/webhooks/01/deliveries",
+    "/api/v1/webhooks/9223372036854775808/deliveries",
+    "/api/v1/webhooks/1/deliveries/",
 ]
 
 
