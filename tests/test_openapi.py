@@ -576,7 +576,9 @@ def test_live_webhooks(api, ctx):
     assert schemas["EventType"]["enum"] == list(events.EVENT_TYPES) == list(EVENT_TYPES)
     assert schemas["WebhookList"]["properties"]["items"]["maxItems"] == endpoints.MAX_ENDPOINTS
     assert DOC["components"]["parameters"]["DeliveryLimit"]["schema"]["maximum"] == endpoints.MAX_PAGE
-    assert schemas["WebhookEvent"]["properties"]["data"]["properties"]["reason"]["enum"] == list(events.CANCEL_REASONS)
+    assert schemas["WebhookEvent"]["properties"]["data"]["properties"]["reason"]["enum"] == list(
+        events.CANCEL_REASONS
+    )
 
     register_user(api)
     headers = auth_header(login(api))
@@ -588,10 +590,17 @@ def test_live_webhooks(api, ctx):
     check(api.post(one + "/rotate", headers=headers), "POST", "/api/v1/webhooks/{id}/rotate", 200)
     log = check(api.get(one + "/deliveries", headers=headers), "GET", "/api/v1/webhooks/{id}/deliveries", 200)
     assert log == {"items": [], "next_cursor": None}
-    check(api.get(one + "/deliveries?limit=0", headers=headers), "GET", "/api/v1/webhooks/{id}/deliveries", 422)
+    check(
+        api.get(one + "/deliveries?limit=0", headers=headers), "GET", "/api/v1/webhooks/{id}/deliveries", 422
+    )
     replay = "/api/v1/webhooks/{id}/deliveries/{delivery_id}/replay"
     check(api.post(one + "/deliveries/1/replay", headers=headers), "POST", replay, 404)
-    check(api.post("/api/v1/webhooks", json={"url": "ftp://x"}, headers=headers), "POST", "/api/v1/webhooks", 422)
+    check(
+        api.post("/api/v1/webhooks", json={"url": "ftp://x"}, headers=headers),
+        "POST",
+        "/api/v1/webhooks",
+        422,
+    )
     check(api.get("/api/v1/webhooks"), "GET", "/api/v1/webhooks", 401)
     for _ in range(endpoints.MAX_ENDPOINTS - 1):
         api.post("/api/v1/webhooks", json=body, headers=headers)

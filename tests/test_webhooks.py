@@ -8,6 +8,7 @@ is due at once; the senders and the sweep come from tests/pipeline.py.
 from __future__ import annotations
 
 import base64
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -381,3 +382,47 @@ def test_the_secret_is_32_random_bytes_and_stored_encrypted(pipe):
             stored = conn.execute(sa.text("SELECT secret_enc FROM webhook_endpoints")).scalar_one()
         assert secret not in stored and secret[6:] not in stored
         assert pipe.ctx.box.decrypt(stored) == secret
+
+
+# --- isolation -----------------------------------------------------------------------------------------
+
+
+def test_a_dead_receiver_of_one_user_never_delays_another_users_webhooks_or_mail(pipe, tmp_path):
+    """The worker's own threads (run()): a hostile user's receiver never answers; another user's
+    deliveries, queued after the hostile ones, all arrive while the hostile ones still wait, and the
+    hostile receiver never has more requests at once than the per-endpoint cap."""
+    settings = pipe.ctx.settings.replace(
+        webhook_timeout=2.0,
+        webhook_worker_count=4,
+        webhook_max_concurrency_per_endpoint=2,
+        heartbeat_file=str(tmp_path / "beat"),
+    )
+    worker = WebhookWorker(settings, pipe.ctx.engine, pipe.ctx.redis, pipe.ctx.box)
+    with (
+        ScriptedSmtpServer() as smtp,
+        WebhookReceiver(default=SILENT) as dead,
+        WebhookReceiver() as alive,
+    ):
+        hostile, quiet = pipe.user(smtp, email="mallory@example.com"), pipe.user(smtp)
+        hostile_endpoint = subscribe(pipe, hostile, dead)["id"]
+        secret = subscribe(pipe, quiet, alive)["secret"]
+        for i in range(20):
+            pipe.enqueue(hostile, subject=f"h{i}")
+        pipe.pump()  # 20 deliveries to the dead receiver, queued first
+        running = threading.Thread(target=worker.run)
+        running.start()
+        try:
+            dead.wait_for(2)  # the worker is stuck on the hostile endpoint now
+            for i in range(5):
+                pipe.enqueue(quiet, subject=f"q{i}")
+            pipe.pump()  # mail goes out meanwhile: the senders never wait on a receiver
+            assert sum(1 for r in pipe.statuses().values() if r == "sent") == 25
+            alive.wait_for(5)
+            waiting = sum(1 for r in deliveries(pipe) if r.endpoint_id == hostile_endpoint and r.attempts == 0)
+        finally:
+            worker.stopping.set()
+            running.join(30)
+        assert waiting >= 15, "the quiet user's webhooks waited behind the hostile ones"
+        assert dead.max_in_flight <= 2
+        for request in alive.requests:
+            request.verified(secret)

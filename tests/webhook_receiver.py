@@ -43,16 +43,23 @@ class WebhookReceiver:
     def __post_init__(self):
         self.closing = threading.Event()
         self._lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0  # requests being answered at once, and the most seen
         receiver = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self):  # noqa: N802 - http.server's naming
+                with receiver._lock:
+                    receiver.in_flight += 1
+                    receiver.max_in_flight = max(receiver.max_in_flight, receiver.in_flight)
                 try:
                     self._answer()
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the worker hung up (its deadline) or was killed: nothing to answer
+                finally:
+                    with receiver._lock:
+                        receiver.in_flight -= 1
 
             def _answer(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
