@@ -418,7 +418,9 @@ def test_a_dead_receiver_of_one_user_never_delays_another_users_webhooks_or_mail
             pipe.pump()  # mail goes out meanwhile: the senders never wait on a receiver
             assert sum(1 for r in pipe.statuses().values() if r == "sent") == 25
             alive.wait_for(5)
-            waiting = sum(1 for r in deliveries(pipe) if r.endpoint_id == hostile_endpoint and r.attempts == 0)
+            waiting = sum(
+                1 for r in deliveries(pipe) if r.endpoint_id == hostile_endpoint and r.attempts == 0
+            )
         finally:
             worker.stopping.set()
             running.join(30)
@@ -426,3 +428,80 @@ def test_a_dead_receiver_of_one_user_never_delays_another_users_webhooks_or_mail
         assert dead.max_in_flight <= 2
         for request in alive.requests:
             request.verified(secret)
+
+
+def test_rotate_keys_re_encrypts_webhook_secrets_and_deliveries_still_verify(pipe):
+    from shared import services
+    from shared.crypto import SecretBox, generate_key
+
+    old_key, new_key = pipe.ctx.settings.encryption_keys[0], generate_key()
+    with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
+        user = pipe.user(smtp)
+        first = subscribe(pipe, user, receiver)
+        rotated = endpoints.rotate(pipe.ctx, user.id, first["id"])  # a previous secret in its overlap too
+        both = SecretBox((new_key, old_key))
+        assert services.rotate_keys(pipe.ctx.engine, both) == 3  # the SMTP password and two secrets
+        assert services.rotate_keys(pipe.ctx.engine, both) == 0
+        only_new = SecretBox((new_key,))
+        pipe.hooks.box = pipe.sender.box = only_new  # the old key is retired
+        pipe.enqueue(user)
+        pipe.pump()
+        assert deliver(pipe) == [DELIVERED]
+        (request,) = receiver.requests
+        assert request.verified(rotated["secret"]) == request.verified(first["secret"])
+
+
+def test_due_deliveries_are_found_from_their_indexes(pipe):
+    """EXPLAIN on 20k deliveries (mostly delivered): the sweep's and the workers' queries read the
+    partial indexes, never the whole table."""
+    from shared.sweep_sql import pending_work_sql
+    from shared.webhooks import _requeue_sql
+
+    with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
+        user = pipe.user(smtp)
+        endpoint = subscribe(pipe, user, receiver)["id"]
+        task_id = pipe.enqueue(user)
+    settings = pipe.ctx.settings
+    with pipe.ctx.engine.connect() as conn:
+        tx = conn.begin()  # rolled back: the rows and the statistics go with it
+        event = conn.execute(
+            sa.text(
+                "INSERT INTO webhook_events (task_id, type, data) VALUES (:t, 'task.sent', '{}') RETURNING id"
+            ),
+            {"t": task_id},
+        ).scalar_one()
+        conn.execute(
+            sa.text(
+                "INSERT INTO webhook_deliveries (event_id, endpoint_id, state, next_attempt_at, lease_until)"
+                " SELECT CAST(:ev AS bigint), CAST(:e AS bigint), (ARRAY['scheduled', 'queued', 'sending', 'failed'])[mod(g, 100) + 1],"
+                "        now() + (mod(g, 7) - 3) * interval '1 hour', now() + (mod(g, 3) - 1) * interval '1 minute'"
+                "   FROM generate_series(1, 20000) AS g WHERE mod(g, 100) < 4"
+                " UNION ALL SELECT CAST(:ev AS bigint), CAST(:e AS bigint), 'delivered', now(), NULL"
+                " FROM generate_series(1, 19000)"
+            ),
+            {"ev": event, "e": endpoint},
+        )
+        conn.execute(sa.text("ANALYZE webhook_deliveries"))
+        count = pending_work_sql(settings.sweep_leak_window).split(
+            " + (SELECT count(*) FROM webhook_deliveries", 1
+        )
+        deliveries_sql = "SELECT (SELECT count(*) FROM webhook_deliveries" + count[1]
+        plans = []
+        for seqscan in ("on", "off"):
+            conn.execute(sa.text(f"SET LOCAL enable_seqscan = {seqscan}"))
+            plans.append(conn.execute(sa.text("EXPLAIN " + deliveries_sql)).scalars().all())
+            requeue = _requeue_sql(settings).text
+            plans.append(
+                conn.execute(
+                    sa.text("EXPLAIN " + requeue),
+                    {"batch": 1000, "max_attempts": settings.webhook_max_attempts},
+                )
+                .scalars()
+                .all()
+            )
+        tx.rollback()
+    for plan in plans:
+        text = "\n".join(plan)
+        assert "Seq Scan on webhook_deliveries" not in text, text
+        for index in ("webhook_deliveries_due", "webhook_deliveries_queued", "webhook_deliveries_lease"):
+            assert index in text, text
