@@ -274,13 +274,15 @@ class WebhookWorker(Worker):
             self._give_back(item, delivery_id)
             if dependency_of(exc) is None:
                 raise
+            self.stopping.wait(1.0)  # PostgreSQL is away: this thread backs off instead of spinning
             return RELEASED
-        if row is None:  # a duplicate envelope, or the delivery is no longer waiting: nothing to send
+        try:
+            if row is None:  # a duplicate envelope, or the delivery is no longer waiting: nothing to send
+                return DROPPED
+            return self.attempt(Claim(**row._asdict()))
+        finally:
+            # Let go on every path, a failed record too: the claim's lease and fencing keep it safe.
             self.done(item)
-            return DROPPED
-        outcome = self.attempt(Claim(**row._asdict()))
-        self.done(item)
-        return outcome
 
     def attempt(self, claim: Claim) -> str:
         """POST the delivery and record the answer; no transaction is open while the receiver talks."""

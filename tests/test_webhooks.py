@@ -473,8 +473,10 @@ def test_due_deliveries_are_found_from_their_indexes(pipe):
         conn.execute(
             sa.text(
                 "INSERT INTO webhook_deliveries (event_id, endpoint_id, state, next_attempt_at, lease_until)"
-                " SELECT CAST(:ev AS bigint), CAST(:e AS bigint), (ARRAY['scheduled', 'queued', 'sending', 'failed'])[mod(g, 100) + 1],"
-                "        now() + (mod(g, 7) - 3) * interval '1 hour', now() + (mod(g, 3) - 1) * interval '1 minute'"
+                " SELECT CAST(:ev AS bigint), CAST(:e AS bigint),"
+                "        (ARRAY['scheduled', 'queued', 'sending', 'failed'])[mod(g, 100) + 1],"
+                "        now() + (mod(g, 7) - 3) * interval '1 hour',"
+                "        now() + (mod(g, 3) - 1) * interval '1 minute'"
                 "   FROM generate_series(1, 20000) AS g WHERE mod(g, 100) < 4"
                 " UNION ALL SELECT CAST(:ev AS bigint), CAST(:e AS bigint), 'delivered', now(), NULL"
                 " FROM generate_series(1, 19000)"

@@ -4,16 +4,37 @@ host's SSRF rules."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import sqlalchemy as sa
 
 from shared.webhooks import WebhookWorker
 from tests.conftest import auth_header, login, register_user
 from tests.test_accounts_api import assert_problem
-from tests.test_security import REBINDING_HOST, fake_dns, ip_literals  # noqa: F401 - a fixture
+from tests.test_security import REBINDING_HOST, ip_literals
 from tests.webhook_receiver import WebhookReceiver
 
 URL = "https://hooks.example.com/mailq"
+
+
+@pytest.fixture()
+def fake_dns(monkeypatch):
+    """REBINDING_HOST resolves to whatever ``answer["addresses"]`` holds now; other names as usual."""
+    answer = {"addresses": ["93.184.216.34"]}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host != REBINDING_HOST:
+            return real(host, port, *args, **kwargs)
+        family = {True: socket.AF_INET6, False: socket.AF_INET}
+        return [
+            (family[":" in a], socket.SOCK_STREAM, 6, "", (a, port, 0, 0) if ":" in a else (a, port))
+            for a in answer["addresses"]
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return answer
 
 
 @pytest.fixture()
@@ -158,7 +179,7 @@ def test_a_receiver_on_a_private_address_is_refused_without_saying_which(
 @pytest.mark.parametrize("addresses", [["10.1.2.3"], ["93.184.216.34", "127.0.0.1"], ["fd00:ec2::254"]])
 def test_a_name_resolving_to_a_private_address_is_refused_at_create(
     api, two_users, production_rules, fake_dns, addresses
-):  # noqa: F811
+):
     ada, _ = two_users
     fake_dns["addresses"] = addresses
     response = create(api, ada, url=f"https://{REBINDING_HOST}/hook")
