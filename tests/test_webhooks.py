@@ -344,6 +344,36 @@ def test_a_stale_outcome_records_nothing(pipe):
         assert deliveries(pipe)[0].state == "sending" and len(receiver.requests) == 1
 
 
+def test_https_verifies_the_receivers_certificate_for_the_name_in_the_url(tmp_path):
+    """The socket connects to the vetted address, and TLS checks the certificate against the URL's name."""
+    import ssl
+
+    from shared.receiver import Receiver
+    from tests.smtp_servers import make_ca, make_self_signed_context
+
+    ca = make_ca(tmp_path / "ca")
+    receiver = Receiver(
+        timeout=2.0,
+        allow_http=False,
+        allow_private=True,
+        ssl_context_factory=lambda: ssl.create_default_context(cafile=str(ca.ca_path)),
+    )
+    payload = b'{"type":"task.sent"}'
+    headers = events.headers("msg_1", 1, payload, [events.new_secret()])
+    try:
+        with WebhookReceiver(tls=ca.server_context()) as trusted:
+            assert receiver.post(trusted.url, payload, headers).status == 200
+            assert trusted.requests[0].body == payload
+        with WebhookReceiver(tls=make_self_signed_context(tmp_path / "self")) as stranger:
+            answer = receiver.post(stranger.url, payload, headers)
+            assert answer.status is None and "TLS failed" in answer.error, answer
+            assert stranger.requests == []
+        plain = receiver.post("http://localhost/hooks", payload, headers)
+        assert plain.status is None and "https" in plain.error
+    finally:
+        receiver.close()
+
+
 # --- rotation ------------------------------------------------------------------------------------------
 
 

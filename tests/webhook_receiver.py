@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ class WebhookReceiver:
     script: list = field(default_factory=list)
     default: object = 200
     delay: float = 0.0  # seconds each answer waits
+    tls: ssl.SSLContext | None = None  # a server context: https://localhost
     requests: list[Request] = field(default_factory=list)
 
     def __post_init__(self):
@@ -93,10 +95,14 @@ class WebhookReceiver:
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
+        if self.tls is not None:
+            self.server.socket = self.tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"https://localhost:{self.server.server_address[1]}/hooks"
         return f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
 
     def __enter__(self) -> WebhookReceiver:
