@@ -4,8 +4,10 @@ It re-enqueues due ``scheduled`` and ``failed`` tasks, ``queued`` tasks older th
 window, and ``processing`` tasks whose lease ran out, straight into their tenants' queues (where an
 envelope that is still waiting is not added twice, so a long backlog is not multiplied); it ends
 any task without a try left (also one a lowered MAX_TRY_COUNT left behind); it returns envelopes
-stranded in the processing lists of workers whose heartbeat is gone; and it lets go of Redis pauses
-that PostgreSQL no longer has. Two sweeps at once double nothing: rows are taken with
+stranded in the processing lists of workers whose heartbeat is gone; it lets go of Redis pauses
+that PostgreSQL no longer has; and it does the same for webhook deliveries (``shared.webhooks``:
+retries due, envelopes lost, leases run out). A cancellation writes its ``task.cancelled`` event in
+the transaction that cancels (``shared.events``). Two sweeps at once double nothing: rows are taken with
 ``FOR UPDATE SKIP LOCKED`` and leave the due set as they are updated, and each stranded envelope is
 moved by one atomic LMOVE.
 """
