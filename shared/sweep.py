@@ -21,7 +21,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import events, queue, webhooks
+from shared import events, queue, webhook_sweep
 from shared.config import Settings
 from shared.sendqueue import SendQueue
 from shared.sweep_sql import conditions, pending_work_sql
@@ -147,7 +147,7 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
                 break
         if not rows:  # a put-back row never matches again, so this ends
             break
-    report.deliveries = webhooks.sweep_deliveries(settings, engine, client)
+    report.deliveries = webhook_sweep.sweep_deliveries(settings, engine, client)
     if report.requeued or report.rescued or report.cancelled or report.resumed:
         log.info(
             "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d, resumed %d",

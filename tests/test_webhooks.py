@@ -422,7 +422,7 @@ def test_a_dead_receiver_of_one_user_never_delays_another_users_webhooks_or_mail
     deliveries, queued after the hostile ones, all arrive while the hostile ones still wait, and the
     hostile receiver never has more requests at once than the per-endpoint cap."""
     settings = pipe.ctx.settings.replace(
-        webhook_timeout=2.0,
+        webhook_timeout=5.0,  # the dead receiver holds each request this long: a round of two every 5 s
         webhook_worker_count=4,
         webhook_max_concurrency_per_endpoint=2,
         heartbeat_file=str(tmp_path / "beat"),
@@ -454,7 +454,8 @@ def test_a_dead_receiver_of_one_user_never_delays_another_users_webhooks_or_mail
         finally:
             worker.stopping.set()
             running.join(30)
-        assert waiting >= 15, "the quiet user's webhooks waited behind the hostile ones"
+        # Fewer than three rounds of hostile attempts started: the quiet ones did not wait for theirs.
+        assert waiting >= 14, "the quiet user's webhooks waited behind the hostile ones"
         assert dead.max_in_flight <= 2
         for request in alive.requests:
             request.verified(secret)
@@ -485,7 +486,7 @@ def test_due_deliveries_are_found_from_their_indexes(pipe):
     """EXPLAIN on 20k deliveries (mostly delivered): the sweep's and the workers' queries read the
     partial indexes, never the whole table."""
     from shared.sweep_sql import pending_work_sql
-    from shared.webhooks import _requeue_sql
+    from shared.webhook_sweep import _requeue_sql
 
     with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
         user = pipe.user(smtp)
