@@ -154,6 +154,21 @@ def test_a_task_whose_last_try_was_lost_in_flight_is_cancelled_by_the_sweep_with
         assert event["data"]["status"] == "cancelled" and "lost" in event["data"]["last_error"]
 
 
+def test_a_queued_task_left_without_tries_is_cancelled_by_the_sender_with_an_event(pipe):
+    """MAX_TRY_COUNT lowered under a queued task: the sender's claim finds no try left and cancels it."""
+    with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
+        user = pipe.user(smtp)
+        endpoint = subscribe(pipe, user, receiver)
+        task_id = pipe.enqueue(user)
+        with pipe.ctx.engine.begin() as conn:
+            conn.execute(sa.text("UPDATE tasks SET try_count = 3"))  # three tries spent before the change
+        pipe.pump()
+        assert pipe.task(task_id).status == "cancelled" and smtp.received == []
+        assert deliver(pipe) == [DELIVERED]
+        event = receiver.requests[0].verified(endpoint["secret"])
+        assert (event["type"], event["data"]["reason"]) == ("task.cancelled", "tries_exhausted")
+
+
 def test_a_user_cancel_reports_itself_with_one_call_in_its_transaction(pipe):
     """How shared/control.py's cancel will write its event (the control helper owns that endpoint)."""
     with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
