@@ -65,7 +65,7 @@ class Profile:
 PROFILES = {
     # Database/Redis round trips: threads wait on I/O, so one process serves eight requests at once;
     # a small CPU request (it bursts to its limit), so one pod of every function fits on the node.
-    "io": Profile(1, 8, 5, "50m", "1", "192Mi", "512Mi"),
+    "io": Profile(1, 8, 3, "50m", "1", "192Mi", "512Mi"),
     # bcrypt at cost 12 keeps a core busy for ~250 ms per request: two at a time per pod, more pods.
     "bcrypt": Profile(1, 2, 5, "500m", "1", "192Mi", "512Mi"),
     # Health endpoints: cheap; one pod answers far more probes than anyone sends.
@@ -75,6 +75,9 @@ PROFILES = {
     # The queue gauges: a scrape every 15-30 s and an operator's `mailq status`, milliseconds each.
     # One pod of two threads (two PostgreSQL connections) however often it is asked.
     "scrape": Profile(1, 2, 1, "50m", "500m", "128Mi", "384Mi"),
+    # Managing webhook endpoints: a few requests a day per user, each a round trip or two; small pods,
+    # so six of them cost the node and PostgreSQL's connection budget little.
+    "light": Profile(1, 4, 2, "25m", "500m", "128Mi", "384Mi"),
 }
 TARGET_PROFILE = {
     "register": "bcrypt",
@@ -83,6 +86,12 @@ TARGET_PROFILE = {
     "ping": "health",
     "dashboard": "static",
     "metrics": "scrape",
+    "create_webhook": "light",
+    "list_webhooks": "light",
+    "delete_webhook": "light",
+    "rotate_webhook_secret": "light",
+    "list_webhook_deliveries": "light",
+    "replay_webhook_delivery": "light",
 }
 
 

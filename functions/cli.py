@@ -20,6 +20,7 @@ from shared.errors import ConfigError
 
 SENDER_POOL = 5  # PostgreSQL connections per sender process (as many again under load, as overflow)
 DEV_STATE = "dev.json"  # in --data-dir: where a running `mailq dev` says how to reach it (`mailq status`)
+WEBHOOK_POOL = 5  # the same for a webhook worker
 
 
 def load_settings(environ=None) -> Settings:
@@ -287,6 +288,7 @@ def _dev_workers(data_dir: Path, smtp_port: int, senders: int = 1) -> list[tuple
         ("consumer", ["consumer"]),
         *((f"sender-{i + 1}" if senders > 1 else "sender", ["sender"]) for i in range(senders)),
         ("sweep", ["sweep", "--every", "1"]),
+        ("webhooks", ["webhooks"]),
     ]
 
 
@@ -350,9 +352,22 @@ def sender() -> None:
     _run_worker(Sender(settings, engine, client, Mailer(settings), SecretBox(settings.encryption_keys)))
 
 
+@main.command()
+def webhooks() -> None:
+    """Deliver webhook events to users' endpoints, endpoint by endpoint (runs until SIGTERM)."""
+    from shared.crypto import SecretBox
+    from shared.webhooks import WebhookWorker
+    from shared.workers import BLOCK_SECONDS
+
+    settings = load_settings()
+    # Request threads hold a connection only to claim and to record, so a few serve many threads.
+    engine, client = _worker_deps(settings, BLOCK_SECONDS, min(settings.webhook_worker_count, WEBHOOK_POOL))
+    _run_worker(WebhookWorker(settings, engine, client, SecretBox(settings.encryption_keys)))
+
+
 @main.command("rotate-keys")
 def rotate_keys() -> None:
-    """Re-encrypt every stored SMTP password with the first key of MAILQ_ENCRYPTION_KEYS."""
+    """Re-encrypt every stored secret (SMTP passwords, webhook secrets) with the first encryption key."""
     from shared.crypto import SecretBox
     from shared.db import engine_for
     from shared.services import rotate_keys as rotate
@@ -365,7 +380,7 @@ def rotate_keys() -> None:
         count = rotate(engine_for(settings.database_url), SecretBox(settings.encryption_keys))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"re-encrypted {count} SMTP password(s) with the first key; the other keys can be retired")
+    click.echo(f"re-encrypted {count} secret(s) with the first key; the other keys can be retired")
 
 
 @main.command()

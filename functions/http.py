@@ -128,7 +128,11 @@ def problem_for(exc: ServiceError) -> flask.Response:
 def render(result: Result) -> flask.Response:
     status, payload, *rest = result
     headers = rest[0] if rest else {}
-    response = flask.Response(json.dumps(payload), status=status, mimetype="application/json")
+    if status == 204:  # No Content: no body, no media type
+        response = flask.Response(status=204)
+        response.headers.pop("Content-Type", None)
+    else:
+        response = flask.Response(json.dumps(payload), status=status, mimetype="application/json")
     for name, value in headers.items():
         response.headers[name] = value
     return response

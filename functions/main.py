@@ -11,7 +11,9 @@ import functions_framework
 
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import control, gauges, services, stats, tasks
+from shared import control, endpoints, gauges, services, stats, tasks
+
+NO_STORE = {"Cache-Control": "no-store"}  # an answer that holds a webhook secret is never cached
 
 
 @functions_framework.http
@@ -124,6 +126,51 @@ def task_queue_fail(ctx, request):
 def task_stats(ctx, request):
     user = services.authenticate(ctx, request.headers.get("Authorization"))
     return 200, stats.task_stats(ctx, user.id)
+
+
+@functions_framework.http
+@endpoint("create_webhook")
+def create_webhook(ctx, request):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    body = json_body(request)
+    return 201, endpoints.create(ctx, user.id, body), NO_STORE
+
+
+@functions_framework.http
+@endpoint("list_webhooks")
+def list_webhooks(ctx, request):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    return 200, endpoints.list_endpoints(ctx, user.id)
+
+
+@functions_framework.http
+@endpoint("delete_webhook")
+def delete_webhook(ctx, request, id):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    endpoints.delete(ctx, user.id, id)
+    return 204, None
+
+
+@functions_framework.http
+@endpoint("rotate_webhook_secret")
+def rotate_webhook_secret(ctx, request, id):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    return 200, endpoints.rotate(ctx, user.id, id), NO_STORE
+
+
+@functions_framework.http
+@endpoint("list_webhook_deliveries")
+def list_webhook_deliveries(ctx, request, id):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    limit = query_int(request, "limit", endpoints.DEFAULT_PAGE, 1, endpoints.MAX_PAGE)
+    return 200, endpoints.list_deliveries(ctx, user.id, id, limit, request.args.get("cursor"))
+
+
+@functions_framework.http
+@endpoint("replay_webhook_delivery")
+def replay_webhook_delivery(ctx, request, id, delivery_id):
+    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    return 202, endpoints.replay(ctx, user.id, id, delivery_id)
 
 
 @functions_framework.http

@@ -8,6 +8,7 @@ mirrors this file (a test keeps them in step).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -36,6 +37,13 @@ def _int(value: str, name: str, minimum: int = 0) -> int:
     if number < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {number}")
     return number
+
+
+def _schedule(value: str, name: str) -> tuple[float, ...]:
+    delays = tuple(_float(part.strip(), name) for part in value.split(",") if part.strip())
+    if not delays:
+        raise ConfigError(f"{name} must list at least one delay in seconds, got {value!r}")
+    return delays
 
 
 def _float(value: str, name: str) -> float:
@@ -93,6 +101,19 @@ class Settings:
     smtp_allow_private_hosts: bool = True  # SMTP_ALLOW_PRIVATE_HOSTS, allow loopback/private SMTP hosts
     smtp_allow_insecure: bool = True  # SMTP_ALLOW_INSECURE, allow smtp_security=none (plaintext)
 
+    # --- webhooks ---
+    webhook_timeout: float = 10.0  # WEBHOOK_TIMEOUT, seconds one delivery request may take, on the whole
+    # WEBHOOK_RETRY_SCHEDULE, seconds before each retry of a failed delivery (comma-separated); then failed
+    webhook_retry_schedule: tuple[float, ...] = (5, 300, 1800, 7200, 18000, 36000, 36000)
+    webhook_rotation_overlap: int = (
+        86400  # WEBHOOK_ROTATION_OVERLAP, seconds a rotated-out secret still signs
+    )
+    webhook_allow_http: bool = True  # WEBHOOK_ALLOW_HTTP, allow http:// receiver URLs (not only https://)
+    webhook_allow_private_hosts: bool = True  # WEBHOOK_ALLOW_PRIVATE_HOSTS, allow loopback/private receivers
+    webhook_worker_count: int = 32  # WEBHOOK_WORKER_COUNT, requests one webhook worker has in flight at once
+    # WEBHOOK_MAX_CONCURRENCY_PER_ENDPOINT, requests in flight at once to one endpoint across all workers
+    webhook_max_concurrency_per_endpoint: int = 2
+
     log_level: str = "INFO"  # LOG_LEVEL, Python logging level name
     log_format: str = logs.TEXT  # LOG_FORMAT, json (one object per line) | text; json in production
     metrics_port: int = 9100  # METRICS_PORT, where a worker serves /metrics; 0 turns it off
@@ -106,6 +127,17 @@ class Settings:
         """Seconds one whole SMTP conversation may take, from its claim: 0.8 of the lease, so the
         outcome is recorded before the lease runs out and the sweep never takes a live send back."""
         return self.lease_seconds * DEADLINE_SHARE_OF_LEASE
+
+    @property
+    def webhook_lease_seconds(self) -> int:
+        """How long a webhook worker owns a delivery it is sending: twice the request's deadline plus
+        room to record the outcome, so the sweep never hands a live request to a second worker."""
+        return math.ceil(2 * self.webhook_timeout) + 5
+
+    @property
+    def webhook_max_attempts(self) -> int:
+        """Attempts of one delivery: the first, then one per entry of the retry schedule."""
+        return len(self.webhook_retry_schedule) + 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
@@ -158,6 +190,24 @@ class Settings:
             smtp_allow_insecure=_bool(
                 get("SMTP_ALLOW_INSECURE", "false" if production else "true"), "SMTP_ALLOW_INSECURE"
             ),
+            webhook_timeout=_float(get("WEBHOOK_TIMEOUT", "10"), "WEBHOOK_TIMEOUT"),
+            webhook_retry_schedule=_schedule(
+                get("WEBHOOK_RETRY_SCHEDULE", "5,300,1800,7200,18000,36000,36000"), "WEBHOOK_RETRY_SCHEDULE"
+            ),
+            webhook_rotation_overlap=_int(
+                get("WEBHOOK_ROTATION_OVERLAP", "86400"), "WEBHOOK_ROTATION_OVERLAP"
+            ),
+            webhook_allow_http=_bool(
+                get("WEBHOOK_ALLOW_HTTP", "false" if production else "true"), "WEBHOOK_ALLOW_HTTP"
+            ),
+            webhook_allow_private_hosts=_bool(
+                get("WEBHOOK_ALLOW_PRIVATE_HOSTS", "false" if production else "true"),
+                "WEBHOOK_ALLOW_PRIVATE_HOSTS",
+            ),
+            webhook_worker_count=_int(get("WEBHOOK_WORKER_COUNT", "32"), "WEBHOOK_WORKER_COUNT", 1),
+            webhook_max_concurrency_per_endpoint=_int(
+                get("WEBHOOK_MAX_CONCURRENCY_PER_ENDPOINT", "2"), "WEBHOOK_MAX_CONCURRENCY_PER_ENDPOINT", 1
+            ),
             log_level=get("LOG_LEVEL", "INFO").upper(),
             log_format=get("LOG_FORMAT", logs.JSON if production else logs.TEXT).strip().lower(),
             metrics_port=_int(get("METRICS_PORT", "9100"), "METRICS_PORT"),
@@ -176,6 +226,8 @@ class Settings:
             problems.append(f"LOG_FORMAT must be one of {', '.join(logs.FORMATS)}, got {self.log_format!r}")
         if self.metrics_port > 65535:
             problems.append(f"METRICS_PORT must be a port number (0 turns it off), got {self.metrics_port}")
+        if self.webhook_timeout <= 0:
+            problems.append("WEBHOOK_TIMEOUT must be more than 0 seconds")
         if self.smtp_connection_max_age <= 0:
             problems.append("SMTP_CONNECTION_MAX_AGE must be more than 0 seconds")
         if self.is_production:

@@ -19,8 +19,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from shared import events
 from shared import tasks as task_use_cases
-from shared.db import tasks
+from shared.db import tasks, webhook_endpoints
 from shared.domain import CANCELLABLE, RESCHEDULABLE, RETRYABLE, Status
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.services import Context
@@ -60,18 +61,31 @@ def _view(ctx: Context, row: Any) -> dict[str, Any]:
 
 def cancel(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
     """Cancel a scheduled, queued or failed task. Once this returns, no attempt of it starts."""
-    statement = _mine(caller_id, task_id, CANCELLABLE).values(
-        status=Status.CANCELLED.value,
-        last_error=CANCELLED_BY_USER,
-        lease_until=None,
-        next_attempt_at=sa.func.now(),
-        updated_at=sa.func.now(),
+    statement = (
+        _mine(caller_id, task_id, CANCELLABLE)
+        .values(
+            status=Status.CANCELLED.value,
+            last_error=CANCELLED_BY_USER,
+            lease_until=None,
+            next_attempt_at=sa.func.now(),
+            updated_at=sa.func.now(),
+        )
+        .returning(
+            # events.hooked(), in SQLAlchemy's words: does the user have an enabled endpoint?
+            sa.exists()
+            .where(webhook_endpoints.c.user_id == tasks.c.user_id, webhook_endpoints.c.enabled)
+            .label("hooked")
+        )
     )
     with ctx.engine.begin() as conn:
         row = conn.execute(statement).one_or_none()
         if row is None:
             raise _refusal(conn, caller_id, task_id, "cancelled", CANCELLABLE)
-        # Anything recorded about this cancel (a webhook event) is written here, in its transaction.
+        # The task.cancelled event (reason "user") is written in the cancel's own transaction.
+        created = (
+            events.write(conn, [events.Report(row.id, events.CANCELLED, events.USER)]) if row.hooked else []
+        )
+    events.Outbox(ctx.redis).wake(created)
     return _view(ctx, row)
 
 

@@ -3,6 +3,7 @@
     MailqError
      ├── ConfigError              settings the service refuses to run with
      ├── EnvelopeDecodeError      a Redis message that is not a valid envelope
+ ├── HostError                a user's host (SMTP server, webhook receiver) we cannot or may not reach
      ├── ServiceError             a use case refused the request (entry points map these to HTTP)
      │    ├── BadRequest            the request cannot be parsed at all
      │    ├── ValidationFailed      parsed, but fields are wrong (one entry per field)
@@ -34,6 +35,18 @@ class ConfigError(MailqError):
 
 class EnvelopeDecodeError(MailqError):
     """Raised when a Redis message is not a well-formed version-1 envelope."""
+
+
+class HostError(MailqError):
+    """Raised by shared.hosts when a user's host does not resolve or points somewhere we must not
+    connect to; ``transient`` when a retry may do better (the resolver is down), ``refused`` when the
+    name resolved to an address we refuse."""
+
+    def __init__(self, message: str, *, transient: bool = False, refused: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.transient = transient
+        self.refused = refused
 
 
 class ServiceError(MailqError):

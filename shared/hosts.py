@@ -1,7 +1,10 @@
 """Which hosts we may connect to: resolve a name once and refuse loopback, private, link-local and
 cloud metadata addresses (SSRF), unless the deployment allows private hosts (local development).
 
-The caller connects to exactly the addresses vetted here, so a second DNS answer cannot slip past.
+One set of rules for every host a user gives us: the SMTP server (shared.mailer, register and
+PATCH /user) and the webhook receiver (shared.endpoints at create, shared.receiver at every
+delivery). The caller connects to exactly the addresses vetted here, so a second DNS answer cannot
+slip past.
 """
 
 from __future__ import annotations
@@ -9,10 +12,17 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from shared.errors import PermanentSmtpError, SmtpError, TransientSmtpError
+from shared.errors import HostError, PermanentSmtpError, SmtpError, TransientSmtpError
 
 # Both are link-local or unique-local anyway; named so the refusal message says what they are.
 _METADATA_ADDRESSES = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+
+# What a caller is told when its host resolves to an address we refuse: not which address, or the API
+# would let anyone map our internal network.
+PRIVATE_HOST_REFUSED = (
+    "resolves to an address that is not public (private, loopback, link-local, metadata or reserved); "
+    "refused on this deployment"
+)
 
 
 def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
@@ -27,24 +37,53 @@ def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     return None if ip.is_global else "not a globally routable address"
 
 
-def resolve_checked(host: str, port: int, *, allow_private: bool) -> list[tuple[int, tuple]]:
-    """Resolve once and vet every address; the caller connects to exactly these (no second lookup)."""
+def vet(host: str, port: int, *, allow_private: bool, what: str = "host") -> list[tuple[int, tuple]]:
+    """Resolve once and vet every address; the caller connects to exactly these (no second lookup).
+
+    Raises HostError naming ``what`` (e.g. "SMTP host", "webhook host")."""
     if not host or not 0 < port < 65536:
-        raise PermanentSmtpError(f"invalid SMTP host or port: {host!r}:{port}")
+        raise HostError(f"invalid {what} or port: {host!r}:{port}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         # A resolver that is down says EAI_AGAIN; that is worth retrying, a name that does not exist is not.
-        error = TransientSmtpError if getattr(exc, "errno", None) == socket.EAI_AGAIN else PermanentSmtpError
-        raise error(f"SMTP host {host!r} cannot be resolved: {reason}") from None
+        transient = getattr(exc, "errno", None) == socket.EAI_AGAIN
+        raise HostError(f"{what} {host!r} cannot be resolved: {reason}", transient=transient) from None
     addresses = [(family, sockaddr) for family, _, _, _, sockaddr in infos]
     if not allow_private:
         for _, sockaddr in addresses:
             reason = _refusal(ipaddress.ip_address(sockaddr[0].split("%", 1)[0]))
             if reason:
-                raise PermanentSmtpError(f"SMTP host {host!r} resolves to {sockaddr[0]}, {reason}; refused")
+                raise HostError(f"{what} {host!r} resolves to {sockaddr[0]}, {reason}; refused", refused=True)
     return addresses
+
+
+def refusal_for_caller(host: str, port: int, *, allow_private: bool, what: str = "host") -> str | None:
+    """Why a user's host is refused, in words fit for a 422, or None when it is acceptable.
+
+    A name that does not resolve is reported as such; one that resolves to a refused address is not
+    told which address (PRIVATE_HOST_REFUSED). Allowed private hosts are not even resolved: local
+    development accepts any well-formed name.
+    """
+    if allow_private:
+        return None
+    try:
+        vet(host, port, allow_private=False, what=what)
+    except HostError as exc:
+        return PRIVATE_HOST_REFUSED if exc.refused else exc.message
+    return None
+
+
+# --- the SMTP flavour: the same rules, failures as SmtpErrors (the mailer classifies those) ---------
+
+
+def resolve_checked(host: str, port: int, *, allow_private: bool) -> list[tuple[int, tuple]]:
+    """vet() for an SMTP host: TransientSmtpError when the resolver is down, else PermanentSmtpError."""
+    try:
+        return vet(host, port, allow_private=allow_private, what="SMTP host")
+    except HostError as exc:
+        raise (TransientSmtpError if exc.transient else PermanentSmtpError)(exc.message) from None
 
 
 def check_host_allowed(host: str, port: int, *, allow_private: bool) -> None:

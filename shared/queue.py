@@ -9,11 +9,16 @@ The KEDA ScaledObjects' ``listName`` must equal TASK_LIST and SEND_READY (a mani
                                                          │ (sender: one per tenant per turn,
                                                          ▼  at most the per-account cap at once)
                                                 mailq:processing:<sender> ─► SMTP
+
+Webhook deliveries travel the same kind of fair queue under their own keys, one queue per endpoint
+(``WEBHOOK_KEYS``); their envelopes name the delivery and its endpoint, ``{"v": 1, "delivery_id": N,
+"endpoint_id": M}``, so a rescued one can be put back in its endpoint's queue without PostgreSQL.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from shared.errors import EnvelopeDecodeError
 
@@ -26,6 +31,39 @@ PAUSED = "mailq:paused"  # set of tenants whose SMTP login was refused; their ma
 SEND_BELL = "mailq:send:bell"  # wake-up tokens for idle senders; trimmed to BELL_MAX
 BELL_MAX = 64
 WORKERS = "mailq:workers"  # hash: worker id -> the list its processing list drains back into
+
+# The webhook worker's fair queue (a queue per endpoint, a ring of endpoints, slots per endpoint).
+WEBHOOK_READY = "mailq:webhooks:ready"  # the ring: endpoints with deliveries waiting (KEDA listName)
+WEBHOOK_QUEUE_PREFIX = "mailq:webhooks:q:"  # + endpoint: a sorted set of envelopes, score = delivery id
+WEBHOOK_SLOTS_PREFIX = "mailq:webhooks:slots:"  # + endpoint: requests in flight, score = expiry (ms)
+WEBHOOK_PAUSED = "mailq:webhooks:paused"  # never filled: the fair queue's scripts need the key
+WEBHOOK_BELL = "mailq:webhooks:bell"  # wake-ups for idle webhook workers; trimmed to BELL_MAX
+# Where a stopped or dead webhook worker's envelopes go; the sweep (and any webhook worker) puts them
+# back in their endpoints' queues.
+WEBHOOK_RETURNED = "mailq:webhooks:returned"
+
+
+@dataclass(frozen=True)
+class FairKeys:
+    """The keys of one fair queue (shared.sendqueue): the senders' and the webhook worker's."""
+
+    ready: str
+    queue_prefix: str
+    slots_prefix: str
+    paused: str
+    bell: str
+
+    def queue(self, tenant: int | str) -> str:
+        return f"{self.queue_prefix}{tenant}"
+
+    def slots(self, tenant: int | str) -> str:
+        return f"{self.slots_prefix}{tenant}"
+
+
+SENDER_KEYS = FairKeys(SEND_READY, SEND_QUEUE_PREFIX, SLOTS_PREFIX, PAUSED, SEND_BELL)
+WEBHOOK_KEYS = FairKeys(
+    WEBHOOK_READY, WEBHOOK_QUEUE_PREFIX, WEBHOOK_SLOTS_PREFIX, WEBHOOK_PAUSED, WEBHOOK_BELL
+)
 
 ENVELOPE_VERSION = 1
 
@@ -72,3 +110,22 @@ def decode(raw: bytes | str) -> int:
     if not isinstance(task_id, int) or isinstance(task_id, bool) or task_id <= 0:
         raise EnvelopeDecodeError(f"bad task_id: {raw!r:.80}")
     return task_id
+
+
+def encode_delivery(delivery_id: int, endpoint_id: int) -> bytes:
+    """The envelope of one webhook delivery."""
+    return b'{"v":1,"delivery_id":%d,"endpoint_id":%d}' % (delivery_id, endpoint_id)
+
+
+def decode_delivery(raw: bytes | str) -> tuple[int, int]:
+    """(delivery id, endpoint id) of a delivery envelope; EnvelopeDecodeError for anything else."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, TypeError) as exc:
+        raise EnvelopeDecodeError(f"not JSON: {raw!r:.80}") from exc
+    if not isinstance(data, dict) or data.get("v") != ENVELOPE_VERSION:
+        raise EnvelopeDecodeError(f"unknown envelope version: {raw!r:.80}")
+    ids = (data.get("delivery_id"), data.get("endpoint_id"))
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids):
+        raise EnvelopeDecodeError(f"bad delivery envelope: {raw!r:.80}")
+    return ids[0], ids[1]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Route:
     method: str
-    path: str  # OpenAPI style: {id} is a positive integer segment
+    path: str  # OpenAPI style: {id}, {delivery_id}, … are positive integer segments
     target: str  # the function's name in functions/main.py (FUNCTION_TARGET)
     operation: str = ""  # the OpenAPI operationId when one function serves several routes
 
@@ -43,6 +43,13 @@ ROUTES: tuple[Route, ...] = (
     Route("PATCH", "/api/v1/task/{id}", "reschedule_task"),
     Route("POST", "/api/v1/task/{id}/cancel", "cancel_task"),
     Route("POST", "/api/v1/task/{id}/retry", "retry_task"),
+    # Webhook endpoints and their delivery logs (one function each; the gateway picks by method).
+    Route("GET", "/api/v1/webhooks", "list_webhooks"),
+    Route("POST", "/api/v1/webhooks", "create_webhook"),
+    Route("DELETE", "/api/v1/webhooks/{id}", "delete_webhook"),
+    Route("POST", "/api/v1/webhooks/{id}/rotate", "rotate_webhook_secret"),
+    Route("GET", "/api/v1/webhooks/{id}/deliveries", "list_webhook_deliveries"),
+    Route("POST", "/api/v1/webhooks/{id}/deliveries/{delivery_id}/replay", "replay_webhook_delivery"),
     # The dashboard function: the page, its files (a fixed list: a {segment} here is an integer id),
     # the API reference rendered from shared/openapi.json, and that document itself.
     Route("GET", "/", "dashboard"),

@@ -34,7 +34,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import logs
+from shared import events, logs
 from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.domain import CancelReason, SmtpSecurity, Status
@@ -111,18 +111,20 @@ _WHY_SQL = sa.text(
 
 # A queued task without tries left (MAX_TRY_COUNT was lowered) ends here instead of waiting forever.
 _EXHAUSTED_SQL = sa.text(
-    """
+    f"""
     UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
                      next_attempt_at = now(), updated_at = now()
      WHERE id = :id AND status = 'queued' AND try_count = :try_count
+    RETURNING id, {events.hooked()}
     """
 )
 
 # The try count is the fencing token: an outcome lands only while nobody has claimed the task since.
 # 'queued' is allowed too: had the sweep taken a lease back without anyone claiming the task again,
-# what the server said is still the truth. Times come from PostgreSQL's clock.
+# what the server said is still the truth. Times come from PostgreSQL's clock. The event reporting the
+# outcome is written in the same transaction, only when the UPDATE changed the row (shared.events).
 _OUTCOME_SQL = sa.text(
-    """
+    f"""
     UPDATE tasks
        SET status = :status, last_error = :last_error,
            next_attempt_at = now() + make_interval(secs => :delay),
@@ -130,6 +132,7 @@ _OUTCOME_SQL = sa.text(
            sent_at = CASE WHEN CAST(:status AS text) = 'sent' THEN now() END,
            updated_at = now()
      WHERE id = :id AND try_count = :try_count AND status IN ('processing', 'queued')
+    RETURNING id, {events.hooked()}
     """
 )
 
@@ -176,6 +179,7 @@ class Sender(Worker):
         self.clock = clock
         self.rng = rng
         self.sendq = SendQueue(client)
+        self.outbox = events.Outbox(client)
         self._holder = f"{self.id}:"
         self._fault_until = 0.0
         self._fault_delay = 0.0
@@ -258,7 +262,7 @@ class Sender(Worker):
         return None if row is None else Claim(**row._asdict())
 
     def _unclaimable(self, item: Taken, task_id: int) -> Outcome:
-        cancelled = False
+        cancelled, created = False, []
         with self.engine.begin() as conn:
             row = conn.execute(
                 _WHY_SQL, {"id": task_id, "max_tries": self.settings.max_try_count}
@@ -266,9 +270,14 @@ class Sender(Worker):
             if row is not None and row.status == Status.QUEUED and row.exhausted:
                 reason = f"no tries left (MAX_TRY_COUNT is {self.settings.max_try_count})"
                 params = {"id": task_id, "try_count": row.try_count, "reason": reason}
-                cancelled = conn.execute(_EXHAUSTED_SQL, params).rowcount == 1
+                done = conn.execute(_EXHAUSTED_SQL, params).one_or_none()
+                cancelled = done is not None
+                if cancelled and done.hooked:
+                    report = events.Report(task_id, events.CANCELLED, events.TRIES_EXHAUSTED)
+                    created = events.write(conn, [report])
         if cancelled:
             self.metrics.cancel(CancelReason.TRIES_EXHAUSTED)
+            self.outbox.wake(created)
             self.done(item)
             return Outcome.CANCELLED
         if row is not None and row.status == Status.QUEUED and row.paused:
@@ -319,21 +328,23 @@ class Sender(Worker):
         except SmtpAuthError as exc:
             return self._pause(claim, item, _reason(exc))
         except TransientSmtpError as exc:
-            return self._transient(claim, _reason(exc))
+            return self._transient(claim, _reason(exc), exc.code)
         except (PermanentSmtpError, SmtpError) as exc:
-            return self.record(claim, Status.CANCELLED, _reason(exc), cause=CancelReason.PERMANENT_FAILURE)
+            return self.record(
+                claim, Status.CANCELLED, _reason(exc), code=exc.code, cause=CancelReason.PERMANENT_FAILURE
+            )
         except Exception as exc:  # a bug must not loop forever: a try spent, bounded by the budget
             log.exception("%s: task %d could not be sent", self.id, claim.id)
             return self._transient(claim, f"internal error: {type(exc).__name__}")
         return self.record(claim, Status.SENT, None)
 
-    def _transient(self, claim: Claim, reason: str) -> Outcome:
+    def _transient(self, claim: Claim, reason: str, code: int | None = None) -> Outcome:
         if claim.tries_used >= self.settings.max_try_count:
-            reason = f"{reason} (gave up after {claim.tries_used} tries)"
-            return self.record(claim, Status.CANCELLED, reason, cause=CancelReason.TRIES_EXHAUSTED)
+            error = f"{reason} (gave up after {claim.tries_used} tries)"
+            return self.record(claim, Status.CANCELLED, error, code=code, cause=CancelReason.TRIES_EXHAUSTED)
         s = self.settings
         delay = backoff_seconds(claim.tries_used, s.retry_backoff_base, s.retry_backoff_max, self.rng)
-        return self.record(claim, Status.FAILED, reason, delay=delay)
+        return self.record(claim, Status.FAILED, reason, delay=delay, code=code)
 
     def _give_back_claim(self, claim: Claim, item: Taken | None, reason: str | None) -> Outcome:
         """A worker fault: the claim goes back without spending a try, and this sender backs off."""
@@ -373,11 +384,14 @@ class Sender(Worker):
         error: str | None,
         *,
         delay: float = 0.0,
+        code: int | None = None,
         cause: CancelReason | None = None,
     ) -> Outcome:
-        """Write the outcome behind the fencing token; a short PostgreSQL outage is waited out.
-
-        ``cause``: why a cancellation happened (the metrics' reason label)."""
+        """Write the outcome, and the event reporting it, behind the fencing token; a short PostgreSQL
+        outage is waited out. ``code`` is the SMTP reply code; ``cause`` why a cancellation happened
+        (the event's reason and the metrics' label)."""
+        event_type, event_reason = events.outcome_event(status, cause)
+        report = events.Report(claim.id, event_type, event_reason, code)
         params = {
             "id": claim.id,
             "try_count": claim.try_count,
@@ -391,7 +405,8 @@ class Sender(Worker):
         while True:
             try:
                 with self.engine.begin() as conn:
-                    updated = conn.execute(_OUTCOME_SQL, params).rowcount
+                    row = conn.execute(_OUTCOME_SQL, params).one_or_none()
+                    created = events.write(conn, [report]) if row is not None and row.hooked else []
                 break
             except Exception as exc:
                 if not dependency_of(exc) or time.monotonic() > deadline or self.stopping.is_set():
@@ -400,10 +415,11 @@ class Sender(Worker):
                     "%s: recording task %d failed (%s); retrying", self.id, claim.id, type(exc).__name__
                 )
                 time.sleep(0.5)
-        if updated == 0:
+        if row is None:
             self.metrics.stale.inc()
             log.warning("%s: task %d outcome %s discarded: claimed again since", self.id, claim.id, status)
             return Outcome.STALE
+        self.outbox.wake(created)
         self.metrics.record_outcome(status, cause, claim.created_at, self.now())
         # A success per mail is DEBUG (it is the hot path); anything else is worth a line.
         level = logging.DEBUG if status == Status.SENT else logging.INFO

@@ -18,6 +18,9 @@ Every operation is one Lua script, so it runs atomically, and each keeps this in
 is in the ring exactly when its queue is not empty and it is not paused.** A taken envelope moves
 into the sender's processing list in the same script, so a crash never loses it (the sweep returns
 a dead sender's list to ``mailq:tasks``, and the consumer routes it again).
+
+The webhook worker uses the same queue under its own keys (``queue.WEBHOOK_KEYS``): a tenant there is
+an endpoint, and its slots cap the requests in flight to one receiver.
 """
 
 from __future__ import annotations
@@ -176,8 +179,9 @@ class Taken:
 class SendQueue:
     """The fair queue's operations on one Redis client (scripts are loaded on first use)."""
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, keys: queue.FairKeys = queue.SENDER_KEYS):
         self.redis = client
+        self.keys = keys  # the senders' keys, or the webhook worker's (one queue per endpoint)
         self._route = client.register_script(_ROUTE)
         self._take = client.register_script(_TAKE)
         self._done = client.register_script(_DONE)
@@ -196,38 +200,38 @@ class SendQueue:
         With ``processing``, ``release`` are removed from that list in the same step (the consumer's
         hand-off: never released before it is handed on). Returns how many were newly queued.
         """
-        args: list = [queue.SEND_QUEUE_PREFIX, queue.BELL_MAX, 0]
+        args: list = [self.keys.queue_prefix, queue.BELL_MAX, 0]
         for tenant, task_id, raw in items:
             args += [tenant, task_id, raw]
             args[2] += 1
         if not args[2] and not release:
             return 0
-        keys = [queue.SEND_READY, queue.PAUSED, queue.SEND_BELL, processing or queue.SEND_READY]
+        keys = [self.keys.ready, self.keys.paused, self.keys.bell, processing or self.keys.ready]
         return self._route(keys=keys, args=[*args, *(release if processing else ())])
 
     def take(self, processing: str, holder: str, count: int, cap: int, slot_ms: int) -> list[Taken]:
         """Up to ``count`` envelopes, one per tenant per turn of the ring, each with one of its
         tenant's ``cap`` slots held for ``slot_ms``; moved into ``processing`` in the same step."""
         flat = self._take(
-            keys=[queue.SEND_READY, queue.PAUSED, processing],
-            args=[queue.SEND_QUEUE_PREFIX, queue.SLOTS_PREFIX, count, cap, slot_ms, holder, MAX_SCAN],
+            keys=[self.keys.ready, self.keys.paused, processing],
+            args=[self.keys.queue_prefix, self.keys.slots_prefix, count, cap, slot_ms, holder, MAX_SCAN],
         )
         return [Taken(int(flat[i]), flat[i + 1], flat[i + 2].decode()) for i in range(0, len(flat), 3)]
 
     def done(self, processing: str, taken: Taken) -> None:
         """The envelope's work is recorded: let go of it and of its slot."""
-        keys = [processing, queue.slots(taken.tenant), queue.send_queue(taken.tenant), queue.SEND_BELL]
+        keys = [processing, self.keys.slots(taken.tenant), self.keys.queue(taken.tenant), self.keys.bell]
         self._done(keys=keys, args=[taken.raw, taken.holder, queue.BELL_MAX])
 
     def give_back(self, processing: str, taken: Taken, task_id: int, *, pause: bool = False) -> bool:
         """Return a taken envelope to its tenant's queue (pausing the tenant first if asked)."""
         keys = [
             processing,
-            queue.slots(taken.tenant),
-            queue.send_queue(taken.tenant),
-            queue.SEND_READY,
-            queue.PAUSED,
-            queue.SEND_BELL,
+            self.keys.slots(taken.tenant),
+            self.keys.queue(taken.tenant),
+            self.keys.ready,
+            self.keys.paused,
+            self.keys.bell,
         ]
         args = [taken.raw, taken.holder, task_id, taken.tenant, queue.BELL_MAX, int(pause)]
         return bool(self._give_back(keys=keys, args=args))
@@ -235,22 +239,22 @@ class SendQueue:
     def pause(self, tenant: int) -> None:
         """Pause a tenant: its queue stays, but it leaves the ring until resumed."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.sadd(queue.PAUSED, tenant)
-        pipe.lrem(queue.SEND_READY, 0, tenant)
+        pipe.sadd(self.keys.paused, tenant)
+        pipe.lrem(self.keys.ready, 0, tenant)
         pipe.execute()
 
     def resume(self, tenant: int) -> None:
         """Let a paused tenant's mail be taken again."""
-        keys = [queue.SEND_READY, queue.PAUSED, queue.send_queue(tenant), queue.SEND_BELL]
+        keys = [self.keys.ready, self.keys.paused, self.keys.queue(tenant), self.keys.bell]
         self._resume(keys=keys, args=[tenant, queue.BELL_MAX])
 
     def paused(self) -> set[int]:
-        return {int(t) for t in self.redis.smembers(queue.PAUSED)}
+        return {int(t) for t in self.redis.smembers(self.keys.paused)}
 
     def wait(self, timeout: float) -> bool:
         """Block until a bell rings (new mail, or a slot came free) or ``timeout`` passes."""
-        return self.redis.blpop([queue.SEND_BELL], timeout=timeout) is not None
+        return self.redis.blpop([self.keys.bell], timeout=timeout) is not None
 
     def waiting(self, tenant: int) -> int:
         """How many envelopes wait in the tenant's queue."""
-        return self.redis.zcard(queue.send_queue(tenant))
+        return self.redis.zcard(self.keys.queue(tenant))

@@ -15,7 +15,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import auth, ratelimit
+from shared import auth, hosts, ratelimit
 from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.db import users
@@ -24,10 +24,7 @@ from shared.errors import Conflict, DependencyUnavailable, NotFound, Unauthorize
 from shared.sendqueue import SendQueue
 from shared.validation import SECURITY_CHOICES, Fields
 
-PRIVATE_HOST_REFUSED = (
-    "resolves to an address that is not public (private, loopback, link-local, metadata or reserved); "
-    "refused on this deployment"
-)
+PRIVATE_HOST_REFUSED = hosts.PRIVATE_HOST_REFUSED
 
 
 def utcnow() -> datetime:
@@ -142,14 +139,11 @@ def _check_smtp(ctx: Context, f: Fields, host: str | None, port: int | None, sec
     """The deployment's SMTP rules: plaintext only where allowed, no private hosts unless allowed."""
     if security == "none" and not ctx.settings.smtp_allow_insecure:
         f.fail("smtp_security", "plaintext SMTP (none) is not allowed on this deployment")
-    if host is not None and port is not None and not ctx.settings.smtp_allow_private_hosts:
-        from shared.hosts import host_refusal_reason
-
-        # A name that does not resolve is reported as such; one that resolves to a refused address is
-        # not told which address: that would let a caller map our internal network through register.
-        reason = host_refusal_reason(host, port, allow_private=True)
-        if reason is None and host_refusal_reason(host, port, allow_private=False):
-            reason = PRIVATE_HOST_REFUSED
+    if host is not None and port is not None:
+        # The same rules as every user's host (shared.hosts): a refused address is not named.
+        reason = hosts.refusal_for_caller(
+            host, port, allow_private=ctx.settings.smtp_allow_private_hosts, what="SMTP host"
+        )
         if reason:
             f.fail("smtp_host", reason)
 
@@ -223,26 +217,31 @@ def update_smtp(ctx: Context, caller_id: int, user_id: int, body: dict[str, Any]
 
 
 def rotate_keys(engine: Engine, box: SecretBox, batch: int = 500) -> int:
-    """Re-encrypt every stored SMTP password with the first key, so older keys can be retired.
+    """Re-encrypt every stored secret with the first key, so older keys can be retired: SMTP
+    passwords and webhook signing secrets (the current one and one still in its rotation overlap).
 
     Safe to run while the service runs and to run again; returns how many were rewritten. Raises
-    ConfigError (naming no secret) if a password cannot be decrypted with any configured key.
+    ConfigError (naming no secret) if a secret cannot be decrypted with any configured key.
     """
+    rewritten = _rotate_column(engine, box, "users", "smtp_password_enc", batch)
+    rewritten += _rotate_column(engine, box, "webhook_endpoints", "secret_enc", batch)
+    return rewritten + _rotate_column(engine, box, "webhook_endpoints", "previous_secret_enc", batch)
+
+
+def _rotate_column(engine: Engine, box: SecretBox, table: str, column: str, batch: int) -> int:
     rewritten, after = 0, 0
+    select = sa.text(
+        f"SELECT id, {column} AS token FROM {table} WHERE id > :after AND {column} IS NOT NULL"  # noqa: S608 - fixed names
+        " ORDER BY id LIMIT :batch FOR UPDATE"
+    )
+    update = sa.text(f"UPDATE {table} SET {column} = :token WHERE id = :id")  # noqa: S608 - fixed names
     while True:
         with engine.begin() as conn:
-            rows = conn.execute(
-                sa.select(users.c.id, users.c.smtp_password_enc)
-                .where(users.c.id > after)
-                .order_by(users.c.id)
-                .limit(batch)
-                .with_for_update()
-            ).all()
+            rows = conn.execute(select, {"after": after, "batch": batch}).all()
             for row in rows:
-                if box.is_current(row.smtp_password_enc):
+                if box.is_current(row.token):
                     continue
-                token = box.rotate(row.smtp_password_enc)
-                conn.execute(sa.update(users).where(users.c.id == row.id).values(smtp_password_enc=token))
+                conn.execute(update, {"id": row.id, "token": box.rotate(row.token)})
                 rewritten += 1
         if not rows:
             return rewritten

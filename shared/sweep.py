@@ -4,8 +4,10 @@ It re-enqueues due ``scheduled`` and ``failed`` tasks, ``queued`` tasks older th
 window, and ``processing`` tasks whose lease ran out, straight into their tenants' queues (where an
 envelope that is still waiting is not added twice, so a long backlog is not multiplied); it ends
 any task without a try left (also one a lowered MAX_TRY_COUNT left behind); it returns envelopes
-stranded in the processing lists of workers whose heartbeat is gone; and it lets go of Redis pauses
-that PostgreSQL no longer has. Two sweeps at once double nothing: rows are taken with
+stranded in the processing lists of workers whose heartbeat is gone; it lets go of Redis pauses
+that PostgreSQL no longer has; and it does the same for webhook deliveries (``shared.webhooks``:
+retries due, envelopes lost, leases run out). A cancellation writes its ``task.cancelled`` event in
+the transaction that cancels (``shared.events``). Two sweeps at once double nothing: rows are taken with
 ``FOR UPDATE SKIP LOCKED`` and leave the due set as they are updated, and each stranded envelope is
 moved by one atomic LMOVE.
 """
@@ -19,7 +21,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import queue
+from shared import events, queue, webhook_sweep
 from shared.config import Settings
 from shared.retention import purge_once
 from shared.sendqueue import SendQueue
@@ -40,6 +42,10 @@ class SweepReport:
     rescued: int = 0  # envelopes returned from dead workers' processing lists
     dead_workers: int = 0
     push_failed: bool = False
+    deliveries: int = 0  # webhook deliveries put back in their endpoints' queues (or failed for good)
+
+
+LOST_IN_FLIGHT = "the worker sending the last try was lost (the mail may have gone out)"
 
 
 def _requeue_sql(settings: Settings) -> sa.TextClause:
@@ -66,7 +72,7 @@ def _requeue_sql(settings: Settings) -> sa.TextClause:
                lease_until = NULL,
                updated_at = now()
          WHERE t.id = ANY({picks})
-        RETURNING t.id, t.user_id, t.status, t.last_error
+        RETURNING t.id, t.user_id, t.status, t.last_error = :lost AS lost, {events.hooked("t")}
         """
     )
 
@@ -118,13 +124,24 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
         report.push_failed = True
     statement = _requeue_sql(settings)
     params = {"batch": settings.sweep_batch, "max_tries": settings.max_try_count, "lost": LOST_IN_FLIGHT}
+    outbox = events.Outbox(client)
     while True:
         with engine.begin() as conn:
             rows = conn.execute(statement, params).all()
+            # A cancellation's task.cancelled event, in the transaction that cancelled the task.
+            reports = [
+                events.Report(
+                    r.id, events.CANCELLED, events.LOST_IN_FLIGHT if r.lost else events.TRIES_EXHAUSTED
+                )
+                for r in rows
+                if r.status == "cancelled" and r.hooked
+            ]
+            created = events.write(conn, reports)
+        outbox.wake(created)
         queued = [(r.user_id, r.id, queue.encode(r.id)) for r in rows if r.status == "queued"]
         report.requeued += len(queued)
         report.cancelled += len(rows) - len(queued)
-        report.lost_in_flight += sum(r.status == "cancelled" and r.last_error == LOST_IN_FLIGHT for r in rows)
+        report.lost_in_flight += sum(r.status == "cancelled" and r.lost for r in rows)
         if queued:
             try:
                 sendq.route(queued)  # an envelope still waiting in its tenant's queue is not added twice
@@ -136,6 +153,7 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
         if not rows:  # a put-back row never matches again, so this ends
             break
     report.purged = purge_once(settings, engine)
+    report.deliveries = webhook_sweep.sweep_deliveries(settings, engine, client)
     if report.requeued or report.rescued or report.cancelled or report.resumed or report.purged:
         log.info(
             "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d, resumed %d, "

@@ -23,6 +23,23 @@ _CONDITIONS = (
 )
 
 
+# The same three kinds for webhook deliveries (shared/webhooks.py), each from its partial index of
+# webhook_deliveries: retries due, envelopes lost (queued past the leak window), leases run out.
+_DELIVERY_CONDITIONS = (
+    ("next_attempt_at", "state = 'scheduled' AND next_attempt_at <= now()"),  # webhook_deliveries_due
+    (
+        "next_attempt_at",
+        "state = 'queued' AND next_attempt_at <= now() - interval '{leak} seconds'",
+    ),  # webhook_deliveries_queued
+    ("lease_until", "state = 'sending' AND lease_until <= now()"),  # webhook_deliveries_lease
+)
+
+
+def delivery_conditions(leak_window_seconds: int) -> list[tuple[str, str]]:
+    """(order column, WHERE clause) for each kind of webhook delivery that is due again."""
+    return [(column, where.format(leak=int(leak_window_seconds))) for column, where in _DELIVERY_CONDITIONS]
+
+
 def conditions(leak_window_seconds: int) -> list[tuple[str, str]]:
     """(order column, WHERE clause) for each kind of task the sweep must put back."""
     return [(column, where.format(leak=int(leak_window_seconds))) for column, where in _CONDITIONS]
@@ -35,9 +52,14 @@ RETENTION_WHERE = FINAL_STATUSES + " AND updated_at < now() - interval '{days} d
 
 
 def pending_work_sql(leak_window_seconds: int, retention_days: int = 0) -> str:
-    """How many tasks the sweep would put back now, plus 1 while any task is past retention (the
-    ScaledJob's query; counting every expired row would cost as much as deleting them)."""
+    """How many tasks and webhook deliveries the sweep would put back now, plus 1 while any task is
+    past retention (the ScaledJob's query; counting every expired row would cost as much as deleting
+    them)."""
     counts = [f"(SELECT count(*) FROM tasks WHERE {where})" for _, where in conditions(leak_window_seconds)]
+    counts += [
+        f"(SELECT count(*) FROM webhook_deliveries WHERE {where})"
+        for _, where in delivery_conditions(leak_window_seconds)
+    ]
     if retention_days > 0:
         expired = RETENTION_WHERE.format(days=int(retention_days))
         counts.append(f"(SELECT count(*) FROM (SELECT 1 FROM tasks WHERE {expired} LIMIT 1) AS expired)")

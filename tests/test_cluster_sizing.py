@@ -48,6 +48,8 @@ WORKER_CONNECTIONS = {
     "sender": lambda config: 5 + 5,
     "consumer": lambda config: 2 * (int(config["QUEUE_CONSUMER_COUNT"]) + 2),
     "sweep": lambda config: 2,
+    # functions/cli.py: WEBHOOK_POOL 5 and as many again as overflow, like the sender's.
+    "webhooks": lambda config: 5 + 5,
 }
 MIGRATION_CONNECTIONS = 1  # shared/migrations/env.py: NullPool, one connection under the advisory lock
 # KEDA's postgresql scaler opens its own connection; the ScaledJob loop and a metrics read can overlap.

@@ -197,6 +197,7 @@ BODY_PATHS = [
     "POST /api/v1/login",
     "POST /api/v1/task/enqueue",
     "PATCH /api/v1/task/1",
+    "POST /api/v1/webhooks",
 ]
 
 
@@ -344,6 +345,10 @@ IMPOSSIBLE_PATHS = [
     "/api/v1/task/%00",
     "/api/v1/user/0",
     "/api/v1/user/99999999999999999999",
+    "/api/v1/webhooks/0/deliveries",
+    "/api/v1/webhooks/01/deliveries",
+    "/api/v1/webhooks/9223372036854775808/deliveries",
+    "/api/v1/webhooks/1/deliveries/",
 ]
 
 

@@ -172,9 +172,12 @@ def test_a_thread_is_not_held_by_one_tenant_while_another_tenants_mail_waits(fas
         sender = Sender(settings, fast_ctx.engine, fast_ctx.redis, Mailer(settings), fast_ctx.box)
         running = run_in_thread(sender.run)
         try:
-            wait_for(lambda: len(fine.messages) == 5, what="B's five mails")
+            # The server has a mail before the sender reads its 250 and records it: wait for both.
+            wait_for(
+                lambda: len(fine.messages) == 5 and {pipe.task(i).status for i in b_ids} == {"sent"},
+                what="B's five mails, sent and recorded",
+            )
             assert slow.in_data == 1  # A's mail is still hanging in DATA
-            assert {pipe.task(i).status for i in b_ids} == {"sent"}
         finally:
             slow.gate.set()
             sender.stopping.set()

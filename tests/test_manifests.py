@@ -67,8 +67,9 @@ POSTGRES_TRIGGER_KEYS = {
     "targetQueryValue", "activationTargetQueryValue",
 }  # fmt: skip
 # Worker command -> the Redis list KEDA measures for it (shared/queue.py): the consumer's input list;
-# for the sender the fair-share ring of tenants with mail waiting (docs: keda/scaledobjects.yaml).
-WORKER_LIST = {"consumer": queue.TASK_LIST, "sender": queue.SEND_READY}
+# for the sender the fair-share ring of tenants with mail waiting, for the webhook worker the ring of
+# endpoints with deliveries waiting (docs: keda/scaledobjects.yaml).
+WORKER_LIST = {"consumer": queue.TASK_LIST, "sender": queue.SEND_READY, "webhooks": queue.WEBHOOK_READY}
 
 
 def _in_ci() -> bool:
@@ -388,7 +389,7 @@ def _crd_validator(folder: Path, doc: dict):
 
 def test_knative_and_keda_objects_validate_against_the_strict_crd_schemas(rendered, crd_schemas):
     crds = [d for d in rendered.docs if d["apiVersion"].rpartition("/")[0] in CRD_GROUPS]
-    assert len(crds) == len(routes.TARGETS) + 5  # 2 ScaledObjects, 1 ScaledJob, 2 TriggerAuthentications
+    assert len(crds) == len(routes.TARGETS) + 6  # 3 ScaledObjects, 1 ScaledJob, 2 TriggerAuthentications
     for doc in crds:
         errors = sorted(
             _crd_validator(crd_schemas, doc).iter_errors(doc), key=lambda e: list(e.absolute_path)
@@ -749,6 +750,11 @@ def _near_misses() -> list[str]:
     return sorted(misses)
 
 
+def _routed(method: str, path: str) -> bool:
+    known = routes.match(method, path)
+    return known is not None and known.route is not None
+
+
 def _route_table_target(path: str) -> str | None:
     """The function whose path shape matches. (An id too large for a bigint has the shape: the
     gateway forwards it and the function answers 404, as it does for an id that does not exist.)"""
@@ -897,7 +903,7 @@ def test_nginx_serves_the_gateway_config_as_these_checks_read_it(rendered, nginx
             assert status == 200 and seen["path"] == path, (route, status, body)
             assert seen["host"] == gen_gateway.service_host(route.target, rendered.namespace)
             assert seen["xff"] == "127.0.0.1", "the client's own X-Forwarded-For must not pass"
-            wrong = "DELETE"
+            wrong = next(m for m in ("DELETE", "PUT", "PATCH") if not _routed(m, path))
             status, headers, body = request(wrong, path)
             assert status == 405 and json.loads(body)["status"] == 405 and route.method in headers["Allow"]
         for path, status_wanted in (("/no/such/path", 404), ("/api/v1/user/0", 404)):

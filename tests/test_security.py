@@ -268,9 +268,10 @@ def test_the_logs_of_a_full_run_hold_no_password_token_or_key(dev_run):
 ENVELOPE = re.compile(rb'^\{"v":1,"task_id":[1-9][0-9]*\}$')
 KNOWN_KEYS = re.compile(
     r"^mailq:(tasks|send:ready|send:bell|send:q:\d+|slots:\d+|paused|workers|processing:.+|heartbeat:.+"
+    r"|webhooks:(ready|bell|returned|q:\d+|slots:\d+)"
     r"|ratelimit:(login|register):(client|email):[^:]+:\d+)$"
 )
-WORKER_ID = rb"(consumer|sender):[^:]+:\d+:[0-9a-f]{8}"
+WORKER_ID = rb"(consumer|sender|webhooks):[^:]+:\d+:[0-9a-f]{8}"
 
 
 def envelopes_in(snapshot: dict[str, object]) -> list[bytes]:
@@ -294,7 +295,7 @@ def test_redis_holds_only_envelopes_and_mailqs_own_bookkeeping(dev_run, moment):
         assert len(envelopes) >= 5  # the held mails were there, as envelopes and nothing else
     for key, value in snapshot.items():
         if key == queue.WORKERS:
-            assert set(value.values()) <= {queue.TASK_LIST.encode()}
+            assert set(value.values()) <= {queue.TASK_LIST.encode(), queue.WEBHOOK_RETURNED.encode()}
         elif key in (queue.SEND_READY, queue.PAUSED):  # tenants are user ids, never an address
             assert all(v.isdigit() for v in (value if key == queue.SEND_READY else value[1]))
         elif key == queue.SEND_BELL:
