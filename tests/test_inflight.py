@@ -71,9 +71,10 @@ def test_a_request_larger_than_the_budget_takes_all_of_it_once_it_is_free():
 # --- a sender under load ------------------------------------------------------------------------------------
 
 
-def test_large_mails_wait_for_room_while_small_ones_pass_and_all_arrive_intact(pipe):
+def test_large_mails_wait_for_room_while_small_ones_pass_and_all_arrive_intact(pipe, monkeypatch):
     """Room for one large mail at a time: the second and third of a tenant wait (their account's
     cap would let three talk at once) while another tenant's small mails all reach DATA together."""
+    monkeypatch.setattr(inflight, "SLICE_BYTES", 7000)  # their bytes come in a dozen uneven slices
     room = WEIGHT * (len(LARGE) + len("Hi Bob,\nit works.\n")) + 1000
     pipe.sender.settings = pipe.ctx.settings.replace(sender_content_memory=room)
     pipe.sender.inflight = inflight.Inflight(pipe.ctx.engine, room)

@@ -40,6 +40,9 @@ def upgrade() -> None:
         sa.Column("attachments", JSONB(), server_default=sa.text("'[]'::jsonb"), nullable=False),
         sa.Column("attachment_data", sa.LargeBinary(), nullable=True),
     )
+    # Attachments are mostly compressed already (PDF, images, archives), and the sender reads large
+    # ones in slices: out of line and uncompressed, a slice is read without the rest of the value.
+    op.execute("ALTER TABLE task_contents ALTER COLUMN attachment_data SET STORAGE EXTERNAL")
     op.create_table(
         "task_tags",
         sa.Column("task_id", sa.BigInteger(), sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False),
