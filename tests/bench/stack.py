@@ -313,7 +313,7 @@ class Stack:
     def reset(self) -> None:
         """Empty the tasks table and both Redis databases; the user stays."""
         with self.ctx.engine.begin() as conn:
-            conn.execute(sa.text("TRUNCATE tasks RESTART IDENTITY"))
+            conn.execute(sa.text("TRUNCATE tasks RESTART IDENTITY CASCADE"))
         self.ctx.redis.flushdb()
         celery = services.make_redis(self.celery_broker)
         try:
