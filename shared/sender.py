@@ -99,34 +99,31 @@ class Claim:
 
 # The claim is the start of an attempt: it spends a try and takes the lease, only while the task is
 # queued (a duplicate envelope finds nothing), has a try left, and its account is not paused. It
-# brings the mail's content along in the same round trip (a plain mail has no task_contents row),
+# brings the mail's content along in the same statement (a plain mail has no task_contents row),
 # except a large mail's body, HTML and attachment bytes (shared.inflight).
+_CONTENT_BYTES = (
+    "(COALESCE(octet_length(t.body), 0) + COALESCE(octet_length(c.html), 0)"
+    " + COALESCE(octet_length(c.attachment_data), 0))"
+)
 _CLAIM_SQL = sa.text(
-    """
-    WITH k AS (
+    f"""
     UPDATE tasks AS t
        SET status = 'processing',
            try_count = t.try_count + 1,
            lease_until = now() + make_interval(secs => :lease),
            updated_at = now()
-      FROM users AS u
+      FROM users AS u LEFT JOIN task_contents AS c ON c.task_id = :id
      WHERE t.id = :id AND t.status = 'queued' AND t.try_count - t.budget_base < :max_tries
        AND u.id = t.user_id AND u.smtp_paused_at IS NULL
- RETURNING t.id, t.user_id, t.try_count, t.budget_base, t.recipient_email, t.subject, t.body,
+ RETURNING t.id, t.user_id, t.try_count, t.budget_base, t.recipient_email, t.subject,
            t.message_id, t.created_at, u.email AS sender_email, u.smtp_host, u.smtp_port,
-           u.smtp_username, u.smtp_password_enc, u.smtp_security, u.updated_at AS account_version
-    )
-    SELECT k.id, k.user_id, k.try_count, k.budget_base, k.recipient_email, k.subject, k.message_id,
-           k.created_at, k.sender_email, k.smtp_host, k.smtp_port, k.smtp_username, k.smtp_password_enc,
-           k.smtp_security, k.account_version, s.content_bytes, s.content_bytes <= :inline AS loaded,
-           CASE WHEN s.content_bytes <= :inline THEN k.body END AS body,
-           CASE WHEN s.content_bytes <= :inline THEN c.html END AS html,
+           u.smtp_username, u.smtp_password_enc, u.smtp_security, u.updated_at AS account_version,
+           {_CONTENT_BYTES} AS content_bytes, {_CONTENT_BYTES} <= :inline AS loaded,
+           CASE WHEN {_CONTENT_BYTES} <= :inline THEN t.body END AS body,
+           CASE WHEN {_CONTENT_BYTES} <= :inline THEN c.html END AS html,
            c.from_name, c.recipient_name, c.cc, c.bcc, c.reply_to, c.headers, c.attachments,
-           CASE WHEN s.content_bytes <= :inline THEN c.attachment_data END AS attachment_data
-      FROM k LEFT JOIN task_contents AS c ON c.task_id = k.id,
-           LATERAL (SELECT COALESCE(octet_length(k.body), 0) + COALESCE(octet_length(c.html), 0)
-                           + COALESCE(octet_length(c.attachment_data), 0) AS content_bytes) AS s
-    """
+           CASE WHEN {_CONTENT_BYTES} <= :inline THEN c.attachment_data END AS attachment_data
+    """  # noqa: S608 - _CONTENT_BYTES is a constant
 )
 
 # Why a claim found nothing (the rare path: duplicate envelope, no tries left, account paused).

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import sqlalchemy as sa
 
 from shared import inflight, tasks
 from shared.inflight import INLINE_BYTES, WEIGHT, ByteBudget
@@ -124,3 +125,32 @@ def test_a_large_mail_without_room_in_time_goes_back_without_spending_a_try(pipe
         assert row.status == "queued" and row.try_count - row.budget_base == 0 and server.data_attempts == 0
         budget.release(budget.capacity)
         assert pipe.sender.step(0.05) == [Outcome.SENT]  # given back to its queue, taken again
+
+
+def test_a_plain_or_small_mail_costs_the_sender_two_statements_and_a_large_one_reads_its_bytes_after(pipe):
+    """The claim brings small content along: no extra round trip for a plain mail or a small rich one."""
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *args):
+        statements.append(statement)
+
+    with ScriptedSmtpServer() as server:
+        user = pipe.user(server)
+        plain = pipe.enqueue(user)
+        rich = pipe.enqueue(
+            user, html="<p>x</p>", cc=["c@example.org"], attachments=[{"filename": "a", "content": "eA=="}]
+        )
+        large = large_mail(pipe, user, 0)
+        while pipe.consumer.step(0.05):
+            pass
+        per_task = {}
+        sa.event.listen(pipe.ctx.engine, "before_cursor_execute", record)
+        try:
+            for item in pipe.sender.take(10):
+                statements.clear()
+                assert pipe.sender.handle(item) == Outcome.SENT
+                per_task[item.task_id] = len(statements)
+        finally:
+            sa.event.remove(pipe.ctx.engine, "before_cursor_execute", record)
+    assert per_task[plain] == per_task[rich] == 2  # the claim and the outcome
+    assert per_task[large] == 2 + 1 + 1  # and the texts, then one slice of bytes
