@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from shared import batch  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.routes import ROUTES, TARGETS, Route  # noqa: E402
 from shared.tasks import request_limit  # noqa: E402
@@ -67,7 +68,9 @@ PROFILES = {
     # a small CPU request (it bursts to its limit), so one pod of every function fits on the node.
     "io": Profile(1, 8, 3, "50m", "1", "192Mi", "512Mi"),
     # bcrypt at cost 12 keeps a core busy for ~250 ms per request: two at a time per pod, more pods.
-    "bcrypt": Profile(1, 2, 5, "500m", "1", "192Mi", "512Mi"),
+    # The request is a quarter core (logins come in bursts and burst to the limit), so the idle pod
+    # of each of the many functions still fits the node.
+    "bcrypt": Profile(1, 2, 5, "250m", "1", "192Mi", "512Mi"),
     # Health endpoints: cheap; one pod answers far more probes than anyone sends.
     "health": Profile(1, 4, 1, "50m", "500m", "128Mi", "384Mi"),
     # The dashboard's files from memory: no database, a few people looking at once.
@@ -78,6 +81,9 @@ PROFILES = {
     # Managing webhook endpoints: a few requests a day per user, each a round trip or two; small pods,
     # so six of them cost the node and PostgreSQL's connection budget little.
     "light": Profile(1, 4, 2, "25m", "500m", "128Mi", "384Mi"),
+    # Batch enqueue: a request may be MAX_BATCH_BYTES (32 MiB) of JSON, parsed, checked and bound for
+    # one INSERT, which holds a few times that at its peak: two at a time per pod, with room for both.
+    "bulk": Profile(1, 2, 3, "50m", "1", "192Mi", "768Mi"),
 }
 TARGET_PROFILE = {
     "register": "bcrypt",
@@ -92,20 +98,33 @@ TARGET_PROFILE = {
     "rotate_webhook_secret": "light",
     "list_webhook_deliveries": "light",
     "replay_webhook_delivery": "light",
+    "enqueue_batch": "bulk",
 }
+# Request body limits of their own, per target: the gateway's location for the target's paths says so
+# (client_max_body_size), and the function refuses the same size itself (functions/main.py).
+TARGET_BODY_LIMIT = {"enqueue_batch": batch.request_limit}
 
 
-def body_limit() -> int:
-    """The gateway's client_max_body_size: the app's own request limit (shared.tasks.request_limit)
-    for the MAX_BODY_BYTES the cluster runs with, so nginx never refuses what the function accepts
-    and the function answers every 413 itself, in its own words."""
+SIZE_SETTINGS = ("MAX_BODY_BYTES", "MAX_ATTACHMENT_BYTES", "MAX_BATCH_BYTES")
+
+
+def cluster_settings() -> Settings:
+    """The size limits config.env gives the cluster (the rest of Settings at its defaults)."""
     values = {}
     for line in CONFIG_ENV.read_text().splitlines():
         key, sep, value = line.strip().partition("=")
-        if sep and not key.startswith("#"):
+        if sep and not key.startswith("#") and key in SIZE_SETTINGS:
             values[key] = value
-    settings = Settings.from_env({"MAX_BODY_BYTES": values.get("MAX_BODY_BYTES", "")})
-    return request_limit(types.SimpleNamespace(settings=settings))
+    return Settings.from_env(values)
+
+
+def body_limit(target: str | None = None) -> int:
+    """The gateway's client_max_body_size for a target's paths (the server's default without one): the
+    app's own request limit (shared.tasks.request_limit, or the target's in TARGET_BODY_LIMIT) for the
+    settings the cluster runs with, so nginx never refuses what the function accepts and the function
+    answers every 413 itself, in its own words."""
+    limit = TARGET_BODY_LIMIT.get(target, request_limit)
+    return limit(types.SimpleNamespace(settings=cluster_settings()))
 
 
 def profile_for(target: str) -> Profile:
@@ -213,9 +232,10 @@ def render_nginx(namespace: str = NAMESPACE) -> str:
         "        listen 8080 default_server;",
         "        server_name _;",
         "        default_type application/problem+json;",
-        "        # shared.tasks.request_limit for config.env's MAX_BODY_BYTES (a full-size body sent",
-        "        # as \\uXXXX escapes is six times its size): beyond it nginx answers 413, below it the",
-        "        # function does, in its own words.",
+        "        # shared.tasks.request_limit for config.env's MAX_BODY_BYTES and MAX_ATTACHMENT_BYTES (a",
+        "        # full-size body sent as \\uXXXX escapes is six times its size, attachments are base64):",
+        "        # beyond it nginx answers 413, below it the function does, in its own words. A location",
+        "        # whose function has a limit of its own says so.",
         f"        client_max_body_size {body_limit()};",
         "",
         "        proxy_http_version 1.1;",
@@ -256,6 +276,10 @@ def render_nginx(namespace: str = NAMESPACE) -> str:
             f"        # {', '.join(f'{m} -> {t}' for m, t in pairs)}: {path}",
             f"        {location_for(routes[0])} {{",
             f"            set {HOST_VARIABLE} {service_host(target, namespace)};",
+        ]
+        if target in TARGET_BODY_LIMIT:
+            out.append(f"            client_max_body_size {body_limit(target)};")
+        out += [
             f"            if ($request_method !~ ^(?:{'|'.join(methods)})$) {{",
             f'                add_header Allow "{", ".join(methods)}" always;',
             f"                return 405 {not_allowed};",

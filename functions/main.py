@@ -11,7 +11,7 @@ import functions_framework
 
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import control, endpoints, gauges, services, stats, tasks
+from shared import batch, content, control, endpoints, gauges, services, stats, tasks
 
 NO_STORE = {"Cache-Control": "no-store"}  # an answer that holds a webhook secret is never cached
 
@@ -73,6 +73,16 @@ def enqueue(ctx, request):
 
 
 @functions_framework.http
+@endpoint("enqueue_batch")
+def enqueue_batch(ctx, request):
+    user_id = services.token_user_id(ctx, request.headers.get("Authorization"))
+    body = json_body(request, batch.request_limit(ctx))
+    mode = batch.validation_mode(request.args.get("validation"))
+    result, _created = batch.enqueue_batch(ctx, user_id, body, request.headers.get("Idempotency-Key"), mode)
+    return 202, result
+
+
+@functions_framework.http
 @endpoint("get_task")
 def get_task(ctx, request, id):
     user = services.authenticate(ctx, request.headers.get("Authorization"))
@@ -108,7 +118,8 @@ def task_queue(ctx, request):
     statuses = tasks.queue_statuses(request.args.get("status"))
     limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
     recipient = tasks.recipient_filter(request.args.get("recipient"))
-    return 200, tasks.list_tasks(ctx, user.id, statuses, limit, request.args.get("cursor"), recipient)
+    tag = content.tag_filter(request.args.get("tag"))
+    return 200, tasks.list_tasks(ctx, user.id, statuses, limit, request.args.get("cursor"), recipient, tag)
 
 
 @functions_framework.http
@@ -117,8 +128,9 @@ def task_queue_fail(ctx, request):
     user = services.authenticate(ctx, request.headers.get("Authorization"))
     limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
     recipient = tasks.recipient_filter(request.args.get("recipient"))
+    tag = content.tag_filter(request.args.get("tag"))
     cursor = request.args.get("cursor")
-    return 200, tasks.list_tasks(ctx, user.id, tasks.FAIL_STATUSES, limit, cursor, recipient)
+    return 200, tasks.list_tasks(ctx, user.id, tasks.FAIL_STATUSES, limit, cursor, recipient, tag)
 
 
 @functions_framework.http

@@ -86,7 +86,14 @@ class Settings:
     heartbeat_ttl: int = 30  # WORKER_HEARTBEAT_TTL, seconds a silent worker is still considered alive
     heartbeat_file: str = "/tmp/mailq-heartbeat"  # MAILQ_HEARTBEAT_FILE, touched by a healthy worker  # noqa: S108
     sweep_batch: int = 1000  # SWEEP_BATCH, rows re-enqueued per statement of one sweep pass
-    max_body_bytes: int = 1024 * 1024  # MAX_BODY_BYTES, largest mail body accepted by enqueue
+    max_body_bytes: int = 1024 * 1024  # MAX_BODY_BYTES, largest mail body (text and HTML together) per mail
+    # MAX_ATTACHMENT_BYTES, largest total of one mail's attachments, decoded
+    max_attachment_bytes: int = 10 * 1024 * 1024
+    max_batch: int = 500  # MAX_BATCH, most mails in one batch enqueue
+    max_batch_bytes: int = 32 * 1024 * 1024  # MAX_BATCH_BYTES, largest batch enqueue request, bytes of JSON
+    # SENDER_CONTENT_MEMORY, bytes one sender process lets large mails occupy at once (each weighs
+    # shared.inflight.WEIGHT x its content); beyond it a large mail waits, small mails never do
+    sender_content_memory: int = 160 * 1024 * 1024
     task_retention_days: int = (
         30  # TASK_RETENTION_DAYS, sent/cancelled tasks are deleted after this; 0 keeps all
     )
@@ -174,6 +181,14 @@ class Settings:
             heartbeat_file=get("MAILQ_HEARTBEAT_FILE", "/tmp/mailq-heartbeat"),  # noqa: S108
             sweep_batch=_int(get("SWEEP_BATCH", "1000"), "SWEEP_BATCH", 1),
             max_body_bytes=_int(get("MAX_BODY_BYTES", str(1024 * 1024)), "MAX_BODY_BYTES", 1),
+            max_attachment_bytes=_int(
+                get("MAX_ATTACHMENT_BYTES", str(10 * 1024 * 1024)), "MAX_ATTACHMENT_BYTES"
+            ),
+            max_batch=_int(get("MAX_BATCH", "500"), "MAX_BATCH", 1),
+            max_batch_bytes=_int(get("MAX_BATCH_BYTES", str(32 * 1024 * 1024)), "MAX_BATCH_BYTES", 1024),
+            sender_content_memory=_int(
+                get("SENDER_CONTENT_MEMORY", str(160 * 1024 * 1024)), "SENDER_CONTENT_MEMORY", 1024 * 1024
+            ),
             task_retention_days=_int(get("TASK_RETENTION_DAYS", "30"), "TASK_RETENTION_DAYS"),
             smtp_timeout=_float(get("SMTP_TIMEOUT", "30"), "SMTP_TIMEOUT"),
             smtp_idle_seconds=_float(get("SMTP_IDLE_SECONDS", "30"), "SMTP_IDLE_SECONDS"),

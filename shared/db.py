@@ -12,6 +12,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 
 from shared.domain import Status
@@ -63,7 +64,8 @@ class Task(Base):
     )
     recipient_email: orm.Mapped[str] = orm.mapped_column(sa.Text)
     subject: orm.Mapped[str] = orm.mapped_column(sa.Text)
-    body: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    # The text part; null when the mail has only an HTML part (task_contents.html).
+    body: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
     status: orm.Mapped[str] = orm.mapped_column(sa.Text)
     # Claims so far: the fencing token, it only ever grows (never reset, never reused).
     try_count: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
@@ -81,6 +83,9 @@ class Task(Base):
     created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     sent_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    # The mail's tags ({"key": "value"}), read with the row by every view and webhook; the ?tag= filter
+    # is served by task_tags.
+    tags = orm.mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"), nullable=False)
 
     __table_args__ = (
         sa.CheckConstraint(
@@ -265,11 +270,73 @@ class WebhookDelivery(Base):
     )
 
 
+class TaskContent(Base):
+    """What a mail carries beyond the seed's fields, one row per such task (plain mails have none).
+
+    Kept out of ``tasks`` so the hot status UPDATEs never copy it and the list endpoints never read it.
+    """
+
+    __tablename__ = "task_contents"
+
+    task_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    html: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    from_name: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    recipient_name: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    cc = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)  # addresses
+    bcc = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)  # envelope only
+    reply_to: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    # [[name, value], ...] in the order given.
+    headers = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)
+    # [{"filename", "content_type", "size"}] in order; their bytes, concatenated, in attachment_data.
+    attachments = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)
+    attachment_data: orm.Mapped[bytes | None] = orm.mapped_column(sa.LargeBinary, nullable=True)
+
+
+class TaskTag(Base):
+    """One row per tag of a task ("key:value"): the index behind ``?tag=``, keyset-paged on task id."""
+
+    __tablename__ = "task_tags"
+
+    task_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: orm.Mapped[str] = orm.mapped_column(sa.Text, primary_key=True)
+    user_id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, nullable=False)
+
+    __table_args__ = (
+        # GET /task/queue?tag=… (and /fail): one user's tasks with this tag, in id order.
+        sa.Index("task_tags_user_tag_task", "user_id", "tag", "task_id"),
+    )
+
+
+class TaskBatch(Base):
+    """A batch enqueue made with an Idempotency-Key: what a replay of it answers."""
+
+    __tablename__ = "task_batches"
+
+    user_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    idempotency_key: orm.Mapped[str] = orm.mapped_column(sa.Text, primary_key=True)
+    request_hash: orm.Mapped[str] = orm.mapped_column(sa.Text, nullable=False)
+    # The stored tasks' ids in input order; null where the item was invalid (permissive mode).
+    task_ids = orm.mapped_column(sa.ARRAY(sa.BigInteger), nullable=False)
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+
+    # Retention expires a batch's Idempotency-Key with the age of its tasks.
+    __table_args__ = (sa.Index("task_batches_created_at", "created_at"),)
+
+
 users = User.__table__
 tasks = Task.__table__
 webhook_endpoints = WebhookEndpoint.__table__
 webhook_events = WebhookEvent.__table__
 webhook_deliveries = WebhookDelivery.__table__
+task_contents = TaskContent.__table__
+task_tags = TaskTag.__table__
+task_batches = TaskBatch.__table__
 
 _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()

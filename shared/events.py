@@ -54,9 +54,8 @@ SECRET_PREFIX = "whsec_"
 
 
 def tags_sql(task: str = "t") -> str:
-    """The task's tags as the event reports them. tasks.tags arrives with migration 0005 (mail
-    content + batch); until then every event says ``{}``. After it: ``return f"{task}.tags"``."""
-    return "CAST('{}' AS jsonb)"
+    """The task's tags as the event reports them."""
+    return f"{task}.tags"
 
 
 def hooked(task: str = "tasks") -> str:

@@ -41,6 +41,7 @@ from shared.smtp import (
 # build_message, message_id_for (shared.message) and the host checks (shared.hosts) are re-exported
 # until every caller imports them from there.
 __all__ = [
+    "Acceptance",
     "Mailer",
     "SmtpAccount",
     "build_message",
@@ -100,8 +101,16 @@ class Mailer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def send(self, account: SmtpAccount, message: EmailMessage, *, deadline: float | None = None) -> str:
-        """Deliver one message from its From to its To; return the server's acceptance, e.g. "250 OK".
+    def send(
+        self,
+        account: SmtpAccount,
+        message: EmailMessage,
+        *,
+        deadline: float | None = None,
+        bcc: tuple[str, ...] = (),
+    ) -> Acceptance:
+        """Deliver one message from its From to its To and Cc, and to ``bcc`` (in the envelope only);
+        return the server's acceptance, e.g. "250 OK" (``.refused`` lists recipients refused with 5xx).
 
         deadline is the instant on this Mailer's clock by which the whole conversation is over, a new
         connection's resolve, connect, greeting, EHLO, STARTTLS and AUTH included (default: now + 0.8 ×
@@ -117,7 +126,7 @@ class Mailer:
             raise TransientSmtpError(
                 f"{account.host}:{account.port}: the deadline passed before the send began"
             )
-        outgoing = Outgoing.of(message)
+        outgoing = Outgoing.of(message, bcc)
         key = self._key(account)
         guard = self._watchdog.start(deadline)
         try:
@@ -260,7 +269,7 @@ class Mailer:
         guard: Guard,
         *,
         reused: bool,
-    ) -> str:
+    ) -> Acceptance:
         smtp = connection.smtp
         refusal = self._refuse_before_sending(smtp, account, outgoing)
         if refusal is not None:
@@ -277,9 +286,18 @@ class Mailer:
             if code != 250:
                 raise smtplib.SMTPResponseException(code, reply)
             stage = "RCPT TO"
-            code, reply = smtp.rcpt(outgoing.recipient)
-            if code not in (250, 251):
-                raise smtplib.SMTPResponseException(code, reply)
+            refused = []
+            for address in outgoing.recipients:
+                code, reply = smtp.rcpt(address)
+                if code not in (250, 251):
+                    refused.append((address, code, _text(reply)))
+            if refused:
+                # A 4xx for anyone: nothing is sent yet, so the whole mail is retried later (nobody gets
+                # it twice). Only 5xx: the others get it, unless nobody is left.
+                address, code, text = next((r for r in refused if r[1] < 500), refused[0])
+                if code < 500 or len(refused) == len(outgoing.recipients):
+                    who = f" <{address}>" if len(outgoing.recipients) > 1 else ""
+                    raise smtplib.SMTPResponseException(code, text + who)
             # From here on the server may have accepted the message, so nothing below is ever retried.
             stage = "DATA"
             code, reply = smtp.data(outgoing.data)
@@ -298,7 +316,7 @@ class Mailer:
             raise error from None
         connection.messages += 1
         self._finish(key, connection, guard, healthy=True)
-        return f"{code} {_text(reply)}".strip()
+        return Acceptance(f"{code} {_text(reply)}".strip(), tuple(f"<{a}> {c} {t}" for a, c, t in refused))
 
     def _refuse_before_sending(
         self, smtp: PinnedSMTP, account: SmtpAccount, outgoing: Outgoing
@@ -362,6 +380,18 @@ class Mailer:
         if isinstance(exc, OSError):
             return TransientSmtpError(f"{where}: {exc.strerror or exc} during {stage}{maybe}")
         return TransientSmtpError(f"{where}: {type(exc).__name__} during {stage}{maybe}")
+
+
+class Acceptance(str):
+    """The server's reply to DATA; ``refused`` names the recipients it refused for good (5xx to RCPT),
+    who did not get the mail while everyone else did."""
+
+    refused: tuple[str, ...]
+
+    def __new__(cls, reply: str, refused: tuple[str, ...] = ()) -> Acceptance:
+        self = super().__new__(cls, reply)
+        self.refused = refused
+        return self
 
 
 class _StaleConnection(Exception):

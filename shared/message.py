@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.generator import BytesGenerator
-from email.headerregistry import HeaderRegistry
+from email.headerregistry import Address, HeaderRegistry
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from email.utils import format_datetime
@@ -41,26 +42,106 @@ class _CachedHeaderRegistry(HeaderRegistry):
         return cls
 
 
-# email.policy.default in every rule; only the header classes are cached.
-POLICY = default_policy.clone(header_factory=_CachedHeaderRegistry())
+# email.policy.default in every rule, except: header classes are cached, and a header we set raw (an
+# ASCII value the user wrote, e.g. a long List-Unsubscribe URL) is written as set instead of being
+# refolded into RFC 2047 encoded-words that would break it.
+POLICY = default_policy.clone(header_factory=_CachedHeaderRegistry(), refold_source="none")
+_FOLD_AT = 78  # RFC 5322's recommended line length; our raw headers are folded at spaces near it
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str  # type/subtype
+    data: bytes
 
 
 def build_message(
-    *, sender: str, recipient: str, subject: str, body: str, message_id: str, date: datetime
+    *,
+    sender: str,
+    recipient: str,
+    subject: str,
+    body: str | None,
+    message_id: str,
+    date: datetime,
+    html: str | None = None,
+    from_name: str | None = None,
+    recipient_name: str | None = None,
+    cc: Sequence[str] = (),
+    reply_to: str | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    attachments: Sequence[Attachment] = (),
 ) -> EmailMessage:
-    """A plain-text message under the default policy; raise ValueError for CR, LF or NUL in a header."""
-    headers = {"From": sender, "To": recipient, "Subject": subject, "Message-ID": message_id}
-    for name, value in headers.items():
+    """The message under the default policy: the text part, the HTML part (both: multipart/alternative,
+    text first), attachments (multipart/mixed). Bcc is no argument: it never reaches a header.
+
+    Raise ValueError for CR, LF or NUL (or another line break) in a header, or a mail without a part.
+    """
+    values = [sender, recipient, subject, message_id, from_name or "", recipient_name or "", reply_to or ""]
+    values += [*cc, *(n for n, _ in headers), *(v for _, v in headers), *(a.filename for a in attachments)]
+    for value in values:
         if LINE_BREAKS.search(value):
             # The API refuses these with a 422 already; this keeps a header injection out if it slips through.
-            raise ValueError(f"{name} must not contain CR, LF or NUL (or another line break)")
+            raise ValueError("a header must not contain CR, LF or NUL (or another line break)")
+    if body is None and html is None:
+        raise ValueError("a mail needs a text or an HTML part")
     message = EmailMessage(policy=POLICY)
-    for name, value in headers.items():
-        message[name] = value
+    message["From"] = _address(sender, from_name)
+    message["To"] = _address(recipient, recipient_name)
+    if cc:
+        message["Cc"] = [_address(a) for a in cc]
+    if reply_to:
+        message["Reply-To"] = _address(reply_to)
+    message["Subject"] = subject
+    message["Message-ID"] = message_id
     message["Date"] = format_datetime(date)  # a naive datetime is written as UTC with "-0000"
-    # quoted-printable keeps non-ASCII bodies 7-bit clean for servers without 8BITMIME.
-    message.set_content(body, cte=None if body.isascii() else "quoted-printable")
+    for name, value in headers:
+        if value.isascii():
+            message.set_raw(name, _fold(value))  # exactly as written (a URL, a Message-ID list)
+        else:
+            message[name] = value  # RFC 2047 (only X-… headers may hold non-ASCII text)
+    if body is not None:
+        message.set_content(body, cte=_text_cte(body))
+        if html is not None:
+            message.add_alternative(html, subtype="html", cte=_text_cte(html))
+    else:
+        message.set_content(html, subtype="html", cte=_text_cte(html))
+    for attachment in attachments:
+        maintype, _, subtype = attachment.content_type.partition("/")
+        message.add_attachment(attachment.data, maintype, subtype, filename=attachment.filename)
+    for part in message.walk():
+        if part is not message:
+            del part["MIME-Version"]  # the email package repeats it in every part it makes; once is enough
     return message
+
+
+def _address(addr_spec: str, name: str | None = None) -> Address:
+    # username/domain, not addr_spec=: the parser refuses a non-ASCII local part, which SMTPUTF8 allows.
+    username, _, domain = addr_spec.rpartition("@")
+    return Address(display_name=name or "", username=username, domain=domain)
+
+
+def _text_cte(text: str) -> str | None:
+    """7bit for ASCII (the email package decides); quoted-printable keeps mostly-Latin text readable and
+    7-bit clean for servers without 8BITMIME; base64 when it is shorter (e.g. Cyrillic, CJK)."""
+    if text.isascii():
+        return None
+    data = text.encode("utf-8", "surrogateescape")
+    non_ascii = len(data) - len(data.decode("ascii", "ignore"))
+    return "quoted-printable" if 3 * non_ascii < len(data) // 2 else "base64"
+
+
+def _fold(value: str) -> str:
+    """An ASCII header value folded at spaces into lines of about _FOLD_AT (a longer word stays whole)."""
+    lines, line = [], ""
+    for word in value.split(" "):
+        if line and len(line) + 1 + len(word) > _FOLD_AT:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}" if line else word
+    lines.append(line)
+    return "\n ".join(lines)
 
 
 def message_id_for(task_id: int, sender_email: str) -> str:
@@ -82,24 +163,34 @@ class Outgoing:
     """The envelope and the wire bytes of one message, computed once however often we connect."""
 
     sender: str
-    recipient: str
+    recipients: tuple[str, ...]  # To, Cc and Bcc, each address once (in that order)
     data: bytes  # CRLF line endings, not yet dot-stuffed
     options: tuple[str, ...]  # MAIL FROM parameters the addresses need (SMTPUTF8)
 
     @classmethod
-    def of(cls, message: EmailMessage) -> Outgoing:
-        """Raise PermanentSmtpError unless From and To hold exactly one address each."""
-        sender, recipient = _address(message, "From"), _address(message, "To")
-        international = not (sender + recipient).isascii()
+    def of(cls, message: EmailMessage, bcc: Iterable[str] = ()) -> Outgoing:
+        """The envelope from the headers plus ``bcc`` (which no header shows).
+
+        Raise PermanentSmtpError unless From holds exactly one address and To at least one."""
+        (sender,) = _addresses(message, "From", exactly_one=True)
+        seen: set[str] = set()
+        recipients = []
+        for address in (*_addresses(message, "To"), *_addresses(message, "Cc", optional=True), *bcc):
+            if address.lower() not in seen:  # the same mailbox in To and Bcc gets one copy
+                seen.add(address.lower())
+                recipients.append(address)
+        international = not all(a.isascii() for a in (sender, *recipients))
         buffer = io.BytesIO()
         policy = message.policy.clone(linesep="\r\n", utf8=international)
         BytesGenerator(buffer, policy=policy).flatten(message)
         options = ("SMTPUTF8", "BODY=8BITMIME") if international else ()
-        return cls(sender, recipient, buffer.getvalue(), options)
+        return cls(sender, tuple(recipients), buffer.getvalue(), options)
 
 
-def _address(message: EmailMessage, name: str) -> str:
-    addresses = getattr(message[name], "addresses", ())
-    if len(addresses) != 1 or not addresses[0].addr_spec:
-        raise PermanentSmtpError(f"the message needs exactly one {name} address")
-    return addresses[0].addr_spec
+def _addresses(message: EmailMessage, name: str, *, exactly_one=False, optional=False) -> list[str]:
+    found = [a.addr_spec for a in getattr(message[name], "addresses", ()) if a.addr_spec]
+    if (exactly_one and len(found) != 1) or (not found and not optional):
+        raise PermanentSmtpError(
+            f"the message needs {'exactly' if exactly_one else 'at least'} one {name} address"
+        )
+    return found

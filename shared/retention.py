@@ -4,8 +4,9 @@ A table that only grows is a slow outage: every index, every vacuum and every ba
 sent long ago. Mail services keep 30 to 45 days. The sweep runs one purge per pass (its KEDA trigger
 counts expired rows too, so the job runs while any are left); each pass deletes at most
 MAX_BATCHES_PER_PASS x SWEEP_BATCH rows, oldest first, from the ``tasks_retention`` index, with
-``SKIP LOCKED`` so two sweeps never wait on each other. A task's content, events and deliveries go
-with it (foreign keys ON DELETE CASCADE); so does its Idempotency-Key, which lives on the row.
+``SKIP LOCKED`` so two sweeps never wait on each other. A task's content, tags, events and
+deliveries go with it (foreign keys ON DELETE CASCADE); so does its Idempotency-Key, which lives on
+the row; a batch enqueue's key (task_batches) expires after the same number of days.
 """
 
 from __future__ import annotations
@@ -17,6 +18,16 @@ from shared.config import Settings
 from shared.sweep_sql import FINAL_STATUSES
 
 MAX_BATCHES_PER_PASS = 10  # a pass stays short; the next one (30 s later) goes on
+
+# A batch enqueue's Idempotency-Key (task_batches) expires with the age of its tasks.
+_PURGE_BATCHES_SQL = sa.text(
+    """
+    DELETE FROM task_batches
+     WHERE ctid = ANY(ARRAY(SELECT ctid FROM task_batches
+                             WHERE created_at < now() - make_interval(days => :days)
+                             ORDER BY created_at LIMIT :batch FOR UPDATE SKIP LOCKED))
+    """
+)
 
 _PURGE_SQL = sa.text(
     f"""
@@ -34,10 +45,13 @@ def purge_once(settings: Settings, engine: Engine) -> int:
     if days <= 0:
         return 0
     deleted = 0
+    params = {"days": days, "batch": settings.sweep_batch}
     for _ in range(MAX_BATCHES_PER_PASS):
         with engine.begin() as conn:
-            count = conn.execute(_PURGE_SQL, {"days": days, "batch": settings.sweep_batch}).rowcount
+            count = conn.execute(_PURGE_SQL, params).rowcount
         deleted += count
         if count < settings.sweep_batch:
             break
+    with engine.begin() as conn:
+        conn.execute(_PURGE_BATCHES_SQL, params)
     return deleted

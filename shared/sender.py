@@ -46,9 +46,11 @@ from shared.errors import (
     SmtpError,
     TransientSmtpError,
 )
+from shared.inflight import INLINE_BYTES, Inflight
 from shared.mailer import SmtpAccount
 from shared.message import build_message
 from shared.sendqueue import SendQueue, Taken
+from shared.storage import attachments_of
 from shared.workers import BLOCK_SECONDS, Outcome, Worker, backoff_seconds, dependency_of, utcnow
 
 log = logging.getLogger("mailq.sender")
@@ -65,7 +67,7 @@ class Claim:
     budget_base: int
     recipient_email: str
     subject: str
-    body: str
+    body: str | None
     message_id: str
     created_at: datetime
     sender_email: str
@@ -75,6 +77,21 @@ class Claim:
     smtp_password_enc: str
     smtp_security: str
     account_version: datetime  # users.updated_at: a pause applies only to the credentials we used
+    # What the mail carries beyond the seed's fields (task_contents). A large mail (content_bytes over
+    # shared.inflight.INLINE_BYTES) comes without its body, HTML and attachment bytes: they are read
+    # once this sender has room for them (not loaded yet).
+    content_bytes: int = 0
+    loaded: bool = True
+    html: str | None = None
+    from_name: str | None = None
+    recipient_name: str | None = None
+    cc: list[str] | None = None
+    bcc: list[str] | None = None
+    reply_to: str | None = None
+    headers: list[list[str]] | None = None
+    attachments: list[dict] | None = None  # filename, content_type, size
+    attachment_data: bytes | None = None
+    claimed_at: float = 0.0  # the sender's clock at the claim: the conversation's deadline counts from it
 
     @property
     def tries_used(self) -> int:
@@ -82,21 +99,32 @@ class Claim:
 
 
 # The claim is the start of an attempt: it spends a try and takes the lease, only while the task is
-# queued (a duplicate envelope finds nothing), has a try left, and its account is not paused.
+# queued (a duplicate envelope finds nothing), has a try left, and its account is not paused. It
+# brings the mail's content along in the same statement (a plain mail has no task_contents row),
+# except a large mail's body, HTML and attachment bytes (shared.inflight).
+_CONTENT_BYTES = (
+    "(COALESCE(octet_length(t.body), 0) + COALESCE(octet_length(c.html), 0)"
+    " + COALESCE(octet_length(c.attachment_data), 0))"
+)
 _CLAIM_SQL = sa.text(
-    """
+    f"""
     UPDATE tasks AS t
        SET status = 'processing',
            try_count = t.try_count + 1,
            lease_until = now() + make_interval(secs => :lease),
            updated_at = now()
-      FROM users AS u
+      FROM users AS u LEFT JOIN task_contents AS c ON c.task_id = :id
      WHERE t.id = :id AND t.status = 'queued' AND t.try_count - t.budget_base < :max_tries
        AND u.id = t.user_id AND u.smtp_paused_at IS NULL
- RETURNING t.id, t.user_id, t.try_count, t.budget_base, t.recipient_email, t.subject, t.body,
+ RETURNING t.id, t.user_id, t.try_count, t.budget_base, t.recipient_email, t.subject,
            t.message_id, t.created_at, u.email AS sender_email, u.smtp_host, u.smtp_port,
-           u.smtp_username, u.smtp_password_enc, u.smtp_security, u.updated_at AS account_version
-    """
+           u.smtp_username, u.smtp_password_enc, u.smtp_security, u.updated_at AS account_version,
+           {_CONTENT_BYTES} AS content_bytes, {_CONTENT_BYTES} <= :inline AS loaded,
+           CASE WHEN {_CONTENT_BYTES} <= :inline THEN t.body END AS body,
+           CASE WHEN {_CONTENT_BYTES} <= :inline THEN c.html END AS html,
+           c.from_name, c.recipient_name, c.cc, c.bcc, c.reply_to, c.headers, c.attachments,
+           CASE WHEN {_CONTENT_BYTES} <= :inline THEN c.attachment_data END AS attachment_data
+    """  # noqa: S608 - _CONTENT_BYTES is a constant
 )
 
 # Why a claim found nothing (the rare path: duplicate envelope, no tries left, account paused).
@@ -189,6 +217,7 @@ class Sender(Worker):
         self._idle = threading.Semaphore(settings.worker_count)
         self._busy = 0  # conversation threads at work right now (a gauge)
         self._dispatching = threading.Event()
+        self.inflight = Inflight(engine, settings.sender_content_memory)
 
     # --- taking work ---
 
@@ -256,10 +285,11 @@ class Sender(Worker):
             "id": task_id,
             "lease": self.settings.lease_seconds,
             "max_tries": self.settings.max_try_count,
+            "inline": INLINE_BYTES,
         }
         with self.engine.begin() as conn:
             row = conn.execute(_CLAIM_SQL, params).one_or_none()
-        return None if row is None else Claim(**row._asdict())
+        return None if row is None else Claim(**row._asdict(), claimed_at=self.clock())
 
     def _unclaimable(self, item: Taken, task_id: int) -> Outcome:
         cancelled, created = False, []
@@ -290,8 +320,9 @@ class Sender(Worker):
         """Send a claimed task and record what happened; no transaction is open while SMTP talks.
 
         ``item`` is the envelope it came with, given back on a worker fault or a pause."""
-
-        deadline = self.clock() + self.settings.smtp_deadline
+        if not claim.loaded:  # a large mail: it waits for room in this sender, then reads its content
+            return self._attempt_in_room(claim, item)
+        deadline = (claim.claimed_at or self.clock()) + self.settings.smtp_deadline
         try:
             password = self.box.decrypt(claim.smtp_password_enc)  # decrypted here, only for this send
         except ConfigError as exc:
@@ -311,6 +342,13 @@ class Sender(Worker):
                 body=claim.body,
                 message_id=claim.message_id,
                 date=self.now(),
+                html=claim.html,
+                from_name=claim.from_name,
+                recipient_name=claim.recipient_name,
+                cc=claim.cc or (),
+                reply_to=claim.reply_to,
+                headers=[tuple(h) for h in claim.headers or ()],
+                attachments=attachments_of(claim.attachments, claim.attachment_data),
             )
         except Exception as exc:  # the task's own content: no try will do better
             reason = f"the mail cannot be built: {exc}"[:1000]
@@ -324,7 +362,7 @@ class Sender(Worker):
         )
         try:
             with self.metrics.smtp_seconds.time():
-                self.mailer.send(account, message, deadline=deadline)
+                accepted = self.mailer.send(account, message, deadline=deadline, bcc=tuple(claim.bcc or ()))
         except SmtpAuthError as exc:
             return self._pause(claim, item, _reason(exc))
         except TransientSmtpError as exc:
@@ -336,7 +374,29 @@ class Sender(Worker):
         except Exception as exc:  # a bug must not loop forever: a try spent, bounded by the budget
             log.exception("%s: task %d could not be sent", self.id, claim.id)
             return self._transient(claim, f"internal error: {type(exc).__name__}")
-        return self.record(claim, Status.SENT, None)
+        return self.record(claim, Status.SENT, _refused(accepted))
+
+    def _attempt_in_room(self, claim: Claim, item: Taken | None) -> Outcome:
+        # Half the conversation's time at most; the other half is left for SMTP.
+        wait = max(0.0, claim.claimed_at + self.settings.smtp_deadline / 2 - self.clock())
+        try:
+            entered = self.inflight.enter(claim, wait)
+        except Exception as exc:  # PostgreSQL gone while reading the content: a worker fault
+            log.warning("%s: reading task %d's content failed (%s)", self.id, claim.id, type(exc).__name__)
+            return self._give_back_claim(claim, item, None)
+        if entered is None:
+            log.info(
+                "%s: no room for task %d (%d bytes) in time; given back",
+                self.id,
+                claim.id,
+                claim.content_bytes,
+            )
+            return self._give_back_claim(claim, item, None, fault=False)
+        full, reserved = entered
+        try:
+            return self.attempt(full, item)
+        finally:
+            self.inflight.leave(reserved)
 
     def _transient(self, claim: Claim, reason: str, code: int | None = None) -> Outcome:
         if claim.tries_used >= self.settings.max_try_count:
@@ -346,7 +406,9 @@ class Sender(Worker):
         delay = backoff_seconds(claim.tries_used, s.retry_backoff_base, s.retry_backoff_max, self.rng)
         return self.record(claim, Status.FAILED, reason, delay=delay, code=code)
 
-    def _give_back_claim(self, claim: Claim, item: Taken | None, reason: str | None) -> Outcome:
+    def _give_back_claim(
+        self, claim: Claim, item: Taken | None, reason: str | None, *, fault: bool = True
+    ) -> Outcome:
         """A worker fault: the claim goes back without spending a try, and this sender backs off."""
         try:
             with self.engine.begin() as conn:
@@ -355,7 +417,8 @@ class Sender(Worker):
             log.warning("%s: could not give task %d back (%s)", self.id, claim.id, type(exc).__name__)
         if item is not None:
             self._give_back_quietly(item, claim.id)
-        self.fault()
+        if fault:
+            self.fault()
         return Outcome.RELEASED
 
     def _pause(self, claim: Claim, item: Taken | None, reason: str) -> Outcome:
@@ -555,6 +618,16 @@ def _task_id_or_zero(item: Taken) -> int:
         return item.task_id
     except EnvelopeDecodeError:
         return 0
+
+
+def _refused(accepted) -> str | None:
+    """What a sent task's last_error says when the server refused some of its recipients (5xx)."""
+    refused = getattr(accepted, "refused", ())
+    return (
+        f"sent, but the server refused {len(refused)} recipient(s): {'; '.join(refused)}"[:1000]
+        if refused
+        else None
+    )
 
 
 def _reason(exc: SmtpError) -> str:

@@ -7,17 +7,14 @@ envelope pushed after. A failed push loses nothing; the sweep pushes the row lat
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
 import logging
-import uuid
 from typing import Any
 
 import redis
 import sqlalchemy as sa
 
-from shared import queue
-from shared.db import tasks
+from shared import content, queue, storage
+from shared.db import task_contents, task_tags, tasks
 from shared.domain import FAILURES, PENDING, Status
 from shared.errors import NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
 from shared.services import Context
@@ -25,7 +22,7 @@ from shared.validation import Fields
 
 log = logging.getLogger("mailq.tasks")
 
-MAX_SUBJECT = 998  # RFC 5322's line limit
+MAX_SUBJECT = content.MAX_SUBJECT
 MAX_IDEMPOTENCY_KEY = 255
 DEFAULT_PAGE, MAX_PAGE = 50, 500
 MAX_ID = 2**63 - 1  # ids are bigint
@@ -45,6 +42,7 @@ VIEW_COLUMNS = (
     tasks.c.created_at,
     tasks.c.updated_at,
     tasks.c.sent_at,
+    tasks.c.tags,
 )
 
 
@@ -76,24 +74,21 @@ def task_view(row: Any, *, max_tries: int, with_body: bool = False) -> dict[str,
         "created_at": _iso(row.created_at),
         "updated_at": _iso(row.updated_at),
         "sent_at": _iso(row.sent_at),
+        "tags": row.tags,
     }
     if with_body:
         view["body"] = row.body
+        view.update(storage.content_view(row))
     return view
 
 
 def request_limit(ctx: Context) -> int:
-    """Largest enqueue request accepted before parsing: room for a JSON-escaped body at the limit.
-
-    JSON may spell any character as a six-byte ``\\uXXXX`` escape, and an ASCII or control character
-    is one byte of the body: a full-size body can arrive six times its size. The 64 KiB are for the
-    other fields. The cluster's gateway takes its client_max_body_size from this function
-    (deployment/gen_gateway.py), so the two limits cannot disagree.
-    """
-    return 6 * ctx.settings.max_body_bytes + 64 * 1024
+    """Largest enqueue request accepted before parsing (shared.content.request_limit says why)."""
+    return content.request_limit(ctx.settings)
 
 
-def _idempotency_key(header: str | None) -> str | None:
+def idempotency_key(header: str | None) -> str | None:
+    """The Idempotency-Key header, trimmed; 422 unless 1 to 255 printable ASCII characters."""
     if header is None:
         return None
     key = header.strip()
@@ -104,49 +99,26 @@ def _idempotency_key(header: str | None) -> str | None:
     return key
 
 
-def _request_hash(body: dict[str, Any]) -> str:
-    fields = {k: body.get(k) for k in ("recipient_email", "subject", "body", "scheduled_at")}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
 def enqueue(
     ctx: Context, user_id: int, body: dict[str, Any], idempotency_header: str | None
 ) -> tuple[dict, bool]:
     """Store a mail for ``user_id`` and wake a consumer. Returns (result, created).
 
-    One statement both checks that the user still exists and inserts the row (the user's email
+    One statement both checks that the user still exists and inserts the rows (the user's email
     gives the Message-ID its domain), so an enqueue costs a single round trip to PostgreSQL.
     """
-    key = _idempotency_key(idempotency_header)
-    f = Fields(body)
-    recipient = f.email("recipient_email")
-    subject = f.string("subject", max_len=MAX_SUBJECT, allow_empty=True)
-    text = body.get("body")
-    if text is None:
-        f.fail("body", "is required")
-    elif not isinstance(text, str):
-        f.fail("body", "must be a string")
-    elif "\x00" in text:
-        f.fail("body", "must not contain NUL characters")
-    elif len(text.encode("utf-8", "surrogatepass")) > ctx.settings.max_body_bytes:
-        raise PayloadTooLarge(f"The mail body must be at most {ctx.settings.max_body_bytes} bytes.")
-    scheduled_at = f.timestamp("scheduled_at")  # absent or in the past: now, on PostgreSQL's clock
-    if f.errors:
-        raise ValidationFailed(f.errors)
-
-    params = {
-        "user_id": user_id,
-        "recipient_email": recipient,
-        "subject": subject,
-        "body": text,
-        "at": scheduled_at,
-        "token": uuid.uuid4().hex,
-        "idempotency_key": key,
-        "request_hash": _request_hash(body) if key else None,
-    }
+    key = idempotency_key(idempotency_header)
+    parsed = content.parse(body, ctx.settings)
+    if parsed.too_large:
+        detail = next(iter(parsed.too_large.values()))
+        raise PayloadTooLarge(detail[0].upper() + detail[1:] + ".")
+    if parsed.errors:
+        raise ValidationFailed(parsed.errors)
+    request_hash = content.request_hash(body) if key else None
     with ctx.engine.begin() as conn:
-        row = conn.execute(_INSERT_SQL, params).one_or_none()
-        created = row is not None
+        rows = storage.insert(conn, user_id, [parsed.mail], idempotency_key=key, request_hash=request_hash)
+        created = bool(rows)
+        row = rows[0] if rows else None
         if not created:
             row = conn.execute(
                 sa.select(tasks.c.id, tasks.c.status, tasks.c.scheduled_at, tasks.c.request_hash).where(
@@ -155,7 +127,7 @@ def enqueue(
             ).one_or_none()
             if row is None:  # no conflict, so nothing was inserted because the user is gone
                 raise Unauthorized("The token's user does not exist.")
-            if row.request_hash != params["request_hash"]:
+            if row.request_hash != request_hash:
                 raise ValidationFailed(
                     {"Idempotency-Key": "was already used with a different request body"},
                     "This Idempotency-Key belongs to another request.",
@@ -164,28 +136,6 @@ def enqueue(
         push(ctx.redis, [row.id])
     result = {"task_id": row.id, "status": row.status, "scheduled_at": row.scheduled_at.isoformat()}
     return result, created
-
-
-# The Message-ID is fixed for the task's life, so a duplicate after a lost SMTP reply is recognisable.
-# Whether the task is due yet is decided on PostgreSQL's clock, the one the sweep and senders use.
-_INSERT_SQL = sa.text(
-    """
-    INSERT INTO tasks (user_id, recipient_email, subject, body, status, scheduled_at, next_attempt_at,
-                       message_id, idempotency_key, request_hash)
-    SELECT u.id, :recipient_email, :subject, :body,
-           CASE WHEN CAST(:at AS timestamptz) > now() THEN 'scheduled' ELSE 'queued' END,
-           GREATEST(COALESCE(CAST(:at AS timestamptz), now()), now()),
-           GREATEST(COALESCE(CAST(:at AS timestamptz), now()), now()),
-           '<mailq.' || :token || '@' || CASE WHEN split_part(u.email, '@', 2) ~ '^[A-Za-z0-9.-]+$'
-                                              THEN lower(split_part(u.email, '@', 2))
-                                              ELSE 'mailq.invalid' END || '>',
-           :idempotency_key, :request_hash
-      FROM users AS u
-     WHERE u.id = :user_id
-        ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id, status, scheduled_at, request_hash
-    """
-)
 
 
 def push(client: redis.Redis, task_ids: list[int]) -> bool:
@@ -200,11 +150,20 @@ def push(client: redis.Redis, task_ids: list[int]) -> bool:
         return False
 
 
+_CONTENT_COLUMNS = tuple(
+    c
+    for c in task_contents.c
+    if c.name in ("html", "from_name", "recipient_name", "cc", "bcc", "reply_to", "headers", "attachments")
+)  # everything but the attachments' bytes
+
+
 def get_task(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
-    columns = (*VIEW_COLUMNS, tasks.c.body)
+    columns = (*VIEW_COLUMNS, tasks.c.body, *_CONTENT_COLUMNS)
     with ctx.engine.connect() as conn:
         row = conn.execute(
-            sa.select(*columns).where(tasks.c.id == task_id, tasks.c.user_id == caller_id)
+            sa.select(*columns)
+            .select_from(tasks.outerjoin(task_contents, task_contents.c.task_id == tasks.c.id))
+            .where(tasks.c.id == task_id, tasks.c.user_id == caller_id)
         ).one_or_none()
     if row is None:
         raise NotFound("No such task.")
@@ -235,10 +194,11 @@ def list_tasks(
     limit: int,
     cursor: str | None,
     recipient: str | None = None,
+    tag: str | None = None,
 ) -> dict[str, Any]:
-    """One page of the caller's tasks in ``statuses`` (and to ``recipient``, when given), oldest
-    first, keyset-paginated on id."""
-    query = list_query(caller_id, statuses, limit + 1, _decode_cursor(cursor), recipient)
+    """One page of the caller's tasks in ``statuses`` (and to ``recipient``, with ``tag``, when
+    given), oldest first, keyset-paginated on id."""
+    query = list_query(caller_id, statuses, limit + 1, _decode_cursor(cursor), recipient, tag)
     with ctx.engine.connect() as conn:
         rows = conn.execute(query).all()
     items = [task_view(r, max_tries=ctx.settings.max_try_count) for r in rows[:limit]]
@@ -247,7 +207,12 @@ def list_tasks(
 
 
 def list_query(
-    caller_id: int, statuses: tuple[str, ...], limit: int, after: int, recipient: str | None = None
+    caller_id: int,
+    statuses: tuple[str, ...],
+    limit: int,
+    after: int,
+    recipient: str | None = None,
+    tag: str | None = None,
 ) -> sa.Select:
     """The list statement (tests EXPLAIN it): each filter is served by an index of shared.db."""
     query = (
@@ -256,6 +221,12 @@ def list_query(
         .order_by(tasks.c.id)
         .limit(limit)
     )
+    if tag is not None:
+        # The tag's rows in task id order (task_tags_user_tag_task), each task found by its key.
+        query = query.join(task_tags, task_tags.c.task_id == tasks.c.id).where(
+            task_tags.c.user_id == caller_id, task_tags.c.tag == tag, task_tags.c.task_id > after
+        )
+        query = query.order_by(None).order_by(task_tags.c.task_id)
     if recipient is not None:
         query = query.where(tasks.c.recipient_email == recipient)
     if len(statuses) == 1:

@@ -53,8 +53,8 @@ class Fields:
             return None
         return value
 
-    def email(self, name: str) -> str | None:
-        value = self.string(name, max_len=254)
+    def email(self, name: str, *, required: bool = True) -> str | None:
+        value = self.string(name, max_len=254, required=required)
         if value is None:
             return None
         try:

@@ -53,6 +53,13 @@ class _Handler:
     def __init__(self, server: ScriptedSmtpServer):
         self.server = server
 
+    async def handle_RCPT(self, smtp, session, envelope, address, rcpt_options):
+        refusal = self.server.refuse.get(address)
+        if refusal is not None:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
     async def handle_DATA(self, smtp, session, envelope):
         server = self.server
         with server._lock:
@@ -116,6 +123,8 @@ class ScriptedSmtpServer:
 
     tls_context offers STARTTLS with that server context; with implicit_tls=True it speaks TLS from the
     first byte instead. auth(username, password) -> bool turns AUTH on (also without TLS).
+    smtputf8=False hides SMTPUTF8 (aiosmtpd offers it by default); refuse maps a recipient address to
+    the reply its RCPT TO gets instead of 250.
     """
 
     def __init__(
@@ -125,6 +134,8 @@ class ScriptedSmtpServer:
         tls_context: ssl.SSLContext | None = None,
         implicit_tls: bool = False,
         auth: Callable[[str, str], bool] | None = None,
+        smtputf8: bool = True,
+        refuse: dict[str, str] | None = None,
     ):
         self.host = "127.0.0.1"
         self.port = 0
@@ -143,6 +154,8 @@ class ScriptedSmtpServer:
         self._tls_context = tls_context
         self._implicit_tls = implicit_tls
         self._auth = auth
+        self._smtputf8 = smtputf8
+        self.refuse = dict(refuse or {})
         self._controller: _Controller | None = None
 
     @property
@@ -169,6 +182,7 @@ class ScriptedSmtpServer:
             kwargs["tls_context"] = self._tls_context
         if self._auth is not None:
             kwargs.update(authenticator=self._authenticate, auth_require_tls=False)
+        kwargs["enable_SMTPUTF8"] = self._smtputf8
         self.port = free_port(self.host)
         self._controller = _Controller(self, hostname=self.host, port=self.port, **kwargs)
         self._controller.start()

@@ -265,6 +265,23 @@ def test_a_scheduled_mail_is_moved_with_the_reschedule_form(stack, browser, shot
     page.screenshot(path=shots / "5-rescheduled.png")
 
 
+def test_the_tag_filter_lists_only_that_tags_mails_and_the_list_shows_tags(stack, browser):
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    spring = enqueue(stack, subject="Spring", tags={"campaign": "spring"}, scheduled_at=in_seconds(86400))
+    summer = enqueue(stack, subject="Summer", tags={"campaign": "summer"}, scheduled_at=in_seconds(86400))
+    page.locator("#filters select[name=status]").select_option("scheduled")
+    page.get_by_label("Tag").fill("campaign:spring")
+    page.get_by_role("button", name="Apply").click()
+    row = page.locator(f'#task-table tr[data-id="{spring}"]')
+    expect(row.locator("td.tags")).to_have_text("campaign:spring")
+    expect(page.locator(f'#task-table tr[data-id="{summer}"]')).to_have_count(0)
+    page.get_by_label("Tag").fill("")
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator(f'#task-table tr[data-id="{summer}"]')).to_have_count(1)
+
+
 def test_the_page_broke_no_rule_of_its_policy_and_kept_the_token_out_of_cookies(stack, browser):
     page = browser["page"]
     assert browser["complaints"] == []  # a refused inline script or style is a console error

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from shared import batch
 from shared.config import Settings
 from shared.tasks import request_limit
 from tests.conftest import auth_header
@@ -130,9 +131,14 @@ def test_a_closed_keepalive_connection_is_retried_for_a_get_and_a_post_is_never_
     assert _ClosesItsKeepalive.seen == ["GET", "GET", "GET", "POST"], _ClosesItsKeepalive.seen
 
 
+def _cluster_ctx() -> types.SimpleNamespace:
+    env = _read_env_file(CONFIG_ENV)
+    sizes = {k: env[k] for k in ("MAX_BODY_BYTES", "MAX_ATTACHMENT_BYTES", "MAX_BATCH_BYTES")}
+    return types.SimpleNamespace(settings=Settings.from_env(sizes))
+
+
 def _app_limit() -> int:
-    max_body = _read_env_file(CONFIG_ENV)["MAX_BODY_BYTES"]
-    return request_limit(types.SimpleNamespace(settings=Settings.from_env({"MAX_BODY_BYTES": max_body})))
+    return request_limit(_cluster_ctx())
 
 
 def _full_size_bodies(max_body: int) -> dict[str, bytes]:
@@ -206,3 +212,41 @@ def test_the_enqueue_function_accepts_a_full_size_body_spelt_in_unicode_escapes(
             "/api/v1/task/enqueue", data=body, content_type="application/json", headers=auth_header(token)
         )
         assert response.status_code == 202, f"{name}: {response.status_code} {response.get_data()[:200]}"
+
+
+def test_the_batch_path_has_the_batch_functions_own_limit():
+    (http_block,) = [d for d in parse_nginx(gen_gateway.render_nginx()) if d.name == "http"]
+    (server,) = [s for s in http_block.all("server") if s.arg("listen") == ["8080", "default_server"]]
+    (location,) = [d for d in server.all("location") if d.args == ["=", "/api/v1/task/enqueue/batch"]]
+    assert location.arg("client_max_body_size") == [str(batch.request_limit(_cluster_ctx()))]
+    assert batch.request_limit(_cluster_ctx()) > _app_limit()  # else it would need no location of its own
+
+
+def test_a_batch_larger_than_a_single_enqueue_passes_the_gateway_and_one_over_its_limit_does_not():
+    upstream = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Accepts)
+    upstream.daemon_threads = True
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    body = b'{"tasks": []' + b" " * (_app_limit() + 1024) + b"}"
+    over = b"{" + b" " * batch.request_limit(_cluster_ctx()) + b"}"
+    statuses = {}
+    try:
+        with gateway_to(upstream.server_address[1]) as port:
+            for name, path, data in [
+                ("batch", "/api/v1/task/enqueue/batch", body),
+                ("single", "/api/v1/task/enqueue", body),
+                ("batch over", "/api/v1/task/enqueue/batch", over),
+            ]:
+                client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                client.request("POST", path, data, {"Content-Type": "application/json"})
+                response = client.getresponse()
+                statuses[name] = (response.status, response.getheader("Content-Type"))
+                response.read()
+                client.close()
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+    assert statuses == {
+        "batch": (202, None),
+        "single": (413, "application/problem+json"),
+        "batch over": (413, "application/problem+json"),
+    }

@@ -27,7 +27,7 @@ from referencing.jsonschema import DRAFT202012
 
 from functions import http as fhttp
 from functions import main, web
-from shared import routes, stats, tasks
+from shared import batch, routes, stats, tasks
 from shared.validation import SECURITY_CHOICES
 from tests.conftest import auth_header, login, register_user
 
@@ -668,3 +668,85 @@ def test_the_webhook_request_mailq_sends_is_documented_and_matches_a_real_one(ct
     headers = events.headers("msg_1", 1700000000, payload, [events.new_secret(), events.new_secret()])
     for parameter in hook["parameters"]:
         assert not schema_errors(parameter["schema"], headers[parameter["name"]]), parameter["name"]
+
+
+def test_the_content_and_batch_limits_match_the_code():
+    from shared import content
+    from shared.config import Settings
+
+    schemas, params = DOC["components"]["schemas"], DOC["components"]["parameters"]
+    request = schemas["EnqueueRequest"]["properties"]
+    assert set(content.NEW_FIELDS) <= set(request)
+    assert request["cc"]["maxItems"] == request["bcc"]["maxItems"] == content.MAX_ADDRESSES
+    assert request["headers"]["maxProperties"] == content.MAX_HEADERS
+    assert request["headers"]["additionalProperties"]["maxLength"] == content.MAX_HEADER_VALUE
+    assert request["attachments"]["maxItems"] == content.MAX_ATTACHMENTS
+    assert request["from_name"]["maxLength"] == request["recipient_name"]["maxLength"] == content.MAX_NAME
+    assert request["tags"]["maxProperties"] == content.MAX_TAGS
+    assert request["tags"]["additionalProperties"]["maxLength"] == content.MAX_TAG_VALUE
+    assert request["tags"]["propertyNames"]["pattern"] == content.TAG_KEY.pattern
+    assert schemas["Attachment"]["properties"]["filename"]["maxLength"] == content.MAX_FILENAME
+    assert params["Tag"]["schema"]["pattern"].startswith(content.TAG_KEY.pattern[:-1] + ":")
+    defaults = Settings.from_env({})
+    assert schemas["BatchRequest"]["properties"]["tasks"]["maxItems"] == defaults.max_batch
+    assert params["Validation"]["schema"]["enum"] == list(batch.MODES)
+
+
+def test_every_examples_entry_matches_its_schema():
+    checked = 0
+    for where, node in _walk(DOC):
+        if re.search(r"/content/[^/]+$", where) and "examples" in node:
+            for name, example in node["examples"].items():
+                errors = schema_errors(node["schema"], example["value"])
+                assert not errors, f"{where} {name}: the example does not match its schema: {errors}"
+                checked += 1
+    assert checked >= 2
+
+
+def test_live_content_and_batch(api):
+    register_user(api)
+    headers = auth_header(login(api))
+    examples = operation("POST", "/api/v1/task/enqueue")["requestBody"]["content"]["application/json"][
+        "examples"
+    ]
+    rich = examples["rich"]["value"]
+    created = check(
+        api.post("/api/v1/task/enqueue", json=rich, headers=headers), "POST", "/api/v1/task/enqueue", 202
+    )
+    task = check(
+        api.get(f"/api/v1/task/{created['task_id']}", headers=headers), "GET", "/api/v1/task/{id}", 200
+    )
+    assert task["tags"] == rich["tags"] and task["attachments"][0]["size"] == 70  # the PNG's bytes
+    listed = check(
+        api.get("/api/v1/task/queue?tag=campaign:reports", headers=headers), "GET", "/api/v1/task/queue", 200
+    )
+    assert [t["id"] for t in listed["items"]] == [created["task_id"]]
+    check(api.get("/api/v1/task/queue?tag=nocolon", headers=headers), "GET", "/api/v1/task/queue", 422)
+    check(
+        api.get("/api/v1/task/queue/fail?tag=campaign:reports", headers=headers),
+        "GET",
+        "/api/v1/task/queue/fail",
+        200,
+    )
+    bad = {**rich, "headers": {"From": "eve@example.org"}}
+    assert (
+        "headers.From"
+        in check(
+            api.post("/api/v1/task/enqueue", json=bad, headers=headers), "POST", "/api/v1/task/enqueue", 422
+        )["errors"]
+    )
+
+    path = "/api/v1/task/enqueue/batch"
+    example = operation("POST", path)["requestBody"]["content"]["application/json"]["example"]
+    assert_request_valid("POST", path, example)
+    stored = check(api.post(path, json=example, headers=headers), "POST", path, 202)
+    assert [i["status"] for i in stored["items"]] == ["queued", "queued"]
+    mixed = {"tasks": [*example["tasks"], {"recipient_email": "nobody", "subject": "x", "body": "x"}]}
+    answer = check(api.post(path + "?validation=permissive", json=mixed, headers=headers), "POST", path, 202)
+    assert list(answer["items"][2]) == ["errors"]
+    problem = check(api.post(path, json=mixed, headers=headers), "POST", path, 422)
+    assert list(problem["errors"]) == ["tasks[2].recipient_email"]
+    check(api.post(path + "?validation=loose", json=example, headers=headers), "POST", path, 422)
+    check(api.post(path, json=example), "POST", path, 401)
+    check(api.post(path, data="{", content_type="application/json", headers=headers), "POST", path, 400)
+    check(api.post(path, data="x", content_type="text/plain", headers=headers), "POST", path, 415)

@@ -125,3 +125,19 @@ def test_the_purge_is_served_by_the_retention_index(pg_url, clean):
         engine.dispose()
     text = json.dumps(plan)
     assert "tasks_retention" in text and "Seq Scan" not in text, text
+
+
+def test_a_batch_idempotency_key_expires_after_the_retention_period(pipe):
+    from shared import batch
+
+    with ScriptedSmtpServer() as server:
+        user = pipe.user(server)
+    body = {"tasks": [{"recipient_email": "b@example.org", "subject": "s", "body": "b"}]}
+    first = batch.enqueue_batch(pipe.ctx, user.id, body, "nightly", "strict")
+    with pipe.ctx.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE task_batches SET created_at = now() - interval '31 days'"))
+    retention.purge_once(pipe.ctx.settings, pipe.ctx.engine)
+    with pipe.ctx.engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM task_batches")).scalar_one() == 0
+    again = batch.enqueue_batch(pipe.ctx, user.id, body, "nightly", "strict")
+    assert again[0]["items"][0]["task_id"] != first[0]["items"][0]["task_id"]

@@ -18,6 +18,7 @@ const DETAIL_FIELDS = [
   ["status", "status"],
   ["recipient_email", "recipient"],
   ["subject", "subject"],
+  ["tags", "tags"],
   ["try_count", "tries"],
   ["tries_left", "tries left"],
   ["last_error", "last error"],
@@ -245,12 +246,19 @@ function taskRow(task) {
     status,
     cell(task.recipient_email),
     cell(task.subject),
+    cell(formatTags(task.tags), "tags"),
     cell(task.try_count, "num"),
     cell(formatTime(task.updated_at)),
     error,
   );
   tr.classList.toggle("selected", task.id === openTaskId);
   return tr;
+}
+
+function formatTags(tags) {
+  return Object.entries(tags || {})
+    .map(([key, value]) => `${key}:${value}`)
+    .join(" ");
 }
 
 function formatTime(iso) {
