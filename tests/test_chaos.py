@@ -8,6 +8,7 @@ import contextlib
 import signal
 import threading
 import time
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import sqlalchemy as sa
@@ -15,10 +16,10 @@ import sqlalchemy as sa
 from shared import queue, services
 from shared.config import Settings
 from shared.crypto import SecretBox
-from shared.db import make_engine
+from shared.db import is_unavailable, make_engine
 from shared.embedded import EmbeddedRedis, free_port
 from shared.workers import Outcome
-from tests.chaos import scenarios
+from tests.chaos import faultproxy, scenarios
 from tests.chaos.audit import wait_settled
 from tests.chaos.client import Client, Enqueuer, make_accounts
 from tests.chaos.stack import Stack, wait_beat
@@ -58,7 +59,7 @@ def assert_clean(result: scenarios.Result, ignore: tuple[str, ...] = ()) -> None
 
 
 def test_sigkilled_senders_lose_nothing_and_duplicate_only_what_a_kill_cut_off(stack):
-    # Paced enqueue (80/s): with batched workers 250 unpaced tasks can drain before a second kill lands.
+    # Paced enqueue (80/s): unpaced, 250 tasks can drain before a second kill lands.
     result = scenarios.sender_kills(
         stack, 250, every=(0.6, 1.0), max_kills=4, rate=80, settings={"WORKER_COUNT": 2}
     )
@@ -266,3 +267,71 @@ def test_a_worker_started_while_redis_is_down_waits_for_it(stack, tmp_path):
             proc.popen.send_signal(signal.SIGTERM)
         stack.terminate(proc)
         redis_server.stop()
+
+
+@pytest.fixture()
+def silent_pg(stack):
+    """The in-process pipeline on the stack's Redis and PostgreSQL, its PostgreSQL reached through the
+    fault proxy with a 0.5 s socket timeout; yields (pipeline, proxy)."""
+    stack.reset()
+    socket_path = parse_qs(urlparse(stack.database_url).query)["unix_sock"][0]
+    proxy = faultproxy.start(stack, {"postgresql": f"unix:{socket_path}"})
+    url = f"postgresql+pg8000://postgres@127.0.0.1:{proxy.ports['postgresql']}/postgres"
+    settings = Settings.from_env(
+        {**TEST_ENV, "DATABASE_URL": url, "REDIS_URL": stack.redis_url, "DATABASE_SOCKET_TIMEOUT": "0.5"}
+    )
+    engine = make_engine(url, pre_ping=False, socket_timeout=settings.database_socket_timeout)
+    ctx = services.Context(
+        settings, engine, services.make_redis(stack.redis_url), SecretBox(settings.encryption_keys)
+    )
+    pipe = Pipeline(ctx)
+    try:
+        yield pipe, proxy
+    finally:
+        pipe.close()
+        ctx.redis.close()
+        engine.dispose()
+        stack.terminate(proxy.proc)
+
+
+def backend_pid(engine) -> int:
+    with engine.begin() as conn:
+        return conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+
+
+def test_a_postgresql_connection_gone_silent_is_unavailable_and_never_used_again(silent_pg):
+    # Found by the bad-network run: pg8000 raises a bare TimeoutError when a read times out, which
+    # was not "PostgreSQL unavailable": the API answered 500 and a sender gave up recording its
+    # outcome (so the mail went out again after the lease).
+    pipe, proxy = silent_pg
+    engine = pipe.ctx.engine
+    first = backend_pid(engine)
+    proxy.blackhole()  # no reset: the connection just stops answering
+    with pytest.raises(Exception) as caught:
+        backend_pid(engine)
+    assert is_unavailable(caught.value), repr(caught.value)
+    proxy.heal()  # new connections work again; the old one stays dead
+    assert backend_pid(engine) != first
+
+
+def test_a_sender_records_its_outcome_after_its_postgresql_connection_went_silent(silent_pg):
+    pipe, proxy = silent_pg
+    with ScriptedSmtpServer() as smtp:
+        user = pipe.user(smtp)
+        task_id = pipe.enqueue(user)
+        pipe.consumer.step(0.1)
+        real_send = pipe.mailer.send
+        heal = threading.Timer(1.5, proxy.heal)
+
+        def send_then_go_silent(account, message, **kwargs):
+            reply = real_send(account, message, **kwargs)  # the server has accepted the mail
+            proxy.blackhole()  # the outcome write meets a silent connection, then silent new ones
+            heal.start()
+            return reply
+
+        pipe.mailer.send = send_then_go_silent
+        try:
+            assert pipe.sender.step(0.5) == [Outcome.SENT]
+        finally:
+            heal.join()
+        assert pipe.task(task_id).status == "sent" and len(smtp.received) == 1
