@@ -19,7 +19,7 @@ from shared.crypto import SecretBox
 from shared.db import is_unavailable, make_engine
 from shared.embedded import EmbeddedRedis, free_port
 from shared.workers import Outcome
-from tests.chaos import faultproxy, scenarios
+from tests.chaos import faultproxy, network, scenarios, tenants
 from tests.chaos.audit import wait_settled
 from tests.chaos.client import Client, Enqueuer, make_accounts
 from tests.chaos.stack import Stack, wait_beat
@@ -108,6 +108,30 @@ def test_many_enqueue_clients_at_once_all_get_202(stack):
     assert_clean(result)
     assert set(result.enqueue.statuses) == {202}
     assert result.figures["enqueue p50 ms"] > 0 and result.figures["enqueue p99 ms"] > 0
+
+
+def test_hostile_tenants_neither_hurt_a_well_behaved_one_nor_get_a_mail_twice(stack):
+    result = tenants.hostile_tenants(stack, 200, hostile_each=5, rate=40, max_tries=2, memory_limit_mib=256)
+    assert_clean(result)  # includes: the well-behaved tenant's mails exactly once, memory under the bound
+    f = result.figures
+    assert f["trickle-replies"] == {"tasks": 5, "sent": 5, "copies": 5}  # slow, inside the deadline
+    for never in ("trickle-banner", "flood"):
+        assert f[never] == {"tasks": 5, "cancelled": 5, "copies": 0}, f
+    assert f["silent-data"] == {"tasks": 5, "cancelled": 5, "copies": 10}  # one copy per try, explained
+    assert f["throttle-421"]["tasks"] == 5 and f["throttle-421"]["copies"] == f["throttle-421"].get("sent", 0)
+    assert result.audit.duplicates == 5
+
+
+def test_a_bad_network_loses_nothing_and_every_half_open_connection_is_given_up(stack):
+    result = network.bad_network(
+        stack, 250, rate=10, warmup=2, latency_for=3, blackhole=4, gap=12, settings={"SWEEP_LEAK_WINDOW": 5}
+    )
+    assert_clean(result)  # includes: every duplicate explained, every half-open connection in use given up
+    f = result.figures
+    assert f["postgresql: half-open connections"]["in use"] > 0
+    assert f["redis: half-open connections"]["in use"] > 0
+    assert f["first mail after the blackhole s"] is not None and f["first mail after the reset s"] is not None
+    assert f["connections reset"] > 0
 
 
 # --- bugs the fault runs found -------------------------------------------------------------------------

@@ -81,6 +81,7 @@ class Conn:
     gave_up_at: float | None = None  # the client moved on (said something else, or closed)
     closed_at: float | None = None  # the client closed it
     reset: bool = False  # the proxy's reset ended it before the client closed it
+    answered: bool = False  # the client had received something from the server before the freeze
     last_up: float = 0.0  # last chunk forwarded client -> server (monotonic)
     last_down: float = 0.0  # last chunk delivered server -> client
     tail: bytes = b""  # the last bytes forwarded upstream (to see a final dot across chunk boundaries)
@@ -96,6 +97,7 @@ class Conn:
             "gave_up_at": self.gave_up_at,
             "closed_at": self.closed_at,
             "reset": self.reset,
+            "answered": self.answered,
         }
 
 
@@ -115,6 +117,7 @@ class Proxy:
             return
         now = time.time()
         conn.frozen_at = now
+        conn.answered = bool(conn.last_down)
         awaiting = conn.last_up > conn.last_down or (conn.route.smtp and not conn.last_down)
         if awaiting:
             conn.in_use_at = conn.burst_at = now
