@@ -18,6 +18,7 @@ from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.db import is_unavailable, make_engine
 from shared.embedded import EmbeddedRedis, free_port
+from shared.sender import Sender
 from shared.workers import Outcome
 from tests.chaos import faultproxy, network, scenarios, tenants
 from tests.chaos.audit import wait_settled
@@ -359,3 +360,35 @@ def test_a_sender_records_its_outcome_after_its_postgresql_connection_went_silen
         finally:
             heal.join()
         assert pipe.task(task_id).status == "sent" and len(smtp.received) == 1
+
+
+def test_an_outage_many_threads_meet_at_once_pauses_a_sender_once_and_a_success_starts_over(pipe_on_stack):
+    # Found by the bad-network run: every conversation thread that met the outage doubled the pause,
+    # so ten claims failing together paused the sender for the maximum 60 s (its first mail after a
+    # 20 s blackhole went out 54 s after it lifted), and the pause never shrank after work went through.
+    pipe = pipe_on_stack
+    skew = [0.0]  # the sender's clock runs ahead of the real one by this much
+    sender = Sender(
+        pipe.ctx.settings,
+        pipe.ctx.engine,
+        pipe.ctx.redis,
+        pipe.mailer,
+        pipe.ctx.box,
+        clock=lambda: time.monotonic() + skew[0],
+    )
+    for _ in range(10):
+        sender.fault()  # ten conversation threads meet the same outage
+    skew[0] += 1.0
+    assert not sender.faulted()  # one pause of 1 s
+    sender.fault()  # still failing after it: now the pause doubles
+    skew[0] += 1.0
+    assert sender.faulted()
+    skew[0] += 1.0
+    assert not sender.faulted()
+    with ScriptedSmtpServer() as smtp:
+        pipe.enqueue(pipe.user(smtp))
+        pipe.consumer.step(0.1)
+        assert sender.step(0.5) == [Outcome.SENT]  # work goes through again
+    sender.fault()
+    skew[0] += 1.0
+    assert not sender.faulted()  # the pause starts over at 1 s
