@@ -39,8 +39,8 @@ SCENARIOS = {
 FULL: dict[str, dict] = {
     "sender-kills": {"tasks": 5000, "senders": 3, "every": (2.0, 4.0)},
     "consumer-kills": {"tasks": 5000, "consumers": 2, "every": (2.0, 4.0)},
-    "redis-restart": {"tasks": 5000, "at": 0.3, "downtime": 2.0, "settings": {"WORKER_COUNT": 1}},
-    "postgres-restart": {"tasks": 5000, "at": 0.3, "downtime": 5.0, "settings": {"WORKER_COUNT": 2}},
+    "redis-restart": {"tasks": 5000, "at": 0.3, "downtime": 2.0, "settings": {"WORKER_COUNT": 4}},
+    "postgres-restart": {"tasks": 5000, "at": 0.3, "downtime": 5.0, "settings": {"WORKER_COUNT": 4}},
     "flaky-smtp": {"tasks": 3000},
     "enqueue-load": {"tasks": 5000, "clients": 32, "budget_ms": 2000.0},
     "everything-at-once": {"tasks": 5000},

@@ -421,8 +421,9 @@ def redis_restart(
     if result.audit.duplicates:
         result.problems.append(f"{result.audit.duplicates} duplicate(s) although no sender died")
     result.notes.append(
-        f"{envelopes} envelope(s) destroyed; the sweep put {result.figures['sweep requeued']} row(s) back "
-        f"after the {leak_window} s leak window"
+        f"{envelopes} envelope(s) destroyed; the sweep put the rows back after the {leak_window} s leak "
+        f"window ({result.figures['sweep requeued']} re-pushes in all: a row is pushed again every "
+        f"{leak_window} s it waits; a push of an envelope still in its tenant's queue adds nothing)"
     )
     return result
 
