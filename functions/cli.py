@@ -302,7 +302,12 @@ def _worker_deps(settings: Settings, block_timeout: float, pool: int):
     settings.require_runtime()
     configure_logging(settings)
     # pool connections (and as many again under overflow); a thread waits for one when all are busy
-    engine = engine_for(settings.database_url, pool_size=pool, pre_ping=False)
+    engine = engine_for(
+        settings.database_url,
+        pool_size=pool,
+        pre_ping=False,
+        socket_timeout=settings.database_socket_timeout,
+    )
     # Blocking reads wait BLOCK_SECONDS; the socket timeout must be longer than that.
     client = make_redis(settings.redis_url, socket_timeout=block_timeout + 10)
     return engine, client

@@ -71,7 +71,11 @@ def context() -> services.Context:
                 configure_logging(settings)
                 _context = services.Context(
                     settings=settings,
-                    engine=engine_for(settings.database_url, **pool_sizing()),
+                    engine=engine_for(
+                        settings.database_url,
+                        socket_timeout=settings.database_socket_timeout,
+                        **pool_sizing(),
+                    ),
                     redis=services.make_redis(settings.redis_url),
                     box=SecretBox(settings.encryption_keys),
                 )

@@ -62,6 +62,9 @@ class Settings:
     database_url: str = ""  # DATABASE_URL, postgresql+pg8000://user:pass@host:5432/db
     redis_url: str = ""  # REDIS_URL, redis://[:password@]host:6379/0 or unix:///path/redis.sock
     env: str = DEVELOPMENT  # MAILQ_ENV, development | production
+    # DATABASE_SOCKET_TIMEOUT, seconds any one PostgreSQL socket operation may take: a connection gone
+    # half-open (no reply, no reset) is given up after this; keep it well under 0.2 x TASK_LEASE_SECONDS
+    database_socket_timeout: float = 60.0
 
     # --- auth ---
     jwt_secret: str = field(default="", repr=False)  # JWT_SECRET, HS256 key; >= 32 bytes outside development
@@ -163,6 +166,7 @@ class Settings:
             database_url=get("DATABASE_URL", ""),
             redis_url=get("REDIS_URL", ""),
             env=env,
+            database_socket_timeout=_float(get("DATABASE_SOCKET_TIMEOUT", "60"), "DATABASE_SOCKET_TIMEOUT"),
             jwt_secret=get("JWT_SECRET", ""),
             jwt_ttl_seconds=_int(get("JWT_TTL_SECONDS", "3600"), "JWT_TTL_SECONDS", 1),
             bcrypt_rounds=_int(get("BCRYPT_ROUNDS", "12"), "BCRYPT_ROUNDS", 4),
@@ -235,6 +239,8 @@ class Settings:
         problems = []
         if self.retry_backoff_max < self.retry_backoff_base:
             problems.append("RETRY_BACKOFF_MAX must be at least RETRY_BACKOFF_BASE")
+        if self.database_socket_timeout <= 0:
+            problems.append("DATABASE_SOCKET_TIMEOUT must be more than 0 seconds")
         if self.smtp_timeout <= 0:
             problems.append("SMTP_TIMEOUT must be more than 0 seconds")
         if self.log_format not in logs.FORMATS:

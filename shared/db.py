@@ -342,37 +342,62 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
-# Every socket operation on a PostgreSQL connection ends within this many seconds, so a connection
-# that went half-open (a peer gone without a reset) is noticed instead of hanging a worker forever.
+# Every socket operation on a PostgreSQL connection ends within this many seconds (the default of
+# DATABASE_SOCKET_TIMEOUT), so a connection that went half-open (a peer gone without a reset) is
+# noticed instead of hanging a worker forever.
 SOCKET_TIMEOUT = 60.0
 
 
 def make_engine(
-    url: str, *, pool_size: int = 5, pre_ping: bool = True, max_overflow: int | None = None
+    url: str,
+    *,
+    pool_size: int = 5,
+    pre_ping: bool = True,
+    max_overflow: int | None = None,
+    socket_timeout: float = SOCKET_TIMEOUT,
 ) -> Engine:
     """A new engine. ``pre_ping`` checks each connection before use, so a request right after a
     PostgreSQL restart does not fail; workers skip it (one round trip per transaction) because
     their loop retries a failed step anyway, and SQLAlchemy drops the dead pool on the first error."""
-    return sa.create_engine(
+    engine = sa.create_engine(
         url,
         pool_pre_ping=pre_ping,
         pool_size=pool_size,
         max_overflow=pool_size if max_overflow is None else max_overflow,
         pool_recycle=1800,
         hide_parameters=True,  # bound values (hashes, ciphertexts, mail bodies) never reach an error log
-        connect_args={"timeout": SOCKET_TIMEOUT},
+        connect_args={"timeout": socket_timeout},
     )
+    sa.event.listen(engine, "handle_error", _timeout_is_a_disconnect)
+    return engine
+
+
+def _timeout_is_a_disconnect(context) -> None:
+    # pg8000 lets a read that timed out (a half-open connection: no reply, no reset) escape as a bare
+    # TimeoutError, which SQLAlchemy does not take for a lost connection: it would try a ROLLBACK on
+    # it and log the failure. Marked as a disconnect, the connection (and the pool) is dropped at once.
+    if isinstance(context.original_exception, TimeoutError):
+        context.is_disconnect = True
 
 
 def engine_for(
-    url: str, *, pool_size: int = 5, pre_ping: bool = True, max_overflow: int | None = None
+    url: str,
+    *,
+    pool_size: int = 5,
+    pre_ping: bool = True,
+    max_overflow: int | None = None,
+    socket_timeout: float = SOCKET_TIMEOUT,
 ) -> Engine:
     """One engine per URL per process, created on first use (never at import time)."""
     with _engines_lock:
         engine = _engines.get(url)
         if engine is None:
             engine = _engines[url] = make_engine(
-                url, pool_size=pool_size, pre_ping=pre_ping, max_overflow=max_overflow
+                url,
+                pool_size=pool_size,
+                pre_ping=pre_ping,
+                max_overflow=max_overflow,
+                socket_timeout=socket_timeout,
             )
         return engine
 
@@ -396,9 +421,10 @@ def is_unavailable(exc: BaseException) -> bool:
     """True when ``exc`` means PostgreSQL cannot be used right now (down, restarting, connection lost).
 
     A shutting-down server answers a new connection with 57P03, which SQLAlchemy raises as a
-    ProgrammingError; pg8000 may surface a reset socket as a bare ConnectionError.
+    ProgrammingError; pg8000 may surface a reset socket as a bare ConnectionError, and a connection
+    that stopped answering (DATABASE_SOCKET_TIMEOUT) as a bare TimeoutError.
     """
-    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | ConnectionError):
+    if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError | ConnectionError | TimeoutError):
         return True
     if isinstance(exc, sa.exc.DBAPIError):
         if exc.connection_invalidated:

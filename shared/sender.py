@@ -262,6 +262,7 @@ class Sender(Worker):
         logs.bind_task(task_id)
         try:
             claim = self.claim(task_id)
+            self._recovered()
             if claim is None:
                 return self._unclaimable(item, task_id)
         except Exception as exc:
@@ -518,16 +519,28 @@ class Sender(Worker):
             pass  # it stays in our processing list; shutdown or the sweep returns it
 
     def fault(self) -> None:
-        """A worker fault: stop taking work for a while (1 s, doubling to MAX_FAULT_BACKOFF)."""
+        """A worker fault: stop taking work for a while (1 s, doubling to MAX_FAULT_BACKOFF while the
+        faults go on, back to 1 s once work goes through). The conversation threads that meet one
+        outage at once are one fault, not one doubling each: that paused a sender for the whole
+        MAX_FAULT_BACKOFF after a blip of a few seconds."""
         with self._lock:
+            now = self.clock()
+            if now < self._fault_until:
+                return
             self._fault_delay = min(MAX_FAULT_BACKOFF, max(1.0, self._fault_delay * 2))
-            self._fault_until = time.monotonic() + self._fault_delay
+            self._fault_until = now + self._fault_delay
 
     def faulted(self) -> bool:
         with self._lock:
-            if self._fault_until and time.monotonic() >= self._fault_until:
+            if self._fault_until and self.clock() >= self._fault_until:
                 self._fault_until = 0.0
             return bool(self._fault_until)
+
+    def _recovered(self) -> None:
+        """A claim went through: the next fault pauses for 1 s again."""
+        if self._fault_delay:
+            with self._lock:
+                self._fault_delay = 0.0
 
     # --- running ---
 

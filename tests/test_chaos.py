@@ -8,6 +8,7 @@ import contextlib
 import signal
 import threading
 import time
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 import sqlalchemy as sa
@@ -15,10 +16,11 @@ import sqlalchemy as sa
 from shared import queue, services
 from shared.config import Settings
 from shared.crypto import SecretBox
-from shared.db import make_engine
+from shared.db import is_unavailable, make_engine
 from shared.embedded import EmbeddedRedis, free_port
+from shared.sender import Sender
 from shared.workers import Outcome
-from tests.chaos import scenarios
+from tests.chaos import faultproxy, network, scenarios, tenants
 from tests.chaos.audit import wait_settled
 from tests.chaos.client import Client, Enqueuer, make_accounts
 from tests.chaos.stack import Stack, wait_beat
@@ -58,7 +60,7 @@ def assert_clean(result: scenarios.Result, ignore: tuple[str, ...] = ()) -> None
 
 
 def test_sigkilled_senders_lose_nothing_and_duplicate_only_what_a_kill_cut_off(stack):
-    # Paced enqueue (80/s): with batched workers 250 unpaced tasks can drain before a second kill lands.
+    # Paced enqueue (80/s): unpaced, 250 tasks can drain before a second kill lands.
     result = scenarios.sender_kills(
         stack, 250, every=(0.6, 1.0), max_kills=4, rate=80, settings={"WORKER_COUNT": 2}
     )
@@ -107,6 +109,30 @@ def test_many_enqueue_clients_at_once_all_get_202(stack):
     assert_clean(result)
     assert set(result.enqueue.statuses) == {202}
     assert result.figures["enqueue p50 ms"] > 0 and result.figures["enqueue p99 ms"] > 0
+
+
+def test_hostile_tenants_neither_hurt_a_well_behaved_one_nor_get_a_mail_twice(stack):
+    result = tenants.hostile_tenants(stack, 200, hostile_each=5, rate=40, max_tries=2, memory_limit_mib=256)
+    assert_clean(result)  # includes: the well-behaved tenant's mails exactly once, memory under the bound
+    f = result.figures
+    assert f["trickle-replies"] == {"tasks": 5, "sent": 5, "copies": 5}  # slow, inside the deadline
+    for never in ("trickle-banner", "flood"):
+        assert f[never] == {"tasks": 5, "cancelled": 5, "copies": 0}, f
+    assert f["silent-data"] == {"tasks": 5, "cancelled": 5, "copies": 10}  # one copy per try, explained
+    assert f["throttle-421"]["tasks"] == 5 and f["throttle-421"]["copies"] == f["throttle-421"].get("sent", 0)
+    assert result.audit.duplicates == 5
+
+
+def test_a_bad_network_loses_nothing_and_every_half_open_connection_is_given_up(stack):
+    result = network.bad_network(
+        stack, 250, rate=10, warmup=2, latency_for=3, blackhole=4, gap=12, settings={"SWEEP_LEAK_WINDOW": 5}
+    )
+    assert_clean(result)  # includes: every duplicate explained, every half-open connection in use given up
+    f = result.figures
+    assert f["postgresql: half-open connections"]["in use"] > 0
+    assert f["redis: half-open connections"]["in use"] > 0
+    assert f["first mail after the blackhole s"] is not None and f["first mail after the reset s"] is not None
+    assert f["connections reset"] > 0
 
 
 # --- bugs the fault runs found -------------------------------------------------------------------------
@@ -266,3 +292,103 @@ def test_a_worker_started_while_redis_is_down_waits_for_it(stack, tmp_path):
             proc.popen.send_signal(signal.SIGTERM)
         stack.terminate(proc)
         redis_server.stop()
+
+
+@pytest.fixture()
+def silent_pg(stack):
+    """The in-process pipeline on the stack's Redis and PostgreSQL, its PostgreSQL reached through the
+    fault proxy with a 0.5 s socket timeout; yields (pipeline, proxy)."""
+    stack.reset()
+    socket_path = parse_qs(urlparse(stack.database_url).query)["unix_sock"][0]
+    proxy = faultproxy.start(stack, {"postgresql": f"unix:{socket_path}"})
+    url = f"postgresql+pg8000://postgres@127.0.0.1:{proxy.ports['postgresql']}/postgres"
+    settings = Settings.from_env(
+        {**TEST_ENV, "DATABASE_URL": url, "REDIS_URL": stack.redis_url, "DATABASE_SOCKET_TIMEOUT": "0.5"}
+    )
+    engine = make_engine(url, pre_ping=False, socket_timeout=settings.database_socket_timeout)
+    ctx = services.Context(
+        settings, engine, services.make_redis(stack.redis_url), SecretBox(settings.encryption_keys)
+    )
+    pipe = Pipeline(ctx)
+    try:
+        yield pipe, proxy
+    finally:
+        pipe.close()
+        ctx.redis.close()
+        engine.dispose()
+        stack.terminate(proxy.proc)
+
+
+def backend_pid(engine) -> int:
+    with engine.begin() as conn:
+        return conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+
+
+def test_a_postgresql_connection_gone_silent_is_unavailable_and_never_used_again(silent_pg):
+    # Found by the bad-network run: pg8000 raises a bare TimeoutError when a read times out, which
+    # was not "PostgreSQL unavailable": the API answered 500 and a sender gave up recording its
+    # outcome (so the mail went out again after the lease).
+    pipe, proxy = silent_pg
+    engine = pipe.ctx.engine
+    first = backend_pid(engine)
+    proxy.blackhole()  # no reset: the connection just stops answering
+    with pytest.raises(Exception) as caught:
+        backend_pid(engine)
+    assert is_unavailable(caught.value), repr(caught.value)
+    proxy.heal()  # new connections work again; the old one stays dead
+    assert backend_pid(engine) != first
+
+
+def test_a_sender_records_its_outcome_after_its_postgresql_connection_went_silent(silent_pg):
+    pipe, proxy = silent_pg
+    with ScriptedSmtpServer() as smtp:
+        user = pipe.user(smtp)
+        task_id = pipe.enqueue(user)
+        pipe.consumer.step(0.1)
+        real_send = pipe.mailer.send
+        heal = threading.Timer(1.5, proxy.heal)
+
+        def send_then_go_silent(account, message, **kwargs):
+            reply = real_send(account, message, **kwargs)  # the server has accepted the mail
+            proxy.blackhole()  # the outcome write meets a silent connection, then silent new ones
+            heal.start()
+            return reply
+
+        pipe.mailer.send = send_then_go_silent
+        try:
+            assert pipe.sender.step(0.5) == [Outcome.SENT]
+        finally:
+            heal.join()
+        assert pipe.task(task_id).status == "sent" and len(smtp.received) == 1
+
+
+def test_an_outage_many_threads_meet_at_once_pauses_a_sender_once_and_a_success_starts_over(pipe_on_stack):
+    # Found by the bad-network run: every conversation thread that met the outage doubled the pause,
+    # so ten claims failing together paused the sender for the maximum 60 s (its first mail after a
+    # 20 s blackhole went out 54 s after it lifted), and the pause never shrank after work went through.
+    pipe = pipe_on_stack
+    skew = [0.0]  # the sender's clock runs ahead of the real one by this much
+    sender = Sender(
+        pipe.ctx.settings,
+        pipe.ctx.engine,
+        pipe.ctx.redis,
+        pipe.mailer,
+        pipe.ctx.box,
+        clock=lambda: time.monotonic() + skew[0],
+    )
+    for _ in range(10):
+        sender.fault()  # ten conversation threads meet the same outage
+    skew[0] += 1.0
+    assert not sender.faulted()  # one pause of 1 s
+    sender.fault()  # still failing after it: now the pause doubles
+    skew[0] += 1.0
+    assert sender.faulted()
+    skew[0] += 1.0
+    assert not sender.faulted()
+    with ScriptedSmtpServer() as smtp:
+        pipe.enqueue(pipe.user(smtp))
+        pipe.consumer.step(0.1)
+        assert sender.step(0.5) == [Outcome.SENT]  # work goes through again
+    sender.fault()
+    skew[0] += 1.0
+    assert not sender.faulted()  # the pause starts over at 1 s

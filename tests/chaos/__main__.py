@@ -23,18 +23,29 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.chaos.scenarios import SCENARIOS, Result
+from tests.chaos import network, scenarios, tenants
+from tests.chaos.scenarios import Result
 from tests.chaos.stack import ROOT, Stack
 
-# The full-size runs: thousands of tasks; faults every few seconds.
+SCENARIOS = {
+    **scenarios.SCENARIOS,
+    "hostile-tenants": tenants.hostile_tenants,
+    "bad-network": network.bad_network,
+}
+
+# The full-size runs: thousands of tasks; faults every few seconds. WORKER_COUNT (SMTP conversations per
+# sender) is lowered where the fault must find a backlog waiting: Redis restarting empty has envelopes
+# to destroy, PostgreSQL stopping has claims in flight.
 FULL: dict[str, dict] = {
     "sender-kills": {"tasks": 5000, "senders": 3, "every": (2.0, 4.0)},
     "consumer-kills": {"tasks": 5000, "consumers": 2, "every": (2.0, 4.0)},
-    "redis-restart": {"tasks": 5000, "at": 0.3, "downtime": 2.0, "settings": {"WORKER_COUNT": 1}},
-    "postgres-restart": {"tasks": 5000, "at": 0.3, "downtime": 5.0, "settings": {"WORKER_COUNT": 2}},
+    "redis-restart": {"tasks": 5000, "at": 0.3, "downtime": 2.0, "settings": {"WORKER_COUNT": 4}},
+    "postgres-restart": {"tasks": 5000, "at": 0.3, "downtime": 5.0, "settings": {"WORKER_COUNT": 4}},
     "flaky-smtp": {"tasks": 3000},
     "enqueue-load": {"tasks": 5000, "clients": 32, "budget_ms": 2000.0},
     "everything-at-once": {"tasks": 5000},
+    "hostile-tenants": {"tasks": 3000, "hostile_each": 40, "rate": 50.0, "alone": True},
+    "bad-network": {"tasks": 2000, "rate": 20.0},
 }
 
 

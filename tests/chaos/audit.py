@@ -20,16 +20,25 @@ TERMINAL = ("sent", "cancelled")
 class Row:
     id: int
     status: str
-    try_count: int
+    try_count: int  # claims so far: the fencing token, never reset
     message_id: str
     recipient_email: str
     last_error: str | None
+    budget_base: int = 0  # the claim count at which the current budget of MAX_TRY_COUNT tries began
+
+    @property
+    def tries_used(self) -> int:
+        """Tries spent from the current budget (a worker fault or a user's retry raises the base)."""
+        return self.try_count - self.budget_base
 
 
 def rows(engine) -> dict[int, Row]:
     with engine.connect() as conn:
         result = conn.execute(
-            sa.text("SELECT id, status, try_count, message_id, recipient_email, last_error FROM tasks")
+            sa.text(
+                "SELECT id, status, try_count, message_id, recipient_email, last_error, budget_base "
+                "FROM tasks"
+            )
         )
         return {r.id: Row(*r) for r in result}
 
@@ -179,10 +188,10 @@ def _unjustified(row: Row, fates: list[str], max_tries: int, kills: bool, in_win
     if row.status == "sent":
         return None if last == "250" else "sent without a 250"
     if "worker sending the last try was lost" in (row.last_error or ""):
-        return None if kills and row.try_count >= max_tries else "a lost worker without kills"
+        return None if kills and row.tries_used >= max_tries else "a lost worker without kills"
     if last == "550":
         return None if "550" in (row.last_error or "") else "cancelled by a 550 without saying so"
-    if last in ("451", "drop_before", "drop_after") and row.try_count >= max_tries:
+    if last in ("451", "drop_before", "drop_after") and row.tries_used >= max_tries:
         return None
     return f"cancelled after {last!r} with tries left"
 

@@ -72,11 +72,12 @@ class Account:
     token: str
 
 
-def make_accounts(base_url: str, smtp_port: int, count: int, tag: str) -> list[Account]:
-    """Register and log in ``count`` users whose SMTP account is 127.0.0.1:smtp_port (with a login)."""
+def make_accounts(base_url: str, smtp_port: int, count: int, tag: str, *, first: int = 0) -> list[Account]:
+    """Register and log in ``count`` users whose SMTP account is 127.0.0.1:smtp_port (with a login),
+    numbered from ``first`` (so accounts on different servers get different addresses)."""
     client = Client(base_url)
     accounts = []
-    for i in range(count):
+    for i in range(first, first + count):
         email = f"sender{i}.{tag}@chaos.example.com"
         password = f"pw-{tag}-{i}-correct-horse"[:60]
         smtp_password = f"smtp-secret-{tag}-{i}"

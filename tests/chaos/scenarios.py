@@ -62,7 +62,11 @@ class Result:
 
 
 class Run:
-    """The common frame of a scenario: fresh state, an SMTP server, accounts, workers, an enqueuer."""
+    """The common frame of a scenario: fresh state, an SMTP server, accounts, workers, an enqueuer.
+
+    A scenario with other servers, accounts or worker settings overrides ``start_servers``,
+    ``make_accounts`` or ``worker_settings``; ``before_stop`` runs once everything settled, before the
+    workers are stopped."""
 
     def __init__(
         self,
@@ -83,14 +87,29 @@ class Run:
         self.started = time.monotonic()
         self.tag = f"{name}-{int(time.time())}"
         stack.reset()
-        self.server = stack.start_flaky_smtp(flaky, seed) if flaky else stack.start_sink()
+        self.servers = self.start_servers(flaky, seed)  # each with a .proc, stopped by finish()
+        self.server = self.servers[0]
         self.settings = settings
-        self.workers: WorkerSet = stack.workers(**settings).start(consumers=consumers, senders=senders)
-        self.accounts = make_accounts(stack.base_url, self.server.port, users, self.tag)
+        self.workers: WorkerSet = stack.workers(**self.worker_settings(settings)).start(
+            consumers=consumers, senders=senders
+        )
+        self.accounts = self.make_accounts(users)
         self.enqueuer = Enqueuer(stack.base_url, self.accounts, tasks, self.tag, clients=clients, rate=rate)
         self.problems: list[str] = []
         self.notes: list[str] = []
         self.figures: dict[str, object] = {}
+
+    def start_servers(self, flaky: dict[str, float] | None, seed: int) -> list:
+        return [self.stack.start_flaky_smtp(flaky, seed) if flaky else self.stack.start_sink()]
+
+    def make_accounts(self, users: int) -> list:
+        return make_accounts(self.stack.base_url, self.server.port, users, self.tag)
+
+    def worker_settings(self, settings: dict) -> dict:
+        return settings
+
+    def before_stop(self) -> None:
+        pass
 
     def copies(self) -> Counter:
         """Message-ID -> copies the SMTP server holds."""
@@ -134,11 +153,13 @@ class Run:
         sweep_log = "".join(p.log.read_text(errors="replace") for p in self.workers.sweeps)
         self.figures["sweep requeued"] = _sum(r"requeued (\d+), rescued", sweep_log)
         self.figures["sweep rescued envelopes"] = _sum(r"rescued (\d+) envelope", sweep_log)
+        self.before_stop()
         codes = self.workers.stop()
         unclean = {k: v for k, v in codes.items() if v != 0}
         if unclean:
             self.problems.append(f"worker(s) did not stop cleanly on SIGTERM: {unclean}")
-        self.stack.terminate(self.server.proc)
+        for server in self.servers:
+            self.stack.terminate(server.proc)
         self.problems += result_audit.failures()
         self.problems += enqueue.bad[:10]
         if enqueue.gave_up:
@@ -400,8 +421,9 @@ def redis_restart(
     if result.audit.duplicates:
         result.problems.append(f"{result.audit.duplicates} duplicate(s) although no sender died")
     result.notes.append(
-        f"{envelopes} envelope(s) destroyed; the sweep put {result.figures['sweep requeued']} row(s) back "
-        f"after the {leak_window} s leak window"
+        f"{envelopes} envelope(s) destroyed; the sweep put the rows back after the {leak_window} s leak "
+        f"window ({result.figures['sweep requeued']} re-pushes in all: a row is pushed again every "
+        f"{leak_window} s it waits; a push of an envelope still in its tenant's queue adds nothing)"
     )
     return result
 
