@@ -211,7 +211,7 @@ def test_mailq_status_finds_the_running_dev_stack_from_its_data_directory(dev):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
-    assert shown["figures"]["workers_alive"] == {"consumer": 1, "sender": 2}
+    assert shown["figures"]["workers_alive"] == {"consumer": 1, "sender": 2, "webhooks": 1}
     assert set(shown["source"]["metrics"]) == {"consumer", "sender-1", "sender-2", "sweep"}
 
 
