@@ -45,9 +45,6 @@ class SweepReport:
     deliveries: int = 0  # webhook deliveries put back in their endpoints' queues (or failed for good)
 
 
-LOST_IN_FLIGHT = "the worker sending the last try was lost (the mail may have gone out)"
-
-
 def _requeue_sql(settings: Settings) -> sa.TextClause:
     # Each kind of due work is picked from its own index, oldest first, and locked; SKIP LOCKED lets
     # a second sweep take other rows instead of waiting. A row without a try left is cancelled here

@@ -102,6 +102,10 @@ def test_every_task_ends_as_the_flaky_servers_log_justifies(stack):
     answers = result.figures["server answers"]
     assert all(answers.get(f, 0) > 0 for f in ("250", "451", "550", "drop_before", "drop_after")), answers
     assert result.audit.cancelled > 0 and result.audit.sent > 0
+    # assert_clean included the webhook audit: each task's events exactly as the server's log implies.
+    events = result.figures["webhook events"]
+    assert events["task.sent"] == result.audit.sent and events["task.cancelled"] == result.audit.cancelled
+    assert events["task.deferred"] > 0
 
 
 def test_many_enqueue_clients_at_once_all_get_202(stack):

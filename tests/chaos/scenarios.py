@@ -27,6 +27,7 @@ from tests.chaos.audit import (
 from tests.chaos.client import Enqueuer, EnqueueRun, make_accounts
 from tests.chaos.smtpd import STORED
 from tests.chaos.stack import Stack, WorkerSet
+from tests.chaos.webhooks import Hooks
 
 SETTLE_TIMEOUT = 240.0
 
@@ -62,7 +63,8 @@ class Result:
 
 
 class Run:
-    """The common frame of a scenario: fresh state, an SMTP server, accounts, workers, an enqueuer.
+    """The common frame of a scenario: fresh state, an SMTP server, accounts (each with a webhook endpoint
+    at one receiver), workers (a webhook worker among them), an enqueuer.
 
     A scenario with other servers, accounts or worker settings overrides ``start_servers``,
     ``make_accounts`` or ``worker_settings``; ``before_stop`` runs once everything settled, before the
@@ -91,9 +93,10 @@ class Run:
         self.server = self.servers[0]
         self.settings = settings
         self.workers: WorkerSet = stack.workers(**self.worker_settings(settings)).start(
-            consumers=consumers, senders=senders
+            consumers=consumers, senders=senders, webhooks=1
         )
         self.accounts = self.make_accounts(users)
+        self.hooks = Hooks(stack.base_url, self.accounts)
         self.enqueuer = Enqueuer(stack.base_url, self.accounts, tasks, self.tag, clients=clients, rate=rate)
         self.problems: list[str] = []
         self.notes: list[str] = []
@@ -139,14 +142,27 @@ class Run:
             time.sleep(0.2)
 
     def finish(
-        self, injected: str, *, audit: Callable[[dict], Audit] | None = None, timeout: float = SETTLE_TIMEOUT
+        self,
+        injected: str,
+        *,
+        audit: Callable[[dict], Audit] | None = None,
+        attempts: Callable[[], dict[str, list[str]]] | None = None,
+        timeout: float = SETTLE_TIMEOUT,
     ) -> Result:
+        """Settle, audit, stop. ``attempts`` (Message-ID -> the server's fate of each attempt) makes the
+        webhook audit count the task.deferred events a run without kills must have sent."""
         enqueue = self.enqueuer.join(timeout)
         accepted = list(enqueue.task_ids.values())
         db = _wait_settled(self.stack, accepted, timeout)
         time.sleep(1.0)  # a late duplicate would arrive now
         db = rows(self.stack.engine)
         result_audit = audit(db) if audit else audit_delivery(db, accepted, self.copies())
+        hooks = self.hooks.audit(self.stack.engine, db, accepted, attempts() if attempts else None)
+        self.hooks.close()
+        self.problems += hooks.problems[:10]
+        self.notes.append(hooks.summary())
+        self.figures["webhook events"] = dict(hooks.by_type)
+        self.figures["webhook repeats"] = hooks.repeats
         dead = [f"{p.name} (exit {p.popen.returncode})" for p in self.workers.dead()]
         if dead:
             self.problems.append(f"worker(s) died on their own: {dead}")
@@ -191,6 +207,8 @@ class Run:
             found[f"password of {a.email}"] = a.password
             found[f"SMTP password of {a.email}"] = a.smtp_password
             found[f"token of {a.email}"] = a.token
+        for user_id, secret in self.hooks.secrets.items():
+            found[f"webhook secret of user {user_id}"] = secret
         return found
 
 
@@ -523,8 +541,16 @@ def flaky_smtp(
     def audit(db):
         return audit_against_server_log(db, accepted(), run.server.records(), max_tries)
 
+    def attempts():
+        fates: dict[str, list[str]] = {}
+        for record in run.server.records():
+            fates.setdefault(record.get("message_id"), []).append(record["fate"])
+        return fates
+
     result = run.finish(
-        "DATA answered at random: " + ", ".join(f"{k} {v:.0%}" for k, v in mix.items()), audit=audit
+        "DATA answered at random: " + ", ".join(f"{k} {v:.0%}" for k, v in mix.items()),
+        audit=audit,
+        attempts=attempts,
     )
     fates = Counter(r["fate"] for r in run.server.records())
     result.figures["server answers"] = dict(fates)

@@ -43,6 +43,9 @@ FAST_RECOVERY = {
     "RETRY_BACKOFF_MAX": "1",
     "SMTP_TIMEOUT": "3",
     "MAX_TRY_COUNT": "10",
+    # A webhook delivery that failed (its worker killed, PostgreSQL restarting) is retried in seconds.
+    "WEBHOOK_RETRY_SCHEDULE": "0.5,1,2,5,10",
+    "WEBHOOK_TIMEOUT": "3",
 }
 
 
@@ -324,7 +327,8 @@ class Stack:
 
 
 class WorkerSet:
-    """Consumers, senders and a sweep loop (``mailq sweep --every 1``) started with the same settings."""
+    """Consumers, senders, webhook workers and a sweep loop (``mailq sweep --every 1``) started with the
+    same settings."""
 
     def __init__(self, stack: Stack, settings: dict[str, str]):
         self.stack = stack
@@ -332,23 +336,26 @@ class WorkerSet:
         self.consumers: list[Proc] = []
         self.senders: list[Proc] = []
         self.sweeps: list[Proc] = []
+        self.hooks: list[Proc] = []  # `mailq webhooks`
         self.history: list[Proc] = []  # every worker ever started here, killed ones included
 
-    def start(self, consumers: int = 1, senders: int = 2, sweep: bool = True) -> WorkerSet:
+    def start(self, consumers: int = 1, senders: int = 2, sweep: bool = True, webhooks: int = 0) -> WorkerSet:
         for _ in range(consumers):
             self.add("consumer")
         for _ in range(senders):
             self.add("sender")
+        for _ in range(webhooks):
+            self.add("webhooks")
         if sweep:
             self.sweeps.append(self.stack.spawn("sweep", ["sweep", "--every", "1"], **self.settings))
             self.history.append(self.sweeps[-1])
-        for proc in [*self.consumers, *self.senders]:
+        for proc in [*self.consumers, *self.senders, *self.hooks]:
             wait_beat(proc)
         return self
 
     def add(self, role: str) -> Proc:
         proc = self.stack.spawn(role, [role], **self.settings)
-        (self.consumers if role == "consumer" else self.senders).append(proc)
+        self._group(role).append(proc)
         self.history.append(proc)
         return proc
 
@@ -356,12 +363,14 @@ class WorkerSet:
         """SIGKILL one worker and start a fresh one in its place; returns the new one."""
         role = proc.name
         self.stack.kill(proc, signal.SIGKILL)
-        group = self.consumers if role == "consumer" else self.senders
-        group.remove(proc)
+        self._group(role).remove(proc)
         return self.add(role)
 
+    def _group(self, role: str) -> list[Proc]:
+        return {"consumer": self.consumers, "sender": self.senders, "webhooks": self.hooks}[role]
+
     def all(self) -> list[Proc]:
-        return [*self.consumers, *self.senders, *self.sweeps]
+        return [*self.consumers, *self.senders, *self.hooks, *self.sweeps]
 
     def dead(self) -> list[Proc]:
         return [p for p in self.all() if not p.alive()]
@@ -379,7 +388,7 @@ class WorkerSet:
             if proc.alive():
                 _signal_group(proc, signal.SIGTERM)
         codes = {f"{proc.name}:{proc.pid}": self.stack.terminate(proc, signalled=True) for proc in procs}
-        self.consumers, self.senders, self.sweeps = [], [], []
+        self.consumers, self.senders, self.hooks, self.sweeps = [], [], [], []
         return codes
 
 
