@@ -241,7 +241,7 @@ def dev(
             postgres.stop()
 
 
-METRIC_COMMANDS = ("consumer", "sender", "sweep")  # the worker commands that serve /metrics
+METRIC_COMMANDS = ("consumer", "sender", "sweep", "webhooks")  # the worker commands that serve /metrics
 
 
 def _metrics_ports(names: list[str], first: int) -> dict[str, int]:

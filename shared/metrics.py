@@ -25,6 +25,8 @@ TRANSIENT = "transient"
 PERMANENT = "permanent"
 FAILURE_CLASSES = (TRANSIENT, PERMANENT)
 ENVELOPE_OUTCOMES = ("handed_off", "dropped")
+# What became of one webhook request (shared.webhooks' outcomes of an attempt that reached the receiver).
+WEBHOOK_OUTCOMES = ("delivered", "retrying", "failed", "stale")
 
 # One SMTP conversation: tens of milliseconds to a local relay, seconds to a slow one, at most the
 # deadline (0.8 x TASK_LEASE_SECONDS, 240 s by default).
@@ -79,6 +81,18 @@ class WorkerMetrics:
             "Envelopes the sweep returned from dead workers' processing lists.",
             registry=r,
         )
+        self.webhooks = Counter(
+            "mailq_webhook_deliveries",
+            "Webhook requests a worker made, by what became of the delivery.",
+            ["outcome"],
+            registry=r,
+        )
+        self.webhook_seconds = Histogram(
+            "mailq_webhook_request_seconds",
+            "Duration of one webhook request, whatever its answer.",
+            buckets=SMTP_BUCKETS,
+            registry=r,
+        )
         self.busy = Gauge("mailq_worker_busy_threads", "Conversation threads at work right now.", registry=r)
         self.threads = Gauge("mailq_worker_threads", "Conversation threads this process holds.", registry=r)
         # Every labelled series exists from the start, so rate() and absent() work before the first event.
@@ -88,6 +102,8 @@ class WorkerMetrics:
             self.cancelled.labels(reason.value)
         for outcome in ENVELOPE_OUTCOMES:
             self.envelopes.labels(outcome)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhooks.labels(outcome)
 
     # --- the sender ---
 

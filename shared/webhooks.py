@@ -220,7 +220,14 @@ class WebhookWorker(Worker):
         msg_id = events.webhook_id(claim.event_id)
         payload = events.body(claim.type, claim.created_at, claim.data)
         headers = events.headers(msg_id, int(self.wall()), payload, secrets)
+        started = time.monotonic()
         answer = self.receiver.post(claim.url, payload, headers)
+        self.metrics.webhook_seconds.observe(time.monotonic() - started)
+        outcome = self._conclude(claim, answer)
+        self.metrics.webhooks.labels(outcome).inc()
+        return outcome
+
+    def _conclude(self, claim: Claim, answer: Answer) -> str:
         if answer.status is not None and 200 <= answer.status < 300:
             return self.record(claim, "delivered", answer.status, None)
         if answer.status == 410:

@@ -190,13 +190,20 @@ def test_every_worker_process_serves_its_metrics_on_a_port_of_its_own(dev):
         if line.strip().endswith("/metrics") and "metrics:" in line
     }
     state = json.loads((dev["data_dir"] / "dev.json").read_text())
-    assert listed == state["metrics"] and set(listed) == {"consumer", "sender-1", "sender-2", "sweep"}
-    assert len(set(listed.values())) == 4
+    assert listed == state["metrics"] and set(listed) == {
+        "consumer",
+        "sender-1",
+        "sender-2",
+        "sweep",
+        "webhooks",
+    }
+    assert len(set(listed.values())) == 5
     figures = {name: scrape(url) for name, url in listed.items()}
     sent = sum(figures[name].get("mailq_mails_sent_total{}", 0) for name in ("sender-1", "sender-2"))
     assert sent == 500
     assert figures["consumer"]['mailq_envelopes_total{"outcome": "handed_off"}'] >= 450
     assert "mailq_sweep_requeued_total{}" in figures["sweep"]
+    assert 'mailq_webhook_deliveries_total{"outcome": "delivered"}' in figures["webhooks"]
     queue = scrape(dev["base"] + "/metrics")  # the metrics function, behind the API
     assert (
         queue['mailq_workers_alive{"role": "sender"}'] == 2 and queue['mailq_tasks{"status": "queued"}'] == 0
@@ -212,7 +219,7 @@ def test_mailq_status_finds_the_running_dev_stack_from_its_data_directory(dev):
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["figures"]["workers_alive"] == {"consumer": 1, "sender": 2, "webhooks": 1}
-    assert set(shown["source"]["metrics"]) == {"consumer", "sender-1", "sender-2", "sweep"}
+    assert set(shown["source"]["metrics"]) == {"consumer", "sender-1", "sender-2", "sweep", "webhooks"}
 
 
 def test_mailbox_lists_what_arrived(dev):

@@ -237,6 +237,8 @@ def test_500_500_200_is_one_delivery_three_attempts_and_one_webhook_id(pipe):
             request.verified(endpoint["secret"])
         (row,) = deliveries(pipe)
         assert (row.state, row.attempts, row.last_status) == ("delivered", 3, 200)
+        delivered = {"outcome": "delivered"}
+        assert pipe.hooks.metrics.registry.get_sample_value("mailq_webhook_deliveries_total", delivered) == 1
 
 
 def test_retries_wait_for_the_schedule_and_for_a_longer_retry_after(pipe):
@@ -271,6 +273,11 @@ def test_a_delivery_that_keeps_failing_ends_failed_after_the_schedule(pipe):
         assert (row.state, row.attempts, row.last_status) == ("failed", 4, 500)
         assert "gave up after 4 attempts" in row.last_error
         assert len(receiver.requests) == 4
+        metric = pipe.hooks.metrics.registry.get_sample_value
+        assert metric("mailq_webhook_deliveries_total", {"outcome": "retrying"}) == 3
+        assert metric("mailq_webhook_deliveries_total", {"outcome": "failed"}) == 1
+        assert metric("mailq_webhook_deliveries_total", {"outcome": "delivered"}) == 0
+        assert metric("mailq_webhook_request_seconds_count") == 4
 
 
 def test_410_disables_the_endpoint_and_nothing_more_is_sent_to_it(pipe):
