@@ -595,7 +595,10 @@ class Sender(Worker):
                     self._work.put(item)
                 for _ in range(free - len(taken)):
                     self._idle.release()
-                if not taken and not self.stopping.is_set():
+                # Fewer than asked for: nothing more is takeable now (every tenant with mail is at its
+                # cap, or none has mail), so wait for the bell (a slot came free, new mail) instead
+                # of asking again at once: with one busy tenant that was an empty take per mail.
+                if len(taken) < free and not self.stopping.is_set():
                     try:
                         self.sendq.wait(BLOCK_SECONDS)
                     except redis.RedisError:

@@ -75,10 +75,10 @@ return added
 """
 )
 
-# KEYS: ring, paused, processing.  ARGV: queue prefix, slots prefix, count, cap, slot ttl (ms),
+# KEYS: ring, paused, processing, bell.  ARGV: queue prefix, slots prefix, count, cap, slot ttl (ms),
 # holder prefix, max scan.  Returns a flat list of (tenant, envelope, holder).
 _TAKE = """
-local ring, paused, processing = KEYS[1], KEYS[2], KEYS[3]
+local ring, paused, processing, bell = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local qp, sp = ARGV[1], ARGV[2]
 local count, cap, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local holder_prefix, max_scan = ARGV[6], tonumber(ARGV[7])
@@ -116,6 +116,13 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
       end
     end
   end
+end
+if size == 0 or (taken < count and misses >= size) then
+  -- Nothing is takeable by anyone now (every tenant with mail is at its cap, or none has mail), so
+  -- the tokens rung before this moment wake nobody usefully: each would cost a sender a wake-up and
+  -- an empty take (with one tenant at its cap that was more Redis calls than mails). A slot coming
+  -- free or new mail rings again.
+  redis.call('DEL', bell)
 end
 return out
 """
@@ -213,7 +220,7 @@ class SendQueue:
         """Up to ``count`` envelopes, one per tenant per turn of the ring, each with one of its
         tenant's ``cap`` slots held for ``slot_ms``; moved into ``processing`` in the same step."""
         flat = self._take(
-            keys=[self.keys.ready, self.keys.paused, processing],
+            keys=[self.keys.ready, self.keys.paused, processing, self.keys.bell],
             args=[self.keys.queue_prefix, self.keys.slots_prefix, count, cap, slot_ms, holder, MAX_SCAN],
         )
         return [Taken(int(flat[i]), flat[i + 1], flat[i + 2].decode()) for i in range(0, len(flat), 3)]
