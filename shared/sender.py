@@ -225,6 +225,9 @@ class Sender(Worker):
         self._lock = threading.Lock()
         self._work: stdqueue.Queue[Taken] = stdqueue.Queue()
         self._idle = threading.Semaphore(settings.worker_count)
+        # A conversation thread's next envelope, taken by done() in the same step as it let go of the
+        # last one (only when the thread asked for it: see _converse).
+        self._chain = threading.local()
         self._busy = 0  # conversation threads at work right now (a gauge)
         self._dispatching = threading.Event()
         self.inflight = Inflight(engine, settings.sender_content_memory)
@@ -510,7 +513,14 @@ class Sender(Worker):
 
     def done(self, item: Taken) -> None:
         try:
-            self.sendq.done(self.processing, item)
+            if getattr(self._chain, "wanted", False) and not self.stopping.is_set() and not self.faulted():
+                s = self.settings
+                cap, slot_ms = s.smtp_max_connections_per_account, s.lease_seconds * 1000
+                self._chain.next = self.sendq.done_and_take(
+                    self.processing, item, self._holder, 1, cap, slot_ms
+                )
+            else:
+                self.sendq.done(self.processing, item)
         except redis.RedisError:
             with self._lock:
                 self._unacked.append(item)
@@ -607,6 +617,10 @@ class Sender(Worker):
             self._dispatching.clear()
 
     def _converse(self) -> None:
+        # A thread that finishes a mail takes its next one itself, in the step that lets go of the
+        # last (done_and_take): no bell, no dispatcher round trip, no hand-off between threads per
+        # mail. It goes back to the dispatcher's queue only when that finds nothing.
+        self._chain.wanted = True
         while True:
             try:
                 item = self._work.get(timeout=0.2)
@@ -617,14 +631,19 @@ class Sender(Worker):
             with self._lock:
                 self._busy += 1
             try:
-                if self.stopping.is_set():
-                    self._give_back_quietly(item, _task_id_or_zero(item))  # not started: give it back
-                else:
-                    self.handle(item)
-            except Exception:  # handle() lets go of the envelope on every path it knows
-                log.exception("%s: unexpected error", self.id)
+                while item is not None:
+                    self._chain.next = []
+                    try:
+                        if self.stopping.is_set():
+                            self._give_back_quietly(item, _task_id_or_zero(item))  # not started: give it back
+                        else:
+                            self.handle(item)
+                    except Exception:  # handle() lets go of the envelope on every path it knows
+                        log.exception("%s: unexpected error", self.id)
+                    finally:
+                        logs.bind_task(None)
+                    item = self._chain.next[0] if self._chain.next else None
             finally:
-                logs.bind_task(None)
                 with self._lock:
                     self._busy -= 1
                 self._idle.release()
