@@ -16,7 +16,8 @@ within a deadline, and records the outcome behind the fencing token.
   account (its mail waits for new credentials) instead of letting every queued mail try again.
 
 ``step()`` takes and handles work in the calling thread (tests drive it); ``run()`` runs one
-dispatcher thread taking work for WORKER_COUNT conversation threads.
+dispatcher thread taking work for WORKER_COUNT conversation threads, and a thread that finishes a
+mail takes its next one itself in the same Redis step that lets go of the last.
 """
 
 from __future__ import annotations
