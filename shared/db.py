@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 
+from shared import prepared
 from shared.domain import Status
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -369,6 +370,7 @@ def make_engine(
         connect_args={"timeout": socket_timeout},
     )
     sa.event.listen(engine, "handle_error", _timeout_is_a_disconnect)
+    prepared.install(engine)  # the per-mail statements: prepared once per connection, one round trip
     return engine
 
 

@@ -61,10 +61,12 @@ def tags_sql(task: str = "t") -> str:
 def hooked(task: str = "tasks") -> str:
     """A RETURNING column for an UPDATE of tasks: does the task's user have an enabled endpoint? Only
     then is write() called, so a user without endpoints pays one index probe and nothing else."""
-    return (
-        "EXISTS (SELECT 1 FROM webhook_endpoints AS w"
-        f" WHERE w.user_id = {task}.user_id AND w.enabled) AS hooked"
-    )
+    return f"{has_endpoint(task)} AS hooked"
+
+
+def has_endpoint(task: str = "tasks") -> str:
+    """The condition behind ``hooked()``: the task's user has an enabled endpoint."""
+    return f"EXISTS (SELECT 1 FROM webhook_endpoints AS w WHERE w.user_id = {task}.user_id AND w.enabled)"
 
 
 @dataclass(frozen=True)

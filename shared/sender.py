@@ -16,7 +16,8 @@ within a deadline, and records the outcome behind the fencing token.
   account (its mail waits for new credentials) instead of letting every queued mail try again.
 
 ``step()`` takes and handles work in the calling thread (tests drive it); ``run()`` runs one
-dispatcher thread taking work for WORKER_COUNT conversation threads.
+dispatcher thread taking work for WORKER_COUNT conversation threads, and a thread that finishes a
+mail takes its next one itself in the same Redis step that lets go of the last.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from shared.errors import (
 from shared.inflight import INLINE_BYTES, Inflight
 from shared.mailer import SmtpAccount
 from shared.message import build_message
+from shared.prepared import alone, run_alone
 from shared.sendqueue import SendQueue, Taken
 from shared.storage import attachments_of
 from shared.workers import BLOCK_SECONDS, Outcome, Worker, backoff_seconds, dependency_of, utcnow
@@ -91,6 +93,7 @@ class Claim:
     headers: list[list[str]] | None = None
     attachments: list[dict] | None = None  # filename, content_type, size
     attachment_data: bytes | None = None
+    hooked: bool = False  # the user had an enabled webhook endpoint at the claim
     claimed_at: float = 0.0  # the sender's clock at the claim: the conversation's deadline counts from it
 
     @property
@@ -106,8 +109,9 @@ _CONTENT_BYTES = (
     "(COALESCE(octet_length(t.body), 0) + COALESCE(octet_length(c.html), 0)"
     " + COALESCE(octet_length(c.attachment_data), 0))"
 )
-_CLAIM_SQL = sa.text(
-    f"""
+_CLAIM_SQL = alone(
+    sa.text(
+        f"""
     UPDATE tasks AS t
        SET status = 'processing',
            try_count = t.try_count + 1,
@@ -123,8 +127,10 @@ _CLAIM_SQL = sa.text(
            CASE WHEN {_CONTENT_BYTES} <= :inline THEN t.body END AS body,
            CASE WHEN {_CONTENT_BYTES} <= :inline THEN c.html END AS html,
            c.from_name, c.recipient_name, c.cc, c.bcc, c.reply_to, c.headers, c.attachments,
-           CASE WHEN {_CONTENT_BYTES} <= :inline THEN c.attachment_data END AS attachment_data
+           CASE WHEN {_CONTENT_BYTES} <= :inline THEN c.attachment_data END AS attachment_data,
+           {events.has_endpoint("t")} AS hooked
     """  # noqa: S608 - _CONTENT_BYTES is a constant
+    )
 )
 
 # Why a claim found nothing (the rare path: duplicate envelope, no tries left, account paused).
@@ -151,8 +157,7 @@ _EXHAUSTED_SQL = sa.text(
 # 'queued' is allowed too: had the sweep taken a lease back without anyone claiming the task again,
 # what the server said is still the truth. Times come from PostgreSQL's clock. The event reporting the
 # outcome is written in the same transaction, only when the UPDATE changed the row (shared.events).
-_OUTCOME_SQL = sa.text(
-    f"""
+_OUTCOME_UPDATE = """
     UPDATE tasks
        SET status = :status, last_error = :last_error,
            next_attempt_at = now() + make_interval(secs => :delay),
@@ -160,8 +165,14 @@ _OUTCOME_SQL = sa.text(
            sent_at = CASE WHEN CAST(:status AS text) = 'sent' THEN now() END,
            updated_at = now()
      WHERE id = :id AND try_count = :try_count AND status IN ('processing', 'queued')
-    RETURNING id, {events.hooked()}
-    """
+"""
+_OUTCOME_SQL = sa.text(f"{_OUTCOME_UPDATE} RETURNING id, {events.hooked()}")
+# The common case, a user without webhook endpoints, in one statement that is its own transaction
+# (shared.prepared): there is no event to write with it, and the condition makes sure of that at the
+# moment of the write. No row means an endpoint appeared since the claim or the outcome is stale:
+# _OUTCOME_SQL in a transaction then tells which, and writes the event.
+_QUIET_OUTCOME_SQL = alone(
+    sa.text(f"{_OUTCOME_UPDATE}   AND NOT {events.has_endpoint()}\n    RETURNING id")  # noqa: S608 - constants
 )
 
 # Gives a claim back without spending a try: the budget moves up by one (the count never goes down).
@@ -215,6 +226,9 @@ class Sender(Worker):
         self._lock = threading.Lock()
         self._work: stdqueue.Queue[Taken] = stdqueue.Queue()
         self._idle = threading.Semaphore(settings.worker_count)
+        # A conversation thread's next envelope, taken by done() in the same step as it let go of the
+        # last one (only when the thread asked for it: see _converse).
+        self._chain = threading.local()
         self._busy = 0  # conversation threads at work right now (a gauge)
         self._dispatching = threading.Event()
         self.inflight = Inflight(engine, settings.sender_content_memory)
@@ -288,9 +302,8 @@ class Sender(Worker):
             "max_tries": self.settings.max_try_count,
             "inline": INLINE_BYTES,
         }
-        with self.engine.begin() as conn:
-            row = conn.execute(_CLAIM_SQL, params).one_or_none()
-        return None if row is None else Claim(**row._asdict(), claimed_at=self.clock())
+        rows = run_alone(self.engine, _CLAIM_SQL, params)  # one statement: its own transaction
+        return Claim(**rows[0]._asdict(), claimed_at=self.clock()) if rows else None
 
     def _unclaimable(self, item: Taken, task_id: int) -> Outcome:
         cancelled, created = False, []
@@ -468,9 +481,14 @@ class Sender(Worker):
         deadline = time.monotonic() + max(30.0, self.settings.lease_seconds)
         while True:
             try:
-                with self.engine.begin() as conn:
-                    row = conn.execute(_OUTCOME_SQL, params).one_or_none()
-                    created = events.write(conn, [report]) if row is not None and row.hooked else []
+                row, created = None, []
+                if not claim.hooked:
+                    quiet = run_alone(self.engine, _QUIET_OUTCOME_SQL, params)
+                    row = quiet[0] if quiet else None
+                if row is None:
+                    with self.engine.begin() as conn:
+                        row = conn.execute(_OUTCOME_SQL, params).one_or_none()
+                        created = events.write(conn, [report]) if row is not None and row.hooked else []
                 break
             except Exception as exc:
                 if not dependency_of(exc) or time.monotonic() > deadline or self.stopping.is_set():
@@ -496,7 +514,14 @@ class Sender(Worker):
 
     def done(self, item: Taken) -> None:
         try:
-            self.sendq.done(self.processing, item)
+            if getattr(self._chain, "wanted", False) and not self.stopping.is_set() and not self.faulted():
+                s = self.settings
+                cap, slot_ms = s.smtp_max_connections_per_account, s.lease_seconds * 1000
+                self._chain.next = self.sendq.done_and_take(
+                    self.processing, item, self._holder, 1, cap, slot_ms
+                )
+            else:
+                self.sendq.done(self.processing, item)
         except redis.RedisError:
             with self._lock:
                 self._unacked.append(item)
@@ -581,7 +606,10 @@ class Sender(Worker):
                     self._work.put(item)
                 for _ in range(free - len(taken)):
                     self._idle.release()
-                if not taken and not self.stopping.is_set():
+                # Fewer than asked for: nothing more is takeable now (every tenant with mail is at its
+                # cap, or none has mail), so wait for the bell (a slot came free, new mail) instead
+                # of asking again at once: with one busy tenant that was an empty take per mail.
+                if len(taken) < free and not self.stopping.is_set():
                     try:
                         self.sendq.wait(BLOCK_SECONDS)
                     except redis.RedisError:
@@ -590,6 +618,10 @@ class Sender(Worker):
             self._dispatching.clear()
 
     def _converse(self) -> None:
+        # A thread that finishes a mail takes its next one itself, in the step that lets go of the
+        # last (done_and_take): no bell, no dispatcher round trip, no hand-off between threads per
+        # mail. It goes back to the dispatcher's queue only when that finds nothing.
+        self._chain.wanted = True
         while True:
             try:
                 item = self._work.get(timeout=0.2)
@@ -600,14 +632,19 @@ class Sender(Worker):
             with self._lock:
                 self._busy += 1
             try:
-                if self.stopping.is_set():
-                    self._give_back_quietly(item, _task_id_or_zero(item))  # not started: give it back
-                else:
-                    self.handle(item)
-            except Exception:  # handle() lets go of the envelope on every path it knows
-                log.exception("%s: unexpected error", self.id)
+                while item is not None:
+                    self._chain.next = []
+                    try:
+                        if self.stopping.is_set():
+                            self._give_back_quietly(item, _task_id_or_zero(item))  # not started: give it back
+                        else:
+                            self.handle(item)
+                    except Exception:  # handle() lets go of the envelope on every path it knows
+                        log.exception("%s: unexpected error", self.id)
+                    finally:
+                        logs.bind_task(None)
+                    item = self._chain.next[0] if self._chain.next else None
             finally:
-                logs.bind_task(None)
                 with self._lock:
                     self._busy -= 1
                 self._idle.release()

@@ -75,13 +75,11 @@ return added
 """
 )
 
-# KEYS: ring, paused, processing.  ARGV: queue prefix, slots prefix, count, cap, slot ttl (ms),
-# holder prefix, max scan.  Returns a flat list of (tenant, envelope, holder).
-_TAKE = """
-local ring, paused, processing = KEYS[1], KEYS[2], KEYS[3]
-local qp, sp = ARGV[1], ARGV[2]
-local count, cap, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local holder_prefix, max_scan = ARGV[6], tonumber(ARGV[7])
+# take(): up to count envelopes, fairly, each with a slot; a flat list of (tenant, envelope, holder).
+# args: ring, paused, processing, bell keys, then queue prefix, slots prefix, count, cap, slot ttl (ms),
+# holder prefix, max scan.
+_TAKE_FN = """
+local function take(ring, paused, processing, bell, qp, sp, count, cap, ttl, holder_prefix, max_scan)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
@@ -117,8 +115,21 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
     end
   end
 end
+if size == 0 or (taken < count and misses >= size) then
+  -- Nothing is takeable by anyone now (every tenant with mail is at its cap, or none has mail), so
+  -- the tokens rung before this moment wake nobody usefully: each would cost a sender a wake-up and
+  -- an empty take (with one tenant at its cap that was more Redis calls than mails). A slot coming
+  -- free or new mail rings again.
+  redis.call('DEL', bell)
+end
 return out
+end
 """
+_TAKE_ARGS = (
+    "ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])"
+)
+# KEYS: ring, paused, processing, bell.  ARGV: as take()'s after the keys.
+_TAKE = _TAKE_FN + f"return take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], {_TAKE_ARGS})"
 
 # KEYS: processing, slots, queue, bell.  ARGV: envelope, holder, bell max.
 _DONE = """
@@ -129,6 +140,25 @@ if redis.call('ZCARD', KEYS[3]) > 0 then  -- a slot came free for a tenant with 
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[3]), -1)
 end
 """
+
+# done() and take() in one step, for a conversation thread that wants its next envelope: the slot it
+# frees is taken again without a wake-up token and a dispatcher's round trip. The bell still rings when
+# the finished envelope's tenant has mail and a free slot after the take (it took another tenant's).
+# KEYS: ring, paused, processing, bell, slots, queue.  ARGV: as take()'s, then envelope, holder, bell max.
+_DONE_TAKE = (
+    _TAKE_FN
+    + f"""
+local processing, bell, slots, q = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+redis.call('LREM', processing, 1, ARGV[8])
+redis.call('ZREM', slots, ARGV[9])
+local out = take(KEYS[1], KEYS[2], processing, bell, {_TAKE_ARGS})
+if redis.call('ZCARD', q) > 0 and redis.call('ZCARD', slots) < tonumber(ARGV[4]) then
+  redis.call('RPUSH', bell, '1')
+  redis.call('LTRIM', bell, -tonumber(ARGV[10]), -1)
+end
+return out
+"""
+)
 
 # KEYS: processing, slots, queue, ring, paused, bell.  ARGV: envelope, holder, score, tenant,
 # bell max, pause (1 or 0).  Puts an envelope we hold back in its tenant's queue (only if it is still
@@ -184,6 +214,7 @@ class SendQueue:
         self.keys = keys  # the senders' keys, or the webhook worker's (one queue per endpoint)
         self._route = client.register_script(_ROUTE)
         self._take = client.register_script(_TAKE)
+        self._done_take = client.register_script(_DONE_TAKE)
         self._done = client.register_script(_DONE)
         self._give_back = client.register_script(_GIVE_BACK)
         self._resume = client.register_script(_RESUME)
@@ -213,10 +244,25 @@ class SendQueue:
         """Up to ``count`` envelopes, one per tenant per turn of the ring, each with one of its
         tenant's ``cap`` slots held for ``slot_ms``; moved into ``processing`` in the same step."""
         flat = self._take(
-            keys=[self.keys.ready, self.keys.paused, processing],
+            keys=[self.keys.ready, self.keys.paused, processing, self.keys.bell],
             args=[self.keys.queue_prefix, self.keys.slots_prefix, count, cap, slot_ms, holder, MAX_SCAN],
         )
-        return [Taken(int(flat[i]), flat[i + 1], flat[i + 2].decode()) for i in range(0, len(flat), 3)]
+        return _taken(flat)
+
+    def done_and_take(
+        self, processing: str, taken: Taken, holder: str, count: int, cap: int, slot_ms: int
+    ) -> list[Taken]:
+        """``done(taken)``, then ``take()``, in one step."""
+        keys = [
+            self.keys.ready,
+            self.keys.paused,
+            processing,
+            self.keys.bell,
+            self.keys.slots(taken.tenant),
+            self.keys.queue(taken.tenant),
+        ]
+        take_args = [self.keys.queue_prefix, self.keys.slots_prefix, count, cap, slot_ms, holder, MAX_SCAN]
+        return _taken(self._done_take(keys=keys, args=[*take_args, taken.raw, taken.holder, queue.BELL_MAX]))
 
     def done(self, processing: str, taken: Taken) -> None:
         """The envelope's work is recorded: let go of it and of its slot."""
@@ -258,3 +304,7 @@ class SendQueue:
     def waiting(self, tenant: int) -> int:
         """How many envelopes wait in the tenant's queue."""
         return self.redis.zcard(self.keys.queue(tenant))
+
+
+def _taken(flat: list) -> list[Taken]:
+    return [Taken(int(flat[i]), flat[i + 1], flat[i + 2].decode()) for i in range(0, len(flat), 3)]
