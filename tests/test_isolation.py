@@ -21,6 +21,7 @@ from shared.db import is_unavailable, make_engine
 from shared.domain import Status
 from shared.mailer import Mailer
 from shared.sender import Sender
+from shared.sendqueue import SendQueue
 from shared.workers import Outcome
 from tests.hostile_smtp import SlowGoodbyeServer, TricklingServer
 from tests.pipeline import Pipeline
@@ -154,6 +155,22 @@ def test_a_slow_tenant_does_not_spend_another_tenants_tries(pipe, fast_ctx):
         assert [pipe.task(i).status for i in b_ids] == ["sent"] * 3
         assert [pipe.task(i).try_count for i in b_ids] == [3, 3, 3]
         assert sorted(m["Subject"] for m in fine.messages) == ["B0", "B1", "B2"]
+
+
+def test_the_sweep_requeues_a_lost_envelope_of_a_task_whose_last_try_never_started(pipe, smtp_server):
+    """Only a try whose attempt started can be lost in flight: a queued task with one try left whose
+    envelope was lost gets that try, it is not cancelled as exhausted."""
+    user = pipe.user(smtp_server)
+    task_id = pipe.enqueue(user)
+    with pipe.ctx.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE tasks SET try_count = 2 WHERE id = :id"), {"id": task_id})
+    pipe.ctx.redis.delete(queue.TASK_LIST)  # its envelope is lost
+    time.sleep(pipe.ctx.settings.sweep_leak_window + 0.05)
+    report = pipe.sweep()
+    assert (report.requeued, report.cancelled) == (1, 0)
+    pipe.pump()
+    row = pipe.task(task_id)
+    assert row.status == "sent" and row.try_count == 3 == pipe.ctx.settings.max_try_count
 
 
 def test_a_thread_is_not_held_by_one_tenant_while_another_tenants_mail_waits(fast_ctx):
@@ -489,6 +506,16 @@ def test_a_pause_from_the_old_credentials_does_not_stick_to_new_ones(pipe, smtp_
     assert pipe.ctx.redis.sismember(queue.PAUSED, user.id) == 0
 
 
+def test_the_sweep_resumes_an_account_whose_resume_did_not_reach_redis(pipe, smtp_server):
+    """PostgreSQL says resumed (the PATCH committed) but Redis kept the pause: the sweep lets go of it."""
+    user = pipe.user(smtp_server)
+    task_id = pipe.enqueue(user)
+    SendQueue(pipe.ctx.redis).pause(user.id)  # what a PATCH whose resume found Redis down leaves behind
+    assert pipe.pump() == [Outcome.HANDED_OFF]  # the mail waits behind the stale pause
+    assert pipe.sweep().resumed == 1
+    assert pipe.pump() == [Outcome.SENT] and pipe.task(task_id).status == "sent"
+
+
 # --- fairness and the per-account cap ---------------------------------------------------------------
 
 
@@ -551,6 +578,16 @@ def test_the_slot_of_a_killed_sender_frees_itself(pipe, smtp_server):
     [taken] = other.sender.take(10)
     assert other.sender.handle(taken) == Outcome.SENT
     other.close()
+
+
+def test_a_finished_conversation_frees_its_slot_at_once(pipe, smtp_server):
+    user = pipe.user(smtp_server)
+    for _ in range(4):
+        pipe.enqueue(user)
+    while pipe.consumer.step(0.05):
+        pass
+    assert pipe.sender.step(0) == [Outcome.SENT] * 3  # the cap: the fourth waits for a slot...
+    assert pipe.sender.step(0) == [Outcome.SENT]  # ...freed by the three finished ones, not their lease
 
 
 def test_redis_holds_tenant_ids_and_envelopes_only(pipe, smtp_server):
@@ -668,5 +705,25 @@ def test_a_worker_stays_live_while_redis_refuses_its_heartbeat(fast_ctx, tmp_pat
         admin = redis.Redis.from_url(settings.redis_url, password="now-you-need-this")
         admin.config_set("requirepass", "")
         admin.close()
+        consumer.stopping.set()
+        running.join(20)
+
+
+def test_a_worker_waiting_for_redis_at_start_stays_live(fast_ctx, tmp_path):
+    """The probe reads the liveness file: a worker that starts while Redis is down must keep touching
+    it, or the probe restarts the pod over and over for another service's outage."""
+    from shared.consumer import Consumer
+    from shared.embedded import free_port
+
+    beat = tmp_path / "beat"
+    nowhere = services.make_redis(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)
+    consumer = Consumer(fast_ctx.settings.replace(heartbeat_file=str(beat)), fast_ctx.engine, nowhere)
+    running = run_in_thread(consumer.run)
+    try:
+        wait_for(beat.exists, timeout=3, what="the liveness file")
+        first = beat.stat().st_mtime_ns
+        wait_for(lambda: beat.stat().st_mtime_ns > first, timeout=3, what="the liveness file touched again")
+        assert running.is_alive()  # still waiting for Redis
+    finally:
         consumer.stopping.set()
         running.join(20)

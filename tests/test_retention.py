@@ -44,6 +44,11 @@ def test_only_finished_tasks_past_the_retention_period_are_deleted(pipe):
         age(pipe, young_sent, 29, "sent")
         age(pipe, old_failed, 90, "failed")  # still to go out: never deleted, whatever its age
         age(pipe, old_scheduled, 90, "scheduled")
+        with pipe.ctx.engine.begin() as conn:  # not due yet: the sweep's requeue leaves them as they are
+            conn.execute(
+                sa.text("UPDATE tasks SET next_attempt_at = now() + interval '1 day' WHERE id = ANY(:ids)"),
+                {"ids": [old_failed, old_scheduled]},
+            )
         assert pending_work(pipe.ctx.settings, pipe.ctx.engine) >= 1  # the sweep's trigger sees it
         report = pipe.sweep()
     assert report.purged == 2

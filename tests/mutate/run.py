@@ -35,6 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 LIST = Path(__file__).with_name("mutants.toml")
 TIMEOUT = 300.0  # seconds per run; pytest-timeout's own limit is the same
+# The baseline runs every listed test in one go (over a hundred): on a loaded 2-core machine that took
+# over 5 minutes, so it gets more time than one mutant's run.
+BASELINE_TIMEOUT = 1200.0
 # Plugin autoloading is off (schemathesis, hypothesis and anyio cost over a second a run); a listed test
 # that needs one of them adds it here.
 PLUGINS = ("pytest_timeout", "tests.mutate.guard")
@@ -214,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mutants", type=Path, default=LIST, help="the list to run (a TOML file)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run on the unmutated copy")
     parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds per pytest run")
+    parser.add_argument(
+        "--baseline-timeout", type=float, default=BASELINE_TIMEOUT, help="seconds for the unmutated run"
+    )
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs pytest")
     args = parser.parse_args(argv)
 
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
             tree = scratch / "baseline"
             shutil.copytree(base, tree, symlinks=True)
-            outcome, detail, seen = run_tests(tree, tests, args.python, args.timeout)
+            outcome, detail, seen = run_tests(tree, tests, args.python, args.baseline_timeout)
             if outcome != "passed":
                 print(f"baseline: the listed tests fail unmutated ({outcome}): {detail}", file=sys.stderr)
                 return 2
