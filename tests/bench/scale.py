@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from shared.inflight import INLINE_BYTES
+from shared.sender import _CLAIM_SQL  # the sender's own statement, timed as it is
 from shared.sweep import SweepReport, sweep_once
 from tests.bench import seed
 from tests.bench.api import Sizing, enqueue_requests, knative_sizing
@@ -40,6 +42,7 @@ class ScaleResult:
     sizing: Sizing
     due: int = 0
     metrics: LoadResult | None = None  # GET /metrics, one scraper at a time
+    claim: LoadResult | None = None  # the sender's claim statement on queued rows (rolled back)
     notes: list[str] = field(default_factory=list)
 
 
@@ -68,6 +71,37 @@ def _note(progress, text: str) -> None:
     note = getattr(progress, "note", None)
     if note is not None:
         note(text)
+
+
+def _timed_claims(stack: Stack, samples: int = 200) -> LoadResult:
+    """The sender's claim (``UPDATE … WHERE id = … AND status = 'queued' … RETURNING`` the mail and its
+    account) on queued rows spread over the table, each in its own transaction, rolled back so the
+    table stays as it was."""
+    settings = stack.settings
+    with stack.ctx.engine.connect() as conn:
+        ids = [
+            r.id
+            for r in conn.execute(
+                sa.text("SELECT id FROM tasks WHERE status = 'queued' ORDER BY id % 997, id LIMIT :k"),
+                {"k": samples},
+            )
+        ]
+        conn.rollback()
+        result = LoadResult(0, 0, 0.0)
+        for task_id in ids:
+            params = {"id": task_id, "lease": settings.lease_seconds, "max_tries": settings.max_try_count,
+                      "inline": INLINE_BYTES}  # fmt: skip
+            started = time.perf_counter()
+            row = conn.execute(_CLAIM_SQL, params).one_or_none()
+            elapsed = time.perf_counter() - started
+            conn.rollback()
+            result.seconds += elapsed
+            if row is None:
+                result.errors += 1
+            else:
+                result.requests += 1
+                result.latencies_ms.append(elapsed * 1000)
+    return result
 
 
 def _timed_sweep(stack: Stack) -> tuple[float, SweepReport]:
@@ -103,6 +137,8 @@ def scale(
     _note(progress, "sweep")
     sweep_seconds, report = _timed_sweep(stack)
     idle_sweep_seconds, _ = _timed_sweep(stack)
+    _note(progress, "claims")
+    claim = _timed_claims(stack)
 
     _note(progress, "/task/queue pages")
     sizing = knative_sizing("task_queue")
@@ -156,5 +192,5 @@ def scale(
         stack.stop(child)
     return ScaleResult(
         rows, rows // users, counts, load_seconds, sweep_seconds, report, idle_sweep_seconds, page, enqueue,
-        enqueue_sizing, due, metrics=metrics,
+        enqueue_sizing, due, metrics=metrics, claim=claim,
     )  # fmt: skip

@@ -184,8 +184,18 @@ def scale_counts(total: int) -> dict[str, int]:
 
 
 def extra_users(engine: Engine, template_user_id: int, count: int) -> list[int]:
-    """``count`` more users, copies of the template's SMTP account."""
+    """``count`` more users, copies of the template's SMTP account (those made by an earlier call are
+    reused: a run seeds several table sizes)."""
     with engine.begin() as conn:
+        have = [
+            r.id
+            for r in conn.execute(
+                sa.text("SELECT id FROM users WHERE email LIKE :pattern ORDER BY id"),
+                {"pattern": "tenant%@example.net"},
+            )
+        ]
+        if len(have) >= count:
+            return have[:count]
         rows = conn.execute(
             sa.text(
                 """
@@ -193,14 +203,14 @@ def extra_users(engine: Engine, template_user_id: int, count: int) -> list[int]:
                                    smtp_password_enc, smtp_security)
                 SELECT 'tenant' || g || '@example.net', password_hash, smtp_host, smtp_port, smtp_username,
                        smtp_password_enc, smtp_security
-                  FROM users, generate_series(1, :count) AS g
+                  FROM users, generate_series(CAST(:first AS integer), CAST(:count AS integer)) AS g
                  WHERE id = :template
                 RETURNING id
                 """
             ),
-            {"count": count, "template": template_user_id},
+            {"first": len(have) + 1, "count": count, "template": template_user_id},
         ).all()
-    return [r.id for r in rows]
+    return have + [r.id for r in rows]
 
 
 def _scale_row(i: int, kind: str, user_id: int, now: datetime, rng: random.Random) -> tuple:

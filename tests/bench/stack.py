@@ -7,6 +7,7 @@ Celery's workers included); ``Stack.close()`` stops everything it started, whate
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -33,6 +34,15 @@ ROOT = Path(__file__).resolve().parents[2]
 MAIN_SOURCE = ROOT / "functions" / "main.py"
 TRIVIAL_SOURCE = Path(__file__).resolve().with_name("trivial.py")
 CELERY_DB = 1  # the Celery peer's broker lives in its own Redis database on the same server
+# The SMTP accounts the sink accepts (it requires AUTH): the benchmark's user, and a second tenant.
+SMTP_ACCOUNTS = {"bench": "bench-smtp-password", "tenant-b": "tenant-b-smtp-password"}
+SMTP_USER = "bench"
+
+
+def default_senders() -> int:
+    """What `mailq dev` runs: one sender process per core."""
+    return os.cpu_count() or 1
+
 
 # The settings a production pod runs with (deployment/base/config.env), except those that only make
 # sense with TLS and public hosts: the sink is plaintext on 127.0.0.1.
@@ -218,6 +228,8 @@ class Stack:
         self.ctx: services.Context | None = None
         self._settings: Settings | None = None
         self._names: dict[str, int] = {}
+        self._tenants: dict[str, tuple[object, str]] = {}
+        self._account: dict = {}
 
     # --- lifecycle ---
 
@@ -262,13 +274,29 @@ class Stack:
             "password": "bench password",
             "smtp_host": "127.0.0.1",
             "smtp_port": self.sink_port,
-            "smtp-username": "bench",
-            "smtp-password": "sink-accepts-any",
+            "smtp-username": SMTP_USER,
+            "smtp-password": SMTP_ACCOUNTS[SMTP_USER],
             "smtp_security": "none",
         }
         services.register(self.ctx, account, "bench")
         self.token = services.login(self.ctx, account, "bench")["token"]
         self.user = services.authenticate(self.ctx, "Bearer " + self.token)
+        self._account = account
+
+    def tenant(self, smtp_username: str) -> tuple[object, str]:
+        """Another user (registered once) sending through its own account on the same sink:
+        (user, token)."""
+        if smtp_username not in self._tenants:
+            account = {
+                **self._account,
+                "email": f"{smtp_username}@example.com",
+                "smtp-username": smtp_username,
+                "smtp-password": SMTP_ACCOUNTS[smtp_username],
+            }
+            services.register(self.ctx, account, "bench")
+            token = services.login(self.ctx, account, "bench")["token"]
+            self._tenants[smtp_username] = (services.authenticate(self.ctx, "Bearer " + token), token)
+        return self._tenants[smtp_username]
 
     def close(self) -> None:
         for child in reversed(self.children):
@@ -346,16 +374,16 @@ class Stack:
                 self.children.remove(child)
 
     def start_sink(self, data_dir: Path) -> Child:
-        """The SMTP sink in its own process, as `mailq dev` runs it, on the user's SMTP port.
+        """The SMTP sink in its own process on the users' SMTP port: `mailq sink`'s mailbox behind AUTH
+        (tests/bench/authsink.py), accepting each tenant's account and nothing else.
 
         It stands in for the SMTP server, which is not what we measure: at WARNING it skips
         aiosmtpd's five INFO lines per mail, which cost it about 15 % of a core.
         """
         child = self.spawn(
             "sink",
-            [sys.executable, "-m", "functions.cli", "sink", "--data-dir", str(data_dir), "--port",
-             str(self.sink_port)],
-            LOG_LEVEL="WARNING",
+            [sys.executable, "-m", "tests.bench.authsink", str(data_dir), str(self.sink_port)],
+            BENCH_SINK_ACCOUNTS=json.dumps(SMTP_ACCOUNTS),
         )  # fmt: skip
         wait_for_port(self.sink_port, child)
         return child

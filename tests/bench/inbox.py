@@ -1,0 +1,268 @@
+"""Scenarios 5, 6 and 10: mail going in through the HTTP API while it goes out, as users feel it.
+
+The `mailq dev`-like stack — the enqueue function(s) under gunicorn as their Knative Services are
+sized, one consumer and as many sender processes as the machine has cores — delivering into the
+sink, which requires AUTH with each tenant's own account.
+
+5. N single enqueues by C clients back to back; the clock runs from the first request to the sink's
+   arrival stamp of the N-th mail.
+6. The same N mails through the batch endpoint, 100 per request.
+10. Fairness: tenant A's burst of N mails (batches of 100) with nobody else, then again while
+   tenant B enqueues one mail a second through the single endpoint until A's burst has arrived.
+   B's latency runs from its enqueue call to the sink's stamp; A's throughput is compared with A
+   alone, measured just before on the same processes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+
+from tests.bench import seed
+from tests.bench.api import ENQUEUE_PATH, enqueue_requests, knative_sizing
+from tests.bench.delivery import Delivery, _settled, _timeout
+from tests.bench.load import Sent, build_request, closed_count, percentile
+from tests.bench.mailbox import MailboxTail, Verdict, verify
+from tests.bench.stack import MAIN_SOURCE, Child, CpuMeter, Stack
+
+BATCH_PATH = "/api/v1/task/enqueue/batch"
+BATCH_SIZE = 100
+A_DOMAIN, B_DOMAIN = "example.org", "example.net"  # recipients of tenant A (seed.mail) and tenant B
+
+
+class Running:
+    """Sink, the enqueue function(s) and the workers of one scenario; stopped on exit."""
+
+    def __init__(self, stack: Stack, name: str, senders: int, targets: tuple[str, ...]):
+        self.stack, self.name, self.senders, self.targets = stack, name, senders, targets
+        self.ports: dict[str, int] = {}
+        self.children: list[Child] = []
+
+    def __enter__(self) -> Running:
+        self.stack.reset()
+        self.data_dir = self.stack.scratch(f"sink-{self.name}")
+        try:
+            self.sink = self.stack.start_sink(self.data_dir)
+            self.children.append(self.sink)
+            self.api = []
+            for target in self.targets:
+                sizing = knative_sizing(target)
+                child, self.ports[target] = self.stack.start_function(
+                    MAIN_SOURCE, target, sizing.workers, sizing.threads
+                )
+                self.api.append(child)
+                self.children.append(child)
+            self.workers = self.stack.start_workers(self.senders)
+            self.children += self.workers
+        except BaseException:
+            self.__exit__()
+            raise
+        self.tail = MailboxTail(self.data_dir)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stack.stop(*reversed(self.children))
+
+    def meter(self) -> CpuMeter:
+        return CpuMeter(
+            {"sink": [self.sink.pid], "api": [c.pid for c in self.api], "consumer": [self.workers[0].pid],
+             "senders": [w.pid for w in self.workers[1:]], **self.stack.service_pids()}
+        ).start()  # fmt: skip
+
+    def alive(self) -> None:
+        for child in self.children:
+            child.check()
+
+    def wait(self, enough, timeout: float, progress=lambda n: None) -> None:
+        """Poll the sink until ``enough(tail)`` or ``timeout``; a dead child raises."""
+        deadline, shown = time.monotonic() + timeout, 0
+        while True:
+            count = self.tail.poll()
+            progress(count - shown)
+            shown = count
+            if enough(self.tail) or time.monotonic() > deadline:
+                return
+            self.alive()
+            time.sleep(0.05)
+
+    def message_ids(self, user_id: int | None = None) -> dict[int, str]:
+        sql = "SELECT id, message_id FROM tasks" + (" WHERE user_id = :u" if user_id else "")
+        with self.stack.ctx.engine.connect() as conn:
+            return dict(conn.execute(sa.text(sql), {"u": user_id}).all())
+
+
+def batch_requests(token: str, port: int, size: int = BATCH_SIZE, variants: int = 4) -> list[bytes]:
+    headers = {"Authorization": f"Bearer {token}"}
+    requests = []
+    for v in range(variants):
+        tasks = []
+        for i in range(v * size, (v + 1) * size):
+            recipient, subject, body = seed.mail(i)
+            tasks.append({"recipient_email": recipient, "subject": subject, "body": body})
+        requests.append(build_request("POST", BATCH_PATH, port, body={"tasks": tasks}, headers=headers))
+    return requests
+
+
+def _task_ids(sent: list[Sent]) -> list[int]:
+    ids = []
+    for s in sent:
+        if s.status != 202:
+            continue
+        answer = json.loads(s.body)
+        if "items" in answer:
+            ids += [item["task_id"] for item in answer["items"] if "task_id" in item]
+        else:
+            ids.append(answer["task_id"])
+    return ids
+
+
+def _burst(run: Running, n: int, clients: int, batch: int | None) -> tuple[threading.Thread, list[Sent]]:
+    """Start N mails of tenant A going in (in a thread); returns the thread and its answers."""
+    stack = run.stack
+    if batch:
+        port = run.ports["enqueue_batch"]
+        requests, count = batch_requests(stack.token, port, batch), n // batch
+    else:
+        port = run.ports["enqueue"]
+        requests, count = enqueue_requests(stack, port), n
+    sent: list[Sent] = []
+
+    def load() -> None:
+        sent.extend(closed_count(port, lambda i: requests[i % len(requests)], clients=clients, count=count))
+
+    loader = threading.Thread(target=load, name="burst", daemon=True)
+    loader.start()
+    return loader, sent
+
+
+def api_to_inbox(
+    stack: Stack, n: int, *, senders: int, clients: int, batch: int | None = None, progress=lambda n: None
+) -> Delivery:
+    """N mails through the enqueue API (single, or ``batch`` per request) until the sink has all N."""
+    if batch:
+        n = max(batch, n // batch * batch)
+    target = "enqueue_batch" if batch else "enqueue"
+    with Running(stack, f"inbox-{target}", senders, (target,)) as run:
+        meter = run.meter()
+        loader, sent = _burst(run, n, clients, batch)
+        run.wait(lambda t: t.count >= n or (not loader.is_alive() and t.count >= len(_task_ids(sent))),
+                 _timeout(n), progress)  # fmt: skip
+        loader.join()
+        run.tail.poll()
+        cpu = meter.stop()
+        started = min(s.due for s in sent)
+        seconds = max(0.0, run.tail.last_arrival - started)
+        ids = run.message_ids()
+        verdict = verify(run.data_dir, ids.values())
+        if len(ids) != n:  # a request failed: the mails it carried count as missing
+            delivered = verdict.delivered
+            verdict = Verdict(n, delivered, verdict.duplicates, n - delivered, verdict.unexpected)
+        statuses = _settled(stack)
+        errors = sum(1 for s in sent if s.status != 202)
+        how = f"batches of {batch}" if batch else "single enqueues"
+        note = f"{clients} clients, {how}, {senders} sender(s); {errors} failed requests"
+        label = f"API to inbox, {how}"
+        concurrency = senders * stack.settings.worker_count
+        return Delivery(label, n, seconds, verdict, cpu, statuses, concurrency, note)
+
+
+@dataclass
+class FairnessResult:
+    n: int
+    alone_seconds: float
+    together_seconds: float
+    verdict: Verdict
+    b_sent: int
+    b_accepted: int
+    b_latencies_ms: list[float] = field(repr=False, default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    senders: int = 1
+
+    @property
+    def alone_rate(self) -> float:
+        return self.n / self.alone_seconds if self.alone_seconds else 0.0
+
+    @property
+    def together_rate(self) -> float:
+        return self.n / self.together_seconds if self.together_seconds else 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.together_rate / self.alone_rate if self.alone_rate else 0.0
+
+    @property
+    def b_p50(self) -> float:
+        return percentile(self.b_latencies_ms, 50)
+
+    @property
+    def b_p99(self) -> float:
+        return percentile(self.b_latencies_ms, 99)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.exactly_once and set(self.statuses) <= {"sent"} and self.b_accepted == self.b_sent
+
+
+def _quiet_tenant(port: int, token: str, stop: threading.Event, out: list[Sent]) -> None:
+    """Tenant B: one enqueue a second (to its own domain) until ``stop``."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    begin, i = time.monotonic(), 0
+    try:
+        while not stop.wait(max(0.0, begin + i - time.monotonic())):
+            body = json.dumps({"recipient_email": f"quiet{i}@{B_DOMAIN}", "subject": f"Reset code {i}",
+                               "body": "Your password reset code is 123456.\n"})  # fmt: skip
+            started = time.time()
+            try:
+                conn.request("POST", ENQUEUE_PATH, body, headers)
+                response = conn.getresponse()
+                out.append(Sent(started, time.time(), response.status, response.read()))
+            except (OSError, http.client.HTTPException):
+                conn.close()
+                out.append(Sent(started, time.time(), 0, b""))
+            i += 1
+    finally:
+        conn.close()
+
+
+def fairness(
+    stack: Stack, n: int, *, senders: int, clients: int, batch: int = BATCH_SIZE, progress=lambda n: None
+) -> FairnessResult:
+    n = max(batch, n // batch * batch)
+    user_b, token_b = stack.tenant("tenant-b")
+    with Running(stack, "fairness", senders, ("enqueue", "enqueue_batch")) as run:
+        # A alone.
+        loader, sent = _burst(run, n, clients, batch)
+        run.wait(lambda t: t.domains[A_DOMAIN] >= n, _timeout(n), progress)
+        loader.join()
+        alone = max(0.0, run.tail.last_arrival - min(s.due for s in sent))
+        # A again, with B enqueueing one mail a second until A's burst has arrived.
+        stop, quiet = threading.Event(), []
+        b_thread = threading.Thread(
+            target=_quiet_tenant, args=(run.ports["enqueue"], token_b, stop, quiet), daemon=True
+        )
+        loader, sent = _burst(run, n, clients, batch)
+        b_thread.start()
+        run.wait(lambda t: t.domains[A_DOMAIN] >= 2 * n, _timeout(n), progress)
+        stop.set()
+        b_thread.join()
+        loader.join()
+        a_ids = run.message_ids(stack.user.id)
+        mine = [a_ids[t] for t in _task_ids(sent) if t in a_ids]
+        run.tail.poll()
+        last_a = max((run.tail.arrivals[m][0] for m in mine if m in run.tail.arrivals), default=0.0)
+        together = max(0.0, last_a - min(s.due for s in sent))
+        b_ids = run.message_ids(user_b.id)
+        accepted = [(b_ids.get(t), s.due) for s in quiet if s.status == 202 for t in _task_ids([s])]
+        run.wait(lambda t: t.domains[B_DOMAIN] >= len(accepted), 30.0)
+        latencies = [(run.tail.arrivals[m][0] - due) * 1000 for m, due in accepted if m in run.tail.arrivals]
+        verdict = verify(run.data_dir, run.message_ids().values())
+        statuses = _settled(stack)
+        return FairnessResult(
+            n, alone, together, verdict, len(quiet), len(accepted), latencies, statuses, senders
+        )
