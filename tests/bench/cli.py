@@ -101,8 +101,10 @@ class Progress:
     help=f"queued backlog sizes for scenario 9, comma-separated [default: {DEFAULTS['backlogs']}]",
 )
 @click.option(
-    "--quick", is_flag=True, help="small sizes everywhere (N=2,000, 3 s loads, backlogs of 1k/3k/10k, 100k and 500k rows): "
-    "a few minutes"
+    "--quick",
+    is_flag=True,
+    help="small sizes everywhere (N=2,000, 3 s loads, backlogs of 1k/3k/10k, 100k and 500k rows): "
+    "a few minutes",
 )
 @click.option("--skip-celery", is_flag=True, help="leave out scenario 3 (Celery)")
 @click.option("--skip-scale", is_flag=True, help="leave out scenario 11 (millions of rows)")

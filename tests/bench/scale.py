@@ -82,7 +82,7 @@ def _timed_claims(stack: Stack, samples: int = 200) -> LoadResult:
         ids = [
             r.id
             for r in conn.execute(
-                sa.text("SELECT id FROM tasks WHERE status = 'queued' ORDER BY id % 997, id LIMIT :k"),
+                sa.text("SELECT id FROM tasks WHERE status = 'queued' ORDER BY mod(id, 997), id LIMIT :k"),
                 {"k": samples},
             )
         ]
