@@ -40,7 +40,7 @@ TINY = ["--n", "200", "--seconds", "1", "--latency-seconds", "1", "--backlogs", 
 def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tests.bench", "--no-progress", "--out", str(out), *TINY, *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, capture_output=True, text=True, timeout=480,
     )  # fmt: skip
 
 

@@ -210,6 +210,7 @@ def bench(
     todo = [s for s in SCENARIOS if s not in run.skipped]
     per = {"mailq": len(sender_counts), "backlog": len(backlogs), "scale": len(scale_rows)}
     steps = sum(per.get(s, 1) for s in todo) + 1
+    steps += 1 if {"inbox", "batch", "latency", "backlog", "fairness"} & set(todo) else 0
     steps += 1 if "raw" in todo and {"mailq", "celery"} & set(todo) else 0  # the raw limit, measured again
     progress = Progress(steps, enabled=not no_progress)
     started = time.monotonic()
@@ -272,10 +273,7 @@ def _run_scenarios(
     scale_user_rows,
     profile,
 ) -> None:
-    from tests.bench import api, delivery, inbox, scale
-    from tests.bench.stack import default_senders
-
-    cores = default_senders()  # the `mailq dev` default every scenario after 4 runs with
+    from tests.bench import api, delivery, scale
 
     def raw_limit(when: str) -> None:
         with _guard(run, "raw"), progress.step(f"1. raw limit ({when}): one smtplib connection", n) as tick:
@@ -302,34 +300,9 @@ def _run_scenarios(
     if "api" in todo:
         with _guard(run, "api"), progress.step(f"4. enqueue API, {clients} clients", 2, unit="load") as tick:
             run.api = api.enqueue_api(stack, clients=clients, seconds=seconds, on_done=tick)
-    if "inbox" in todo:
-        with _guard(run, "inbox"), progress.step(f"5. API to inbox, {clients} clients", n) as tick:
-            run.inbox = inbox.api_to_inbox(stack, n, senders=cores, clients=clients, progress=tick)
-    if "batch" in todo:
-        with _guard(run, "batch"), progress.step("6. API to inbox, batches of 100", n) as tick:
-            run.batch = inbox.api_to_inbox(
-                stack, n, senders=cores, clients=clients, batch=inbox.BATCH_SIZE, progress=tick
-            )
-    if "latency" in todo:
-        with _guard(run, "latency"):
-            if run.inbox is None or not run.inbox.ok:
-                raise RuntimeError("no correct API-to-inbox run (scenario 5) to take half the rate of")
-            rate = run.inbox.rate / 2
-            total = max(1, int(rate * latency_seconds))
-            with progress.step(f"7. end-to-end latency at {rate:,.0f}/s", total) as tick:
-                run.latency = api.end_to_end(
-                    stack, rate=rate, seconds=latency_seconds, senders=cores, progress=tick
-                )
-    if "backlog" in todo:
-        with _guard(run, "backlog"):
-            for size in backlogs:
-                with progress.step(f"9. backlog of {size:,}", size) as tick:
-                    drained = delivery.mailq_delivery(stack, size, cores, tick)
-                    drained.label = f"backlog of {size:,}, {cores} sender(s)"
-                    run.backlog.append(drained)
-    if "fairness" in todo:
-        with _guard(run, "fairness"), progress.step("10. fairness: A alone, then A with B", 2 * n) as tick:
-            run.fairness = inbox.fairness(stack, n, senders=cores, clients=clients, progress=tick)
+    pipelined = [s for s in ("inbox", "batch", "latency", "backlog", "fairness") if s in todo]
+    if pipelined:
+        _pipelined(run, stack, progress, pipelined, n, backlogs, clients, latency_seconds)
     if "scale" in todo:
         with _guard(run, "scale"):
             for rows in scale_rows:
@@ -345,6 +318,49 @@ def _run_scenarios(
                             progress=tick,
                         )
                     )
+
+
+def _pipelined(run, stack, progress, todo, n, backlogs, clients, latency_seconds) -> None:
+    """Scenarios 5-7, 9 and 10 on one warm `mailq dev`-like stack (one sender process per core)."""
+    from tests.bench import inbox
+    from tests.bench.stack import default_senders
+
+    try:
+        with progress.step("starting the `mailq dev` stack", 1, unit="step") as tick:
+            pipe = inbox.Running(stack, default_senders()).__enter__()
+            tick(1)
+    except Exception:  # noqa: BLE001 - every scenario that needed it says why
+        for scenario in todo:
+            with _guard(run, scenario):
+                raise
+        return
+    try:
+        if "inbox" in todo:
+            with _guard(run, "inbox"), progress.step(f"5. API to inbox, {clients} clients", n) as tick:
+                run.inbox = inbox.api_to_inbox(pipe, n, clients=clients, progress=tick)
+        if "batch" in todo:
+            with _guard(run, "batch"), progress.step("6. API to inbox, batches of 100", n) as tick:
+                run.batch = inbox.api_to_inbox(
+                    pipe, n, clients=clients, batch=inbox.BATCH_SIZE, progress=tick
+                )
+        if "latency" in todo:
+            with _guard(run, "latency"):
+                if run.inbox is None or not run.inbox.ok:
+                    raise RuntimeError("no correct API-to-inbox run (scenario 5) to take half the rate of")
+                rate = run.inbox.rate / 2
+                total = max(1, int(rate * latency_seconds))
+                with progress.step(f"7. end-to-end latency at {rate:,.0f}/s", total) as tick:
+                    run.latency = inbox.latency(pipe, rate=rate, seconds=latency_seconds, progress=tick)
+        if "backlog" in todo:
+            with _guard(run, "backlog"):
+                for size in backlogs:
+                    with progress.step(f"9. backlog of {size:,}", size) as tick:
+                        run.backlog.append(inbox.backlog(pipe, size, tick))
+        if "fairness" in todo:
+            with _guard(run, "fairness"), progress.step("10. fairness: A alone, then with B", 2 * n) as tick:
+                run.fairness = inbox.fairness(pipe, n, clients=clients, progress=tick)
+    finally:
+        pipe.__exit__(None, None, None)
 
 
 def _profiler(profile: Path | None, name: str):

@@ -1,8 +1,9 @@
-"""Scenarios 5, 6 and 10: mail going in through the HTTP API while it goes out, as users feel it.
+"""Scenarios 5-7, 9 and 10: mail going in through the HTTP API while it goes out, as users feel it.
 
-The `mailq dev`-like stack — the enqueue function(s) under gunicorn as their Knative Services are
-sized, one consumer and as many sender processes as the machine has cores — delivering into the
-sink, which requires AUTH with each tenant's own account.
+The `mailq dev`-like stack — the enqueue and batch functions under gunicorn as their Knative Services
+are sized, one consumer and as many sender processes as the machine has cores — started once
+(``Running``) and delivering into a fresh sink per scenario, which requires AUTH with each tenant's
+own account.
 
 5. N single enqueues by C clients back to back; the clock runs from the first request to the sink's
    arrival stamp of the N-th mail.
@@ -11,6 +12,9 @@ sink, which requires AUTH with each tenant's own account.
    tenant B enqueues one mail a second through the single endpoint until A's burst has arrived.
    B's latency runs from its enqueue call to the sink's stamp; A's throughput is compared with A
    alone, measured just before on the same processes.
+7. Latency: single enqueues open-loop at half of 5's rate; from each request's due time to the
+   sink's stamp of its mail.
+9. Backlogs of several sizes drained as in scenario 2, on these warm processes.
 """
 
 from __future__ import annotations
@@ -23,10 +27,11 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from shared import queue
 from tests.bench import seed
-from tests.bench.api import ENQUEUE_PATH, enqueue_requests, knative_sizing
-from tests.bench.delivery import Delivery, _settled, _timeout
-from tests.bench.load import Sent, build_request, closed_count, percentile
+from tests.bench.api import ENQUEUE_PATH, LatencyResult, enqueue_requests, knative_sizing
+from tests.bench.delivery import Delivery, _drain, _settled, _timeout
+from tests.bench.load import Sent, build_request, closed_count, open_loop, percentile
 from tests.bench.mailbox import MailboxTail, Verdict, verify
 from tests.bench.stack import MAIN_SOURCE, Child, CpuMeter, Stack
 
@@ -36,37 +41,49 @@ A_DOMAIN, B_DOMAIN = "example.org", "example.net"  # recipients of tenant A (see
 
 
 class Running:
-    """Sink, the enqueue function(s) and the workers of one scenario; stopped on exit."""
+    """The `mailq dev`-like stack scenarios 5-7, 9 and 10 share: the enqueue and batch functions, one
+    consumer and ``senders`` sender processes, started once and warm. ``fresh()`` gives each scenario
+    an empty tasks table and a new, empty sink (the workers reconnect to it)."""
 
-    def __init__(self, stack: Stack, name: str, senders: int, targets: tuple[str, ...]):
-        self.stack, self.name, self.senders, self.targets = stack, name, senders, targets
+    def __init__(self, stack: Stack, senders: int, targets: tuple[str, ...] = ("enqueue", "enqueue_batch")):
+        self.stack, self.senders, self.targets = stack, senders, targets
         self.ports: dict[str, int] = {}
-        self.children: list[Child] = []
+        self.api: list[Child] = []
+        self.workers: list[Child] = []
+        self.sink: Child | None = None
+
+    @property
+    def children(self) -> list[Child]:
+        return [*([self.sink] if self.sink else []), *self.api, *self.workers]
 
     def __enter__(self) -> Running:
         self.stack.reset()
-        self.data_dir = self.stack.scratch(f"sink-{self.name}")
         try:
-            self.sink = self.stack.start_sink(self.data_dir)
-            self.children.append(self.sink)
-            self.api = []
             for target in self.targets:
                 sizing = knative_sizing(target)
                 child, self.ports[target] = self.stack.start_function(
                     MAIN_SOURCE, target, sizing.workers, sizing.threads
                 )
                 self.api.append(child)
-                self.children.append(child)
             self.workers = self.stack.start_workers(self.senders)
-            self.children += self.workers
         except BaseException:
             self.__exit__()
             raise
-        self.tail = MailboxTail(self.data_dir)
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stack.stop(*reversed(self.children))
+
+    def fresh(self, name: str) -> Running:
+        """An empty tasks table and a new sink for the next scenario (nothing is in flight between)."""
+        if self.sink is not None:
+            self.stack.stop(self.sink)
+            self.sink = None
+        self.stack.empty_tasks()
+        self.data_dir = self.stack.scratch(f"sink-{name}")
+        self.sink = self.stack.start_sink(self.data_dir)
+        self.tail = MailboxTail(self.data_dir)
+        return self
 
     def meter(self) -> CpuMeter:
         return CpuMeter(
@@ -141,34 +158,34 @@ def _burst(run: Running, n: int, clients: int, batch: int | None) -> tuple[threa
 
 
 def api_to_inbox(
-    stack: Stack, n: int, *, senders: int, clients: int, batch: int | None = None, progress=lambda n: None
+    run: Running, n: int, *, clients: int, batch: int | None = None, progress=lambda n: None
 ) -> Delivery:
     """N mails through the enqueue API (single, or ``batch`` per request) until the sink has all N."""
+    stack, senders = run.stack, run.senders
     if batch:
         n = max(batch, n // batch * batch)
-    target = "enqueue_batch" if batch else "enqueue"
-    with Running(stack, f"inbox-{target}", senders, (target,)) as run:
-        meter = run.meter()
-        loader, sent = _burst(run, n, clients, batch)
-        run.wait(lambda t: t.count >= n or (not loader.is_alive() and t.count >= len(_task_ids(sent))),
-                 _timeout(n), progress)  # fmt: skip
-        loader.join()
-        run.tail.poll()
-        cpu = meter.stop()
-        started = min(s.due for s in sent)
-        seconds = max(0.0, run.tail.last_arrival - started)
-        ids = run.message_ids()
-        verdict = verify(run.data_dir, ids.values())
-        if len(ids) != n:  # a request failed: the mails it carried count as missing
-            delivered = verdict.delivered
-            verdict = Verdict(n, delivered, verdict.duplicates, n - delivered, verdict.unexpected)
-        statuses = _settled(stack)
-        errors = sum(1 for s in sent if s.status != 202)
-        how = f"batches of {batch}" if batch else "single enqueues"
-        note = f"{clients} clients, {how}, {senders} sender(s); {errors} failed requests"
-        label = f"API to inbox, {how}"
-        concurrency = senders * stack.settings.worker_count
-        return Delivery(label, n, seconds, verdict, cpu, statuses, concurrency, note)
+    run.fresh(f"inbox-{batch or 1}")
+    meter = run.meter()
+    loader, sent = _burst(run, n, clients, batch)
+    run.wait(lambda t: t.count >= n or (not loader.is_alive() and t.count >= len(_task_ids(sent))),
+             _timeout(n), progress)  # fmt: skip
+    loader.join()
+    run.tail.poll()
+    cpu = meter.stop()
+    started = min(s.due for s in sent)
+    seconds = max(0.0, run.tail.last_arrival - started)
+    ids = run.message_ids()
+    verdict = verify(run.data_dir, ids.values())
+    if len(ids) != n:  # a request failed: the mails it carried count as missing
+        delivered = verdict.delivered
+        verdict = Verdict(n, delivered, verdict.duplicates, n - delivered, verdict.unexpected)
+    statuses = _settled(stack)
+    errors = sum(1 for s in sent if s.status != 202)
+    how = f"batches of {batch}" if batch else "single enqueues"
+    note = f"{clients} clients, {how}, {senders} sender(s); {errors} failed requests"
+    label = f"API to inbox, {how}"
+    concurrency = senders * stack.settings.worker_count
+    return Delivery(label, n, seconds, verdict, cpu, statuses, concurrency, note)
 
 
 @dataclass
@@ -231,38 +248,84 @@ def _quiet_tenant(port: int, token: str, stop: threading.Event, out: list[Sent])
 
 
 def fairness(
-    stack: Stack, n: int, *, senders: int, clients: int, batch: int = BATCH_SIZE, progress=lambda n: None
+    run: Running, n: int, *, clients: int, batch: int = BATCH_SIZE, progress=lambda n: None
 ) -> FairnessResult:
+    stack, senders = run.stack, run.senders
     n = max(batch, n // batch * batch)
     user_b, token_b = stack.tenant("tenant-b")
-    with Running(stack, "fairness", senders, ("enqueue", "enqueue_batch")) as run:
-        # A alone.
-        loader, sent = _burst(run, n, clients, batch)
-        run.wait(lambda t: t.domains[A_DOMAIN] >= n, _timeout(n), progress)
-        loader.join()
-        alone = max(0.0, run.tail.last_arrival - min(s.due for s in sent))
-        # A again, with B enqueueing one mail a second until A's burst has arrived.
-        stop, quiet = threading.Event(), []
-        b_thread = threading.Thread(
-            target=_quiet_tenant, args=(run.ports["enqueue"], token_b, stop, quiet), daemon=True
-        )
-        loader, sent = _burst(run, n, clients, batch)
-        b_thread.start()
-        run.wait(lambda t: t.domains[A_DOMAIN] >= 2 * n, _timeout(n), progress)
-        stop.set()
-        b_thread.join()
-        loader.join()
-        a_ids = run.message_ids(stack.user.id)
-        mine = [a_ids[t] for t in _task_ids(sent) if t in a_ids]
-        run.tail.poll()
-        last_a = max((run.tail.arrivals[m][0] for m in mine if m in run.tail.arrivals), default=0.0)
-        together = max(0.0, last_a - min(s.due for s in sent))
-        b_ids = run.message_ids(user_b.id)
-        accepted = [(b_ids.get(t), s.due) for s in quiet if s.status == 202 for t in _task_ids([s])]
-        run.wait(lambda t: t.domains[B_DOMAIN] >= len(accepted), 30.0)
-        latencies = [(run.tail.arrivals[m][0] - due) * 1000 for m, due in accepted if m in run.tail.arrivals]
-        verdict = verify(run.data_dir, run.message_ids().values())
-        statuses = _settled(stack)
-        return FairnessResult(
-            n, alone, together, verdict, len(quiet), len(accepted), latencies, statuses, senders
-        )
+    run.fresh("fairness")
+    # A alone.
+    loader, sent = _burst(run, n, clients, batch)
+    run.wait(lambda t: t.domains[A_DOMAIN] >= n, _timeout(n), progress)
+    loader.join()
+    alone = max(0.0, run.tail.last_arrival - min(s.due for s in sent))
+    # A again, with B enqueueing one mail a second until A's burst has arrived.
+    stop, quiet = threading.Event(), []
+    b_thread = threading.Thread(
+        target=_quiet_tenant, args=(run.ports["enqueue"], token_b, stop, quiet), daemon=True
+    )
+    loader, sent = _burst(run, n, clients, batch)
+    b_thread.start()
+    run.wait(lambda t: t.domains[A_DOMAIN] >= 2 * n, _timeout(n), progress)
+    stop.set()
+    b_thread.join()
+    loader.join()
+    a_ids = run.message_ids(stack.user.id)
+    mine = [a_ids[t] for t in _task_ids(sent) if t in a_ids]
+    run.tail.poll()
+    last_a = max((run.tail.arrivals[m][0] for m in mine if m in run.tail.arrivals), default=0.0)
+    together = max(0.0, last_a - min(s.due for s in sent))
+    b_ids = run.message_ids(user_b.id)
+    accepted = [(b_ids.get(t), s.due) for s in quiet if s.status == 202 for t in _task_ids([s])]
+    run.wait(lambda t: t.domains[B_DOMAIN] >= len(accepted), 30.0)
+    latencies = [(run.tail.arrivals[m][0] - due) * 1000 for m, due in accepted if m in run.tail.arrivals]
+    verdict = verify(run.data_dir, run.message_ids().values())
+    statuses = _settled(stack)
+    return FairnessResult(
+        n, alone, together, verdict, len(quiet), len(accepted), latencies, statuses, senders
+    )
+
+
+def latency(run: Running, *, rate: float, seconds: float, progress=lambda n: None) -> LatencyResult:
+    """Open-loop single enqueues at ``rate`` for ``seconds`` while the pipeline delivers them."""
+    stack = run.stack
+    run.fresh("latency")
+    port = run.ports["enqueue"]
+    requests = enqueue_requests(stack, port)
+    count = max(1, int(rate * seconds))
+    meter = run.meter()
+    sent = open_loop(port, lambda i: requests[i % len(requests)], rate=rate, count=count)
+    due_by_task = {json.loads(s.body)["task_id"]: s.due for s in sent if s.status == 202}
+    response_ms = [(s.answered - s.due) * 1000 for s in sent if s.status == 202]
+    run.wait(lambda t: t.count >= len(due_by_task), _timeout(count), progress)
+    cpu = meter.stop()
+    ids = run.message_ids()
+    verdict = verify(run.data_dir, ids.values())
+    run.tail.poll()
+    latencies = [
+        (run.tail.arrivals[ids[task_id]][0] - due) * 1000
+        for task_id, due in due_by_task.items()
+        if ids.get(task_id) in run.tail.arrivals
+    ]
+    statuses = _settled(stack)
+    return LatencyResult(
+        rate, count, len(due_by_task), verdict, latencies, cpu, statuses, run.senders, response_ms
+    )
+
+
+def backlog(run: Running, n: int, progress=lambda n: None) -> Delivery:
+    """Scenario 2's drain (N rows copied in, envelopes released at once) on the warm pipeline."""
+    stack = run.stack
+    run.fresh(f"backlog-{n}")
+    rows = seed.queued_backlog(stack.ctx.engine, stack.user.id, n)
+    seed.stage_envelopes(stack.ctx.redis, [task_id for task_id, _ in rows])
+    meter = run.meter()
+    seconds = _drain(
+        stack, run.tail, n, run.children,
+        lambda: seed.release(stack.ctx.redis, seed.HOLD, queue.TASK_LIST), progress,
+    )  # fmt: skip
+    cpu = meter.stop()
+    verdict = verify(run.data_dir, (message_id for _, message_id in rows))
+    statuses = _settled(stack)
+    label = f"backlog of {n:,}, {run.senders} sender(s)"
+    return Delivery(label, n, seconds, verdict, cpu, statuses, run.senders * stack.settings.worker_count)

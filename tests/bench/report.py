@@ -443,7 +443,9 @@ METHOD = """\
   `deployment/base/config.env` (LOG_LEVEL=INFO, QUEUE_CONSUMER_COUNT=4, WORKER_COUNT=4), except that
   the sink is a plaintext server on 127.0.0.1. The sink runs at LOG_LEVEL=WARNING: it stands in for
   the receiving SMTP server, and aiosmtpd's five INFO lines per mail would make it slower for everyone.
-  Scenarios 5-10 run what `mailq dev` runs by default: one consumer and one sender process per core.
+  Scenarios 5-7, 9 and 10 share one warm stack like `mailq dev`'s default: the enqueue and batch
+  functions, one consumer and one sender process per core, started once; each scenario gets an empty
+  tasks table and a fresh sink (the senders reconnect).
 - **1. Raw limit**: the messages are built first; then one `smtplib.SMTP` connection logs in and sends
   them back to back. The sink stores each message before it answers 250, so the last answer is the
   finish line. Measured before and after scenarios 2-3; the better run is the ceiling.
@@ -482,7 +484,8 @@ METHOD = """\
   correct run if that count was not run): CPU seconds of the consumer, the senders, PostgreSQL and
   Redis while the backlog drained, divided by the mails delivered. The sink and the benchmark process
   (load generator, driver) are not counted. The CPU table below has every run's split.
-- **9. Cost with the backlog size**: scenario 2's drain at one sender per core for each backlog of
+- **9. Cost with the backlog size**: scenario 2's drain (COPY, staged envelopes, one RENAME) on the
+  warm stack, one sender per core, for each backlog of
   `--backlogs` (default 1,000 / 10,000 / 100,000 rows copied in); mailq's own CPU per mail and mails/s
   for each, and worst / best CPU per mail (flat: ≤ 1.15).
 - **10. Fairness**: two users with their own SMTP accounts on the same sink (usernames `bench` and

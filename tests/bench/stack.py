@@ -349,6 +349,11 @@ class Stack:
         finally:
             celery.close()
 
+    def empty_tasks(self) -> None:
+        """Empty the tasks table only, while workers run (Redis, their registrations, stay)."""
+        with self.ctx.engine.begin() as conn:
+            conn.execute(sa.text("TRUNCATE tasks CASCADE"))
+
     def scratch(self, name: str) -> Path:
         """A new, empty directory for one scenario (a sink's mailbox, say)."""
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.base))
