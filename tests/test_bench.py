@@ -184,3 +184,33 @@ def test_the_report_compares_sizes_sender_counts_and_tenants_from_the_figures_it
     assert burst[2] == "0.80" and burst[4] == "**NOT met**"
     [scaled] = [r for name, r in rows.items() if "flat from 1,000,000 to 5,000,000" in name]
     assert scaled[2] == "worst 1.10" and scaled[4] == "met"
+
+
+def test_the_scale_table_copies_history_inside_postgresql_past_the_python_share_with_the_mix_intact(
+    ctx, monkeypatch
+):
+    import sqlalchemy as sa
+
+    from shared import services
+    from tests.bench import seed
+
+    account = {"email": "s@example.com", "password": "pw pw pw pw", "smtp_host": "127.0.0.1", "smtp_port": 25,
+               "smtp-username": "s", "smtp-password": "p", "smtp_security": "none"}  # fmt: skip
+    user = services.register(ctx, account, "test")
+    users = [user["id"], *seed.extra_users(ctx.engine, user["id"], 2)]
+    assert seed.extra_users(ctx.engine, user["id"], 2) == users[1:]  # a second size reuses them
+    monkeypatch.setattr(seed, "PYTHON_HISTORY_ROWS", 1000)
+    monkeypatch.setattr(seed, "REPLICATE_CHUNK", 700)
+
+    counts = seed.scale_table(ctx.engine, users, 3000)
+
+    with ctx.engine.connect() as conn:
+        total, ids, per_user = conn.execute(
+            sa.text("SELECT count(*), count(DISTINCT message_id), count(DISTINCT user_id) FROM tasks")
+        ).one()
+        live = dict(conn.execute(sa.text(
+            "SELECT status, count(*) FROM tasks WHERE status NOT IN ('sent', 'cancelled') GROUP BY status"
+        )).all())  # fmt: skip
+    assert (total, ids, per_user) == (3000, 3000, 3)
+    assert live == {"failed": 30, "scheduled": 150, "queued": 120, "processing": 15}
+    assert counts["failed-due"] == 3 and counts["scheduled-due"] == 3

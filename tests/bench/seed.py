@@ -150,7 +150,13 @@ SCALE_MIX = (
     (25, "sent"),
 )
 assert sum(n for n, _ in SCALE_MIX) == 1000
-LIVE_KINDS = ("queued", "processing")  # their timestamps are relative to "now": copied last
+# Rows whose timestamps matter relative to "now" (due or not yet, fresh, lease running): copied last, so
+# a long seeding cannot make a retry due, a queued row look leaked or a lease run out before the sweep.
+HISTORY_KINDS = ("sent", "cancelled")
+# History rows made in Python at most; the rest are copies of those made inside PostgreSQL (a fresh
+# Message-ID each), so 5,000,000 rows take about as long in Python as 1,000,000.
+PYTHON_HISTORY_ROWS = 1_000_000
+REPLICATE_CHUNK = 500_000
 
 SCALE_COLUMNS = (
     "user_id",
@@ -265,20 +271,48 @@ def scale_table(
 ) -> dict[str, int]:
     """``total`` tasks spread round-robin over ``user_ids`` in the SCALE_MIX; returns the counts.
 
-    History rows go in first; queued and processing rows, whose timestamps are relative to now,
-    go in last so they are still fresh (not yet leaked, lease not run out) when the sweep runs.
+    History rows (sent, cancelled) go in first, beyond PYTHON_HISTORY_ROWS as copies made inside
+    PostgreSQL; every row whose timestamps are relative to now (retries and schedules due or not,
+    queued, processing) goes in last, so none has become due, leaked or lost its lease by the sweep.
     """
     kinds = _kinds()
     rng = random.Random(seed)
     users = len(user_ids)
 
-    def rows(live: bool):
+    def rows(history: bool):
         now = datetime.now(UTC)
-        for i in range(total):
+        for i in range(min(total, PYTHON_HISTORY_ROWS) if history else total):
             kind = kinds[i % 1000]
-            if (kind in LIVE_KINDS) == live:
+            if (kind in HISTORY_KINDS) == history:
                 yield _scale_row(i, kind, user_ids[i % users], now, rng)
 
-    copy_tasks(engine, SCALE_COLUMNS, rows(live=False), progress)
-    copy_tasks(engine, SCALE_COLUMNS, rows(live=True), progress)
+    made = copy_tasks(engine, SCALE_COLUMNS, rows(history=True), progress)
+    wanted = sum(n for kind, n in scale_counts(total).items() if kind in HISTORY_KINDS)
+    replicate_history(engine, wanted - made, progress)
+    copy_tasks(engine, SCALE_COLUMNS, rows(history=False), progress)
     return scale_counts(total)
+
+
+_FRESH_ID = "'<mailq.' || md5(random()::text || id::text) || '@example.com>'"
+_REPLICATE_SQL = sa.text(
+    f"""
+    INSERT INTO tasks ({", ".join(SCALE_COLUMNS)})
+    SELECT {", ".join(_FRESH_ID if c == "message_id" else c for c in SCALE_COLUMNS)}
+      FROM tasks
+     WHERE status IN ('sent', 'cancelled')
+     ORDER BY id
+     LIMIT :k
+    """  # noqa: S608 - only this module's column names
+)
+
+
+def replicate_history(engine: Engine, count: int, progress: Callable[[int], None] = lambda n: None) -> None:
+    """``count`` more history rows, copied inside PostgreSQL from those already in (new Message-IDs)."""
+    while count > 0:
+        k = min(count, REPLICATE_CHUNK)
+        with engine.begin() as conn:
+            k = conn.execute(_REPLICATE_SQL, {"k": k}).rowcount
+        if k <= 0:
+            raise RuntimeError("no history rows to copy from")
+        count -= k
+        progress(k)
