@@ -312,6 +312,7 @@ def _run_scenarios(
                             stack,
                             rows=rows,
                             user_rows=scale_user_rows,
+                            live_rows=min(scale_rows),  # the same live work at every size
                             clients=clients,
                             seconds=seconds,
                             page_seconds=seconds,

@@ -496,11 +496,14 @@ METHOD = """\
   call to the sink's stamp, and A's throughput with B over A's alone.
 - **11. Scale**: for each size of `--scale-rows` (default 1,000,000 and 5,000,000) the table is emptied
   and the rows copied in (status mix per 1,000: 875 sent, 20 cancelled, 10 failed of which 1 due, 50
-  scheduled of which 1 due, 40 queued less than a minute ago, 5 processing with a live lease),
-  round-robin over users with 100,000 tasks each, then `VACUUM ANALYZE`. One `shared.sweep.sweep_once`
-  pass is timed in-process (it must put back exactly the due rows), then an idle pass; the sender's
-  claim statement (`shared.sender`'s `UPDATE … WHERE id = … AND status = 'queued' … RETURNING`) on 200
-  queued rows, each in its own transaction, rolled back; 1 client pages `/task/queue` (half first
+  scheduled of which 1 due, 40 queued less than a minute ago, 5 processing with a live lease) over
+  the first rows, as many as the smallest size, and history (sent, cancelled) beyond: every size has
+  the same live work and differs only in history. Rows past the first million are copied inside
+  PostgreSQL. Round-robin over users with 100,000 tasks each, then `VACUUM ANALYZE`. One
+  `shared.sweep.sweep_once` pass is timed in-process (it must put back exactly the due rows), then
+  an idle pass; the sender's claim statement (`shared.sender`'s `UPDATE … WHERE id = … AND
+  status = 'queued' … RETURNING`) on 200 queued rows, each in its own transaction, rolled back;
+  1 client pages `/task/queue` (half first
   pages, half at a random cursor) for T seconds; 1 scraper reads `/metrics`; then the enqueue API as
   in 4. The "flat" row divides each figure at the largest table by the same figure at the smallest
   (enqueue and claim p50, page and scrape p99, the sweep pass); flat means each ≤ 1.2.

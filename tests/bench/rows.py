@@ -84,6 +84,10 @@ def _cores(d: Delivery) -> float:
     return sum(v for k, v in d.cpu.items() if k != "other") / d.seconds if d.seconds else 0.0
 
 
+def _busy(d: Delivery) -> str:
+    return f"the benchmark {_cores(d):.2f} cores busy, other processes {d.other_cores:.2f}"
+
+
 def curve_sentence(runs: list[Delivery], cores: int) -> str:
     """What the sender-count curve says, from its own numbers."""
     if len(runs) < 2:
@@ -92,12 +96,17 @@ def curve_sentence(runs: list[Delivery], cores: int) -> str:
     last = runs[-1]
     sender_ms = 1000 * first.cpu.get("senders", 0.0) / max(1, first.verdict.delivered)
     ceiling = 1000 / sender_ms if sender_ms else 0.0
+    saturated = _cores(best) + best.other_cores >= 0.85 * cores
     parts = [
         f"1 sender process spends {sender_ms:.2f} ms of its own CPU per mail, so its interpreter lock "
-        f"caps it near {_n(ceiling)} mails/s (measured {_n(first.rate)}, the machine "
-        f"{_cores(first):.2f} cores busy)",
-        f"the best is {best.label.split(', ')[1]} at {_n(best.rate)} mails/s with {_cores(best):.2f} of "
-        f"{cores} cores busy: from there the CPU, not the sender count, is the limit",
+        f"caps it near {_n(ceiling)} mails/s (measured {_n(first.rate)}; {_busy(first)})",
+        f"the best is {best.label.split(', ')[1]} at {_n(best.rate)} mails/s ({_busy(best)} of {cores}): "
+        + (
+            "the machine's CPU, not the sender count, is the limit from there"
+            if saturated
+            else "the CPU was not saturated, so something else (waiting on the sink, PostgreSQL or Redis) "
+            "limits it"
+        ),
     ]
     if last is not best:
         parts.append(

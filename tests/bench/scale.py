@@ -115,6 +115,7 @@ def scale(
     *,
     rows: int,
     user_rows: int,
+    live_rows: int | None = None,
     clients: int,
     seconds: float,
     page_seconds: float,
@@ -127,7 +128,7 @@ def scale(
     users = max(1, rows // user_rows)
     user_ids = [stack.user.id, *seed.extra_users(engine, stack.user.id, users - 1)]
     started = time.perf_counter()
-    counts = seed.scale_table(engine, user_ids, rows, progress)
+    counts = seed.scale_table(engine, user_ids, rows, progress, live_rows=live_rows)
     _note(progress, "VACUUM ANALYZE")
     _vacuum(stack)
     load_seconds = time.perf_counter() - started

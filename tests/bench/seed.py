@@ -180,11 +180,17 @@ def _kinds() -> list[str]:
     return [kind for count, kind in SCALE_MIX for _ in range(count)]
 
 
-def scale_counts(total: int) -> dict[str, int]:
-    kinds = _kinds()
+def _kind_of(kinds: list[str], i: int, live_rows: int) -> str:
+    """Row ``i``'s kind: the mix over the first ``live_rows`` rows, history (sent/cancelled) after."""
+    kind = kinds[i % 1000]
+    return kind if i < live_rows or kind in HISTORY_KINDS else "sent"
+
+
+def scale_counts(total: int, live_rows: int | None = None) -> dict[str, int]:
+    kinds, live = _kinds(), min(total, live_rows or total)
     counts: dict[str, int] = {}
     for i in range(total):
-        kind = kinds[i % 1000]
+        kind = _kind_of(kinds, i, live)
         counts[kind] = counts.get(kind, 0) + 1
     return counts
 
@@ -268,29 +274,35 @@ def scale_table(
     total: int,
     progress: Callable[[int], None] = lambda n: None,
     seed: int = 42,
+    live_rows: int | None = None,
 ) -> dict[str, int]:
-    """``total`` tasks spread round-robin over ``user_ids`` in the SCALE_MIX; returns the counts.
+    """``total`` tasks spread round-robin over ``user_ids``; returns the counts by kind.
 
-    History rows (sent, cancelled) go in first, beyond PYTHON_HISTORY_ROWS as copies made inside
-    PostgreSQL; every row whose timestamps are relative to now (retries and schedules due or not,
-    queued, processing) goes in last, so none has become due, leaked or lost its lease by the sweep.
+    The first ``live_rows`` rows (all of them by default) follow SCALE_MIX; the rest are history
+    (sent, cancelled), so tables of several sizes seeded with the same ``live_rows`` hold the same
+    live work (due retries and schedules, queued, processing) and differ only in history.
+    History rows go in first, beyond PYTHON_HISTORY_ROWS as copies made inside PostgreSQL; every
+    row whose timestamps are relative to now goes in last, so none has become due, leaked or lost its
+    lease by the sweep.
     """
     kinds = _kinds()
     rng = random.Random(seed)
     users = len(user_ids)
+    live = min(total, live_rows or total)
 
     def rows(history: bool):
         now = datetime.now(UTC)
-        for i in range(min(total, PYTHON_HISTORY_ROWS) if history else total):
-            kind = kinds[i % 1000]
+        for i in range(min(total, PYTHON_HISTORY_ROWS) if history else live):
+            kind = _kind_of(kinds, i, live)
             if (kind in HISTORY_KINDS) == history:
                 yield _scale_row(i, kind, user_ids[i % users], now, rng)
 
     made = copy_tasks(engine, SCALE_COLUMNS, rows(history=True), progress)
-    wanted = sum(n for kind, n in scale_counts(total).items() if kind in HISTORY_KINDS)
+    counts = scale_counts(total, live)
+    wanted = sum(n for kind, n in counts.items() if kind in HISTORY_KINDS)
     replicate_history(engine, wanted - made, progress)
     copy_tasks(engine, SCALE_COLUMNS, rows(history=False), progress)
-    return scale_counts(total)
+    return counts
 
 
 _FRESH_ID = "'<mailq.' || md5(random()::text || id::text) || '@example.com>'"
