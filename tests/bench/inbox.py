@@ -33,7 +33,7 @@ from tests.bench.api import ENQUEUE_PATH, LatencyResult, enqueue_requests, knati
 from tests.bench.delivery import Delivery, _drain, _settled, _timeout
 from tests.bench.load import Sent, build_request, closed_count, open_loop, percentile
 from tests.bench.mailbox import MailboxTail, Verdict, verify
-from tests.bench.stack import MAIN_SOURCE, Child, CpuMeter, Stack
+from tests.bench.stack import MAIN_SOURCE, Child, CpuMeter, Stack, wait_for_http
 
 BATCH_PATH = "/api/v1/task/enqueue/batch"
 BATCH_SIZE = 100
@@ -59,13 +59,15 @@ class Running:
     def __enter__(self) -> Running:
         self.stack.reset()
         try:
-            for target in self.targets:
+            for target in self.targets:  # all starting at once: their imports overlap
                 sizing = knative_sizing(target)
-                child, self.ports[target] = self.stack.start_function(
+                child, self.ports[target] = self.stack.spawn_function(
                     MAIN_SOURCE, target, sizing.workers, sizing.threads
                 )
                 self.api.append(child)
             self.workers = self.stack.start_workers(self.senders)
+            for child, port in zip(self.api, self.ports.values(), strict=True):
+                wait_for_http(f"http://127.0.0.1:{port}/healthz/live", child)
         except BaseException:
             self.__exit__()
             raise
@@ -83,6 +85,7 @@ class Running:
         self.data_dir = self.stack.scratch(f"sink-{name}")
         self.sink = self.stack.start_sink(self.data_dir)
         self.tail = MailboxTail(self.data_dir)
+        self._shown = 0  # arrivals already reported to the progress bar
         return self
 
     def meter(self) -> CpuMeter:
@@ -97,11 +100,11 @@ class Running:
 
     def wait(self, enough, timeout: float, progress=lambda n: None) -> None:
         """Poll the sink until ``enough(tail)`` or ``timeout``; a dead child raises."""
-        deadline, shown = time.monotonic() + timeout, 0
+        deadline = time.monotonic() + timeout
         while True:
             count = self.tail.poll()
-            progress(count - shown)
-            shown = count
+            progress(count - self._shown)
+            self._shown = count
             if enough(self.tail) or time.monotonic() > deadline:
                 return
             self.alive()

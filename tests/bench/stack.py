@@ -411,6 +411,12 @@ class Stack:
 
     def start_function(self, source: Path, target: str, workers: int, threads: int) -> tuple[Child, int]:
         """functions-framework serving one target under gunicorn, as the Knative container runs it."""
+        child, port = self.spawn_function(source, target, workers, threads)
+        wait_for_http(f"http://127.0.0.1:{port}/healthz/live", child)
+        return child, port
+
+    def spawn_function(self, source: Path, target: str, workers: int, threads: int) -> tuple[Child, int]:
+        """``start_function`` without waiting for it to answer (start several at once, then wait)."""
         port = free_port()
         child = self.spawn(
             f"fn-{target}",
@@ -419,5 +425,4 @@ class Stack:
             WORKERS=str(workers),
             THREADS=str(threads),
         )  # fmt: skip
-        wait_for_http(f"http://127.0.0.1:{port}/healthz/live", child)
         return child, port
