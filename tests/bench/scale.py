@@ -91,6 +91,9 @@ def _timed_claims(stack: Stack, samples: int = 200) -> LoadResult:
         for task_id in ids:
             params = {"id": task_id, "lease": settings.lease_seconds, "max_tries": settings.max_try_count,
                       "inline": INLINE_BYTES}  # fmt: skip
+            # Open the transaction first: a statement the sender runs on its own (shared.prepared's
+            # alone(), once merged) would otherwise commit by itself, and the rollback would undo nothing.
+            conn.execute(sa.text("SELECT 1"))
             started = time.perf_counter()
             row = conn.execute(_CLAIM_SQL, params).one_or_none()
             elapsed = time.perf_counter() - started
@@ -158,6 +161,10 @@ def _measure(stack, servers, rows, user_rows, live_rows, clients, seconds, page_
     idle_sweep_seconds, _ = _timed_sweep(stack)
     _note(progress, "claims")
     claim = _timed_claims(stack)
+    with engine.connect() as conn:
+        processing = conn.execute(sa.text("SELECT count(*) FROM tasks WHERE status = 'processing'")).scalar()
+    if processing != counts.get("processing", 0):
+        raise RuntimeError(f"timing the claims changed the table: {processing} rows processing")
 
     _note(progress, "/task/queue pages")
     port = servers["task_queue"][1]
