@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from datetime import datetime
@@ -22,17 +23,24 @@ SCENARIO_TITLES = (
     "2. mailq delivery",
     "3. Celery + Redis",
     "4. Enqueue API",
-    "5. End-to-end latency",
-    "6. Scale",
+    "5. API to inbox",
+    "6. API to inbox, batches of 100",
+    "7. End-to-end latency",
+    "8. mailq's own CPU per mail",
+    "9. Cost with the backlog size",
+    "10. Fairness between tenants",
+    "11. Scale",
 )
-TINY = ["--n", "200", "--seconds", "2", "--latency-seconds", "1", "--scale-rows", "5000",
-        "--scale-user-rows", "500"]  # fmt: skip
+# One size each where the report's comparison rows (the curve, backlog and scale flatness) are checked
+# on made-up results below instead: the tiny run stays short, and every scenario's code still runs.
+TINY = ["--n", "200", "--seconds", "1", "--latency-seconds", "1", "--backlogs", "100", "--scale-rows",
+        "3000", "--scale-user-rows", "500"]  # fmt: skip
 
 
 def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tests.bench", "--no-progress", "--out", str(out), *TINY, *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, capture_output=True, text=True, timeout=480,
     )  # fmt: skip
 
 
@@ -42,24 +50,62 @@ def report_of(out: Path) -> tuple[str, dict]:
 
 
 def test_the_tiny_benchmark_delivers_every_mail_exactly_once_and_reports_every_scenario(tmp_path):
-    result = run_bench(tmp_path, "--senders", "1,2", "--skip-celery")
+    result = run_bench(tmp_path, "--senders", "2", "--skip-celery")
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     text, data = report_of(tmp_path)
 
     for title in SCENARIO_TITLES:
         assert f"| {title}" in text, f"no row for {title}"
+        assert any(row["scenario"].startswith(title) for row in data["rows"]), f"no JSON row for {title}"
     assert "not run (--skip-celery)" in text
     assert data["failed"] == {}
     assert data["raw"]["exactly_once"]
-    assert [d["label"] for d in data["mailq"]] == ["mailq, 1 sender(s)", "mailq, 2 sender(s)"]
-    for run in data["mailq"]:
-        assert run["exactly_once"] and run["statuses"] == {"sent": 200}, run
+    sent = {"sent": 200}
+    assert [d["label"] for d in data["mailq"]] == ["mailq, 2 sender(s)"]
+    for run in (*data["mailq"], data["inbox"], data["batch"]):
+        assert run["exactly_once"] and run["statuses"] == sent and run["n"] == 200, run
+    assert data["inbox"]["label"] == "API to inbox, single enqueues"
+    assert data["batch"]["label"] == "API to inbox, batches of 100"
+    assert [(d["n"], d["statuses"]) for d in data["backlog"]] == [(100, {"sent": 100})]
+    assert data["cpu"]["own_ms_per_mail"] > 0
     assert data["latency"]["exactly_once"] and data["latency"]["sent"] >= 1
+    fair = data["fairness"]
+    assert fair["exactly_once"] and fair["statuses"] == {"sent": 400 + fair["b_accepted"]}
+    assert fair["b_accepted"] == fair["b_sent"] >= 1 and fair["b_p99_ms"] > 0
     assert data["api"]["enqueue"]["errors"] == 0 and data["api"]["enqueue"]["rps"] > 0
-    assert data["scale"]["rows"] == 5000
-    assert data["scale"]["sweep_requeued"] == data["scale"]["due"] > 0
-    assert data["scale"]["page"]["errors"] == 0 and data["scale"]["page"]["rps"] > 0
+    [scale] = data["scale"]
+    assert scale["rows"] == 3000
+    assert scale["sweep_requeued"] == scale["due"] > 0
+    assert scale["page"]["errors"] == 0 and scale["page"]["rps"] > 0
+    assert scale["claim"]["rps"] > 0 and scale["claim"]["errors"] == 0
     assert data["commit"] and data["commit"] in text
+
+
+def test_the_sink_refuses_mail_without_auth_and_a_wrong_password(tmp_path):
+    import smtplib
+
+    from shared.embedded import free_port
+    from tests.bench.stack import SMTP_ACCOUNTS, Child, wait_for_port
+
+    port = free_port()
+    env = {**os.environ, "BENCH_SINK_ACCOUNTS": json.dumps(SMTP_ACCOUNTS)}
+    sink = Child(
+        "sink", [sys.executable, "-m", "tests.bench.authsink", str(tmp_path), str(port)], env, tmp_path
+    )
+    try:
+        wait_for_port(port, sink)
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.ehlo()
+            code, _ = smtp.mail("a@example.com")
+            assert code == 530  # authentication required
+            smtp.rset()
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                smtp.login("tenant-b", SMTP_ACCOUNTS["bench"])
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.login("tenant-b", SMTP_ACCOUNTS["tenant-b"])
+            assert smtp.sendmail("b@example.com", ["x@example.net"], b"Message-ID: <1@x>\r\n\r\nhi\r\n") == {}
+    finally:
+        sink.stop()
 
 
 def test_the_celery_peer_delivers_every_mail_exactly_once(tmp_path):
@@ -91,3 +137,93 @@ def test_the_chart_is_a_png_with_every_delivery_bar(tmp_path):
     path = tmp_path / "chart.png"
     chart(run, path, "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_compares_sizes_sender_counts_and_tenants_from_the_figures_it_is_given(monkeypatch):
+    from shared.sweep import SweepReport
+    from tests.bench.delivery import Delivery
+    from tests.bench.inbox import FairnessResult
+    from tests.bench.load import LoadResult
+    from tests.bench.mailbox import Verdict
+    from tests.bench.report import Run, table
+    from tests.bench.scale import ScaleResult
+
+    monkeypatch.setattr("tests.bench.report.default_senders", lambda: 2)  # as on a 2-core machine
+
+    def drained(label, n, seconds, senders_cpu):
+        cpu = {"senders": senders_cpu * n / 1000, "consumer": 0.1 * n / 1000, "postgres": 0.5 * n / 1000,
+               "redis": 0.1 * n / 1000, "sink": n / 1000}  # fmt: skip
+        return Delivery(label, n, seconds, Verdict(n, n, 0, 0, 0), cpu, {"sent": n})
+
+    def scale(rows, ms):
+        load = LoadResult(10, 0, 1.0, [ms] * 10)
+        return ScaleResult(rows=rows, user_rows=100, counts={}, load_seconds=1.0, sweep_seconds=ms / 1000,
+                           sweep=SweepReport(), idle_sweep_seconds=0.001, page=load, enqueue=load,
+                           sizing=None, metrics=load, claim=load)  # fmt: skip
+
+    run = Run(started=datetime(2026, 1, 1), options={})
+    run.mailq = [drained("mailq, 1 sender(s)", 1000, 4.0, 2.0), drained("mailq, 2 sender(s)", 1000, 2.5, 2.2),
+                 drained("mailq, 4 sender(s)", 1000, 3.0, 2.8)]  # fmt: skip
+    run.backlog = [drained("backlog of 1,000, 2 sender(s)", 1000, 2.5, 2.0),
+                   drained("backlog of 10,000, 2 sender(s)", 10000, 25.0, 2.6)]  # fmt: skip
+    run.fairness = FairnessResult(1000, 2.0, 2.5, Verdict(1003, 1003, 0, 0, 0), 3, 3, [50.0, 60.0, 900.0],
+                                  {"sent": 1003}, 2)  # fmt: skip
+    run.scale = [scale(1_000_000, 10.0), scale(5_000_000, 11.0)]
+    rows = {r[0]: r for r in table(run).rows}
+
+    [curve] = [r for name, r in rows.items() if "the curve" in name]
+    assert "2.00 ms of its own CPU per mail" in curve[1] and "near 500 mails/s" in curve[1]
+    assert "the best is 2 sender(s) at 400 mails/s" in curve[1] and "4 sender(s) deliver 333" in curve[1]
+    assert "the CPU was not saturated" in curve[1]  # 1.56 of 2 cores busy, no "other" CPU given
+    [flat] = [r for name, r in rows.items() if "worst / best" in name]
+    assert flat[2] == f"{3.3 / 2.7:.2f}" and flat[4] == "**NOT met**"  # (2.6+0.7)/(2.0+0.7) > 1.15
+    [own] = [r for name, r in rows.items() if name.startswith("8.")]
+    assert "mailq, 2 sender(s)" in own[1] and "**2.90 ms**" in own[1] and own[4] == "**NOT met**"
+    [quiet] = [r for name, r in rows.items() if "tenant B" in name]
+    assert "p99 **900 ms**" in quiet[1] and quiet[4] == "met"
+    [burst] = [r for name, r in rows.items() if "A alone" in name]
+    assert burst[2] == "0.80" and burst[4] == "**NOT met**"
+    [scaled] = [r for name, r in rows.items() if "flat from 1,000,000 to 5,000,000" in name]
+    assert scaled[2] == "worst 1.10" and scaled[4] == "met"
+
+
+def test_the_scale_table_copies_history_inside_postgresql_past_the_python_share_with_the_mix_intact(
+    ctx, monkeypatch
+):
+    import sqlalchemy as sa
+
+    from shared import services
+    from tests.bench import seed
+
+    account = {"email": "s@example.com", "password": "pw pw pw pw", "smtp_host": "127.0.0.1", "smtp_port": 25,
+               "smtp-username": "s", "smtp-password": "p", "smtp_security": "none"}  # fmt: skip
+    user = services.register(ctx, account, "test")
+    users = [user["id"], *seed.extra_users(ctx.engine, user["id"], 2)]
+    assert seed.extra_users(ctx.engine, user["id"], 2) == users[1:]  # a second size reuses them
+    monkeypatch.setattr(seed, "PYTHON_HISTORY_ROWS", 1000)
+    monkeypatch.setattr(seed, "REPLICATE_CHUNK", 700)
+
+    counts = seed.scale_table(ctx.engine, users, 3000)
+
+    with ctx.engine.connect() as conn:
+        total, ids, per_user = conn.execute(
+            sa.text("SELECT count(*), count(DISTINCT message_id), count(DISTINCT user_id) FROM tasks")
+        ).one()
+        live = dict(conn.execute(sa.text(
+            "SELECT status, count(*) FROM tasks WHERE status NOT IN ('sent', 'cancelled') GROUP BY status"
+        )).all())  # fmt: skip
+    assert (total, ids, per_user) == (3000, 3000, 3)
+    assert live == {"failed": 30, "scheduled": 150, "queued": 120, "processing": 15}
+    assert counts["failed-due"] == 3 and counts["scheduled-due"] == 3
+
+    # A bigger table with the same live work: only history grows.
+    with ctx.engine.begin() as conn:
+        conn.execute(sa.text("TRUNCATE tasks CASCADE"))
+    counts = seed.scale_table(ctx.engine, users, 6000, live_rows=3000)
+    with ctx.engine.connect() as conn:
+        total, ids = conn.execute(sa.text("SELECT count(*), count(DISTINCT message_id) FROM tasks")).one()
+        bigger = dict(conn.execute(sa.text(
+            "SELECT status, count(*) FROM tasks WHERE status NOT IN ('sent', 'cancelled') GROUP BY status"
+        )).all())  # fmt: skip
+    assert (total, ids) == (6000, 6000) and bigger == live
+    assert counts["failed-due"] == 3 and counts["sent"] + counts["cancelled"] == 6000 - 315

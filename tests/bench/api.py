@@ -1,24 +1,19 @@
-"""Scenarios 4 and 5: the enqueue function over HTTP, served as production serves it.
+"""Scenario 4: the enqueue function over HTTP, served as production serves it.
 
-4. C keep-alive clients for T seconds against ``functions-framework --target enqueue`` under
-   gunicorn with the WORKERS/THREADS of its Knative Service, then the same against a trivial
-   function on the same stack: the ratio is what enqueue's own work costs.
-5. At half the best delivery throughput, requests to that same enqueue function while a consumer
-   and the senders run: from when each request was due to when the sink stored its mail.
+C keep-alive clients for T seconds against ``functions-framework --target enqueue`` under gunicorn
+with the WORKERS/THREADS of its Knative Service, then the same against a trivial function on the
+same stack: the ratio is what enqueue's own work costs. (``LatencyResult`` is scenario 7's, measured
+by tests/bench/inbox.py.)
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
-import sqlalchemy as sa
-
 from tests.bench import seed
-from tests.bench.delivery import _settled, _timeout
-from tests.bench.load import LoadResult, build_request, closed_loop, open_loop, percentile
-from tests.bench.mailbox import MailboxTail, Verdict, verify
-from tests.bench.stack import MAIN_SOURCE, ROOT, TRIVIAL_SOURCE, Child, CpuMeter, Stack
+from tests.bench.load import LoadResult, build_request, closed_loop, percentile
+from tests.bench.mailbox import Verdict
+from tests.bench.stack import MAIN_SOURCE, ROOT, TRIVIAL_SOURCE, Stack
 
 ENQUEUE_PATH = "/api/v1/task/enqueue"
 DEFAULT_SIZING = (1, 8)  # WORKERS, THREADS when knative/ cannot be read
@@ -133,56 +128,3 @@ class LatencyResult:
     @property
     def ok(self) -> bool:
         return self.accepted == self.sent and self.verdict.exactly_once and set(self.statuses) <= {"sent"}
-
-
-def end_to_end(
-    stack: Stack, *, rate: float, seconds: float, senders: int, progress=lambda n: None
-) -> LatencyResult:
-    """Open-loop enqueue requests at ``rate`` for ``seconds`` with the pipeline running."""
-    stack.reset()
-    data_dir = stack.scratch("sink-latency")
-    sink = stack.start_sink(data_dir)
-    children: list[Child] = [sink]
-    try:
-        sizing = knative_sizing("enqueue")
-        api, port = stack.start_function(MAIN_SOURCE, "enqueue", sizing.workers, sizing.threads)
-        children.append(api)
-        children += stack.start_workers(senders)
-        requests = enqueue_requests(stack, port)
-        count = max(1, int(rate * seconds))
-        tail = MailboxTail(data_dir)
-        meter = CpuMeter(
-            {"sink": [sink.pid], "api": [api.pid], "consumer": [children[2].pid],
-             "senders": [c.pid for c in children[3:]], **stack.service_pids()}
-        ).start()  # fmt: skip
-        sent = open_loop(port, lambda i: requests[i % len(requests)], rate=rate, count=count)
-        due_by_task = {json.loads(s.body)["task_id"]: s.due for s in sent if s.status == 202}
-        response_ms = [(s.answered - s.due) * 1000 for s in sent if s.status == 202]
-        shown = 0
-
-        def report(n: int) -> None:
-            nonlocal shown
-            progress(n - shown)
-            shown = n
-
-        def alive() -> None:
-            for child in children:
-                child.check()
-
-        tail.wait_for(len(due_by_task), _timeout(count), alive=alive, progress=report)
-        cpu = meter.stop()
-        with stack.ctx.engine.connect() as conn:
-            ids = dict(conn.execute(sa.text("SELECT id, message_id FROM tasks")).all())
-        verdict = verify(data_dir, ids.values())
-        tail.poll()
-        latencies = [
-            (tail.arrivals[ids[task_id]][0] - due) * 1000
-            for task_id, due in due_by_task.items()
-            if ids.get(task_id) in tail.arrivals
-        ]
-        statuses = _settled(stack)
-        return LatencyResult(
-            rate, count, len(due_by_task), verdict, latencies, cpu, statuses, senders, response_ms
-        )
-    finally:
-        stack.stop(*reversed(children))

@@ -18,17 +18,28 @@ from tests.bench import SCENARIOS, TITLES
 ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_N = 20_000
-QUICK = {"n": 2_000, "seconds": 3.0, "latency_seconds": 4.0, "scale_rows": 100_000, "scale_user_rows": 10_000}
+DEFAULTS = {"backlogs": "1000,10000,100000", "scale_rows": "1000000,5000000"}
+QUICK = {
+    "n": 2_000,
+    "seconds": 3.0,
+    "latency_seconds": 4.0,
+    "backlogs": "1000,3000,10000",
+    "scale_rows": "100000,500000",
+    "scale_user_rows": 10_000,
+}
 
 
-def _senders(value: str) -> list[int]:
+def _counts(value: str, what: str = "sender counts, e.g. 1,2,4") -> list[int]:
     try:
-        counts = [int(x) for x in value.split(",") if x.strip()]
+        counts = [int(x.replace("_", "")) for x in value.split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter("a comma-separated list of sender counts, e.g. 1,2,4") from None
+        raise click.BadParameter(f"a comma-separated list of {what}") from None
     if not counts or any(c < 1 for c in counts):
-        raise click.BadParameter("at least one sender count, each 1 or more")
+        raise click.BadParameter(f"at least one of the {what.split(',')[0]}, each 1 or more")
     return counts
+
+
+_senders = _counts
 
 
 class Tick:
@@ -78,13 +89,25 @@ class Progress:
     "--n", "n", type=int, default=None, help=f"mails per delivery scenario [default: {DEFAULT_N:,}]"
 )
 @click.option(
-    "--senders", default="1,2,4", show_default=True, help="sender process counts to run, comma-separated"
+    "--senders",
+    default="1,2,4,8",
+    show_default=True,
+    help="sender process counts for scenario 2 (the curve), comma-separated; the other scenarios run "
+    "as many sender processes as the machine has cores, as `mailq dev` does",
 )
 @click.option(
-    "--quick", is_flag=True, help="small sizes everywhere (N=2,000, 3 s loads, 100,000 rows): a minute or two"
+    "--backlogs",
+    default=None,
+    help=f"queued backlog sizes for scenario 9, comma-separated [default: {DEFAULTS['backlogs']}]",
+)
+@click.option(
+    "--quick",
+    is_flag=True,
+    help="small sizes everywhere (N=2,000, 3 s loads, backlogs of 1k/3k/10k, 100k and 500k rows): "
+    "a few minutes",
 )
 @click.option("--skip-celery", is_flag=True, help="leave out scenario 3 (Celery)")
-@click.option("--skip-scale", is_flag=True, help="leave out scenario 6 (1,000,000 rows)")
+@click.option("--skip-scale", is_flag=True, help="leave out scenario 11 (millions of rows)")
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
@@ -102,10 +125,14 @@ class Progress:
     "--clients", type=int, default=16, show_default=True, help="concurrent clients for the enqueue API"
 )
 @click.option("--seconds", type=float, default=None, help="length of each API load [default: 10]")
-@click.option("--latency-seconds", type=float, default=None, help="length of scenario 5's load [default: 10]")
-@click.option("--scale-rows", type=int, default=None, help="rows in scenario 6 [default: 1,000,000]")
+@click.option("--latency-seconds", type=float, default=None, help="length of scenario 7's load [default: 10]")
 @click.option(
-    "--scale-user-rows", type=int, default=None, help="tasks per user in scenario 6 [default: 100,000]"
+    "--scale-rows",
+    default=None,
+    help=f"table sizes of scenario 11, comma-separated [default: {DEFAULTS['scale_rows']}]",
+)
+@click.option(
+    "--scale-user-rows", type=int, default=None, help="tasks per user in scenario 11 [default: 100,000]"
 )
 @click.option(
     "--profile",
@@ -117,6 +144,7 @@ class Progress:
 def bench(
     n,
     senders,
+    backlogs,
     quick,
     skip_celery,
     skip_scale,
@@ -140,8 +168,9 @@ def bench(
     n = n or sizes.get("n", DEFAULT_N)
     seconds = seconds or sizes.get("seconds", 10.0)
     latency_seconds = latency_seconds or sizes.get("latency_seconds", 10.0)
-    scale_rows = scale_rows or sizes.get("scale_rows", 1_000_000)
-    scale_user_rows = min(scale_rows, scale_user_rows or sizes.get("scale_user_rows", 100_000))
+    scale_rows = _counts(scale_rows or sizes.get("scale_rows", DEFAULTS["scale_rows"]), "row counts")
+    scale_user_rows = min(min(scale_rows), scale_user_rows or sizes.get("scale_user_rows", 100_000))
+    backlogs = _counts(backlogs or sizes.get("backlogs", DEFAULTS["backlogs"]), "backlog sizes")
     sender_counts = _senders(senders)
     wanted = [s.strip() for s in only.split(",") if s.strip()]
     unknown = set(wanted) - set(SCENARIOS)
@@ -156,10 +185,11 @@ def bench(
         options={
             "n": n,
             "senders": ",".join(map(str, sender_counts)),
+            "backlogs": ",".join(map(str, backlogs)),
             "clients": clients,
             "seconds": seconds,
             "latency_seconds": latency_seconds,
-            "scale_rows": scale_rows,
+            "scale_rows": ",".join(map(str, scale_rows)),
             "scale_user_rows": scale_user_rows,
         },
     )
@@ -178,7 +208,9 @@ def bench(
                 "Celery is not installed: `pip install -e '.[bench]'`, or pass --skip-celery"
             ) from None
     todo = [s for s in SCENARIOS if s not in run.skipped]
-    steps = sum(len(sender_counts) if s == "mailq" else 1 for s in todo) + 1
+    per = {"mailq": len(sender_counts), "backlog": len(backlogs), "scale": len(scale_rows)}
+    steps = sum(per.get(s, 1) for s in todo) + 1
+    steps += 1 if {"inbox", "batch", "latency", "backlog", "fairness"} & set(todo) else 0
     steps += 1 if "raw" in todo and {"mailq", "celery"} & set(todo) else 0  # the raw limit, measured again
     progress = Progress(steps, enabled=not no_progress)
     started = time.monotonic()
@@ -193,6 +225,7 @@ def bench(
             todo,
             n,
             sender_counts,
+            backlogs,
             clients,
             seconds,
             latency_seconds,
@@ -232,6 +265,7 @@ def _run_scenarios(
     todo,
     n,
     sender_counts,
+    backlogs,
     clients,
     seconds,
     latency_seconds,
@@ -266,30 +300,68 @@ def _run_scenarios(
     if "api" in todo:
         with _guard(run, "api"), progress.step(f"4. enqueue API, {clients} clients", 2, unit="load") as tick:
             run.api = api.enqueue_api(stack, clients=clients, seconds=seconds, on_done=tick)
-    if "latency" in todo:
-        with _guard(run, "latency"):
-            if run.best is None:
-                raise RuntimeError("no correct mailq delivery run to take half the rate of")
-            rate = run.best.rate / 2
-            total = max(1, int(rate * latency_seconds))
-            with progress.step(f"5. end-to-end latency at {rate:,.0f}/s", total) as tick:
-                run.latency = api.end_to_end(
-                    stack, rate=rate, seconds=latency_seconds, senders=best_k, progress=tick
-                )
+    pipelined = [s for s in ("inbox", "batch", "latency", "backlog", "fairness") if s in todo]
+    if pipelined:
+        _pipelined(run, stack, progress, pipelined, n, backlogs, clients, latency_seconds)
     if "scale" in todo:
-        with (
-            _guard(run, "scale"),
-            progress.step(f"6. scale: {scale_rows:,} rows", scale_rows, unit="row") as tick,
-        ):
-            run.scale = scale.scale(
-                stack,
-                rows=scale_rows,
-                user_rows=scale_user_rows,
-                clients=clients,
-                seconds=seconds,
-                page_seconds=seconds,
-                progress=tick,
-            )
+        with _guard(run, "scale"):
+            for rows in scale_rows:
+                with progress.step(f"11. scale: {rows:,} rows", rows, unit="row") as tick:
+                    run.scale.append(
+                        scale.scale(
+                            stack,
+                            rows=rows,
+                            user_rows=scale_user_rows,
+                            live_rows=min(scale_rows),  # the same live work at every size
+                            clients=clients,
+                            seconds=seconds,
+                            page_seconds=seconds,
+                            progress=tick,
+                        )
+                    )
+
+
+def _pipelined(run, stack, progress, todo, n, backlogs, clients, latency_seconds) -> None:
+    """Scenarios 5-7, 9 and 10 on one warm `mailq dev`-like stack (one sender process per core)."""
+    from tests.bench import inbox
+    from tests.bench.stack import default_senders
+
+    try:
+        with progress.step("starting the `mailq dev` stack", 1, unit="step") as tick:
+            pipe = inbox.Running(stack, default_senders()).__enter__()
+            tick(1)
+    except Exception:  # noqa: BLE001 - every scenario that needed it says why
+        for scenario in todo:
+            with _guard(run, scenario):
+                raise
+        return
+    try:
+        if "inbox" in todo:
+            with _guard(run, "inbox"), progress.step(f"5. API to inbox, {clients} clients", n) as tick:
+                run.inbox = inbox.api_to_inbox(pipe, n, clients=clients, progress=tick)
+        if "batch" in todo:
+            with _guard(run, "batch"), progress.step("6. API to inbox, batches of 100", n) as tick:
+                run.batch = inbox.api_to_inbox(
+                    pipe, n, clients=clients, batch=inbox.BATCH_SIZE, progress=tick
+                )
+        if "latency" in todo:
+            with _guard(run, "latency"):
+                if run.inbox is None or not run.inbox.ok:
+                    raise RuntimeError("no correct API-to-inbox run (scenario 5) to take half the rate of")
+                rate = run.inbox.rate / 2
+                total = max(1, int(rate * latency_seconds))
+                with progress.step(f"7. end-to-end latency at {rate:,.0f}/s", total) as tick:
+                    run.latency = inbox.latency(pipe, rate=rate, seconds=latency_seconds, progress=tick)
+        if "backlog" in todo:
+            with _guard(run, "backlog"):
+                for size in backlogs:
+                    with progress.step(f"9. backlog of {size:,}", size) as tick:
+                        run.backlog.append(inbox.backlog(pipe, size, tick))
+        if "fairness" in todo:
+            with _guard(run, "fairness"), progress.step("10. fairness: A alone, then with B", 2 * n) as tick:
+                run.fairness = inbox.fairness(pipe, n, clients=clients, progress=tick)
+    finally:
+        pipe.__exit__(None, None, None)
 
 
 def _profiler(profile: Path | None, name: str):

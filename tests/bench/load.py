@@ -202,3 +202,34 @@ def open_loop(
 ) -> list[Sent]:
     """Send ``count`` requests at ``rate`` per second, at most ``max_connections`` in flight."""
     return asyncio.run(_open_loop(port, make_request, rate, count, max_connections))
+
+
+async def _closed_count(
+    port: int, make_request: Callable[[int], bytes], clients: int, count: int
+) -> list[Sent]:
+    results: list[Sent] = []
+    todo = iter(range(count))  # shared by the clients: each request is sent once
+    wall0, mono0 = time.time(), time.perf_counter()
+
+    async def client() -> None:
+        conn = _Connection(port)
+        try:
+            for i in todo:
+                began = time.perf_counter()
+                try:
+                    status, body = await conn.request(make_request(i))
+                except (OSError, asyncio.IncompleteReadError, ValueError):
+                    conn.close()
+                    status, body = 0, b""
+                results.append(Sent(wall0 + began - mono0, wall0 + time.perf_counter() - mono0, status, body))
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return results
+
+
+def closed_count(port: int, make_request: Callable[[int], bytes], *, clients: int, count: int) -> list[Sent]:
+    """``count`` requests by ``clients`` keep-alive connections back to back; ``Sent.due`` is when each
+    request started."""
+    return asyncio.run(_closed_count(port, make_request, clients, count))

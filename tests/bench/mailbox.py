@@ -27,6 +27,7 @@ class MailboxTail:
         self.arrivals: dict[str, list[float]] = collections.defaultdict(list)  # id -> epoch seconds
         self.count = 0
         self.last_arrival = 0.0
+        self.domains: collections.Counter = collections.Counter()  # recipient domain -> arrivals
 
     def poll(self) -> int:
         """Read what arrived since the last poll; return the total count so far."""
@@ -47,6 +48,8 @@ class MailboxTail:
             self.arrivals[record.get("message_id")].append(at)
             self.last_arrival = max(self.last_arrival, at)
             self.count += 1
+            for rcpt in record.get("rcpt_tos") or ():
+                self.domains[rcpt.rpartition("@")[2]] += 1
         return self.count
 
     def wait_for(

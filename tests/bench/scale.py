@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from shared.inflight import INLINE_BYTES
+from shared.sender import _CLAIM_SQL  # the sender's own statement, timed as it is
 from shared.sweep import SweepReport, sweep_once
 from tests.bench import seed
 from tests.bench.api import Sizing, enqueue_requests, knative_sizing
 from tests.bench.load import LoadResult, build_request, closed_loop
-from tests.bench.stack import MAIN_SOURCE, Stack
+from tests.bench.stack import MAIN_SOURCE, Stack, wait_for_http
 
 QUEUE_PATH = "/api/v1/task/queue"
 METRICS_PATH = "/metrics"
@@ -40,6 +42,7 @@ class ScaleResult:
     sizing: Sizing
     due: int = 0
     metrics: LoadResult | None = None  # GET /metrics, one scraper at a time
+    claim: LoadResult | None = None  # the sender's claim statement on queued rows (rolled back)
     notes: list[str] = field(default_factory=list)
 
 
@@ -70,6 +73,40 @@ def _note(progress, text: str) -> None:
         note(text)
 
 
+def _timed_claims(stack: Stack, samples: int = 200) -> LoadResult:
+    """The sender's claim (``UPDATE … WHERE id = … AND status = 'queued' … RETURNING`` the mail and its
+    account) on queued rows spread over the table, each in its own transaction, rolled back so the
+    table stays as it was."""
+    settings = stack.settings
+    with stack.ctx.engine.connect() as conn:
+        ids = [
+            r.id
+            for r in conn.execute(
+                sa.text("SELECT id FROM tasks WHERE status = 'queued' ORDER BY mod(id, 997), id LIMIT :k"),
+                {"k": samples},
+            )
+        ]
+        conn.rollback()
+        result = LoadResult(0, 0, 0.0)
+        for task_id in ids:
+            params = {"id": task_id, "lease": settings.lease_seconds, "max_tries": settings.max_try_count,
+                      "inline": INLINE_BYTES}  # fmt: skip
+            # Open the transaction first: a statement the sender runs on its own (shared.prepared's
+            # alone(), once merged) would otherwise commit by itself, and the rollback would undo nothing.
+            conn.execute(sa.text("SELECT 1"))
+            started = time.perf_counter()
+            row = conn.execute(_CLAIM_SQL, params).one_or_none()
+            elapsed = time.perf_counter() - started
+            conn.rollback()
+            result.seconds += elapsed
+            if row is None:
+                result.errors += 1
+            else:
+                result.requests += 1
+                result.latencies_ms.append(elapsed * 1000)
+    return result
+
+
 def _timed_sweep(stack: Stack) -> tuple[float, SweepReport]:
     started = time.perf_counter()
     report = sweep_once(stack.settings, stack.ctx.engine, stack.ctx.redis)
@@ -81,6 +118,7 @@ def scale(
     *,
     rows: int,
     user_rows: int,
+    live_rows: int | None = None,
     clients: int,
     seconds: float,
     page_seconds: float,
@@ -89,72 +127,83 @@ def scale(
 ) -> ScaleResult:
     warmup = min(1.0, seconds / 2) if warmup is None else warmup
     stack.reset()
+    # The three functions start while the table fills (idle until their load): their imports overlap
+    # the seeding instead of adding to it.
+    servers = {
+        target: stack.spawn_function(MAIN_SOURCE, target, sizing.workers, sizing.threads)
+        for target in ("task_queue", "metrics", "enqueue")
+        for sizing in [knative_sizing(target)]
+    }
+    try:
+        return _measure(stack, servers, rows, user_rows, live_rows, clients, seconds, page_seconds, warmup,
+                        progress)  # fmt: skip
+    finally:
+        stack.stop(*(child for child, _ in servers.values()))
+
+
+def _measure(stack, servers, rows, user_rows, live_rows, clients, seconds, page_seconds, warmup, progress):
     engine = stack.ctx.engine
     users = max(1, rows // user_rows)
     user_ids = [stack.user.id, *seed.extra_users(engine, stack.user.id, users - 1)]
     started = time.perf_counter()
-    counts = seed.scale_table(engine, user_ids, rows, progress)
+    counts = seed.scale_table(engine, user_ids, rows, progress, live_rows=live_rows)
     _note(progress, "VACUUM ANALYZE")
     _vacuum(stack)
     load_seconds = time.perf_counter() - started
     due = counts.get("failed-due", 0) + counts.get("scheduled-due", 0)
 
+    for child, port in servers.values():  # booted by now; nothing else runs while the sweep is timed
+        wait_for_http(f"http://127.0.0.1:{port}/healthz/live", child)
+
     # The sweep first, while the live rows are seconds old: not leaked, leases running.
     _note(progress, "sweep")
     sweep_seconds, report = _timed_sweep(stack)
     idle_sweep_seconds, _ = _timed_sweep(stack)
+    _note(progress, "claims")
+    claim = _timed_claims(stack)
+    with engine.connect() as conn:
+        processing = conn.execute(sa.text("SELECT count(*) FROM tasks WHERE status = 'processing'")).scalar()
+    if processing != counts.get("processing", 0):
+        raise RuntimeError(f"timing the claims changed the table: {processing} rows processing")
 
     _note(progress, "/task/queue pages")
-    sizing = knative_sizing("task_queue")
-    child, port = stack.start_function(MAIN_SOURCE, "task_queue", sizing.workers, sizing.threads)
-    try:
-        with engine.connect() as conn:
-            low, high = conn.execute(
-                sa.text("SELECT min(id), max(id) FROM tasks WHERE user_id = :u"), {"u": stack.user.id}
-            ).one()
-        rng = random.Random(7)
-        headers = {"Authorization": f"Bearer {stack.token}"}
-        # Half the requests ask for the first page, half for a page further in (a random cursor).
-        pages = [
-            build_request(
-                "GET",
-                QUEUE_PATH if i % 2 == 0 else f"{QUEUE_PATH}?cursor={cursor_for(rng.randint(low, high))}",
-                port,
-                headers=headers,
-            )
-            for i in range(200)
-        ]
-        page = closed_loop(
-            port, lambda i: pages[i % len(pages)], clients=1, seconds=page_seconds, warmup=warmup
+    port = servers["task_queue"][1]
+    with engine.connect() as conn:
+        low, high = conn.execute(
+            sa.text("SELECT min(id), max(id) FROM tasks WHERE user_id = :u"), {"u": stack.user.id}
+        ).one()
+    rng = random.Random(7)
+    headers = {"Authorization": f"Bearer {stack.token}"}
+    # Half the requests ask for the first page, half for a page further in (a random cursor).
+    pages = [
+        build_request(
+            "GET",
+            QUEUE_PATH if i % 2 == 0 else f"{QUEUE_PATH}?cursor={cursor_for(rng.randint(low, high))}",
+            port,
+            headers=headers,
         )
-    finally:
-        stack.stop(child)
+        for i in range(200)
+    ]
+    page = closed_loop(port, lambda i: pages[i % len(pages)], clients=1, seconds=page_seconds, warmup=warmup)
 
     _note(progress, "/metrics scrapes")
-    metrics_sizing = knative_sizing("metrics")
-    child, port = stack.start_function(MAIN_SOURCE, "metrics", metrics_sizing.workers, metrics_sizing.threads)
-    try:
-        scrape = build_request("GET", METRICS_PATH, port)
-        metrics = closed_loop(port, lambda i: scrape, clients=1, seconds=page_seconds, warmup=warmup)
-    finally:
-        stack.stop(child)
+    port = servers["metrics"][1]
+    scrape = build_request("GET", METRICS_PATH, port)
+    metrics = closed_loop(port, lambda i: scrape, clients=1, seconds=page_seconds, warmup=warmup)
 
     _note(progress, "enqueue API")
+    port = servers["enqueue"][1]
+    requests = enqueue_requests(stack, port)
+    enqueue = closed_loop(
+        port,
+        lambda i: requests[i % len(requests)],
+        clients=clients,
+        seconds=seconds,
+        warmup=warmup,
+        ok=202,
+    )
     enqueue_sizing = knative_sizing("enqueue")
-    child, port = stack.start_function(MAIN_SOURCE, "enqueue", enqueue_sizing.workers, enqueue_sizing.threads)
-    try:
-        requests = enqueue_requests(stack, port)
-        enqueue = closed_loop(
-            port,
-            lambda i: requests[i % len(requests)],
-            clients=clients,
-            seconds=seconds,
-            warmup=warmup,
-            ok=202,
-        )
-    finally:
-        stack.stop(child)
     return ScaleResult(
         rows, rows // users, counts, load_seconds, sweep_seconds, report, idle_sweep_seconds, page, enqueue,
-        enqueue_sizing, due, metrics=metrics,
+        enqueue_sizing, due, metrics=metrics, claim=claim,
     )  # fmt: skip

@@ -150,7 +150,13 @@ SCALE_MIX = (
     (25, "sent"),
 )
 assert sum(n for n, _ in SCALE_MIX) == 1000
-LIVE_KINDS = ("queued", "processing")  # their timestamps are relative to "now": copied last
+# Rows whose timestamps matter relative to "now" (due or not yet, fresh, lease running): copied last, so
+# a long seeding cannot make a retry due, a queued row look leaked or a lease run out before the sweep.
+HISTORY_KINDS = ("sent", "cancelled")
+# History rows made in Python at most; the rest are copies of those made inside PostgreSQL (a fresh
+# Message-ID each), so 5,000,000 rows take about as long in Python as 1,000,000.
+PYTHON_HISTORY_ROWS = 1_000_000
+REPLICATE_CHUNK = 500_000
 
 SCALE_COLUMNS = (
     "user_id",
@@ -174,18 +180,34 @@ def _kinds() -> list[str]:
     return [kind for count, kind in SCALE_MIX for _ in range(count)]
 
 
-def scale_counts(total: int) -> dict[str, int]:
-    kinds = _kinds()
+def _kind_of(kinds: list[str], i: int, live_rows: int) -> str:
+    """Row ``i``'s kind: the mix over the first ``live_rows`` rows, history (sent/cancelled) after."""
+    kind = kinds[i % 1000]
+    return kind if i < live_rows or kind in HISTORY_KINDS else "sent"
+
+
+def scale_counts(total: int, live_rows: int | None = None) -> dict[str, int]:
+    kinds, live = _kinds(), min(total, live_rows or total)
     counts: dict[str, int] = {}
     for i in range(total):
-        kind = kinds[i % 1000]
+        kind = _kind_of(kinds, i, live)
         counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 
 def extra_users(engine: Engine, template_user_id: int, count: int) -> list[int]:
-    """``count`` more users, copies of the template's SMTP account."""
+    """``count`` more users, copies of the template's SMTP account (those made by an earlier call are
+    reused: a run seeds several table sizes)."""
     with engine.begin() as conn:
+        have = [
+            r.id
+            for r in conn.execute(
+                sa.text("SELECT id FROM users WHERE email LIKE :pattern ORDER BY id"),
+                {"pattern": "tenant%@example.net"},
+            )
+        ]
+        if len(have) >= count:
+            return have[:count]
         rows = conn.execute(
             sa.text(
                 """
@@ -193,14 +215,14 @@ def extra_users(engine: Engine, template_user_id: int, count: int) -> list[int]:
                                    smtp_password_enc, smtp_security)
                 SELECT 'tenant' || g || '@example.net', password_hash, smtp_host, smtp_port, smtp_username,
                        smtp_password_enc, smtp_security
-                  FROM users, generate_series(1, :count) AS g
+                  FROM users, generate_series(CAST(:first AS integer), CAST(:count AS integer)) AS g
                  WHERE id = :template
                 RETURNING id
                 """
             ),
-            {"count": count, "template": template_user_id},
+            {"first": len(have) + 1, "count": count, "template": template_user_id},
         ).all()
-    return [r.id for r in rows]
+    return have + [r.id for r in rows]
 
 
 def _scale_row(i: int, kind: str, user_id: int, now: datetime, rng: random.Random) -> tuple:
@@ -252,23 +274,57 @@ def scale_table(
     total: int,
     progress: Callable[[int], None] = lambda n: None,
     seed: int = 42,
+    live_rows: int | None = None,
 ) -> dict[str, int]:
-    """``total`` tasks spread round-robin over ``user_ids`` in the SCALE_MIX; returns the counts.
+    """``total`` tasks spread round-robin over ``user_ids``; returns the counts by kind.
 
-    History rows go in first; queued and processing rows, whose timestamps are relative to now,
-    go in last so they are still fresh (not yet leaked, lease not run out) when the sweep runs.
+    The first ``live_rows`` rows (all of them by default) follow SCALE_MIX; the rest are history
+    (sent, cancelled), so tables of several sizes seeded with the same ``live_rows`` hold the same
+    live work (due retries and schedules, queued, processing) and differ only in history.
+    History rows go in first, beyond PYTHON_HISTORY_ROWS as copies made inside PostgreSQL; every
+    row whose timestamps are relative to now goes in last, so none has become due, leaked or lost its
+    lease by the sweep.
     """
     kinds = _kinds()
     rng = random.Random(seed)
     users = len(user_ids)
+    live = min(total, live_rows or total)
 
-    def rows(live: bool):
+    def rows(history: bool):
         now = datetime.now(UTC)
-        for i in range(total):
-            kind = kinds[i % 1000]
-            if (kind in LIVE_KINDS) == live:
+        for i in range(min(total, PYTHON_HISTORY_ROWS) if history else live):
+            kind = _kind_of(kinds, i, live)
+            if (kind in HISTORY_KINDS) == history:
                 yield _scale_row(i, kind, user_ids[i % users], now, rng)
 
-    copy_tasks(engine, SCALE_COLUMNS, rows(live=False), progress)
-    copy_tasks(engine, SCALE_COLUMNS, rows(live=True), progress)
-    return scale_counts(total)
+    made = copy_tasks(engine, SCALE_COLUMNS, rows(history=True), progress)
+    counts = scale_counts(total, live)
+    wanted = sum(n for kind, n in counts.items() if kind in HISTORY_KINDS)
+    replicate_history(engine, wanted - made, progress)
+    copy_tasks(engine, SCALE_COLUMNS, rows(history=False), progress)
+    return counts
+
+
+_FRESH_ID = "'<mailq.' || md5(random()::text || id::text) || '@example.com>'"
+_REPLICATE_SQL = sa.text(
+    f"""
+    INSERT INTO tasks ({", ".join(SCALE_COLUMNS)})
+    SELECT {", ".join(_FRESH_ID if c == "message_id" else c for c in SCALE_COLUMNS)}
+      FROM tasks
+     WHERE status IN ('sent', 'cancelled')
+     ORDER BY id
+     LIMIT :k
+    """  # noqa: S608 - only this module's column names
+)
+
+
+def replicate_history(engine: Engine, count: int, progress: Callable[[int], None] = lambda n: None) -> None:
+    """``count`` more history rows, copied inside PostgreSQL from those already in (new Message-IDs)."""
+    while count > 0:
+        k = min(count, REPLICATE_CHUNK)
+        with engine.begin() as conn:
+            k = conn.execute(_REPLICATE_SQL, {"k": k}).rowcount
+        if k <= 0:
+            raise RuntimeError("no history rows to copy from")
+        count -= k
+        progress(k)

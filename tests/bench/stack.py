@@ -7,6 +7,7 @@ Celery's workers included); ``Stack.close()`` stops everything it started, whate
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -33,6 +34,15 @@ ROOT = Path(__file__).resolve().parents[2]
 MAIN_SOURCE = ROOT / "functions" / "main.py"
 TRIVIAL_SOURCE = Path(__file__).resolve().with_name("trivial.py")
 CELERY_DB = 1  # the Celery peer's broker lives in its own Redis database on the same server
+# The SMTP accounts the sink accepts (it requires AUTH): the benchmark's user, and a second tenant.
+SMTP_ACCOUNTS = {"bench": "bench-smtp-password", "tenant-b": "tenant-b-smtp-password"}
+SMTP_USER = "bench"
+
+
+def default_senders() -> int:
+    """What `mailq dev` runs: one sender process per core."""
+    return os.cpu_count() or 1
+
 
 # The settings a production pod runs with (deployment/base/config.env), except those that only make
 # sense with TLS and public hosts: the sink is plaintext on 127.0.0.1.
@@ -218,6 +228,8 @@ class Stack:
         self.ctx: services.Context | None = None
         self._settings: Settings | None = None
         self._names: dict[str, int] = {}
+        self._tenants: dict[str, tuple[object, str]] = {}
+        self._account: dict = {}
 
     # --- lifecycle ---
 
@@ -262,13 +274,29 @@ class Stack:
             "password": "bench password",
             "smtp_host": "127.0.0.1",
             "smtp_port": self.sink_port,
-            "smtp-username": "bench",
-            "smtp-password": "sink-accepts-any",
+            "smtp-username": SMTP_USER,
+            "smtp-password": SMTP_ACCOUNTS[SMTP_USER],
             "smtp_security": "none",
         }
         services.register(self.ctx, account, "bench")
         self.token = services.login(self.ctx, account, "bench")["token"]
         self.user = services.authenticate(self.ctx, "Bearer " + self.token)
+        self._account = account
+
+    def tenant(self, smtp_username: str) -> tuple[object, str]:
+        """Another user (registered once) sending through its own account on the same sink:
+        (user, token)."""
+        if smtp_username not in self._tenants:
+            account = {
+                **self._account,
+                "email": f"{smtp_username}@example.com",
+                "smtp-username": smtp_username,
+                "smtp-password": SMTP_ACCOUNTS[smtp_username],
+            }
+            services.register(self.ctx, account, "bench")
+            token = services.login(self.ctx, account, "bench")["token"]
+            self._tenants[smtp_username] = (services.authenticate(self.ctx, "Bearer " + token), token)
+        return self._tenants[smtp_username]
 
     def close(self) -> None:
         for child in reversed(self.children):
@@ -321,6 +349,11 @@ class Stack:
         finally:
             celery.close()
 
+    def empty_tasks(self) -> None:
+        """Empty the tasks table only, while workers run (Redis, their registrations, stay)."""
+        with self.ctx.engine.begin() as conn:
+            conn.execute(sa.text("TRUNCATE tasks CASCADE"))
+
     def scratch(self, name: str) -> Path:
         """A new, empty directory for one scenario (a sink's mailbox, say)."""
         return Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.base))
@@ -346,16 +379,16 @@ class Stack:
                 self.children.remove(child)
 
     def start_sink(self, data_dir: Path) -> Child:
-        """The SMTP sink in its own process, as `mailq dev` runs it, on the user's SMTP port.
+        """The SMTP sink in its own process on the users' SMTP port: `mailq sink`'s mailbox behind AUTH
+        (tests/bench/authsink.py), accepting each tenant's account and nothing else.
 
         It stands in for the SMTP server, which is not what we measure: at WARNING it skips
         aiosmtpd's five INFO lines per mail, which cost it about 15 % of a core.
         """
         child = self.spawn(
             "sink",
-            [sys.executable, "-m", "functions.cli", "sink", "--data-dir", str(data_dir), "--port",
-             str(self.sink_port)],
-            LOG_LEVEL="WARNING",
+            [sys.executable, "-m", "tests.bench.authsink", str(data_dir), str(self.sink_port)],
+            BENCH_SINK_ACCOUNTS=json.dumps(SMTP_ACCOUNTS),
         )  # fmt: skip
         wait_for_port(self.sink_port, child)
         return child
@@ -378,6 +411,12 @@ class Stack:
 
     def start_function(self, source: Path, target: str, workers: int, threads: int) -> tuple[Child, int]:
         """functions-framework serving one target under gunicorn, as the Knative container runs it."""
+        child, port = self.spawn_function(source, target, workers, threads)
+        wait_for_http(f"http://127.0.0.1:{port}/healthz/live", child)
+        return child, port
+
+    def spawn_function(self, source: Path, target: str, workers: int, threads: int) -> tuple[Child, int]:
+        """``start_function`` without waiting for it to answer (start several at once, then wait)."""
         port = free_port()
         child = self.spawn(
             f"fn-{target}",
@@ -386,5 +425,4 @@ class Stack:
             WORKERS=str(workers),
             THREADS=str(threads),
         )  # fmt: skip
-        wait_for_http(f"http://127.0.0.1:{port}/healthz/live", child)
         return child, port
