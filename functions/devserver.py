@@ -11,6 +11,9 @@ import json
 from pathlib import Path
 
 import gunicorn.app.base
+from gunicorn import util as gunicorn_util
+from gunicorn.http import errors as http_errors
+from gunicorn.workers.gthread import ThreadWorker
 
 from shared import routes
 
@@ -56,6 +59,45 @@ def build_app(source: str = MAIN_SOURCE):
     return dispatch
 
 
+MALFORMED = (
+    http_errors.InvalidRequestLine,
+    http_errors.InvalidRequestMethod,
+    http_errors.InvalidHTTPVersion,
+    http_errors.InvalidHeader,
+    http_errors.InvalidHeaderName,
+    http_errors.ObsoleteFolding,
+)
+
+
+class ProblemWorker(ThreadWorker):
+    """gunicorn's threaded worker, answering what gunicorn refuses before the app sees it (an over-long
+    request line or header, a malformed request line) in the problem format too, not as an HTML page."""
+
+    def handle_error(self, req, client, addr, exc):
+        if isinstance(exc, http_errors.LimitRequestLine):
+            status, title, detail = 414, "URI Too Long", "The request line is longer than 8190 bytes."
+        elif isinstance(exc, http_errors.LimitRequestHeaders):
+            status, title, detail = (
+                431,
+                "Request Header Fields Too Large",
+                "The request's headers are too large.",
+            )
+        elif isinstance(exc, MALFORMED):
+            status, title, detail = 400, "Bad Request", "The request is not valid HTTP/1.1."
+        else:
+            return super().handle_error(req, client, addr, exc)
+        body = json.dumps({"type": "about:blank", "title": title, "status": status, "detail": detail})
+        head = (
+            f"HTTP/1.1 {status} {title}\r\nConnection: close\r\nContent-Type: application/problem+json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        try:
+            gunicorn_util.write_nonblock(client, (head + body).encode("latin-1"))
+        except OSError:
+            pass  # the client is gone: nothing to answer
+        return None
+
+
 class Server(gunicorn.app.base.BaseApplication):
     """gunicorn with explicit workers and threads (functions-framework reads the same two knobs)."""
 
@@ -64,7 +106,7 @@ class Server(gunicorn.app.base.BaseApplication):
             "bind": f"{host}:{port}",
             "workers": workers,
             "threads": threads,
-            "worker_class": "gthread",
+            "worker_class": "functions.devserver.ProblemWorker",
             "loglevel": "warning",
             "timeout": 60,
             "graceful_timeout": 10,

@@ -210,6 +210,16 @@ def test_every_worker_process_serves_its_metrics_on_a_port_of_its_own(dev):
     )
 
 
+def test_a_request_line_too_long_for_the_http_server_is_a_414_problem(dev):
+    """gunicorn refuses it before any function runs; it still answers in the one error format."""
+    url = dev["base"] + "/api/v1/task/queue?tag=campaign:" + "x" * 9000
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(url, timeout=10)
+    answer = caught.value
+    assert answer.code == 414 and answer.headers["Content-Type"] == "application/problem+json"
+    assert json.loads(answer.read())["status"] == 414
+
+
 def test_mailq_status_finds_the_running_dev_stack_from_its_data_directory(dev):
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     result = subprocess.run(
