@@ -90,9 +90,13 @@ def dev(tmp_path_factory):
         "lines": lines,
     }
     yield info
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    if process.poll() is None:  # a -k run skipped the SIGTERM test: stop it the same way, so its
+        process.send_signal(signal.SIGTERM)  # embedded PostgreSQL and Redis stop with it
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def test_register_login_and_read_the_user_over_http(dev):
