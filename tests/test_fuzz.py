@@ -142,7 +142,9 @@ def test_schemathesis_finds_no_5xx_and_every_answer_matches_the_document(target,
     def fuzz(case):
         response = case.call(headers=headers, **target)
         for check in checks:
-            if check is negative_data_rejection and _lenient_query(case):
+            if check is negative_data_rejection and (_lenient_query(case) or response.status_code == 414):
+                # A 414 is a rejection too (a query too long for the request line, documented as a
+                # problem answer); schemathesis's list of rejecting statuses just does not name it.
                 continue
             try:
                 case.validate_response(response, checks=[check], headers=headers)
