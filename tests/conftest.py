@@ -16,6 +16,8 @@ from shared.config import Settings
 from shared.crypto import SecretBox, generate_key
 from shared.db import dispose_engines, engine_for, migrate
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from tests.pipeline import Pipeline
+from tests.smtp_servers import ScriptedSmtpServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_ENV = {
@@ -100,6 +102,22 @@ def ctx(settings, clean) -> services.Context:
     )
     yield c
     c.redis.close()
+
+
+@pytest.fixture()
+def pipe(ctx) -> Pipeline:
+    """The consumer, sender and sweep driven step by step on the test's context (a test file may
+    define its own, e.g. on faster timers)."""
+    p = Pipeline(ctx)
+    yield p
+    p.close()
+
+
+@pytest.fixture()
+def smtp():
+    """A scripted aiosmtpd server for one test."""
+    with ScriptedSmtpServer() as server:
+        yield server
 
 
 @pytest.fixture()

@@ -14,7 +14,6 @@ from shared import content, tasks
 from shared.db import engine_for
 from shared.workers import Outcome
 from tests.conftest import auth_header, login, register_user
-from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 from tests.test_accounts_api import assert_problem
 
@@ -31,19 +30,6 @@ def b64(data: bytes) -> str:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture()
-def pipe(ctx):
-    p = Pipeline(ctx)
-    yield p
-    p.close()
-
-
-@pytest.fixture()
-def smtp():
-    with ScriptedSmtpServer() as server:
-        yield server
 
 
 def account(api, server, email: str = "ada@example.com") -> dict[str, str]:

@@ -17,22 +17,8 @@ from shared import control, queue
 from shared.domain import CANCELLABLE, RESCHEDULABLE, RETRYABLE, Status, can_move
 from shared.workers import Outcome
 from tests.conftest import auth_header, login, register_user
-from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 from tests.test_accounts_api import assert_problem
-
-
-@pytest.fixture()
-def smtp():
-    with ScriptedSmtpServer() as server:
-        yield server
-
-
-@pytest.fixture()
-def pipe(ctx):
-    p = Pipeline(ctx)
-    yield p
-    p.close()
 
 
 @pytest.fixture()

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import gauges, queue
-from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 from tests.test_stats import SEED_TASKS, SEED_USERS, _plan_nodes
-
-
-@pytest.fixture()
-def pipe(ctx):
-    p = Pipeline(ctx)
-    yield p
-    p.close()
 
 
 def execute(pipe, sql: str, **params) -> None:

@@ -10,21 +10,6 @@ import redis
 import sqlalchemy as sa
 
 from shared import queue
-from tests.pipeline import Pipeline
-from tests.smtp_servers import ScriptedSmtpServer
-
-
-@pytest.fixture()
-def pipe(ctx):
-    p = Pipeline(ctx)
-    yield p
-    p.close()
-
-
-@pytest.fixture()
-def smtp():
-    with ScriptedSmtpServer() as server:
-        yield server
 
 
 def test_the_envelope_is_pushed_only_after_its_row_is_committed(pipe, smtp, monkeypatch):

@@ -7,23 +7,14 @@ import hashlib
 import threading
 import time
 
-import pytest
 import sqlalchemy as sa
 
 from shared import inflight, tasks
 from shared.inflight import INLINE_BYTES, WEIGHT, ByteBudget
 from shared.workers import Outcome
-from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 
 LARGE = bytes(range(256)) * (INLINE_BYTES // 256 + 64)  # just over the inline limit
-
-
-@pytest.fixture()
-def pipe(ctx):
-    p = Pipeline(ctx)
-    yield p
-    p.close()
 
 
 def large_mail(pipe, user, n: int) -> int:

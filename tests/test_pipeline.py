@@ -34,12 +34,6 @@ def pipe(fast_ctx):
     p.close()
 
 
-@pytest.fixture()
-def smtp():
-    with ScriptedSmtpServer() as server:
-        yield server
-
-
 def test_a_mail_arrives_with_the_right_headers_and_the_task_ends_sent(pipe, smtp):
     user = pipe.user(smtp)
     task_id = pipe.enqueue(user, subject="Quarterly report", body="Numbers attached.\n")

@@ -11,8 +11,6 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from tests.pipeline import Pipeline
-
 PASSWORD = "hunter2-Echo-Pw-5150"
 
 
@@ -89,13 +87,6 @@ class EchoingSmtpServer:
                 return
             else:  # RCPT, RSET, NOOP
                 send("250 OK")
-
-
-@pytest.fixture()
-def pipe(ctx):
-    p = Pipeline(ctx)
-    yield p
-    p.close()
 
 
 @pytest.mark.parametrize(
