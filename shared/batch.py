@@ -22,7 +22,7 @@ from shared.db import task_batches, tasks
 from shared.domain import Status
 from shared.errors import Unauthorized, ValidationFailed
 from shared.services import Context
-from shared.tasks import idempotency_key, push
+from shared.tasks import first_use, idempotency_key, push
 
 MODES = ("strict", "permissive")
 
@@ -112,18 +112,14 @@ def _request_hash(items: list[Any], mode: str) -> str:
 
 def _replay(conn, user_id: int, key: str, request_hash: str, errors: list[dict[str, str]]) -> dict[str, Any]:
     """The answer of the batch that first used ``key``, with each task's current status."""
-    row = conn.execute(
-        sa.select(task_batches.c.request_hash, task_batches.c.task_ids).where(
-            task_batches.c.user_id == user_id, task_batches.c.idempotency_key == key
-        )
-    ).one_or_none()
-    if row is None:  # no conflict, so nothing was inserted because the user is gone
-        raise Unauthorized("The token's user does not exist.")
-    if row.request_hash != request_hash:
-        raise ValidationFailed(
-            {"Idempotency-Key": "was already used with a different request body"},
-            "This Idempotency-Key belongs to another request.",
-        )
+    row = first_use(
+        conn.execute(
+            sa.select(task_batches.c.request_hash, task_batches.c.task_ids).where(
+                task_batches.c.user_id == user_id, task_batches.c.idempotency_key == key
+            )
+        ).one_or_none(),
+        request_hash,
+    )
     ids = [i for i in row.task_ids if i is not None]
     found = {
         r.id: r

@@ -99,6 +99,20 @@ def idempotency_key(header: str | None) -> str | None:
     return key
 
 
+def first_use(row: Any, request_hash: str):
+    """The row that first used an Idempotency-Key an insert just ran into, checked against this request:
+    none means nothing conflicted, so the insert wrote nothing because the user is gone (401); another
+    request hash means the key belongs to another request (422)."""
+    if row is None:
+        raise Unauthorized("The token's user does not exist.")
+    if row.request_hash != request_hash:
+        raise ValidationFailed(
+            {"Idempotency-Key": "was already used with a different request body"},
+            "This Idempotency-Key belongs to another request.",
+        )
+    return row
+
+
 def enqueue(
     ctx: Context, user_id: int, body: dict[str, Any], idempotency_header: str | None
 ) -> tuple[dict, bool]:
@@ -120,18 +134,14 @@ def enqueue(
         created = bool(rows)
         row = rows[0] if rows else None
         if not created:
-            row = conn.execute(
-                sa.select(tasks.c.id, tasks.c.status, tasks.c.scheduled_at, tasks.c.request_hash).where(
-                    tasks.c.user_id == user_id, tasks.c.idempotency_key == key
-                )
-            ).one_or_none()
-            if row is None:  # no conflict, so nothing was inserted because the user is gone
-                raise Unauthorized("The token's user does not exist.")
-            if row.request_hash != request_hash:
-                raise ValidationFailed(
-                    {"Idempotency-Key": "was already used with a different request body"},
-                    "This Idempotency-Key belongs to another request.",
-                )
+            row = first_use(
+                conn.execute(
+                    sa.select(tasks.c.id, tasks.c.status, tasks.c.scheduled_at, tasks.c.request_hash).where(
+                        tasks.c.user_id == user_id, tasks.c.idempotency_key == key
+                    )
+                ).one_or_none(),
+                request_hash,
+            )
     if created and row.status == Status.QUEUED:
         push(ctx.redis, [row.id])
     result = {"task_id": row.id, "status": row.status, "scheduled_at": row.scheduled_at.isoformat()}
