@@ -191,20 +191,13 @@ class _Collector:
 
     def collect(self):
         g = self.gauges
-        tasks = GaugeMetricFamily(
-            "mailq_tasks", "Tasks still to go out, by status (exact).", labels=["status"]
-        )
-        for status, n in g.tasks.items():
-            tasks.add_metric([status], n)
-        yield tasks
-        estimated = GaugeMetricFamily(
+        yield _labelled("mailq_tasks", "Tasks still to go out, by status (exact).", "status", g.tasks)
+        yield _labelled(
             "mailq_tasks_estimated",
             "Tasks in a final status, estimated from PostgreSQL's statistics (as of the last ANALYZE).",
-            labels=["status"],
+            "status",
+            g.estimated,
         )
-        for status, n in g.estimated.items():
-            estimated.add_metric([status], n)
-        yield estimated
         yield GaugeMetricFamily(
             "mailq_oldest_due_seconds",
             "Age of the oldest task that is due and not yet sent (paused accounts left out).",
@@ -215,26 +208,29 @@ class _Collector:
             "Tasks the next sweep would put back (the sweep's KEDA trigger).",
             value=g.sweep_pending,
         )
-        lists = GaugeMetricFamily(
+        yield _labelled(
             "mailq_list_length",
             "Envelopes in mailq's Redis lists: tasks (to the consumers), send_ready (tenants with mail "
             "to take), send_queues (mail waiting in tenants' queues), processing (held by workers).",
-            labels=["list"],
+            "list",
+            g.lists,
         )
-        for name, n in g.lists.items():
-            lists.add_metric([name], n)
-        yield lists
         yield GaugeMetricFamily(
             "mailq_paused_accounts",
             "Accounts whose SMTP login was refused (their mail waits).",
             value=g.paused_accounts,
         )
-        alive = GaugeMetricFamily(
-            "mailq_workers_alive", "Workers whose heartbeat is alive, by role.", labels=["role"]
+        yield _labelled(
+            "mailq_workers_alive", "Workers whose heartbeat is alive, by role.", "role", g.workers_alive
         )
-        for role, n in g.workers_alive.items():
-            alive.add_metric([role], n)
-        yield alive
+
+
+def _labelled(name: str, documentation: str, label: str, values: dict[str, float]) -> GaugeMetricFamily:
+    """A gauge family with one series per key of ``values``."""
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for key, n in values.items():
+        family.add_metric([key], n)
+    return family
 
 
 def render(gauges: Gauges) -> bytes:
