@@ -7,6 +7,7 @@ sorting by arrival, with one JSON line per message appended to ``index.jsonl`` b
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import itertools
 import json
@@ -178,14 +179,29 @@ def count_message_ids(data_dir: Path) -> collections.Counter:
 
 def serve_forever(data_dir: Path, host: str = "127.0.0.1", port: int = 1025) -> None:
     """Run the sink until SIGTERM or SIGINT; call it from the main thread of its own process."""
+    with stop_signals() as wait:
+        sink = Sink(data_dir, host, port)
+        try:
+            sink.start()
+            wait()
+        finally:
+            sink.stop()
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """From here on SIGTERM and SIGINT ask to stop instead of killing the process; yields a function
+    that blocks until one came. Main thread only; the previous handlers come back afterwards. The SMTP
+    servers of the benchmark and the fault runs use it too."""
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    sink = Sink(data_dir, host, port)
-    try:
-        sink.start()
+
+    def wait() -> None:
         while not stopping.wait(0.5):  # a timed wait lets the signal handler run promptly
             pass
+
+    try:
+        yield wait
     finally:
-        sink.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

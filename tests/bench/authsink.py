@@ -13,14 +13,12 @@ import hmac
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from shared.sink import MAILBOX, _Controller, _MailboxHandler
+from shared.sink import MAILBOX, _Controller, _MailboxHandler, stop_signals
 
 ACCOUNTS_ENV = "BENCH_SINK_ACCOUNTS"
 
@@ -49,15 +47,12 @@ def serve(data_dir: Path, port: int, accounts: dict[str, str]) -> None:
         auth_required=True,  # MAIL FROM before a successful AUTH gets 530
         auth_require_tls=False,  # plaintext on loopback, like the senders' `smtp_security: none`
     )
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    controller.start()
-    try:
-        while not stopping.wait(0.5):
-            pass
-    finally:
-        controller.stop()
+    with stop_signals() as wait:
+        controller.start()
+        try:
+            wait()
+        finally:
+            controller.stop()
 
 
 if __name__ == "__main__":

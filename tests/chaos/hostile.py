@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import threading
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
 from pathlib import Path
 
+from shared.sink import stop_signals
 from tests.hostile_smtp import FloodingServer, HostileSmtpServer, SilentServer, TricklingServer
 
 BANNER_BYTES = len(HostileSmtpServer.banner)
@@ -108,11 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     tmp = args.ports.with_suffix(".tmp")
     tmp.write_text(json.dumps({kind: s.port for kind, s in servers.items()}))
     os.replace(tmp, args.ports)
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    while not stopping.wait(0.5):
-        pass
+    with stop_signals() as wait:
+        wait()
     for server in servers.values():
         server.stop()
 

@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import threading
 import time
 import warnings
@@ -25,6 +24,8 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult
+
+from shared.sink import stop_signals
 
 FATES = ("250", "451", "550", "drop_before", "drop_after")
 REPLIES = {
@@ -165,15 +166,12 @@ def main(argv: list[str] | None = None) -> None:
         authenticator=_accept_any_login,
         auth_require_tls=False,
     )
-    stopping = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopping.set())
-    controller.start()
-    try:
-        while not stopping.wait(0.5):
-            pass
-    finally:
-        controller.stop()
+    with stop_signals() as wait:
+        controller.start()
+        try:
+            wait()
+        finally:
+            controller.stop()
 
 
 if __name__ == "__main__":
