@@ -104,12 +104,13 @@ class Mailer:
     def send(
         self,
         account: SmtpAccount,
-        message: EmailMessage,
+        message: EmailMessage | Outgoing,
         *,
         deadline: float | None = None,
         bcc: tuple[str, ...] = (),
     ) -> Acceptance:
         """Deliver one message from its From to its To and Cc, and to ``bcc`` (in the envelope only);
+        an ``Outgoing`` (``shared.message.compose``) carries its envelope, bcc included, already.
         return the server's acceptance, e.g. "250 OK" (``.refused`` lists recipients refused with 5xx).
 
         deadline is the instant on this Mailer's clock by which the whole conversation is over, a new
@@ -126,7 +127,7 @@ class Mailer:
             raise TransientSmtpError(
                 f"{account.host}:{account.port}: the deadline passed before the send began"
             )
-        outgoing = Outgoing.of(message, bcc)
+        outgoing = message if isinstance(message, Outgoing) else Outgoing.of(message, bcc)
         key = self._key(account)
         guard = self._watchdog.start(deadline)
         try:

@@ -49,7 +49,7 @@ from shared.errors import (
 )
 from shared.inflight import INLINE_BYTES, Inflight
 from shared.mailer import SmtpAccount
-from shared.message import build_message
+from shared.message import compose
 from shared.prepared import alone, run_alone
 from shared.sendqueue import SendQueue, Taken
 from shared.storage import attachments_of
@@ -349,7 +349,7 @@ class Sender(Worker):
             )
             return self._give_back_claim(claim, item, None)
         try:
-            message = build_message(
+            outgoing = compose(
                 sender=claim.sender_email,
                 recipient=claim.recipient_email,
                 subject=claim.subject,
@@ -363,7 +363,10 @@ class Sender(Worker):
                 reply_to=claim.reply_to,
                 headers=[tuple(h) for h in claim.headers or ()],
                 attachments=attachments_of(claim.attachments, claim.attachment_data),
+                bcc=tuple(claim.bcc or ()),
             )
+        except PermanentSmtpError as exc:  # no From or To address to put on the envelope
+            return self.record(claim, Status.CANCELLED, _reason(exc), cause=CancelReason.PERMANENT_FAILURE)
         except Exception as exc:  # the task's own content: no try will do better
             reason = f"the mail cannot be built: {exc}"[:1000]
             return self.record(claim, Status.CANCELLED, reason, cause=CancelReason.PERMANENT_FAILURE)
@@ -376,7 +379,7 @@ class Sender(Worker):
         )
         try:
             with self.metrics.smtp_seconds.time():
-                accepted = self.mailer.send(account, message, deadline=deadline, bcc=tuple(claim.bcc or ()))
+                accepted = self.mailer.send(account, outgoing, deadline=deadline)
         except SmtpAuthError as exc:
             return self._pause(claim, item, _reason(exc))
         except TransientSmtpError as exc:
