@@ -11,8 +11,9 @@ prepared once per pooled connection, and outside any explicit transaction: Postg
 an implicit transaction of its own, so it commits (or fails) atomically by itself. That is only
 right for a statement that is a whole unit of work, so ``run_alone()`` opens the connection without
 ``begin()``: the pool's reset (a ROLLBACK) then finds no transaction open and costs nothing. Only a
-connection that comes with a transaction already open (the pool's pre-ping leaves one; workers do
-not ping) runs the statement the usual way inside it, and ``run_alone()`` commits it.
+connection that comes with a transaction already open runs the statement the usual way inside it,
+and ``run_alone()`` commits it (the pool's pre-ping is an empty query here, see ``_ping``, so that
+it does not leave one).
 
 The hook sits at SQLAlchemy's ``do_execute`` dialect event, so SQLAlchemy still compiles the
 statement (its cache), runs the statement events (the tests counting statements see it), wraps
@@ -47,8 +48,8 @@ def run_alone(engine: Engine, statement: sa.TextClause, params: dict) -> list[sa
     with engine.connect() as conn:  # no begin(): the statement commits by itself (see above)
         rows = list(conn.execute(statement, params))
         if conn.connection.driver_connection._in_transaction:  # noqa: SLF001
-            # The connection came with a transaction open (a pool pre-ping leaves one), so the
-            # statement ran the usual way, inside it: commit it, or the pool's reset would undo it.
+            # The connection came with a transaction open, so the statement ran the usual way,
+            # inside it: commit it, or the pool's reset would undo it.
             conn.commit()
         return rows
 
@@ -57,6 +58,18 @@ def install(engine: Engine) -> None:
     """Serve the statements marked ``alone()`` on this engine's connections (pg8000 only)."""
     if engine.dialect.driver == "pg8000":
         sa.event.listen(engine, "do_execute", _do_execute)
+        engine.dialect.do_ping = _ping  # this engine's dialect only
+
+
+def _ping(dbapi_connection) -> bool:
+    """The pool's pre-ping as an empty query: one round trip, and no transaction left open.
+
+    SQLAlchemy's ping is ``SELECT 1`` through a cursor, to which pg8000 adds a ``BEGIN`` (a round
+    trip of its own) and leaves the transaction open, so a statement marked ``alone()`` after it
+    could only run the usual way inside it. A dead connection fails this as it fails ``SELECT 1``:
+    the same socket read raises the same errors, which SQLAlchemy takes for a disconnect."""
+    dbapi_connection.execute_simple("")
+    return True
 
 
 def _numbered(statement: str) -> str:

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from shared.content import Mail
 from shared.message import Attachment
+from shared.prepared import alone, run_alone
 
 # One statement, one round trip, one INSERT per table however many mails: the ids are drawn from the
 # sequence first so the content and tag rows can name them. The content and tag rows are written
@@ -96,6 +97,43 @@ PLAIN_INSERT_SQL = sa.text(
 )
 
 
+# The same statement run by itself, prepared once per connection (shared.prepared): a plain single
+# enqueue is then one Bind/Execute exchange instead of BEGIN, Parse, Describe, Execute and COMMIT.
+# A copy (execution_options makes one): PLAIN_INSERT_SQL inside a transaction must join it.
+PLAIN_INSERT_ALONE = alone(PLAIN_INSERT_SQL)
+
+
+def _is_plain(mails: Sequence[Mail]) -> bool:
+    """One mail without a content row or tags: the task row is all there is to write."""
+    return len(mails) == 1 and not mails[0].has_content and not mails[0].tags
+
+
+def _plain_params(user_id: int, mail: Mail, idempotency_key: str | None, request_hash: str | None) -> dict:
+    return {
+        "user_id": user_id,
+        "recipient_email": mail.recipient_email,
+        "subject": mail.subject,
+        "body": mail.body,
+        "at": mail.scheduled_at,
+        "token": uuid.uuid4().hex,
+        "idempotency_key": idempotency_key,
+        "request_hash": request_hash,
+    }
+
+
+def insert_one(
+    engine: Engine, user_id: int, mail: Mail, *, idempotency_key: str | None = None,
+    request_hash: str | None = None,
+) -> list[Any]:  # fmt: skip
+    """``insert`` of one mail as a transaction of its own (one statement for a plain mail)."""
+    if _is_plain([mail]):
+        return run_alone(
+            engine, PLAIN_INSERT_ALONE, _plain_params(user_id, mail, idempotency_key, request_hash)
+        )
+    with engine.begin() as conn:
+        return insert(conn, user_id, [mail], idempotency_key=idempotency_key, request_hash=request_hash)
+
+
 def insert(
     conn: Connection,
     user_id: int,
@@ -106,19 +144,10 @@ def insert(
 ) -> list[Any]:
     """Insert ``mails`` (all or, on a conflicting Idempotency-Key, none); return the inserted rows
     (ord from 1, id, status, scheduled_at) in input order."""
-    if len(mails) == 1 and not mails[0].has_content and not mails[0].tags:
-        (mail,) = mails
-        plain = {
-            "user_id": user_id,
-            "recipient_email": mail.recipient_email,
-            "subject": mail.subject,
-            "body": mail.body,
-            "at": mail.scheduled_at,
-            "token": uuid.uuid4().hex,
-            "idempotency_key": idempotency_key,
-            "request_hash": request_hash,
-        }
-        return conn.execute(PLAIN_INSERT_SQL, plain).all()
+    if _is_plain(mails):
+        return conn.execute(
+            PLAIN_INSERT_SQL, _plain_params(user_id, mails[0], idempotency_key, request_hash)
+        ).all()
     params: dict[str, Any] = {"user_id": user_id}
     columns = {name: [] for name in _COLUMNS}
     for mail in mails:

@@ -119,7 +119,8 @@ def enqueue(
     """Store a mail for ``user_id`` and wake a consumer. Returns (result, created).
 
     One statement both checks that the user still exists and inserts the rows (the user's email
-    gives the Message-ID its domain), so an enqueue costs a single round trip to PostgreSQL.
+    gives the Message-ID its domain), so a plain enqueue costs a single round trip to PostgreSQL: a
+    statement prepared once per connection and run as its own transaction (shared.prepared).
     """
     key = idempotency_key(idempotency_header)
     parsed = content.parse(body, ctx.settings)
@@ -129,11 +130,14 @@ def enqueue(
     if parsed.errors:
         raise ValidationFailed(parsed.errors)
     request_hash = content.request_hash(body) if key else None
-    with ctx.engine.begin() as conn:
-        rows = storage.insert(conn, user_id, [parsed.mail], idempotency_key=key, request_hash=request_hash)
-        created = bool(rows)
-        row = rows[0] if rows else None
-        if not created:
+    rows = storage.insert_one(
+        ctx.engine, user_id, parsed.mail, idempotency_key=key, request_hash=request_hash
+    )
+    created = bool(rows)
+    row = rows[0] if rows else None
+    if not created:
+        # ON CONFLICT waited for the request that holds the key to end, so its row is committed.
+        with ctx.engine.connect() as conn:
             row = first_use(
                 conn.execute(
                     sa.select(tasks.c.id, tasks.c.status, tasks.c.scheduled_at, tasks.c.request_hash).where(

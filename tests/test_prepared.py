@@ -1,0 +1,74 @@
+"""The per-mail statements of shared.prepared, seen at the driver against a real PostgreSQL: each is
+one exchange of a statement prepared once, in no transaction of ours, and the pool's pre-ping does
+not open one in front of it."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from shared import services, tasks
+from shared.db import engine_for
+
+MAIL = {"recipient_email": "bob@example.org", "subject": "Hi", "body": "Hello Bob"}
+
+
+@pytest.fixture()
+def user(ctx):
+    account = {
+        "email": "ada@example.com",
+        "password": "correct horse",
+        "smtp_host": "127.0.0.1",
+        "smtp_port": 2525,
+        "smtp-username": "ada",
+        "smtp-password": "smtp secret",
+        "smtp_security": "none",
+    }
+    services.register(ctx, account, "test")
+    return services.authenticate(ctx, "Bearer " + services.login(ctx, account, "test")["token"])
+
+
+@pytest.fixture()
+def exchanges(ctx, monkeypatch):
+    """What the engine's driver connections are asked to run, in order: (method, SQL text)."""
+    with ctx.engine.connect() as conn:
+        driver_class = type(conn.connection.driver_connection)
+    calls: list[tuple[str, str]] = []
+    for method in ("execute_simple", "execute_unnamed", "execute_named"):
+        original = getattr(driver_class, method)
+
+        def spy(self, *args, _original=original, _method=method, **kwargs):
+            statement = args[-1] if _method == "execute_named" else args[0]
+            calls.append((_method, " ".join(str(statement).split())))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(driver_class, method, spy)
+    return calls
+
+
+def test_the_pools_pre_ping_leaves_no_transaction_open(settings, clean):
+    engine = engine_for(settings.database_url)  # pre_ping=True, as the HTTP functions use it
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    with engine.connect() as conn:  # a pooled connection: checked with a ping first
+        assert not conn.connection.driver_connection._in_transaction  # noqa: SLF001
+
+
+def test_a_plain_enqueue_is_one_prepared_statement_in_a_transaction_of_its_own(ctx, user, exchanges):
+    tasks.enqueue(ctx, user.id, MAIL, None)  # the first prepares the statement on its connection
+    exchanges.clear()
+    result, created = tasks.enqueue(ctx, user.id, MAIL, None)
+    assert created
+    sent = [(method, sql) for method, sql in exchanges if sql]  # the pre-ping is an empty query
+    assert [method for method, _ in sent] == ["execute_named"], sent
+    assert sent[0][1].startswith("INSERT INTO tasks")
+    # Its own transaction, committed by PostgreSQL: another connection sees the row at once.
+    with engine_for(ctx.settings.database_url, pool_size=1).connect() as other:
+        status = other.execute(sa.text("SELECT status FROM tasks WHERE id = :id"), {"id": result["task_id"]})
+        assert status.scalar_one() == "queued"
+
+
+def test_a_replayed_idempotency_key_still_answers_with_the_first_task(ctx, user):
+    first, created = tasks.enqueue(ctx, user.id, MAIL, "key-1")
+    again, created_again = tasks.enqueue(ctx, user.id, MAIL, "key-1")
+    assert created and not created_again and again == first
