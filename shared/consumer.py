@@ -1,6 +1,6 @@
 """The consumer: from the task list to the senders' fair queue.
 
-It moves envelopes into its own processing list (BLMOVE, then more in one round trip), asks
+It moves envelopes into its own processing list (BLMOVE, then more in one script), asks
 PostgreSQL which of their tasks are still queued, and hands those to their tenants' queues
 (``shared.sendqueue``); the hand-off and the release from its processing list are one atomic step,
 so a crash in between cannot lose an envelope. Unknown, terminal, not-due and duplicate envelopes
@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from shared import queue
 from shared.config import Settings
 from shared.errors import EnvelopeDecodeError
+from shared.prepared import alone, run_alone
 from shared.sendqueue import SendQueue
 from shared.workers import BLOCK_SECONDS, Outcome, Worker, dependency_of
 
@@ -27,9 +28,21 @@ log = logging.getLogger("mailq.consumer")
 # Envelopes taken per step: one round trip to Redis and one to PostgreSQL serve the whole batch.
 BATCH = 20
 
-_QUEUED_SQL = sa.text(
-    "SELECT id, user_id FROM tasks WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'queued'"
+# A read that is a whole unit of work: prepared once per connection, one exchange (shared.prepared).
+_QUEUED_SQL = alone(
+    sa.text("SELECT id, user_id FROM tasks WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'queued'")
 )
+# Up to ARGV[1] more envelopes moved into the processing list, stopping at the first miss: one command
+# (a pipeline of LMOVEs costs a command, and a reply to parse, per slot even when the list is empty).
+_MOVE_MORE = """
+local moved = {}
+for _ = 1, tonumber(ARGV[1]) do
+  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'RIGHT', 'LEFT')
+  if not raw then break end
+  moved[#moved + 1] = raw
+end
+return moved
+"""
 
 
 class Consumer(Worker):
@@ -47,6 +60,7 @@ class Consumer(Worker):
             "if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then "
             "redis.call('RPUSH', KEYS[2], ARGV[1]) return 1 end return 0"
         )
+        self._move_more = client.register_script(_MOVE_MORE)
         self._held = threading.local()  # the envelopes of the step a thread is in
 
     def take_many(self, timeout: float = BLOCK_SECONDS) -> list[bytes]:
@@ -56,14 +70,11 @@ class Consumer(Worker):
             return []
         if self.batch == 1:
             return [first]
-        pipe = self.redis.pipeline(transaction=False)
-        for _ in range(self.batch - 1):
-            pipe.lmove(self.source, self.processing, "RIGHT", "LEFT")
         try:
-            more = pipe.execute()
+            more = self._move_more(keys=[self.source, self.processing], args=[self.batch - 1])
         except redis.RedisError:
             return [first]  # work with what we hold; anything moved meanwhile goes back at shutdown
-        return [first, *(raw for raw in more if raw is not None)]
+        return [first, *more]
 
     def step(self, timeout: float = BLOCK_SECONDS) -> list[Outcome]:
         """Take a batch of envelopes and hand the live ones on. [] when there was nothing."""
@@ -89,8 +100,7 @@ class Consumer(Worker):
         ids = list(dict.fromkeys(task_id for task_id, _ in envelopes))
         live: dict[int, int] = {}
         if ids:
-            with self.engine.connect() as conn:
-                live = dict(conn.execute(_QUEUED_SQL, {"ids": ids}).all())
+            live = dict(run_alone(self.engine, _QUEUED_SQL, {"ids": ids}))
         outcomes, routed = [], []
         for task_id, raw in envelopes:
             user_id = live.pop(task_id, None)  # popped: a duplicate in this batch is dropped

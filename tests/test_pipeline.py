@@ -382,3 +382,14 @@ def test_the_try_count_fences_a_stale_outcome_while_the_new_claim_is_in_flight(p
     assert row.status == "processing" and row.try_count == 2 and row.sent_at is None
     assert pipe.sender.attempt(fresh) == Outcome.SENT
     assert pipe.task(task_id).status == "sent" and len(smtp.received) == 1
+
+
+def test_the_consumer_takes_up_to_a_batch_in_order_and_holds_each_envelope_it_took(pipe):
+    client, consumer = pipe.ctx.redis, pipe.consumer
+    envelopes = [queue.encode(i) for i in range(1, consumer.batch + 6)]
+    client.lpush(queue.TASK_LIST, *envelopes)  # LPUSH: the first pushed is the first taken
+    taken = consumer.take_many(0.1)
+    assert taken == envelopes[: consumer.batch]
+    assert client.lrange(consumer.processing, 0, -1) == list(reversed(taken))  # held, not lost
+    assert consumer.take_many(0.1) == envelopes[consumer.batch :]  # fewer left: stops at the first miss
+    assert client.llen(queue.TASK_LIST) == 0 and consumer.take_many(0.1) == []
