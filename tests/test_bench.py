@@ -227,3 +227,32 @@ def test_the_scale_table_copies_history_inside_postgresql_past_the_python_share_
         )).all())  # fmt: skip
     assert (total, ids) == (6000, 6000) and bigger == live
     assert counts["failed-due"] == 3 and counts["sent"] + counts["cancelled"] == 6000 - 315
+
+
+_PARENT = """
+import subprocess, sys
+sys.stdin.readline()  # the meter has started
+burn = "import time\\nend = time.process_time() + 0.4\\nwhile time.process_time() < end: pass"
+subprocess.run([sys.executable, "-c", burn])
+print("done", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_the_cpu_meter_counts_a_child_that_ended_during_the_measurement():
+    """PostgreSQL's autovacuum workers come and go: the CPU of a child reaped in between counts."""
+    from tests.bench.stack import CpuMeter
+
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        meter = CpuMeter({"parent": [parent.pid]}).start()
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().strip() == "done"
+        used = meter.stop()["parent"]
+    finally:
+        parent.stdin.close()
+        parent.wait(10)
+    assert used >= 0.35

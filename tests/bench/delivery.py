@@ -48,6 +48,7 @@ class Delivery:
     statuses: dict[str, int] = field(default_factory=dict)  # mailq only: task rows by status at the end
     concurrency: int = 1  # SMTP conversations at once
     note: str = ""
+    postgres_kinds: dict[str, float] = field(default_factory=dict)  # PostgreSQL's CPU by kind of process
 
     @property
     def rate(self) -> float:

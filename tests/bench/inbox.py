@@ -331,4 +331,7 @@ def backlog(run: Running, n: int, progress=lambda n: None) -> Delivery:
     verdict = verify(run.data_dir, (message_id for _, message_id in rows))
     statuses = _settled(stack)
     label = f"backlog of {n:,}, {run.senders} sender(s)"
-    return Delivery(label, n, seconds, verdict, cpu, statuses, run.senders * stack.settings.worker_count)
+    concurrency = run.senders * stack.settings.worker_count
+    return Delivery(
+        label, n, seconds, verdict, cpu, statuses, concurrency, postgres_kinds=meter.postgres_kinds
+    )

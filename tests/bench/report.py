@@ -360,6 +360,7 @@ def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
             "own_cpu_ms_per_mail": d.own_ms,
             "statuses": d.statuses,
             "note": d.note,
+            "postgres_cpu_seconds_by_process": d.postgres_kinds,
         }
 
     def load(r):

@@ -36,6 +36,10 @@ def _ms(x: float) -> str:
     return f"{x:,.1f} ms" if x < 100 else f"{x:,.0f} ms"
 
 
+def _purged(n: int) -> str:
+    return f" and deleting {_n(n)} past retention" if n else ""
+
+
 def _met(ok: bool) -> str:
     return "met" if ok else "**NOT met**"
 
@@ -189,14 +193,29 @@ def cpu_row(t: Table, run, cores: int) -> None:
     t.add(title, figures, "—", target, _met_disturbed(d.own_ms <= TARGETS["own cpu ms"], d))
 
 
+def _postgres_split(d) -> str:
+    """PostgreSQL's ms per mail by kind of process, the largest first (kinds under 0.01 ms left out)."""
+    delivered = d.verdict.delivered
+    if not d.postgres_kinds or not delivered:
+        return ""
+    kinds = sorted(d.postgres_kinds.items(), key=lambda kv: -kv[1])
+    cells = [
+        f"{kind} {1000 * seconds / delivered:.2f}"
+        for kind, seconds in kinds
+        if 1000 * seconds / delivered >= 0.01
+    ]
+    return f" (PostgreSQL by process, ms/mail: {', '.join(cells)})" if cells else ""
+
+
 def backlog_rows(t: Table, run) -> None:
     target = f"worst/best ≤ {TARGETS['backlog flat']}"
     if (why := _absent(run, "backlog")) or not run.backlog:
         t.add(TITLES["backlog"], why or "not run", "—", target, "not run")
         return
     for d in run.backlog:
+        own = f"mailq's own CPU **{d.own_ms:.2f} ms/mail**{_postgres_split(d)}"
         t.add(f"{TITLES['backlog']}: {_n(d.n)} queued ({d.label.split(', ')[-1]})",
-              f"{_delivery_figures(d)}; mailq's own CPU **{d.own_ms:.2f} ms/mail**")  # fmt: skip
+              f"{_delivery_figures(d)}; {own}")  # fmt: skip
     costs = [d.own_ms for d in run.backlog if d.ok and d.own_ms]
     if len(costs) < 2:
         t.add(f"{TITLES['backlog']}: flat?", "fewer than two correct sizes", "—", target, "not run")
@@ -251,7 +270,7 @@ def _scale_figures(s) -> dict[str, tuple[str, float, bool]]:
     sweep_ms = s.sweep_seconds * 1000
     out["sweep"] = (
         f"one sweep pass **{_ms(sweep_ms)}** putting back {_n(s.sweep.requeued)} due rows ({_n(s.due)} were "
-        f"due); the next, idle pass {_ms(s.idle_sweep_seconds * 1000)}",
+        f"due){_purged(s.sweep.purged)}; the next, idle pass {_ms(s.idle_sweep_seconds * 1000)}",
         max(sweep_ms, 1e-3), sweep_ms <= TARGETS["sweep ms"] and s.sweep.requeued == s.due,
     )  # fmt: skip
     if s.metrics is not None:

@@ -155,27 +155,49 @@ def wait_for_http(url: str, child: Child, timeout: float = 60.0) -> None:
     raise RuntimeError(f"{child.name} did not answer {url} within {timeout:.0f}s:\n{child.tail()}")
 
 
+_PG_KINDS = ("autovacuum worker", "autovacuum launcher", "checkpointer", "background writer", "walwriter")
+
+
+def _postgres_kind(title: str) -> str:
+    """A PostgreSQL child's kind from its process title ("postgres: checkpointer", "postgres: user db
+    [local] idle", ...)."""
+    return next((kind for kind in _PG_KINDS if kind in title), "sessions")
+
+
 @dataclass
 class CpuMeter:
-    """CPU seconds each component used between ``start()`` and ``stop()`` (children included)."""
+    """CPU seconds each component used between ``start()`` and ``stop()`` (children included).
+
+    A child that ends in between is counted too: its parent reaps it and its CPU moves into the
+    parent's children times, which are part of each process's figure here. (PostgreSQL forks an
+    autovacuum worker per run; counting only live processes missed all of that work.)
+    """
 
     groups: dict[str, list[int]]  # component -> root pids
-    before: dict[int, float] = field(default_factory=dict)
+    before: dict[str, dict[int, float]] = field(default_factory=dict)  # component -> pid -> seconds
     result: dict[str, float] = field(default_factory=dict)
+    # PostgreSQL's CPU by kind of process (sessions, autovacuum, checkpointer, ...), from stop(): where
+    # the database's share goes.
+    postgres_kinds: dict[str, float] = field(default_factory=dict)
+    _pg_before: dict[str, float] = field(default_factory=dict)
+
+    def _group(self, name: str) -> dict[int, float]:
+        return {child: seconds for pid in self.groups[name] for child, seconds in self._tree(pid).items()}
 
     @staticmethod
     def _tree(pid: int) -> dict[int, float]:
         # The driver is every child's parent: count only its own process for it.
+        driver = pid == os.getpid()
         try:
             root = psutil.Process(pid)
-            procs = [root] if pid == os.getpid() else [root, *root.children(recursive=True)]
+            procs = [root] if driver else [root, *root.children(recursive=True)]
         except psutil.Error:
             return {}
         times = {}
         for p in procs:
             try:
                 t = p.cpu_times()
-                times[p.pid] = t.user + t.system
+                times[p.pid] = t.user + t.system + (0.0 if driver else t.children_user + t.children_system)
             except psutil.Error:
                 continue
         return times
@@ -187,23 +209,46 @@ class CpuMeter:
         t = psutil.cpu_times()
         return sum(t) - t.idle - getattr(t, "iowait", 0.0)
 
+    def _postgres_by_kind(self) -> dict[str, float]:
+        kinds: dict[str, float] = {}
+        for root in self.groups.get("postgres", []):
+            try:
+                postmaster = psutil.Process(root)
+                t = postmaster.cpu_times()
+                kinds["postmaster"] = t.user + t.system
+                # Ended in between: autovacuum workers (one per table and run), closed sessions.
+                kinds["ended processes"] = t.children_user + t.children_system
+                children = postmaster.children(recursive=True)
+            except psutil.Error:
+                continue
+            for p in children:
+                try:
+                    title, t = " ".join(p.cmdline()), p.cpu_times()
+                except psutil.Error:
+                    continue
+                kind = _postgres_kind(title)
+                kinds[kind] = kinds.get(kind, 0.0) + t.user + t.system + t.children_user + t.children_system
+        return kinds
+
     def start(self) -> CpuMeter:
-        for pids in self.groups.values():
-            for pid in pids:
-                self.before.update(self._tree(pid))
+        self.before = {name: self._group(name) for name in self.groups}
+        self._pg_before = self._postgres_by_kind()
         self.machine_before = self._machine_busy()
         return self
 
     def stop(self) -> dict[str, float]:
         """CPU seconds per component, and "other": what processes outside the benchmark used meanwhile."""
         busy = self._machine_busy() - self.machine_before
-        for name, pids in self.groups.items():
-            total = 0.0
-            for pid in pids:
-                for child, seconds in self._tree(pid).items():
-                    total += seconds - self.before.get(child, 0.0)
-            self.result[name] = total
+        for name in self.groups:
+            before, after = self.before[name], self._group(name)
+            # A process gone since start is in its parent's children times now, with all of its life:
+            # what it had used before start is taken off with the rest of ``before``.
+            self.result[name] = sum(after.values()) - sum(before.values())
         self.result["other"] = max(0.0, busy - sum(self.result.values()))
+        after = self._postgres_by_kind()
+        # A process that ended moves from its kind to "ended processes", so a kind can come out negative
+        # by what such a process had used before start: small, and only for the kinds that end.
+        self.postgres_kinds = {k: after.get(k, 0.0) - self._pg_before.get(k, 0.0) for k in after}
         return self.result
 
 
