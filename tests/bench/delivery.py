@@ -182,7 +182,10 @@ def mailq_delivery(
         verdict = verify(data_dir, (message_id for _, message_id in backlog))
         statuses = _settled(stack)
         concurrency = senders * stack.settings.worker_count
-        return Delivery(f"mailq, {senders} sender(s)", n, seconds, verdict, cpu, statuses, concurrency)
+        return Delivery(
+            f"mailq, {senders} sender(s)", n, seconds, verdict, cpu, statuses, concurrency,
+            postgres_kinds=meter.postgres_kinds,
+        )  # fmt: skip
     finally:
         stack.stop(*workers, sink)
 

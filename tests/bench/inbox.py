@@ -188,7 +188,7 @@ def api_to_inbox(
     note = f"{clients} clients, {how}, {senders} sender(s); {errors} failed requests"
     label = f"API to inbox, {how}"
     concurrency = senders * stack.settings.worker_count
-    return Delivery(label, n, seconds, verdict, cpu, statuses, concurrency, note)
+    return Delivery(label, n, seconds, verdict, cpu, statuses, concurrency, note, meter.postgres_kinds)
 
 
 @dataclass

@@ -249,6 +249,20 @@ def cpu_table(run: Run) -> str:
     return "\n".join(lines)
 
 
+def postgres_table(run: Run) -> str:
+    """PostgreSQL's CPU milliseconds per mail by kind of process, for each run that has them."""
+    everything = (*run.mailq, run.inbox, run.batch, *run.backlog)
+    deliveries = [d for d in everything if d is not None and d.postgres_kinds and d.verdict.delivered]
+    if not deliveries:
+        return ""
+    kinds = sorted({k for d in deliveries for k in d.postgres_kinds})
+    lines = ["| run | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for d in deliveries:
+        cells = [f"{1000 * d.postgres_kinds.get(k, 0.0) / d.verdict.delivered:.2f}" for k in kinds]
+        lines.append(f"| {d.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # --- writing -----------------------------------------------------------------------------------
 
 
@@ -334,6 +348,9 @@ def write(run: Run, out_dir: Path, *, make_chart: bool = True) -> Path:
         "The last column is CPU that processes outside the benchmark used meanwhile, on average: on a "
         "shared machine it says how much the other work disturbed the figure.\n",
         cpu_table(run) + "\n",
+        'PostgreSQL\'s share by process (ms per mail; "ended processes" are those that ended during the '
+        "run, autovacuum workers mostly; a kind that ended can come out slightly negative):\n",
+        postgres_table(run) + "\n",
         "## Machine\n",
         "```\n" + "\n".join(f"$ {k}\n{v}" for k, v in info.items()) + "\n```\n",
         "## How each scenario is measured\n",
