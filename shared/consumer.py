@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from shared import queue
 from shared.config import Settings
+from shared.db import on_the_row
 from shared.errors import EnvelopeDecodeError
 from shared.prepared import alone, run_alone
 from shared.sendqueue import SendQueue
@@ -29,8 +30,9 @@ log = logging.getLogger("mailq.consumer")
 BATCH = 20
 
 # A read that is a whole unit of work: prepared once per connection, one exchange (shared.prepared).
+_STILL_QUEUED = on_the_row("status = 'queued'")
 _QUEUED_SQL = alone(
-    sa.text("SELECT id, user_id FROM tasks WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'queued'")
+    sa.text(f"SELECT id, user_id FROM tasks WHERE id = ANY(CAST(:ids AS bigint[])) AND {_STILL_QUEUED}")  # noqa: S608 - a constant
 )
 # Up to ARGV[1] more envelopes moved into the processing list, stopping at the first miss: one command
 # (a pipeline of LMOVEs costs a command, and a reply to parse, per slot even when the list is empty).

@@ -38,6 +38,7 @@ from sqlalchemy.engine import Engine
 from shared import events, logs
 from shared.config import Settings
 from shared.crypto import SecretBox
+from shared.db import on_the_row
 from shared.domain import CancelReason, SmtpSecurity, Status
 from shared.errors import (
     ConfigError,
@@ -118,7 +119,7 @@ _CLAIM_SQL = alone(
            lease_until = now() + make_interval(secs => :lease),
            updated_at = now()
       FROM users AS u LEFT JOIN task_contents AS c ON c.task_id = :id
-     WHERE t.id = :id AND t.status = 'queued' AND t.try_count - t.budget_base < :max_tries
+     WHERE t.id = :id AND {on_the_row("t.status = 'queued' AND t.try_count - t.budget_base < :max_tries")}
        AND u.id = t.user_id AND u.smtp_paused_at IS NULL
  RETURNING t.id, t.user_id, t.try_count, t.budget_base, t.recipient_email, t.subject,
            t.message_id, t.created_at, u.email AS sender_email, u.smtp_host, u.smtp_port,
@@ -148,7 +149,7 @@ _EXHAUSTED_SQL = sa.text(
     f"""
     UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
                      next_attempt_at = now(), updated_at = now()
-     WHERE id = :id AND status = 'queued' AND try_count = :try_count
+     WHERE id = :id AND {on_the_row("status = 'queued' AND try_count = :try_count")}
     RETURNING id, {events.hooked()}
     """
 )
@@ -157,14 +158,14 @@ _EXHAUSTED_SQL = sa.text(
 # 'queued' is allowed too: had the sweep taken a lease back without anyone claiming the task again,
 # what the server said is still the truth. Times come from PostgreSQL's clock. The event reporting the
 # outcome is written in the same transaction, only when the UPDATE changed the row (shared.events).
-_OUTCOME_UPDATE = """
+_OUTCOME_UPDATE = f"""
     UPDATE tasks
        SET status = :status, last_error = :last_error,
            next_attempt_at = now() + make_interval(secs => :delay),
            lease_until = NULL,
            sent_at = CASE WHEN CAST(:status AS text) = 'sent' THEN now() END,
            updated_at = now()
-     WHERE id = :id AND try_count = :try_count AND status IN ('processing', 'queued')
+     WHERE id = :id AND {on_the_row("try_count = :try_count AND status IN ('processing', 'queued')")}
 """
 _OUTCOME_SQL = sa.text(f"{_OUTCOME_UPDATE} RETURNING id, {events.hooked()}")
 # The common case, a user without webhook endpoints, in one statement that is its own transaction
@@ -177,11 +178,11 @@ _QUIET_OUTCOME_SQL = alone(
 
 # Gives a claim back without spending a try: the budget moves up by one (the count never goes down).
 _REFUND_SQL = sa.text(
-    """
+    f"""
     UPDATE tasks SET status = 'queued', budget_base = budget_base + 1, lease_until = NULL,
                      last_error = COALESCE(CAST(:reason AS text), last_error),
                      next_attempt_at = now(), updated_at = now()
-     WHERE id = :id AND try_count = :try_count AND status IN ('processing', 'queued')
+     WHERE id = :id AND {on_the_row("try_count = :try_count AND status IN ('processing', 'queued')")}
     """
 )
 

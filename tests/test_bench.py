@@ -256,3 +256,11 @@ def test_the_cpu_meter_counts_a_child_that_ended_during_the_measurement():
         parent.stdin.close()
         parent.wait(10)
     assert used >= 0.35
+
+
+def test_the_report_names_each_changed_path_whole(monkeypatch):
+    from tests.bench import report
+
+    outputs = {"rev-parse": "abc1234", "status": " M README.md\n M shared/x.py\n?? new.txt"}
+    monkeypatch.setattr(report, "_run", lambda args: outputs[args[1]].strip())
+    assert report.git_state() == ("abc1234", ["README.md", "shared/x.py", "new.txt"])

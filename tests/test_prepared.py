@@ -72,3 +72,50 @@ def test_a_replayed_idempotency_key_still_answers_with_the_first_task(ctx, user)
     first, created = tasks.enqueue(ctx, user.id, MAIL, "key-1")
     again, created_again = tasks.enqueue(ctx, user.id, MAIL, "key-1")
     assert created and not created_again and again == first
+
+
+def _plans(conn, statement, params) -> list[str]:
+    lines = conn.execute(sa.text("EXPLAIN " + statement.text), params).scalars().all()
+    return [line.strip() for line in lines if " on tasks" in line]
+
+
+def test_the_per_task_statements_go_by_primary_key_even_when_statistics_say_nothing_is_queued(ctx, user):
+    """After an ANALYZE taken while every task was sent, the planner believed the partial index of queued
+    tasks empty and scanned it, filtered by id, for every claim: each claim read every queued row."""
+    from shared.consumer import _QUEUED_SQL
+    from shared.sender import _CLAIM_SQL, _EXHAUSTED_SQL, _OUTCOME_SQL, _QUIET_OUTCOME_SQL, _REFUND_SQL
+
+    with ctx.engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE tasks SET (autovacuum_enabled = false)"))  # no ANALYZE in between
+    try:
+        with ctx.engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO tasks (user_id, recipient_email, subject, body, status, scheduled_at,"
+                    " next_attempt_at, message_id, sent_at)"
+                    " SELECT :u, 'bob@example.org', 'hi', 'body', 'sent', now(), now(),"
+                    " '<mailq.' || i || '@example.com>', now() FROM generate_series(1, 5000) AS i"
+                ),
+                {"u": user.id},
+            )
+            conn.execute(sa.text("ANALYZE tasks"))
+            conn.execute(sa.text("UPDATE tasks SET status = 'queued', sent_at = NULL"))  # a burst
+            task_id = conn.execute(sa.text("SELECT max(id) FROM tasks")).scalar_one()
+            one = {"id": task_id, "try_count": 1}
+            plans = {
+                "claim": _plans(conn, _CLAIM_SQL, {"id": task_id, "lease": 300, "max_tries": 3, "inline": 1}),
+                "consumer": _plans(conn, _QUEUED_SQL, {"ids": [task_id, task_id - 1]}),
+                "outcome": _plans(
+                    conn, _QUIET_OUTCOME_SQL, {**one, "status": "sent", "last_error": None, "delay": 0}
+                ),
+                "outcome with events": _plans(
+                    conn, _OUTCOME_SQL, {**one, "status": "sent", "last_error": None, "delay": 0}
+                ),
+                "refund": _plans(conn, _REFUND_SQL, {**one, "reason": None}),
+                "exhausted": _plans(conn, _EXHAUSTED_SQL, {**one, "reason": "x"}),
+            }
+    finally:
+        with ctx.engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE tasks RESET (autovacuum_enabled)"))
+    scans = {name: [line for line in lines if "Scan" in line] for name, lines in plans.items()}
+    assert all(lines and all("tasks_pkey" in line for line in lines) for lines in scans.values()), scans

@@ -92,7 +92,8 @@ def _run(args: list[str]) -> str:
 def git_state() -> tuple[str, list[str]]:
     """The short commit and the paths that differ from it (empty when the tree is clean)."""
     commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
-    dirty = [line[3:] for line in _run(["git", "status", "--porcelain"]).splitlines() if line.strip()]
+    # "XY path" per line; _run strips the output, which takes the first line's leading space with it.
+    dirty = [line[2:].strip() for line in _run(["git", "status", "--porcelain"]).splitlines() if line.strip()]
     return commit, dirty
 
 
