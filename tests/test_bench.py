@@ -33,7 +33,7 @@ SCENARIO_TITLES = (
 )
 # One size each where the report's comparison rows (the curve, backlog and scale flatness) are checked
 # on made-up results below instead: the tiny run stays short, and every scenario's code still runs.
-TINY = ["--n", "200", "--seconds", "1", "--latency-seconds", "1", "--backlogs", "100", "--scale-rows",
+TINY = ["--n", "200", "--seconds", "2", "--latency-seconds", "1", "--backlogs", "100", "--scale-rows",
         "3000", "--scale-user-rows", "500"]  # fmt: skip
 
 
