@@ -179,13 +179,18 @@ def count_message_ids(data_dir: Path) -> collections.Counter:
 
 def serve_forever(data_dir: Path, host: str = "127.0.0.1", port: int = 1025) -> None:
     """Run the sink until SIGTERM or SIGINT; call it from the main thread of its own process."""
+    run_until_stopped(Sink(data_dir, host, port))
+
+
+def run_until_stopped(server) -> None:
+    """Start ``server`` (anything with ``start()`` and ``stop()``: the sink, an aiosmtpd controller) and
+    stop it when SIGTERM or SIGINT comes. Main thread only."""
     with stop_signals() as wait:
-        sink = Sink(data_dir, host, port)
+        server.start()  # a server that did not start has nothing to stop
         try:
-            sink.start()
             wait()
         finally:
-            sink.stop()
+            server.stop()
 
 
 @contextlib.contextmanager

@@ -52,11 +52,16 @@ class Pipeline:
         result, _ = tasks.enqueue(self.ctx, user.id, body, key)
         return result["task_id"]
 
-    def pump(self, timeout: float = 0.05) -> list[Outcome]:
-        """Run the consumer, then the sender, until both lists are empty."""
+    def hand_off(self, timeout: float = 0.05) -> list[Outcome]:
+        """Run the consumer until its list is empty: every envelope waits at the senders."""
         outcomes = []
         while step := self.consumer.step(timeout):
             outcomes += step
+        return outcomes
+
+    def pump(self, timeout: float = 0.05) -> list[Outcome]:
+        """Run the consumer, then the sender, until both lists are empty."""
+        outcomes = self.hand_off(timeout)
         while step := self.sender.step(timeout):
             outcomes += step
         return outcomes

@@ -77,8 +77,7 @@ def test_large_mails_wait_for_room_while_small_ones_pass_and_all_arrive_intact(p
         small_ids = [pipe.enqueue(small, subject=f"small {n}") for n in range(3)]
         big_server.gate.clear()  # DATA hangs until the test opens it
         small_server.gate.clear()
-        while pipe.consumer.step(0.05):
-            pass
+        pipe.hand_off()
         taken = pipe.sender.take(10)
         assert len(taken) == 6
         threads = [threading.Thread(target=pipe.sender.handle, args=(item,)) for item in taken]
@@ -109,8 +108,7 @@ def test_a_large_mail_without_room_in_time_goes_back_without_spending_a_try(pipe
         task_id = large_mail(pipe, user, 0)
         budget = pipe.sender.inflight.budget
         budget.acquire(budget.capacity, 0)  # other large mails hold all of it
-        while pipe.consumer.step(0.05):
-            pass
+        pipe.hand_off()
         assert pipe.sender.step(0.05) == [Outcome.RELEASED]
         row = pipe.task(task_id)
         assert row.status == "queued" and row.try_count - row.budget_base == 0 and server.data_attempts == 0
@@ -132,8 +130,7 @@ def test_a_plain_or_small_mail_costs_the_sender_two_statements_and_a_large_one_r
             user, html="<p>x</p>", cc=["c@example.org"], attachments=[{"filename": "a", "content": "eA=="}]
         )
         large = large_mail(pipe, user, 0)
-        while pipe.consumer.step(0.05):
-            pass
+        pipe.hand_off()
         per_task = {}
         sa.event.listen(pipe.ctx.engine, "before_cursor_execute", record)
         try:

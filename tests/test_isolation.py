@@ -141,8 +141,7 @@ def test_a_slow_tenant_does_not_spend_another_tenants_tries(pipe, fast_ctx):
         b_ids = [pipe.enqueue(b, subject=f"B{i}") for i in range(3)]
         with pipe.ctx.engine.begin() as conn:  # each of B's mails has one try left
             conn.execute(sa.text("UPDATE tasks SET try_count = 2 WHERE id = ANY(:ids)"), {"ids": b_ids})
-        while pipe.consumer.step(0.05):
-            pass
+        pipe.hand_off()
         started = time.monotonic()
         stepping = run_in_thread(pipe.sender.step)
         time.sleep(0.5)  # A's conversation is under way
@@ -184,8 +183,7 @@ def test_a_thread_is_not_held_by_one_tenant_while_another_tenants_mail_waits(fas
         pipe.enqueue(a, subject="A")
         b_ids = [pipe.enqueue(b, subject=f"B{i}") for i in range(5)]
         slow.gate.clear()
-        while pipe.consumer.step(0.05):
-            pass
+        pipe.hand_off()
         sender = Sender(settings, fast_ctx.engine, fast_ctx.redis, Mailer(settings), fast_ctx.box)
         running = run_in_thread(sender.run)
         try:
@@ -301,8 +299,7 @@ def test_sweeping_a_long_backlog_does_not_multiply_it(pipe, smtp_server):
     envelope was still waiting: 100 -> 200 -> 300 -> 400 (and KEDA scaled to its maximum)."""
     user = pipe.user(smtp_server)
     ids = [pipe.enqueue(user) for _ in range(100)]
-    while pipe.consumer.step(0.05):
-        pass  # every envelope waits for a sender that is not running
+    pipe.hand_off()  # every envelope waits for a sender that is not running
     assert sum(envelopes_in_redis(pipe.ctx.redis).values()) == 100
     for _ in range(3):
         time.sleep(pipe.ctx.settings.sweep_leak_window + 0.05)
@@ -528,8 +525,7 @@ def test_a_quiet_tenants_mail_is_not_queued_behind_another_tenants_backlog(pipe,
         for _ in range(60):
             pipe.enqueue(a)
         b_task = pipe.enqueue(b, subject="password reset")
-        while pipe.consumer.step(0.05):
-            pass
+        pipe.hand_off()
         outcomes = pipe.sender.step(0.1)
         assert len(outcomes) == 4  # A's turn (its three slots) and B's turn
         assert pipe.task(b_task).status == "sent" and len(b_server.messages) == 1
@@ -568,8 +564,7 @@ def test_the_slot_of_a_killed_sender_frees_itself(pipe, smtp_server):
     user = pipe.user(smtp_server)
     for _ in range(4):
         pipe.enqueue(user)
-    while pipe.consumer.step(0.05):
-        pass
+    pipe.hand_off()
     held = pipe.sender.take(10)
     assert len(held) == 3  # the cap; and then this sender "dies" holding all three slots
     other = Pipeline(pipe.ctx)
@@ -584,8 +579,7 @@ def test_a_finished_conversation_frees_its_slot_at_once(pipe, smtp_server):
     user = pipe.user(smtp_server)
     for _ in range(4):
         pipe.enqueue(user)
-    while pipe.consumer.step(0.05):
-        pass
+    pipe.hand_off()
     assert pipe.sender.step(0) == [Outcome.SENT] * 3  # the cap: the fourth waits for a slot...
     assert pipe.sender.step(0) == [Outcome.SENT]  # ...freed by the three finished ones, not their lease
 
@@ -614,8 +608,7 @@ def test_envelopes_not_yet_started_are_given_back_when_a_step_fails_part_way(pip
     processing list (holding their slots) until the sweep or a restart."""
     users = [pipe.user(smtp_server, email=f"t{i}@example.com") for i in range(3)]
     ids = [pipe.enqueue(u) for u in users]
-    while pipe.consumer.step(0.05):
-        pass
+    pipe.hand_off()
     real_handle, calls = pipe.sender.handle, []
 
     def handle_then_fail(item):  # a fault no server can provoke: the step itself breaks

@@ -100,8 +100,7 @@ def test_sigterm_stops_a_busy_sender_cleanly_and_loses_nothing(pipe, base_env, t
     with ScriptedSmtpServer() as smtp:
         user = pipe.user(smtp)
         ids = [pipe.enqueue(user, subject=f"m{i}") for i in range(600)]
-        while pipe.consumer.step(0.05):
-            pass
+        pipe.hand_off()
         sender = start("sender", base_env, tmp_path, WORKER_COUNT="4")
         try:
             wait_for(lambda: len(smtp.received) >= 30, what="the sender to get going")

@@ -75,17 +75,17 @@ def measure_function(
 ) -> LoadResult:
     child, port = stack.start_function(source, target, sizing.workers, sizing.threads)
     try:
-        requests = enqueue_requests(stack, port)
-        return closed_loop(
-            port,
-            lambda i: requests[i % len(requests)],
-            clients=clients,
-            seconds=seconds,
-            warmup=warmup,
-            ok=202,
-        )
+        return enqueue_load(stack, port, clients=clients, seconds=seconds, warmup=warmup)
     finally:
         stack.stop(child)
+
+
+def enqueue_load(stack: Stack, port: int, *, clients: int, seconds: float, warmup: float) -> LoadResult:
+    """``clients`` keep-alive clients enqueueing for ``seconds`` against the function on ``port``."""
+    requests = enqueue_requests(stack, port)
+    return closed_loop(
+        port, lambda i: requests[i % len(requests)], clients=clients, seconds=seconds, warmup=warmup, ok=202
+    )
 
 
 def enqueue_api(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from shared.sink import MAILBOX, _Controller, _MailboxHandler, stop_signals
+from shared.sink import MAILBOX, _Controller, _MailboxHandler, run_until_stopped
 
 ACCOUNTS_ENV = "BENCH_SINK_ACCOUNTS"
 
@@ -47,12 +47,7 @@ def serve(data_dir: Path, port: int, accounts: dict[str, str]) -> None:
         auth_required=True,  # MAIL FROM before a successful AUTH gets 530
         auth_require_tls=False,  # plaintext on loopback, like the senders' `smtp_security: none`
     )
-    with stop_signals() as wait:
-        controller.start()
-        try:
-            wait()
-        finally:
-            controller.stop()
+    run_until_stopped(controller)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from shared.inflight import INLINE_BYTES
 from shared.sender import _CLAIM_SQL  # the sender's own statement, timed as it is
 from shared.sweep import SweepReport, sweep_once
 from tests.bench import seed
-from tests.bench.api import Sizing, enqueue_requests, knative_sizing
+from tests.bench.api import Sizing, enqueue_load, knative_sizing
 from tests.bench.load import LoadResult, build_request, closed_loop
 from tests.bench.stack import MAIN_SOURCE, Stack, wait_for_http
 
@@ -196,16 +196,7 @@ def _measure(stack, servers, rows, user_rows, live_rows, clients, seconds, page_
     metrics = closed_loop(port, lambda i: scrape, clients=1, seconds=page_seconds, warmup=warmup)
 
     _note(progress, "enqueue API")
-    port = servers["enqueue"][1]
-    requests = enqueue_requests(stack, port)
-    enqueue = closed_loop(
-        port,
-        lambda i: requests[i % len(requests)],
-        clients=clients,
-        seconds=seconds,
-        warmup=warmup,
-        ok=202,
-    )
+    enqueue = enqueue_load(stack, servers["enqueue"][1], clients=clients, seconds=seconds, warmup=warmup)
     enqueue_sizing = knative_sizing("enqueue")
     return ScaleResult(
         rows, rows // users, counts, load_seconds, sweep_seconds, report, idle_sweep_seconds, page, enqueue,

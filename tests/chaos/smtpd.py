@@ -25,7 +25,7 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult
 
-from shared.sink import stop_signals
+from shared.sink import run_until_stopped
 
 FATES = ("250", "451", "550", "drop_before", "drop_after")
 REPLIES = {
@@ -166,12 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         authenticator=_accept_any_login,
         auth_require_tls=False,
     )
-    with stop_signals() as wait:
-        controller.start()
-        try:
-            wait()
-        finally:
-            controller.stop()
+    run_until_stopped(controller)
 
 
 if __name__ == "__main__":
