@@ -78,6 +78,11 @@ def test_the_tiny_benchmark_delivers_every_mail_exactly_once_and_reports_every_s
     assert scale["sweep_requeued"] == scale["due"] > 0
     assert scale["page"]["errors"] == 0 and scale["page"]["rps"] > 0
     assert scale["claim"]["rps"] > 0 and scale["claim"]["errors"] == 0
+    # What ran meanwhile: the function served the loop, PostgreSQL answered it.
+    assert scale["page_meanwhile_cores"]["function"] > 0 and scale["page_meanwhile_cores"]["postgres"] > 0
+    assert scale["metrics_meanwhile_cores"]["function"] > 0
+    assert scale["metrics_meanwhile_cores"]["postgres_by_kind"]["sessions"] > 0
+    assert "meanwhile, in cores: the function" in text
     assert data["commit"] and data["commit"] in text
 
 

@@ -445,12 +445,21 @@ def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
             "page": load(s.page),
             "metrics": load(s.metrics) if s.metrics else None,
             "enqueue": load(s.enqueue),
+            "page_meanwhile_cores": _meanwhile_json(s.page_meanwhile),
+            "metrics_meanwhile_cores": _meanwhile_json(s.metrics_meanwhile),
         }
         for s in run.scale
     ]
     data["rows"] = [dict(zip(("scenario", "figures", "ratio", "target", "met"), r, strict=True))
                     for r in table(run).rows]  # fmt: skip
     return data
+
+
+def _meanwhile_json(m) -> dict | None:
+    if m is None:
+        return None
+    names = ("function", "postgres", "redis", "driver", "other")
+    return {**{n: m.cores(n) for n in names}, "postgres_by_kind": m.postgres_cores()}
 
 
 METHOD = """\
@@ -524,6 +533,9 @@ METHOD = """\
   status = 'queued' … RETURNING`) on 200 queued rows, each in its own transaction, rolled back;
   1 client pages `/task/queue` (half first
   pages, half at a random cursor) for T seconds; 1 scraper reads `/metrics`; then the enqueue API as
-  in 4. The "flat" row divides each figure at the largest table by the same figure at the smallest
-  (enqueue and claim p50, page and scrape p99, the sweep pass); flat means each ≤ 1.2.
+  in 4. The page and scrape rows say what each process used meanwhile, in cores (the function, PostgreSQL
+  by kind of process, Redis, the load generator, processes outside the benchmark), so a tail that waits
+  on something else shows where. The "flat" row divides each figure at the largest table by the same
+  figure at the smallest (enqueue and claim p50, page and scrape p99, the sweep pass); flat means each
+  ≤ 1.2.
 """

@@ -250,6 +250,19 @@ def fairness_rows(t: Table, run) -> None:
     )  # fmt: skip
 
 
+def _meanwhile(m) -> str:
+    """``; meanwhile, in cores: function 0.61, PostgreSQL 0.32 (sessions 0.31, ...), ...`` or ''."""
+    if m is None:
+        return ""
+    kinds = {k: v for k, v in sorted(m.postgres_cores().items(), key=lambda kv: -kv[1]) if abs(v) >= 0.005}
+    split = ", ".join(f"{k} {v:.2f}" for k, v in kinds.items())
+    return (
+        f"; meanwhile, in cores: the function {m.cores('function'):.2f}, PostgreSQL {m.cores('postgres'):.2f}"
+        f"{f' ({split})' if split else ''}, Redis {m.cores('redis'):.2f}, the load generator "
+        f"{m.cores('driver'):.2f}, other processes {m.cores('other'):.2f}"
+    )
+
+
 def _scale_figures(s) -> dict[str, tuple[str, float, bool]]:
     """Per measure: (figures, the number compared across sizes, within its own target)."""
     out = {}
@@ -264,7 +277,8 @@ def _scale_figures(s) -> dict[str, tuple[str, float, bool]]:
         )  # fmt: skip
     out["page"] = (
         f"/task/queue page of a user with {_n(s.user_rows)} tasks, 1 client, {s.page.requests} pages: "
-        f"p50 **{_ms(s.page.p50)}**, p99 **{_ms(s.page.p99)}**, {s.page.errors} errors",
+        f"p50 **{_ms(s.page.p50)}**, p99 **{_ms(s.page.p99)}**, {s.page.errors} errors"
+        f"{_meanwhile(getattr(s, 'page_meanwhile', None))}",
         s.page.p99, s.page.errors == 0 and s.page.p99 <= TARGETS["page p99 ms"],
     )  # fmt: skip
     sweep_ms = s.sweep_seconds * 1000
@@ -276,7 +290,8 @@ def _scale_figures(s) -> dict[str, tuple[str, float, bool]]:
     if s.metrics is not None:
         out["metrics"] = (
             f"/metrics scrape (the queue gauges), 1 scraper, {s.metrics.requests} scrapes: p50 "
-            f"**{_ms(s.metrics.p50)}**, p99 **{_ms(s.metrics.p99)}**, {s.metrics.errors} errors",
+            f"**{_ms(s.metrics.p50)}**, p99 **{_ms(s.metrics.p99)}**, {s.metrics.errors} errors"
+            f"{_meanwhile(getattr(s, 'metrics_meanwhile', None))}",
             s.metrics.p99, s.metrics.errors == 0 and s.metrics.p99 <= TARGETS["metrics p99 ms"],
         )  # fmt: skip
     return out

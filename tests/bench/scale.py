@@ -22,10 +22,39 @@ from shared.sweep import SweepReport, sweep_once
 from tests.bench import seed
 from tests.bench.api import Sizing, enqueue_load, knative_sizing
 from tests.bench.load import LoadResult, build_request, closed_loop
-from tests.bench.stack import MAIN_SOURCE, Stack, wait_for_http
+from tests.bench.stack import MAIN_SOURCE, CpuMeter, Stack, wait_for_http
 
 QUEUE_PATH = "/api/v1/task/queue"
 METRICS_PATH = "/metrics"
+
+
+@dataclass
+class Meanwhile:
+    """What each process used while a timed loop ran, in cores (CPU seconds per second of wall time):
+    the function serving the loop, PostgreSQL (and its share by kind of process), Redis, the benchmark
+    itself (the load generator) and processes outside the benchmark. A tail that waits on something
+    else -- a checkpoint, an autovacuum worker, another program -- shows up here."""
+
+    wall_seconds: float
+    cpu_seconds: dict[str, float]
+    postgres_seconds: dict[str, float]
+
+    def cores(self, name: str) -> float:
+        return self.cpu_seconds.get(name, 0.0) / self.wall_seconds if self.wall_seconds else 0.0
+
+    def postgres_cores(self) -> dict[str, float]:
+        if not self.wall_seconds:
+            return {}
+        return {kind: s / self.wall_seconds for kind, s in self.postgres_seconds.items()}
+
+
+def metered(stack: Stack, function_pid: int, loop) -> tuple[LoadResult, Meanwhile]:
+    meter = CpuMeter({"function": [function_pid], **stack.service_pids()}).start()
+    started = time.perf_counter()
+    result = loop()
+    wall = time.perf_counter() - started
+    cpu = meter.stop()
+    return result, Meanwhile(wall, dict(cpu), dict(meter.postgres_kinds))
 
 
 @dataclass
@@ -43,6 +72,8 @@ class ScaleResult:
     due: int = 0
     metrics: LoadResult | None = None  # GET /metrics, one scraper at a time
     claim: LoadResult | None = None  # the sender's claim statement on queued rows (rolled back)
+    page_meanwhile: Meanwhile | None = None
+    metrics_meanwhile: Meanwhile | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -188,17 +219,28 @@ def _measure(stack, servers, rows, user_rows, live_rows, clients, seconds, page_
         )
         for i in range(200)
     ]
-    page = closed_loop(port, lambda i: pages[i % len(pages)], clients=1, seconds=page_seconds, warmup=warmup)
+    page, page_meanwhile = metered(
+        stack,
+        servers["task_queue"][0].pid,
+        lambda: closed_loop(
+            port, lambda i: pages[i % len(pages)], clients=1, seconds=page_seconds, warmup=warmup
+        ),
+    )
 
     _note(progress, "/metrics scrapes")
     port = servers["metrics"][1]
     scrape = build_request("GET", METRICS_PATH, port)
-    metrics = closed_loop(port, lambda i: scrape, clients=1, seconds=page_seconds, warmup=warmup)
+    metrics, metrics_meanwhile = metered(
+        stack,
+        servers["metrics"][0].pid,
+        lambda: closed_loop(port, lambda i: scrape, clients=1, seconds=page_seconds, warmup=warmup),
+    )
 
     _note(progress, "enqueue API")
     enqueue = enqueue_load(stack, servers["enqueue"][1], clients=clients, seconds=seconds, warmup=warmup)
     enqueue_sizing = knative_sizing("enqueue")
     return ScaleResult(
         rows, rows // users, counts, load_seconds, sweep_seconds, report, idle_sweep_seconds, page, enqueue,
-        enqueue_sizing, due, metrics=metrics, claim=claim,
+        enqueue_sizing, due, metrics=metrics, claim=claim, page_meanwhile=page_meanwhile,
+        metrics_meanwhile=metrics_meanwhile,
     )  # fmt: skip
