@@ -278,7 +278,7 @@ def _scale_figures(s) -> dict[str, tuple[str, float, bool]]:
     out["page"] = (
         f"/task/queue page of a user with {_n(s.user_rows)} tasks, 1 client, {s.page.requests} pages: "
         f"p50 **{_ms(s.page.p50)}**, p99 **{_ms(s.page.p99)}**, {s.page.errors} errors"
-        f"{_meanwhile(getattr(s, 'page_meanwhile', None))}",
+        f"{_meanwhile(s.page_meanwhile)}",
         s.page.p99, s.page.errors == 0 and s.page.p99 <= TARGETS["page p99 ms"],
     )  # fmt: skip
     sweep_ms = s.sweep_seconds * 1000
@@ -291,7 +291,7 @@ def _scale_figures(s) -> dict[str, tuple[str, float, bool]]:
         out["metrics"] = (
             f"/metrics scrape (the queue gauges), 1 scraper, {s.metrics.requests} scrapes: p50 "
             f"**{_ms(s.metrics.p50)}**, p99 **{_ms(s.metrics.p99)}**, {s.metrics.errors} errors"
-            f"{_meanwhile(getattr(s, 'metrics_meanwhile', None))}",
+            f"{_meanwhile(s.metrics_meanwhile)}",
             s.metrics.p99, s.metrics.errors == 0 and s.metrics.p99 <= TARGETS["metrics p99 ms"],
         )  # fmt: skip
     return out
