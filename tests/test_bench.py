@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -269,3 +270,40 @@ def test_the_report_names_each_changed_path_whole(monkeypatch):
     outputs = {"rev-parse": "abc1234", "status": " M README.md\n M shared/x.py\n?? new.txt"}
     monkeypatch.setattr(report, "_run", lambda args: outputs[args[1]].strip())
     assert report.git_state() == ("abc1234", ["README.md", "shared/x.py", "new.txt"])
+
+
+def test_the_closed_loop_starts_its_clock_once_every_client_has_had_a_first_answer():
+    """A server whose first answers come after the whole window (a function opening its pool on a loaded
+    machine) still gets its window measured: the tiny benchmark once counted no enqueue at all."""
+    import http.server
+    import threading
+
+    from tests.bench.load import build_request, closed_loop
+
+    first = threading.Event()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            if not first.is_set():
+                time.sleep(1.5)  # longer than warm-up and window together
+                first.set()
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        request = build_request("GET", "/", port)
+        result = closed_loop(port, lambda i: request, clients=2, seconds=0.5, warmup=0.2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert first.is_set() and result.errors == 0
+    assert result.requests > 0

@@ -495,7 +495,8 @@ METHOD = """\
   gthread) with WORKERS/THREADS read from the enqueue Service in `knative/functions.yaml`; the
   trivial function (`tests/bench/trivial.py`, reads the body and answers 202) is served the same way and
   receives the same requests. The load generator is an asyncio keep-alive HTTP/1.1 client in the
-  benchmark process, C connections back to back, 1 s warm-up not counted; it shares the machine's
+  benchmark process, C connections back to back; each first waits for one answer (a function's first
+  requests open its pool), then 1 s of warm-up, neither counted; it shares the machine's
   cores with the server, the same way for both.
 - **5. API to inbox, single enqueues**: the enqueue function (sized as in 4), one consumer and one
   sender per core, all started and idle; then C clients (16) send N single enqueue requests back to
