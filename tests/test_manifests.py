@@ -2,14 +2,14 @@
 
 Every YAML document parses; core kinds validate strictly against Kubernetes' own schemas
 (kubernetes-validate); Knative's and KEDA's objects validate against the strict CRD schemas in
-../shared/k8s-schemas (or $MAILQ_K8S_SCHEMAS). Plain `kubectl kustomize` (no load restrictor lifted,
+tests/k8s-schemas (copied in with their licence; see SOURCE.md there; or $MAILQ_K8S_SCHEMAS). Plain `kubectl kustomize` (no load restrictor lifted,
 as `kubectl apply -k` runs it) renders the minikube overlay, and
 the checks no schema can make run on that rendered output: each ScaledObject watches the list its
 worker reads, every FUNCTION_TARGET is a function, the gateway routes exactly the route table, the
 ScaledJob's query is the code's query and PostgreSQL answers it from the indexes, every reference
 resolves, and no secret is written into a manifest.
 
-Without kubectl or the schema folder the tests that need them skip, except under CI (env CI set),
+Without kubectl the tests that need it skip, except under CI (env CI set),
 where they fail: a green CI must mean the manifests were checked.
 """
 
@@ -373,7 +373,7 @@ def test_core_validation_catches_a_misspelt_field(rendered):
 
 @pytest.fixture(scope="module")
 def crd_schemas() -> Path:
-    folder = Path(os.environ.get("MAILQ_K8S_SCHEMAS") or ROOT.parent / "shared" / "k8s-schemas")
+    folder = Path(os.environ.get("MAILQ_K8S_SCHEMAS") or ROOT / "tests" / "k8s-schemas")
     if not folder.is_dir():
         _skip_or_fail(f"no CRD schemas at {folder} (set MAILQ_K8S_SCHEMAS to the k8s-schemas folder)")
     return folder

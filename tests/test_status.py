@@ -1,6 +1,6 @@
 """`mailq status`: the local figures from a real PostgreSQL and Redis, and the cluster view's reading of
 API objects. No cluster exists here: the Knative and KEDA objects below validate against the CRD
-schemas in ../shared/k8s-schemas (strict: no invented field passes), and the core objects (Pod, Job,
+schemas in tests/k8s-schemas (strict: no invented field passes), and the core objects (Pod, Job,
 HPA) are built with the kubernetes client's own models and serialised the way the API server sends them."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tests.smtp_servers import ScriptedSmtpServer
 from tests.test_manifests import _crd_validator
 
 ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS = Path(os.environ.get("MAILQ_K8S_SCHEMAS") or ROOT.parent / "shared" / "k8s-schemas")
+SCHEMAS = Path(os.environ.get("MAILQ_K8S_SCHEMAS") or ROOT / "tests" / "k8s-schemas")
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 API = k8s.ApiClient()
 
