@@ -2,9 +2,9 @@
 
 Every YAML document parses; core kinds validate strictly against Kubernetes' own schemas
 (kubernetes-validate); Knative's and KEDA's objects validate against the strict CRD schemas in
-tests/k8s-schemas (copied in with their licence; see SOURCE.md there; or $MAILQ_K8S_SCHEMAS). Plain `kubectl kustomize` (no load restrictor lifted,
-as `kubectl apply -k` runs it) renders the minikube overlay, and
-the checks no schema can make run on that rendered output: each ScaledObject watches the list its
+tests/k8s-schemas (copied in with their licence; see SOURCE.md there; or $MAILQ_K8S_SCHEMAS). Plain
+`kubectl kustomize` (no load restrictor lifted, as `kubectl apply -k` runs it) renders the minikube
+overlay, and the checks no schema can make run on that rendered output: each ScaledObject watches the list its
 worker reads, every FUNCTION_TARGET is a function, the gateway routes exactly the route table, the
 ScaledJob's query is the code's query and PostgreSQL answers it from the indexes, every reference
 resolves, and no secret is written into a manifest.
