@@ -41,7 +41,7 @@ from shared.sendqueue import SendQueue
 log = logging.getLogger("mailq.events")
 
 SENT, DEFERRED, CANCELLED = "task.sent", "task.deferred", "task.cancelled"
-EVENT_TYPES = (SENT, DEFERRED, CANCELLED)  # shared.db checks the same list
+EVENT_TYPES = (SENT, DEFERRED, CANCELLED)  # shared.models checks the same list
 # data.reason of task.cancelled: the one vocabulary the metrics' reason label uses too.
 PERMANENT_FAILURE = CancelReason.PERMANENT_FAILURE.value
 TRIES_EXHAUSTED = CancelReason.TRIES_EXHAUSTED.value

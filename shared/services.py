@@ -18,9 +18,9 @@ from sqlalchemy.engine import Engine
 from shared import auth, hosts, ratelimit
 from shared.config import Settings
 from shared.crypto import SecretBox
-from shared.db import users
 from shared.domain import default_security
 from shared.errors import Conflict, DependencyUnavailable, NotFound, Unauthorized, ValidationFailed
+from shared.models import users
 from shared.sendqueue import SendQueue
 from shared.validation import SECURITY_CHOICES, Fields
 

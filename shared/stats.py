@@ -12,8 +12,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from shared.db import OUTCOME_SQL_LIST, OUTCOME_STATUSES
 from shared.domain import Status
+from shared.models import OUTCOME_SQL_LIST, OUTCOME_STATUSES
 from shared.services import Context
 
 COUNT_CAP = 10_000  # a status with more tasks than this reports COUNT_CAP and is listed in "capped"
@@ -45,7 +45,7 @@ _HOUR_SQL = sa.text(
       LEFT JOIN tasks AS t
         ON t.user_id = :user_id AND t.status IN ({OUTCOME_SQL_LIST}) AND t.updated_at >= w.since
      GROUP BY w.since, 2, t.status
-    """  # noqa: S608 - OUTCOME_SQL_LIST is a constant of shared.db
+    """  # noqa: S608 - OUTCOME_SQL_LIST is a constant of shared.models
 )
 
 

@@ -14,9 +14,9 @@ import redis
 import sqlalchemy as sa
 
 from shared import content, queue, storage
-from shared.db import task_contents, task_tags, tasks
 from shared.domain import FAILURES, PENDING, Status
 from shared.errors import NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
+from shared.models import task_contents, task_tags, tasks
 from shared.services import Context
 from shared.validation import Fields
 
@@ -236,7 +236,7 @@ def list_query(
     recipient: str | None = None,
     tag: str | None = None,
 ) -> sa.Select:
-    """The list statement (tests EXPLAIN it): each filter is served by an index of shared.db.
+    """The list statement (tests EXPLAIN it): each filter is served by an index of shared.models.
 
     A user's tasks still to go out are its newest, after all of its history in id order; the planner
     assumes matching rows are spread evenly over the ids, so for a table with few users it would read

@@ -240,7 +240,8 @@ def test_the_migrations_produce_exactly_the_models(scratch_db):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from shared.db import Base, migrate
+    from shared.db import migrate
+    from shared.models import Base
 
     migrate(scratch_db)
     engine = sa.create_engine(scratch_db)
@@ -252,7 +253,8 @@ def test_the_migrations_produce_exactly_the_models(scratch_db):
 
 def test_the_models_and_migrations_agree_on_indexes(scratch_db):
     """create_all from the models (only here) yields the same indexes as the migrations."""
-    from shared.db import Base, migrate
+    from shared.db import migrate
+    from shared.models import Base
 
     migrate(scratch_db)
     engine = sa.create_engine(scratch_db)

@@ -604,7 +604,7 @@ def test_live_task_control(api):
 
 def test_live_webhooks(api, ctx):
     from shared import endpoints, events
-    from shared.db import EVENT_TYPES
+    from shared.models import EVENT_TYPES
 
     schemas = DOC["components"]["schemas"]
     assert schemas["EventType"]["enum"] == list(events.EVENT_TYPES) == list(EVENT_TYPES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import context
 
-from shared.db import Base
+from shared.models import Base
 
 MIGRATION_LOCK = 7_461_190_231  # any constant; two `mailq migrate` at once take turns on it
 

@@ -1,0 +1,335 @@
+"""The schema as SQLAlchemy models: every table, its indexes and its checks, and the status lists
+they are written with.
+
+The schema is created only by Alembic migrations (``shared/migrations``); ``create_all`` appears
+nowhere outside the test that checks the migrations match these models.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import JSONB
+
+from shared.domain import Status
+
+STATUS_VALUES = tuple(s.value for s in Status)
+# Every index the pipeline's queries rely on is named here so tests can check EXPLAIN uses them.
+PENDING_SQL_LIST = "'scheduled', 'queued', 'processing', 'failed'"
+FAIL_SQL_LIST = "'failed', 'cancelled'"
+# The statuses a try ends in; the dashboard's last hour counts them by the time they were reached.
+OUTCOME_STATUSES = (Status.SENT, Status.FAILED, Status.CANCELLED)
+OUTCOME_SQL_LIST = ", ".join(f"'{s.value}'" for s in OUTCOME_STATUSES)
+
+
+class Base(orm.DeclarativeBase):
+    pass
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    email: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    password_hash: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    smtp_host: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    smtp_port: orm.Mapped[int] = orm.mapped_column(sa.Integer)
+    smtp_username: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    smtp_password_enc: orm.Mapped[str] = orm.mapped_column(sa.Text)  # Fernet token, never the clear text
+    smtp_security: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    # Set when the SMTP server refused the credentials; the account's mail waits until they change.
+    smtp_paused_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    smtp_paused_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+
+    __table_args__ = (
+        sa.Index("users_email_lower_key", sa.func.lower(sa.column("email")), unique=True),
+        sa.CheckConstraint("smtp_security IN ('starttls', 'tls', 'none')", name="users_smtp_security_check"),
+        sa.CheckConstraint("smtp_port BETWEEN 1 AND 65535", name="users_smtp_port_check"),
+    )
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    user_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+    recipient_email: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    subject: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    # The text part; null when the mail has only an HTML part (task_contents.html).
+    body: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    status: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    # Claims so far: the fencing token, it only ever grows (never reset, never reused).
+    try_count: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0")
+    # The try count at which the current budget of MAX_TRY_COUNT tries began (a retry or a worker
+    # fault raises it); tries left = MAX_TRY_COUNT - (try_count - budget_base).
+    budget_base: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0", nullable=False)
+    scheduled_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=False)
+    # When the task next needs attention: scheduled_at, the retry time, or (queued) when it was pushed.
+    next_attempt_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=False)
+    lease_until = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    last_error: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    message_id: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    idempotency_key: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    request_hash: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    sent_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    # The mail's tags ({"key": "value"}), read with the row by every view and webhook; the ?tag= filter
+    # is served by task_tags.
+    tags = orm.mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"), nullable=False)
+
+    __table_args__ = (
+        sa.CheckConstraint(
+            f"status IN ({', '.join(repr(s) for s in STATUS_VALUES)})", name="tasks_status_check"
+        ),
+        # Idempotency-Key is unique per user.
+        sa.Index(
+            "tasks_user_idempotency_key",
+            "user_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=sa.text("idempotency_key IS NOT NULL"),
+        ),
+        # GET /task/queue (default: everything still to go out), keyset on id.
+        sa.Index(
+            "tasks_user_pending_id",
+            "user_id",
+            "id",
+            postgresql_where=sa.text(f"status IN ({PENDING_SQL_LIST})"),
+        ),
+        # GET /task/queue?status=….
+        sa.Index("tasks_user_status_id", "user_id", "status", "id"),
+        # GET /task/queue/fail.
+        sa.Index(
+            "tasks_user_fail_id",
+            "user_id",
+            "id",
+            postgresql_where=sa.text(f"status IN ({FAIL_SQL_LIST})"),
+        ),
+        # GET /task/queue?recipient=… (and /fail): one recipient's tasks, keyset on id.
+        sa.Index("tasks_user_recipient_id", "user_id", "recipient_email", "id"),
+        # GET /task/stats: the last hour's outcomes, read from the index alone (status included).
+        sa.Index(
+            "tasks_user_outcome_at",
+            "user_id",
+            "updated_at",
+            postgresql_include=["status"],
+            postgresql_where=sa.text(f"status IN ({OUTCOME_SQL_LIST})"),
+        ),
+        # The sweep: due scheduled/failed tasks (one index), queued tasks past the leak window (another).
+        sa.Index(
+            "tasks_sweep_due",
+            "next_attempt_at",
+            postgresql_where=sa.text("status IN ('scheduled', 'failed')"),
+        ),
+        sa.Index(
+            "tasks_sweep_queued",
+            "next_attempt_at",
+            postgresql_where=sa.text("status = 'queued'"),
+        ),
+        # Retention: final tasks by age (the predicate is shared.sweep_sql.FINAL_STATUSES).
+        sa.Index(
+            "tasks_retention",
+            "updated_at",
+            postgresql_where=sa.text("status IN ('sent', 'cancelled')"),
+        ),
+        # The sweep: processing tasks whose lease ran out.
+        sa.Index(
+            "tasks_sweep_lease",
+            "lease_until",
+            postgresql_where=sa.text("status = 'processing'"),
+        ),
+        # The metrics function: exact counts of the pending statuses (never the history's rows). Only
+        # shared/gauges.py states the always-true "scheduled_at IS NOT NULL", so the sweep's queries
+        # never pick this index over their own (ordered by due time)...
+        sa.Index(
+            "tasks_pending_status",
+            "status",
+            postgresql_where=sa.text(f"status IN ({PENDING_SQL_LIST}) AND scheduled_at IS NOT NULL"),
+        ),
+        # ...and the oldest first try still waiting: its scheduled_at is when it became due.
+        sa.Index(
+            "tasks_queued_first_try",
+            "scheduled_at",
+            postgresql_where=sa.text("status = 'queued' AND try_count = 0"),
+        ),
+    )
+
+
+# Webhooks (shared/events.py writes events and deliveries; shared/webhooks.py sends them).
+EVENT_TYPES = ("task.sent", "task.deferred", "task.cancelled")
+# A delivery's life: scheduled (a retry waiting for next_attempt_at) -> queued (its envelope pushed at
+# next_attempt_at) -> sending (a worker holds it until lease_until) -> delivered | failed, or back to
+# scheduled. The API shows the first three as "pending".
+DELIVERY_STATES = ("scheduled", "queued", "sending", "delivered", "failed")
+
+
+class WebhookEndpoint(Base):
+    __tablename__ = "webhook_endpoints"
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    user_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
+    )
+    url: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    events = orm.mapped_column(postgresql.ARRAY(sa.Text), nullable=False)  # the event types it receives
+    enabled: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.true(), nullable=False)
+    disabled_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    # The signing secret, encrypted like SMTP passwords (it must be usable, so it is not hashed).
+    secret_enc: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    # The secret a rotation replaced: deliveries are signed with it too until previous_secret_until.
+    previous_secret_enc: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    previous_secret_until = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+
+    __table_args__ = (
+        # A user's endpoints: the list, the limit of ten, and the send path's "any endpoint?" check.
+        sa.Index("webhook_endpoints_user_id", "user_id", "id"),
+    )
+
+
+class WebhookEvent(Base):
+    """What happened to a task, written in the transaction that made it happen (the outbox)."""
+
+    __tablename__ = "webhook_events"
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    task_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False
+    )
+    type: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    data = orm.mapped_column(postgresql.JSONB, nullable=False)  # the payload's "data", as it was then
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+
+    __table_args__ = (
+        sa.CheckConstraint(
+            f"type IN ({', '.join(repr(t) for t in EVENT_TYPES)})", name="webhook_events_type_check"
+        ),
+        sa.Index("webhook_events_task_id", "task_id"),
+    )
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint: kept after it ends, as the delivery log (and for audits)."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
+    event_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("webhook_events.id", ondelete="CASCADE"), nullable=False
+    )
+    endpoint_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False
+    )
+    state: orm.Mapped[str] = orm.mapped_column(sa.Text)
+    # Attempts started so far: the fencing token of the outcome, like a task's try_count.
+    attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0", nullable=False)
+    last_status: orm.Mapped[int | None] = orm.mapped_column(sa.Integer, nullable=True)  # HTTP status
+    last_error: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    next_attempt_at = orm.mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
+    )
+    lease_until = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    delivered_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (
+        sa.CheckConstraint(
+            f"state IN ({', '.join(repr(s) for s in DELIVERY_STATES)})", name="webhook_deliveries_state_check"
+        ),
+        # The delivery log of one endpoint, newest first (keyset on id).
+        sa.Index("webhook_deliveries_endpoint_id", "endpoint_id", "id"),
+        sa.Index("webhook_deliveries_event_id", "event_id"),
+        # The sweep (and idle webhook workers): retries due, envelopes lost, leases run out.
+        sa.Index(
+            "webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=sa.text("state = 'scheduled'"),
+        ),
+        sa.Index(
+            "webhook_deliveries_queued",
+            "next_attempt_at",
+            postgresql_where=sa.text("state = 'queued'"),
+        ),
+        sa.Index(
+            "webhook_deliveries_lease",
+            "lease_until",
+            postgresql_where=sa.text("state = 'sending'"),
+        ),
+    )
+
+
+class TaskContent(Base):
+    """What a mail carries beyond the seed's fields, one row per such task (plain mails have none).
+
+    Kept out of ``tasks`` so the hot status UPDATEs never copy it and the list endpoints never read it.
+    """
+
+    __tablename__ = "task_contents"
+
+    task_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    html: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    from_name: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    recipient_name: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    cc = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)  # addresses
+    bcc = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)  # envelope only
+    reply_to: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    # [[name, value], ...] in the order given.
+    headers = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)
+    # [{"filename", "content_type", "size"}] in order; their bytes, concatenated, in attachment_data.
+    attachments = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)
+    attachment_data: orm.Mapped[bytes | None] = orm.mapped_column(sa.LargeBinary, nullable=True)
+
+
+class TaskTag(Base):
+    """One row per tag of a task ("key:value"): the index behind ``?tag=``, keyset-paged on task id."""
+
+    __tablename__ = "task_tags"
+
+    task_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: orm.Mapped[str] = orm.mapped_column(sa.Text, primary_key=True)
+    user_id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, nullable=False)
+
+    __table_args__ = (
+        # GET /task/queue?tag=… (and /fail): one user's tasks with this tag, in id order.
+        sa.Index("task_tags_user_tag_task", "user_id", "tag", "task_id"),
+    )
+
+
+class TaskBatch(Base):
+    """A batch enqueue made with an Idempotency-Key: what a replay of it answers."""
+
+    __tablename__ = "task_batches"
+
+    user_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    idempotency_key: orm.Mapped[str] = orm.mapped_column(sa.Text, primary_key=True)
+    request_hash: orm.Mapped[str] = orm.mapped_column(sa.Text, nullable=False)
+    # The stored tasks' ids in input order; null where the item was invalid (permissive mode).
+    task_ids = orm.mapped_column(sa.ARRAY(sa.BigInteger), nullable=False)
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+
+    # Retention expires a batch's Idempotency-Key with the age of its tasks.
+    __table_args__ = (sa.Index("task_batches_created_at", "created_at"),)
+
+
+users = User.__table__
+tasks = Task.__table__
+webhook_endpoints = WebhookEndpoint.__table__
+webhook_events = WebhookEvent.__table__
+webhook_deliveries = WebhookDelivery.__table__
+task_contents = TaskContent.__table__
+task_tags = TaskTag.__table__
+task_batches = TaskBatch.__table__
