@@ -296,8 +296,8 @@ def _dev_workers(data_dir: Path, smtp_port: int, senders: int = 1) -> list[tuple
 
 
 def _worker_deps(settings: Settings, block_timeout: float, pool: int):
+    from shared.context import make_redis
     from shared.db import engine_for
-    from shared.services import make_redis
 
     settings.require_runtime()
     configure_logging(settings)

@@ -19,8 +19,9 @@ from typing import Any
 import flask
 import redis
 
-from shared import routes, services
+from shared import routes
 from shared.config import Settings, configure_logging
+from shared.context import Context, make_redis
 from shared.crypto import SecretBox
 from shared.db import engine_for, is_unavailable
 from shared.errors import (
@@ -56,11 +57,11 @@ Result = tuple[int, Any] | tuple[int, Any, dict[str, str]]
 
 # --- the per-process context: built on first use, never at import time -----------------------
 
-_context: services.Context | None = None
+_context: Context | None = None
 _context_lock = threading.Lock()
 
 
-def context() -> services.Context:
+def context() -> Context:
     """The process's Context, built from the environment on the first request."""
     global _context
     if _context is None:
@@ -69,14 +70,14 @@ def context() -> services.Context:
                 settings = Settings.from_env(os.environ)
                 settings.require_runtime()
                 configure_logging(settings)
-                _context = services.Context(
+                _context = Context(
                     settings=settings,
                     engine=engine_for(
                         settings.database_url,
                         socket_timeout=settings.database_socket_timeout,
                         **pool_sizing(),
                     ),
-                    redis=services.make_redis(settings.redis_url),
+                    redis=make_redis(settings.redis_url),
                     box=SecretBox(settings.encryption_keys),
                 )
     return _context

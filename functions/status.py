@@ -70,8 +70,8 @@ def local_source(data_dir: Path, environ) -> dict[str, Any]:
 def local_figures(settings: Settings) -> dict[str, Any]:
     """The queue figures, read now from the databases ``settings`` points at."""
     from shared import gauges
+    from shared.context import make_redis
     from shared.db import make_engine
-    from shared.services import make_redis
 
     engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
     client = make_redis(settings.redis_url)

@@ -18,10 +18,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from shared import content, storage
+from shared.context import Context
 from shared.domain import Status
 from shared.errors import Unauthorized, ValidationFailed
 from shared.models import task_batches, tasks
-from shared.services import Context
 from shared.tasks import first_use, idempotency_key, push
 
 MODES = ("strict", "permissive")

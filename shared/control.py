@@ -21,10 +21,10 @@ from sqlalchemy.engine import Connection
 
 from shared import events
 from shared import tasks as task_use_cases
+from shared.context import Context
 from shared.domain import CANCELLABLE, RESCHEDULABLE, RETRYABLE, Status
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.models import tasks, webhook_endpoints
-from shared.services import Context
 from shared.validation import Fields
 
 CANCELLED_BY_USER = "cancelled by the user"

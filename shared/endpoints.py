@@ -15,9 +15,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from shared import events, hosts
+from shared.context import Context
 from shared.errors import Conflict, NotFound, Unauthorized, ValidationFailed
 from shared.receiver import MAX_URL_LENGTH, parse_url
-from shared.services import Context
 
 MAX_ENDPOINTS = 10  # per user
 DEFAULT_PAGE, MAX_PAGE = 50, 200

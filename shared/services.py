@@ -1,14 +1,11 @@
 """Use cases for accounts and health. Entry points parse input, call these, and render the result.
 
-Dependencies arrive in a ``Context`` built once per process; nothing here knows HTTP.
+Dependencies arrive in a ``Context`` (shared.context) built once per process; nothing here knows HTTP.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -16,37 +13,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from shared import auth, hosts, ratelimit
-from shared.config import Settings
+from shared.context import Context
 from shared.crypto import SecretBox
 from shared.domain import default_security
 from shared.errors import Conflict, DependencyUnavailable, NotFound, Unauthorized, ValidationFailed
 from shared.models import users
 from shared.sendqueue import SendQueue
 from shared.validation import SECURITY_CHOICES, Fields
-
-PRIVATE_HOST_REFUSED = hosts.PRIVATE_HOST_REFUSED
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-@dataclass
-class Context:
-    """Everything a use case needs, passed in (never reached for)."""
-
-    settings: Settings
-    engine: Engine
-    redis: redis.Redis
-    box: SecretBox
-    now: Callable[[], datetime] = field(default=utcnow)
-
-
-def make_redis(url: str, *, socket_timeout: float | None = 5.0) -> redis.Redis:
-    """A Redis client with timeouts, so a dead Redis answers 503 instead of hanging a request."""
-    return redis.Redis.from_url(
-        url, socket_timeout=socket_timeout, socket_connect_timeout=3, health_check_interval=30
-    )
 
 
 def _email_subject(email: str) -> str:

@@ -12,9 +12,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from shared.context import Context
 from shared.domain import Status
 from shared.models import OUTCOME_SQL_LIST, OUTCOME_STATUSES
-from shared.services import Context
 
 COUNT_CAP = 10_000  # a status with more tasks than this reports COUNT_CAP and is listed in "capped"
 WINDOW_MINUTES = 60

@@ -14,10 +14,10 @@ import redis
 import sqlalchemy as sa
 
 from shared import content, queue, storage
+from shared.context import Context
 from shared.domain import FAILURES, PENDING, Status
 from shared.errors import NotFound, PayloadTooLarge, Unauthorized, ValidationFailed
 from shared.models import task_contents, task_tags, tasks
-from shared.services import Context
 from shared.validation import Fields
 
 log = logging.getLogger("mailq.tasks")

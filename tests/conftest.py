@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 from werkzeug.test import Client
 
-from shared import services
 from shared.config import Settings
+from shared.context import Context, make_redis
 from shared.crypto import SecretBox, generate_key
 from shared.db import dispose_engines, engine_for, migrate
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -87,17 +87,17 @@ def clean(servers):
     engine = engine_for(servers["database_url"])
     with engine.begin() as conn:
         conn.execute(sa.text("TRUNCATE users, tasks RESTART IDENTITY CASCADE"))
-    r = services.make_redis(servers["redis_url"])
+    r = make_redis(servers["redis_url"])
     r.flushall()
     r.close()
 
 
 @pytest.fixture()
-def ctx(settings, clean) -> services.Context:
-    c = services.Context(
+def ctx(settings, clean) -> Context:
+    c = Context(
         settings=settings,
         engine=engine_for(settings.database_url),
-        redis=services.make_redis(settings.redis_url),
+        redis=make_redis(settings.redis_url),
         box=SecretBox(settings.encryption_keys),
     )
     yield c

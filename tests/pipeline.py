@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 from shared import services, tasks
 from shared.consumer import Consumer
+from shared.context import Context
 from shared.mailer import Mailer
 from shared.sender import Sender
 from shared.sweep import sweep_once
@@ -17,7 +18,7 @@ from shared.workers import Outcome
 
 
 class Pipeline:
-    def __init__(self, ctx: services.Context, **mailer_kwargs):
+    def __init__(self, ctx: Context, **mailer_kwargs):
         self.ctx = ctx
         s = ctx.settings
         self.consumer = Consumer(s, ctx.engine, ctx.redis)

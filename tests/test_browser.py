@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shared import routes, services
+from shared import routes
+from shared.context import make_redis
 from shared.db import engine_for
 from shared.embedded import free_port
 from tests.conftest import ROOT
@@ -75,7 +76,7 @@ def call(base: str, method: str, path: str, body=None, token: str | None = None)
 def _empty(servers) -> None:
     with engine_for(servers["database_url"]).begin() as conn:
         conn.execute(sa.text("TRUNCATE users, tasks RESTART IDENTITY CASCADE"))
-    client = services.make_redis(servers["redis_url"])
+    client = make_redis(servers["redis_url"])
     client.flushall()
     client.close()
 

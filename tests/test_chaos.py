@@ -13,8 +13,9 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 import sqlalchemy as sa
 
-from shared import queue, services
+from shared import queue
 from shared.config import Settings
+from shared.context import Context, make_redis
 from shared.crypto import SecretBox
 from shared.db import is_unavailable, make_engine
 from shared.embedded import EmbeddedRedis, free_port
@@ -200,9 +201,7 @@ def pipe_on_stack(stack):
         }
     )
     engine = make_engine(stack.database_url)
-    ctx = services.Context(
-        settings, engine, services.make_redis(stack.redis_url), SecretBox(settings.encryption_keys)
-    )
+    ctx = Context(settings, engine, make_redis(stack.redis_url), SecretBox(settings.encryption_keys))
     p = Pipeline(ctx)
     yield p
     p.close()
@@ -316,9 +315,7 @@ def silent_pg(stack):
         {**TEST_ENV, "DATABASE_URL": url, "REDIS_URL": stack.redis_url, "DATABASE_SOCKET_TIMEOUT": "0.5"}
     )
     engine = make_engine(url, pre_ping=False, socket_timeout=settings.database_socket_timeout)
-    ctx = services.Context(
-        settings, engine, services.make_redis(stack.redis_url), SecretBox(settings.encryption_keys)
-    )
+    ctx = Context(settings, engine, make_redis(stack.redis_url), SecretBox(settings.encryption_keys))
     pipe = Pipeline(ctx)
     try:
         yield pipe, proxy

@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from shared import queue, services, tasks
+from shared.context import make_redis
 from shared.crypto import SecretBox, generate_key
 from shared.db import is_unavailable, make_engine
 from shared.domain import Status
@@ -683,7 +684,7 @@ def test_a_worker_stays_live_while_redis_refuses_its_heartbeat(fast_ctx, tmp_pat
     from shared.consumer import Consumer
 
     settings = fast_ctx.settings.replace(heartbeat_ttl=3, heartbeat_file=str(tmp_path / "beat"))
-    consumer = Consumer(settings, fast_ctx.engine, services.make_redis(settings.redis_url))
+    consumer = Consumer(settings, fast_ctx.engine, make_redis(settings.redis_url))
     running = run_in_thread(consumer.run)
     beat = tmp_path / "beat"
     try:
@@ -709,7 +710,7 @@ def test_a_worker_waiting_for_redis_at_start_stays_live(fast_ctx, tmp_path):
     from shared.embedded import free_port
 
     beat = tmp_path / "beat"
-    nowhere = services.make_redis(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)
+    nowhere = make_redis(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)
     consumer = Consumer(fast_ctx.settings.replace(heartbeat_file=str(beat)), fast_ctx.engine, nowhere)
     running = run_in_thread(consumer.run)
     try:

@@ -11,7 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from shared import queue, services
+from shared import queue
+from shared.context import make_redis
 from shared.sendqueue import Taken
 from shared.workers import Outcome, backoff_seconds
 from tests.pipeline import Pipeline
@@ -184,7 +185,7 @@ def test_a_push_that_fails_at_enqueue_is_delivered_by_the_sweep(fast_ctx, smtp):
     pipe = Pipeline(fast_ctx)
     user = pipe.user(smtp)
     working_redis = fast_ctx.redis
-    fast_ctx.redis = services.make_redis(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)
+    fast_ctx.redis = make_redis(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)
     task_id = pipe.enqueue(user)  # the row is committed; the push fails quietly
     fast_ctx.redis = working_redis
     assert pipe.task(task_id).status == "queued" and working_redis.llen(queue.TASK_LIST) == 0

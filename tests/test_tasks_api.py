@@ -131,7 +131,7 @@ def test_the_default_body_limit_is_one_mebibyte(api, alice):
 
 
 def test_the_same_idempotency_key_and_body_return_the_first_task(api, alice, pg_url, redis_url):
-    from shared.services import make_redis
+    from shared.context import make_redis
 
     _, headers = alice
     keyed = {**headers, "Idempotency-Key": "order-42"}

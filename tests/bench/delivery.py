@@ -23,7 +23,8 @@ from email.policy import default as default_policy
 
 import sqlalchemy as sa
 
-from shared import queue, services
+from shared import queue
+from shared.context import make_redis
 from shared.message import build_message
 from tests.bench import seed
 from tests.bench.mailbox import MailboxTail, Verdict, verify
@@ -226,7 +227,7 @@ def celery_delivery(
     data_dir = stack.scratch("sink-celery")
     sink = stack.start_sink(data_dir)
     worker: Child | None = None
-    broker = services.make_redis(stack.celery_broker)
+    broker = make_redis(stack.celery_broker)
     try:
         peer_celery.celery_app.conf.broker_url = stack.celery_broker
         ids = []

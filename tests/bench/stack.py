@@ -26,6 +26,7 @@ import sqlalchemy as sa
 
 from shared import queue, services
 from shared.config import Settings
+from shared.context import Context, make_redis
 from shared.crypto import SecretBox, generate_key
 from shared.db import dispose_engines, engine_for, migrate
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
@@ -270,7 +271,7 @@ class Stack:
         self.sink_port = free_port()
         self.user = None
         self.token = ""
-        self.ctx: services.Context | None = None
+        self.ctx: Context | None = None
         self._settings: Settings | None = None
         self._names: dict[str, int] = {}
         self._tenants: dict[str, tuple[object, str]] = {}
@@ -308,10 +309,10 @@ class Stack:
         }
         self._settings = Settings.from_env(self.env)
         s = self._settings
-        self.ctx = services.Context(
+        self.ctx = Context(
             settings=s,
             engine=engine_for(s.database_url, pool_size=4),
-            redis=services.make_redis(s.redis_url, socket_timeout=60),
+            redis=make_redis(s.redis_url, socket_timeout=60),
             box=SecretBox(s.encryption_keys),
         )
         account = {
@@ -388,7 +389,7 @@ class Stack:
         with self.ctx.engine.begin() as conn:
             conn.execute(sa.text("TRUNCATE tasks RESTART IDENTITY CASCADE"))  # and their webhook events
         self.ctx.redis.flushdb()
-        celery = services.make_redis(self.celery_broker)
+        celery = make_redis(self.celery_broker)
         try:
             celery.flushdb()
         finally:

@@ -26,10 +26,10 @@ from urllib.parse import parse_qs, urlparse
 import redis
 import sqlalchemy as sa
 
+from shared.context import make_redis
 from shared.crypto import generate_key
 from shared.db import make_engine, migrate
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
-from shared.services import make_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 
