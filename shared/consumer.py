@@ -2,7 +2,7 @@
 
 It moves envelopes into its own processing list (BLMOVE, then more in one script), asks
 PostgreSQL which of their tasks are still queued, and hands those to their tenants' queues
-(``shared.sendqueue``); the hand-off and the release from its processing list are one atomic step,
+(``shared.fairqueue``); the hand-off and the release from its processing list are one atomic step,
 so a crash in between cannot lose an envelope. Unknown, terminal, not-due and duplicate envelopes
 are dropped here: the sweep owns anything that still needs to go.
 """
@@ -20,8 +20,8 @@ from shared import queue
 from shared.config import Settings
 from shared.db import on_the_row
 from shared.errors import EnvelopeDecodeError
+from shared.fairqueue import SendQueue
 from shared.prepared import alone, run_alone
-from shared.sendqueue import SendQueue
 from shared.workers import BLOCK_SECONDS, Outcome, Worker, dependency_of
 
 log = logging.getLogger("mailq.consumer")

@@ -36,7 +36,7 @@ import sqlalchemy as sa
 
 from shared import queue
 from shared.domain import CancelReason, Status
-from shared.sendqueue import SendQueue
+from shared.fairqueue import SendQueue
 
 log = logging.getLogger("mailq.events")
 

@@ -40,7 +40,7 @@ from sqlalchemy.engine import Engine
 from shared import queue
 from shared.config import Settings
 from shared.domain import PENDING, Status
-from shared.sweep_sql import pending_work_sql
+from shared.pending import pending_work_sql
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus's text exposition format
 ESTIMATED = (Status.SENT, Status.CANCELLED)

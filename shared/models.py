@@ -132,7 +132,7 @@ class Task(Base):
             "next_attempt_at",
             postgresql_where=sa.text("status = 'queued'"),
         ),
-        # Retention: final tasks by age (the predicate is shared.sweep_sql.FINAL_STATUSES).
+        # Retention: final tasks by age (the predicate is shared.pending.FINAL_STATUSES).
         sa.Index(
             "tasks_retention",
             "updated_at",

@@ -45,7 +45,7 @@ WEBHOOK_RETURNED = "mailq:webhooks:returned"
 
 @dataclass(frozen=True)
 class FairKeys:
-    """The keys of one fair queue (shared.sendqueue): the senders' and the webhook worker's."""
+    """The keys of one fair queue (shared.fairqueue): the senders' and the webhook worker's."""
 
     ready: str
     queue_prefix: str

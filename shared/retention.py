@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from shared.config import Settings
-from shared.sweep_sql import FINAL_STATUSES
+from shared.pending import FINAL_STATUSES
 
 MAX_BATCHES_PER_PASS = 10  # a pass stays short; the next one (30 s later) goes on
 

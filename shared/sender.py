@@ -1,7 +1,7 @@
 """The sender: takes work tenant by tenant, claims each task just before its SMTP attempt, sends it
 within a deadline, and records the outcome behind the fencing token.
 
-- **Fair share and the per-account cap** come from the queue (``shared.sendqueue``): one envelope per
+- **Fair share and the per-account cap** come from the queue (``shared.fairqueue``): one envelope per
   tenant per turn, at most SMTP_MAX_CONNECTIONS_PER_ACCOUNT conversations at once per account.
 - **A try counts when its attempt starts.** A task is claimed (``try_count + 1``) by the thread about
   to talk to its server, right before it does; nothing waits in a claimed batch behind a slow
@@ -48,11 +48,11 @@ from shared.errors import (
     SmtpError,
     TransientSmtpError,
 )
+from shared.fairqueue import SendQueue, Taken
 from shared.inflight import INLINE_BYTES, Inflight
 from shared.mailer import SmtpAccount
 from shared.message import compose
 from shared.prepared import alone, run_alone
-from shared.sendqueue import SendQueue, Taken
 from shared.storage import attachments_of
 from shared.workers import BLOCK_SECONDS, Outcome, Worker, backoff_seconds, dependency_of, utcnow
 

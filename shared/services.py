@@ -17,8 +17,8 @@ from shared.context import Context
 from shared.crypto import SecretBox
 from shared.domain import default_security
 from shared.errors import Conflict, DependencyUnavailable, NotFound, Unauthorized, ValidationFailed
+from shared.fairqueue import SendQueue
 from shared.models import users
-from shared.sendqueue import SendQueue
 from shared.validation import SECURITY_CHOICES, Fields
 
 

@@ -23,9 +23,9 @@ from sqlalchemy.engine import Engine
 
 from shared import events, queue, webhook_sweep
 from shared.config import Settings
+from shared.fairqueue import SendQueue
+from shared.pending import conditions, pending_work_sql
 from shared.retention import purge_once
-from shared.sendqueue import SendQueue
-from shared.sweep_sql import conditions, pending_work_sql
 
 log = logging.getLogger("mailq.sweep")
 

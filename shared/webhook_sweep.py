@@ -8,7 +8,7 @@ every running webhook worker also does once a second (so a retry is not late by 
   their last attempt;
 - envelopes a stopped or dead worker left in WEBHOOK_RETURNED go back into their endpoints' queues.
 
-Each kind is read from its own partial index (shared.sweep_sql), locked with SKIP LOCKED: two passes
+Each kind is read from its own partial index (shared.pending), locked with SKIP LOCKED: two passes
 at once take different rows, and a row put back never matches again.
 """
 
@@ -23,8 +23,8 @@ from sqlalchemy.engine import Engine
 from shared import queue
 from shared.config import Settings
 from shared.errors import EnvelopeDecodeError
-from shared.sendqueue import SendQueue
-from shared.sweep_sql import delivery_conditions
+from shared.fairqueue import SendQueue
+from shared.pending import delivery_conditions
 
 log = logging.getLogger("mailq.webhooks")
 

@@ -38,8 +38,8 @@ from shared import events, queue
 from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.errors import ConfigError, EnvelopeDecodeError
+from shared.fairqueue import SendQueue, Taken
 from shared.receiver import Answer, Receiver
-from shared.sendqueue import SendQueue, Taken
 from shared.webhook_sweep import requeue_due, reroute_returned
 from shared.workers import BLOCK_SECONDS, Worker, dependency_of, utcnow
 

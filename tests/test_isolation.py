@@ -20,9 +20,9 @@ from shared.context import make_redis
 from shared.crypto import SecretBox, generate_key
 from shared.db import is_unavailable, make_engine
 from shared.domain import Status
+from shared.fairqueue import SendQueue
 from shared.mailer import Mailer
 from shared.sender import Sender
-from shared.sendqueue import SendQueue
 from shared.workers import Outcome
 from tests.hostile_smtp import SlowGoodbyeServer, TricklingServer
 from tests.pipeline import Pipeline

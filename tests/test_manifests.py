@@ -42,7 +42,7 @@ import yaml
 
 from shared import queue, routes
 from shared.config import Settings
-from shared.sweep_sql import pending_work_sql
+from shared.pending import pending_work_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_DIRS = ("knative", "keda", "deployment")

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 
 from shared import queue
 from shared.context import make_redis
-from shared.sendqueue import Taken
+from shared.fairqueue import Taken
 from shared.workers import Outcome, backoff_seconds
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer, make_ca, make_self_signed_context

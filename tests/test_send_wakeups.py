@@ -7,7 +7,7 @@ more Redis calls than mails. Driven on the fair queue itself, against the real R
 from __future__ import annotations
 
 from shared import queue
-from shared.sendqueue import SendQueue
+from shared.fairqueue import SendQueue
 
 PROCESSING = "mailq:processing:test-sender"
 SLOT_MS = 60_000

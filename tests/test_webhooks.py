@@ -505,7 +505,7 @@ def test_rotate_keys_re_encrypts_webhook_secrets_and_deliveries_still_verify(pip
 def test_due_deliveries_are_found_from_their_indexes(pipe):
     """EXPLAIN on 20k deliveries (mostly delivered): the sweep's and the workers' queries read the
     partial indexes, never the whole table."""
-    from shared.sweep_sql import pending_work_sql
+    from shared.pending import pending_work_sql
     from shared.webhook_sweep import _requeue_sql
 
     with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
