@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from email.message import EmailMessage
 
 from shared.config import Settings
+from shared.deadline import Guard, Watchdog
 from shared.domain import SmtpSecurity
 from shared.errors import PermanentSmtpError, SmtpAuthError, SmtpError, TransientSmtpError
 from shared.hosts import check_host_allowed, host_refusal_reason, resolve_checked
@@ -29,11 +30,9 @@ from shared.message import Outgoing, build_message, message_id_for
 from shared.smtp import (
     MAX_REPLY_BYTES,
     MAX_REPLY_LINES,
-    Guard,
     PinnedSMTP,
     PinnedSMTPSSL,
     ReplyTooLarge,
-    Watchdog,
     hang_up,
     size_limit,
 )

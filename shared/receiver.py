@@ -3,7 +3,7 @@
 Every receiver belongs to a user, so it gets the SMTP servers' treatment (shared.smtp): the host is
 resolved and vetted by shared.hosts on every request and the socket connects to exactly the address
 that was checked; the whole request — connect, TLS, sending, the answer — must end by one deadline
-(WEBHOOK_TIMEOUT), enforced per socket operation and by shared.smtp's Watchdog shutting the socket
+(WEBHOOK_TIMEOUT), enforced per socket operation and by shared.deadline's Watchdog shutting the socket
 down, so a receiver trickling its answer a byte at a time cannot hold a thread either; at most
 MAX_ANSWER_BYTES of the answer are read (the status line and, when they fit, the headers: nothing
 else matters); redirects are never followed (a 3xx is a failure like any other non-2xx).
@@ -21,8 +21,8 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 from shared import hosts
+from shared.deadline import Guard, Watchdog
 from shared.errors import HostError
-from shared.smtp import Guard, Watchdog
 
 MAX_ANSWER_BYTES = 4096  # the status line and the headers of any sane answer; the body is never read
 MAX_URL_LENGTH = 2048
