@@ -8,10 +8,9 @@ import bcrypt
 import jwt
 
 from shared.errors import Unauthorized
+from shared.validation import MAX_PASSWORD_BYTES
 
 ALGORITHM = "HS256"
-MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything past 72 bytes; we refuse instead of truncating
-MIN_PASSWORD_BYTES = 8
 # Pods' clocks drift a little: a token minted by a pod a few seconds ahead is not refused as "issued in
 # the future" by one behind it, nor one just past exp. Far less than any token's lifetime.
 TOKEN_LEEWAY_SECONDS = 30

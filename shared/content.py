@@ -20,7 +20,6 @@ from typing import Any
 
 from shared.config import Settings
 from shared.errors import ValidationFailed
-from shared.message import Attachment
 from shared.validation import LINE_BREAKS, Fields
 
 MAX_SUBJECT = 998  # RFC 5322's line limit
@@ -60,6 +59,13 @@ NEW_FIELDS = (
     "attachments",
     "tags",
 )
+
+
+@dataclass(frozen=True)
+class Attachment:
+    filename: str
+    content_type: str  # type/subtype
+    data: bytes
 
 
 @dataclass(frozen=True)

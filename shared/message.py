@@ -18,6 +18,7 @@ from email.message import EmailMessage
 from email.policy import default as default_policy
 from email.utils import format_datetime
 
+from shared.content import Attachment
 from shared.errors import PermanentSmtpError
 from shared.validation import LINE_BREAKS
 
@@ -48,13 +49,6 @@ class _CachedHeaderRegistry(HeaderRegistry):
 # refolded into RFC 2047 encoded-words that would break it.
 POLICY = default_policy.clone(header_factory=_CachedHeaderRegistry(), refold_source="none")
 _FOLD_AT = 78  # RFC 5322's recommended line length; our raw headers are folded at spaces near it
-
-
-@dataclass(frozen=True)
-class Attachment:
-    filename: str
-    content_type: str  # type/subtype
-    data: bytes
 
 
 def build_message(

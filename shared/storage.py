@@ -16,8 +16,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from shared.content import Mail
-from shared.message import Attachment
+from shared.content import Attachment, Mail
 from shared.prepared import alone, run_alone
 
 # One statement, one round trip, one INSERT per table however many mails: the ids are drawn from the

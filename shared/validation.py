@@ -13,7 +13,6 @@ from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
 
-from shared.auth import MAX_PASSWORD_BYTES, MIN_PASSWORD_BYTES
 from shared.domain import SmtpSecurity
 
 # CR, LF and NUL, and every other character Python's str.splitlines() breaks on (VT, FF, FS, GS, RS,
@@ -21,6 +20,8 @@ from shared.domain import SmtpSecurity
 LINE_BREAKS = re.compile("[\r\n\x00\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 MISSING = object()
+MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything past 72 bytes; we refuse instead of truncating
+MIN_PASSWORD_BYTES = 8
 
 
 class Fields:
