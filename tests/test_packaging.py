@@ -204,8 +204,8 @@ def test_the_product_never_imports_the_tests_or_their_harnesses():
             names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in HARNESSES]
     assert not offenders
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert {p.split(".")[0] for p in packages} == set(PRODUCT)
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert {p.split(".")[0] for p in found["include"]} == set(PRODUCT)
 
 
 @pytest.mark.parametrize(
