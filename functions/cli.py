@@ -373,9 +373,9 @@ def webhooks() -> None:
 @main.command("rotate-keys")
 def rotate_keys() -> None:
     """Re-encrypt every stored secret (SMTP passwords, webhook secrets) with the first encryption key."""
+    from shared.accounts.users import rotate_keys as rotate
     from shared.crypto import SecretBox
     from shared.db import engine_for
-    from shared.services import rotate_keys as rotate
 
     settings = load_settings()
     if not settings.database_url or not settings.encryption_keys:

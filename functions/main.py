@@ -11,7 +11,8 @@ import functions_framework
 
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import batch, content, control, endpoints, gauges, services, stats, tasks
+from shared import batch, content, control, endpoints, gauges, stats, tasks
+from shared.accounts import users
 
 NO_STORE = {"Cache-Control": "no-store"}  # an answer that holds a webhook secret is never cached
 
@@ -25,7 +26,7 @@ def live(request):
 @functions_framework.http
 @endpoint("ping")
 def ping(ctx, request):
-    checks = services.ping(ctx)
+    checks = users.ping(ctx)
     down = [name for name, state in checks.items() if state != "ok"]
     if down:
         return problem(503, f"{', '.join(down)} is down", {"Retry-After": "5"}, checks=checks)
@@ -36,7 +37,7 @@ def ping(ctx, request):
 @endpoint("register")
 def register(ctx, request):
     body = json_body(request)
-    user = services.register(ctx, body, client_address(request, ctx.settings.trusted_proxy_hops))
+    user = users.register(ctx, body, client_address(request, ctx.settings.trusted_proxy_hops))
     return 201, user, {"Location": f"/api/v1/user/{user['id']}"}
 
 
@@ -44,29 +45,29 @@ def register(ctx, request):
 @endpoint("login")
 def login(ctx, request):
     body = json_body(request)
-    return 200, services.login(ctx, body, client_address(request, ctx.settings.trusted_proxy_hops))
+    return 200, users.login(ctx, body, client_address(request, ctx.settings.trusted_proxy_hops))
 
 
 @functions_framework.http
 @endpoint("get_user")
 def get_user(ctx, request, id):
-    caller = services.authenticate(ctx, request.headers.get("Authorization"))
-    return 200, services.get_user(ctx, caller.id, id)
+    caller = users.authenticate(ctx, request.headers.get("Authorization"))
+    return 200, users.get_user(ctx, caller.id, id)
 
 
 @functions_framework.http
 @endpoint("update_user")
 def update_user(ctx, request, id):
-    caller = services.authenticate(ctx, request.headers.get("Authorization"))
+    caller = users.authenticate(ctx, request.headers.get("Authorization"))
     body = json_body(request)
-    return 200, services.update_smtp(ctx, caller.id, id, body)
+    return 200, users.update_smtp(ctx, caller.id, id, body)
 
 
 @functions_framework.http
 @endpoint("enqueue")
 def enqueue(ctx, request):
     # The token is checked here; that its user still exists is checked by the insert itself.
-    user_id = services.token_user_id(ctx, request.headers.get("Authorization"))
+    user_id = users.token_user_id(ctx, request.headers.get("Authorization"))
     body = json_body(request, tasks.request_limit(ctx))
     result, _created = tasks.enqueue(ctx, user_id, body, request.headers.get("Idempotency-Key"))
     return 202, result, {"Location": f"/api/v1/task/{result['task_id']}"}
@@ -75,7 +76,7 @@ def enqueue(ctx, request):
 @functions_framework.http
 @endpoint("enqueue_batch")
 def enqueue_batch(ctx, request):
-    user_id = services.token_user_id(ctx, request.headers.get("Authorization"))
+    user_id = users.token_user_id(ctx, request.headers.get("Authorization"))
     body = json_body(request, batch.request_limit(ctx))
     mode = batch.validation_mode(request.args.get("validation"))
     result, _created = batch.enqueue_batch(ctx, user_id, body, request.headers.get("Idempotency-Key"), mode)
@@ -85,14 +86,14 @@ def enqueue_batch(ctx, request):
 @functions_framework.http
 @endpoint("get_task")
 def get_task(ctx, request, id):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     return 200, tasks.get_task(ctx, user.id, id)
 
 
 @functions_framework.http
 @endpoint("reschedule_task")
 def reschedule_task(ctx, request, id):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     body = json_body(request)
     return 200, control.reschedule(ctx, user.id, id, body)
 
@@ -100,21 +101,21 @@ def reschedule_task(ctx, request, id):
 @functions_framework.http
 @endpoint("cancel_task")
 def cancel_task(ctx, request, id):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     return 200, control.cancel(ctx, user.id, id)
 
 
 @functions_framework.http
 @endpoint("retry_task")
 def retry_task(ctx, request, id):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     return 200, control.retry(ctx, user.id, id)
 
 
 @functions_framework.http
 @endpoint("task_queue")
 def task_queue(ctx, request):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     statuses = tasks.queue_statuses(request.args.get("status"))
     limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
     recipient = tasks.recipient_filter(request.args.get("recipient"))
@@ -125,7 +126,7 @@ def task_queue(ctx, request):
 @functions_framework.http
 @endpoint("task_queue_fail")
 def task_queue_fail(ctx, request):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
     recipient = tasks.recipient_filter(request.args.get("recipient"))
     tag = content.tag_filter(request.args.get("tag"))
@@ -136,14 +137,14 @@ def task_queue_fail(ctx, request):
 @functions_framework.http
 @endpoint("task_stats")
 def task_stats(ctx, request):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     return 200, stats.task_stats(ctx, user.id)
 
 
 @functions_framework.http
 @endpoint("create_webhook")
 def create_webhook(ctx, request):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     body = json_body(request)
     return 201, endpoints.create(ctx, user.id, body), NO_STORE
 
@@ -151,14 +152,14 @@ def create_webhook(ctx, request):
 @functions_framework.http
 @endpoint("list_webhooks")
 def list_webhooks(ctx, request):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     return 200, endpoints.list_endpoints(ctx, user.id)
 
 
 @functions_framework.http
 @endpoint("delete_webhook")
 def delete_webhook(ctx, request, id):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     endpoints.delete(ctx, user.id, id)
     return 204, None
 
@@ -166,14 +167,14 @@ def delete_webhook(ctx, request, id):
 @functions_framework.http
 @endpoint("rotate_webhook_secret")
 def rotate_webhook_secret(ctx, request, id):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     return 200, endpoints.rotate(ctx, user.id, id), NO_STORE
 
 
 @functions_framework.http
 @endpoint("list_webhook_deliveries")
 def list_webhook_deliveries(ctx, request, id):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     limit = query_int(request, "limit", endpoints.DEFAULT_PAGE, 1, endpoints.MAX_PAGE)
     return 200, endpoints.list_deliveries(ctx, user.id, id, limit, request.args.get("cursor"))
 
@@ -181,7 +182,7 @@ def list_webhook_deliveries(ctx, request, id):
 @functions_framework.http
 @endpoint("replay_webhook_delivery")
 def replay_webhook_delivery(ctx, request, id, delivery_id):
-    user = services.authenticate(ctx, request.headers.get("Authorization"))
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
     return 202, endpoints.replay(ctx, user.id, id, delivery_id)
 
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from shared import services, tasks
+from shared import tasks
+from shared.accounts import users
 from shared.consumer import Consumer
 from shared.context import Context
 from shared.mailer import Mailer
@@ -39,9 +40,9 @@ class Pipeline:
             "smtp_security": "none",
             **extra,
         }
-        services.register(self.ctx, body, "test-client")
-        token = services.login(self.ctx, body, "test-client")["token"]
-        return services.authenticate(self.ctx, "Bearer " + token)
+        users.register(self.ctx, body, "test-client")
+        token = users.login(self.ctx, body, "test-client")["token"]
+        return users.authenticate(self.ctx, "Bearer " + token)
 
     def enqueue(self, user, key: str | None = None, **fields) -> int:
         body = {

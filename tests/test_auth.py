@@ -10,7 +10,7 @@ import bcrypt
 import jwt
 import pytest
 
-from shared import auth, services
+from shared.accounts import auth, users
 from shared.errors import Unauthorized
 
 SECRET = "k" * 32
@@ -44,7 +44,7 @@ def ada(ctx):
         "smtp-password": "",
         "smtp_security": "none",
     }
-    return services.register(ctx, body, "test-client")
+    return users.register(ctx, body, "test-client")
 
 
 @pytest.mark.parametrize(
@@ -61,12 +61,12 @@ def test_every_refused_login_does_exactly_one_bcrypt_check_at_the_configured_cos
     ctx, ada, bcrypt_checks, email, password
 ):
     with pytest.raises(Unauthorized):
-        services.login(ctx, {"email": email, "password": password}, "test-client")
+        users.login(ctx, {"email": email, "password": password}, "test-client")
     assert bcrypt_checks == [ctx.settings.bcrypt_rounds]
 
 
 def test_a_successful_login_does_one_bcrypt_check_too(ctx, ada, bcrypt_checks):
-    services.login(ctx, {"email": "ada@example.com", "password": "correct horse"}, "test-client")
+    users.login(ctx, {"email": "ada@example.com", "password": "correct horse"}, "test-client")
     assert bcrypt_checks == [ctx.settings.bcrypt_rounds]
 
 

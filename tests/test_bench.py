@@ -198,18 +198,18 @@ def test_the_scale_table_copies_history_inside_postgresql_past_the_python_share_
 ):
     import sqlalchemy as sa
 
-    from shared import services
+    from shared.accounts import users
     from tests.bench import seed
 
     account = {"email": "s@example.com", "password": "pw pw pw pw", "smtp_host": "127.0.0.1", "smtp_port": 25,
                "smtp-username": "s", "smtp-password": "p", "smtp_security": "none"}  # fmt: skip
-    user = services.register(ctx, account, "test")
-    users = [user["id"], *seed.extra_users(ctx.engine, user["id"], 2)]
-    assert seed.extra_users(ctx.engine, user["id"], 2) == users[1:]  # a second size reuses them
+    user = users.register(ctx, account, "test")
+    user_ids = [user["id"], *seed.extra_users(ctx.engine, user["id"], 2)]
+    assert seed.extra_users(ctx.engine, user["id"], 2) == user_ids[1:]  # a second size reuses them
     monkeypatch.setattr(seed, "PYTHON_HISTORY_ROWS", 1000)
     monkeypatch.setattr(seed, "REPLICATE_CHUNK", 700)
 
-    counts = seed.scale_table(ctx.engine, users, 3000)
+    counts = seed.scale_table(ctx.engine, user_ids, 3000)
 
     with ctx.engine.connect() as conn:
         total, ids, per_user = conn.execute(
@@ -225,7 +225,7 @@ def test_the_scale_table_copies_history_inside_postgresql_past_the_python_share_
     # A bigger table with the same live work: only history grows.
     with ctx.engine.begin() as conn:
         conn.execute(sa.text("TRUNCATE tasks CASCADE"))
-    counts = seed.scale_table(ctx.engine, users, 6000, live_rows=3000)
+    counts = seed.scale_table(ctx.engine, user_ids, 6000, live_rows=3000)
     with ctx.engine.connect() as conn:
         total, ids = conn.execute(sa.text("SELECT count(*), count(DISTINCT message_id) FROM tasks")).one()
         bigger = dict(conn.execute(sa.text(

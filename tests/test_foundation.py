@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shared import auth, queue, routes
+from shared import queue, routes
+from shared.accounts import auth
 from shared.config import Settings
 from shared.crypto import SecretBox, generate_key
 from shared.errors import ConfigError, EnvelopeDecodeError, Unauthorized

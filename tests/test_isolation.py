@@ -15,7 +15,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from shared import queue, services, tasks
+from shared import queue, tasks
+from shared.accounts import users
 from shared.context import make_redis
 from shared.crypto import SecretBox, generate_key
 from shared.db import is_unavailable, make_engine
@@ -280,16 +281,16 @@ def test_a_sender_missing_the_encryption_key_gives_the_task_back_without_spendin
 
 def test_rotate_keys_re_encrypts_every_smtp_password_so_the_old_key_can_go(pipe, smtp_server):
     old_key, new_key = pipe.ctx.settings.encryption_keys[0], generate_key()
-    users = [
+    owners = [
         pipe.user(smtp_server, email=f"u{i}@example.com", **{"smtp-password": f"pw{i}"}) for i in range(3)
     ]
     both = SecretBox((new_key, old_key))
-    assert services.rotate_keys(pipe.ctx.engine, both) == 3
-    assert services.rotate_keys(pipe.ctx.engine, both) == 0  # nothing left to do the second time
+    assert users.rotate_keys(pipe.ctx.engine, both) == 3
+    assert users.rotate_keys(pipe.ctx.engine, both) == 0  # nothing left to do the second time
     only_new = SecretBox((new_key,))
     with pipe.ctx.engine.connect() as conn:
         stored = dict(conn.execute(sa.text("SELECT id, smtp_password_enc FROM users")).all())
-    assert {only_new.decrypt(stored[u.id]) for u in users} == {"pw0", "pw1", "pw2"}
+    assert {only_new.decrypt(stored[u.id]) for u in owners} == {"pw0", "pw1", "pw2"}
 
 
 # --- 6. the sweep does not multiply a backlog ------------------------------------------------------
@@ -497,7 +498,7 @@ def test_a_pause_from_the_old_credentials_does_not_stick_to_new_ones(pipe, smtp_
     user = pipe.user(smtp_server)
     task_id = pipe.enqueue(user)
     claim = pipe.sender.claim(task_id)
-    services.update_smtp(pipe.ctx, user.id, user.id, {"smtp-username": "changed"})
+    users.update_smtp(pipe.ctx, user.id, user.id, {"smtp-username": "changed"})
     assert pipe.sender._pause(claim, None, "535 refused") == Outcome.PAUSED  # noqa: SLF001
     with pipe.ctx.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT smtp_paused_at FROM users")).scalar_one() is None

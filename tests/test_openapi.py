@@ -334,7 +334,7 @@ def test_auth_and_bodies_follow_the_function_source(route):
     op = operation(route.method, route.path)
     source = inspect.getsource(getattr(main, route.target))
     responses = op["responses"]
-    authenticates = "services.authenticate(" in source or "services.token_user_id(" in source
+    authenticates = "users.authenticate(" in source or "users.token_user_id(" in source
     assert (op.get("security") == [{AUTHENTICATED_OPERATIONS_SCHEME: []}]) is authenticates
     assert ("401" in responses) is (authenticates or route.target == "login")
     reads_body = "json_body(" in source

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from shared import services, tasks
+from shared import tasks
+from shared.accounts import users
 from shared.db import engine_for
 
 MAIL = {"recipient_email": "bob@example.org", "subject": "Hi", "body": "Hello Bob"}
@@ -24,8 +25,8 @@ def user(ctx):
         "smtp-password": "smtp secret",
         "smtp_security": "none",
     }
-    services.register(ctx, account, "test")
-    return services.authenticate(ctx, "Bearer " + services.login(ctx, account, "test")["token"])
+    users.register(ctx, account, "test")
+    return users.authenticate(ctx, "Bearer " + users.login(ctx, account, "test")["token"])
 
 
 @pytest.fixture()

@@ -24,7 +24,8 @@ from pathlib import Path
 import psutil
 import sqlalchemy as sa
 
-from shared import queue, services
+from shared import queue
+from shared.accounts import users
 from shared.config import Settings
 from shared.context import Context, make_redis
 from shared.crypto import SecretBox, generate_key
@@ -324,9 +325,9 @@ class Stack:
             "smtp-password": SMTP_ACCOUNTS[SMTP_USER],
             "smtp_security": "none",
         }
-        services.register(self.ctx, account, "bench")
-        self.token = services.login(self.ctx, account, "bench")["token"]
-        self.user = services.authenticate(self.ctx, "Bearer " + self.token)
+        users.register(self.ctx, account, "bench")
+        self.token = users.login(self.ctx, account, "bench")["token"]
+        self.user = users.authenticate(self.ctx, "Bearer " + self.token)
         self._account = account
 
     def tenant(self, smtp_username: str) -> tuple[object, str]:
@@ -339,9 +340,9 @@ class Stack:
                 "smtp-username": smtp_username,
                 "smtp-password": SMTP_ACCOUNTS[smtp_username],
             }
-            services.register(self.ctx, account, "bench")
-            token = services.login(self.ctx, account, "bench")["token"]
-            self._tenants[smtp_username] = (services.authenticate(self.ctx, "Bearer " + token), token)
+            users.register(self.ctx, account, "bench")
+            token = users.login(self.ctx, account, "bench")["token"]
+            self._tenants[smtp_username] = (users.authenticate(self.ctx, "Bearer " + token), token)
         return self._tenants[smtp_username]
 
     def close(self) -> None:

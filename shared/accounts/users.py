@@ -12,7 +12,8 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import auth, hosts, ratelimit
+from shared import hosts, ratelimit
+from shared.accounts import auth
 from shared.context import Context
 from shared.crypto import SecretBox
 from shared.domain import default_security
