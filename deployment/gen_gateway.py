@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from shared import batch  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.routes import ROUTES, TARGETS, Route  # noqa: E402
-from shared.tasks import request_limit  # noqa: E402
+from shared.tasks import batch  # noqa: E402
+from shared.tasks.enqueue import request_limit  # noqa: E402
 
 NGINX_CONF = ROOT / "knative" / "nginx.conf"
 FUNCTIONS_YAML = ROOT / "knative" / "functions.yaml"
@@ -120,9 +120,9 @@ def cluster_settings() -> Settings:
 
 def body_limit(target: str | None = None) -> int:
     """The gateway's client_max_body_size for a target's paths (the server's default without one): the
-    app's own request limit (shared.tasks.request_limit, or the target's in TARGET_BODY_LIMIT) for the
-    settings the cluster runs with, so nginx never refuses what the function accepts and the function
-    answers every 413 itself, in its own words."""
+    app's own request limit (shared.tasks.enqueue.request_limit, or the target's in TARGET_BODY_LIMIT)
+    for the settings the cluster runs with, so nginx never refuses what the function accepts and the
+    function answers every 413 itself, in its own words."""
     limit = TARGET_BODY_LIMIT.get(target, request_limit)
     return limit(types.SimpleNamespace(settings=cluster_settings()))
 
@@ -232,10 +232,10 @@ def render_nginx(namespace: str = NAMESPACE) -> str:
         "        listen 8080 default_server;",
         "        server_name _;",
         "        default_type application/problem+json;",
-        "        # shared.tasks.request_limit for config.env's MAX_BODY_BYTES and MAX_ATTACHMENT_BYTES (a",
-        "        # full-size body sent as \\uXXXX escapes is six times its size, attachments are base64):",
-        "        # beyond it nginx answers 413, below it the function does, in its own words. A location",
-        "        # whose function has a limit of its own says so.",
+        "        # shared.tasks.enqueue.request_limit for config.env's MAX_BODY_BYTES and",
+        "        # MAX_ATTACHMENT_BYTES (a full-size body sent as \\uXXXX escapes is six times its",
+        "        # size, attachments are base64): beyond it nginx answers 413, below it the function",
+        "        # does, in its own words. A location whose function has a limit of its own says so.",
         f"        client_max_body_size {body_limit()};",
         "",
         "        proxy_http_version 1.1;",

@@ -11,8 +11,10 @@ import functions_framework
 
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import batch, content, control, endpoints, gauges, stats, tasks
+from shared import endpoints, gauges
 from shared.accounts import users
+from shared.tasks import batch, content, control, stats, views
+from shared.tasks import enqueue as single  # `enqueue` is the function below
 
 NO_STORE = {"Cache-Control": "no-store"}  # an answer that holds a webhook secret is never cached
 
@@ -68,8 +70,8 @@ def update_user(ctx, request, id):
 def enqueue(ctx, request):
     # The token is checked here; that its user still exists is checked by the insert itself.
     user_id = users.token_user_id(ctx, request.headers.get("Authorization"))
-    body = json_body(request, tasks.request_limit(ctx))
-    result, _created = tasks.enqueue(ctx, user_id, body, request.headers.get("Idempotency-Key"))
+    body = json_body(request, single.request_limit(ctx))
+    result, _created = single.enqueue(ctx, user_id, body, request.headers.get("Idempotency-Key"))
     return 202, result, {"Location": f"/api/v1/task/{result['task_id']}"}
 
 
@@ -87,7 +89,7 @@ def enqueue_batch(ctx, request):
 @endpoint("get_task")
 def get_task(ctx, request, id):
     user = users.authenticate(ctx, request.headers.get("Authorization"))
-    return 200, tasks.get_task(ctx, user.id, id)
+    return 200, views.get_task(ctx, user.id, id)
 
 
 @functions_framework.http
@@ -116,22 +118,22 @@ def retry_task(ctx, request, id):
 @endpoint("task_queue")
 def task_queue(ctx, request):
     user = users.authenticate(ctx, request.headers.get("Authorization"))
-    statuses = tasks.queue_statuses(request.args.get("status"))
-    limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
-    recipient = tasks.recipient_filter(request.args.get("recipient"))
+    statuses = views.queue_statuses(request.args.get("status"))
+    limit = query_int(request, "limit", views.DEFAULT_PAGE, 1, views.MAX_PAGE)
+    recipient = views.recipient_filter(request.args.get("recipient"))
     tag = content.tag_filter(request.args.get("tag"))
-    return 200, tasks.list_tasks(ctx, user.id, statuses, limit, request.args.get("cursor"), recipient, tag)
+    return 200, views.list_tasks(ctx, user.id, statuses, limit, request.args.get("cursor"), recipient, tag)
 
 
 @functions_framework.http
 @endpoint("task_queue_fail")
 def task_queue_fail(ctx, request):
     user = users.authenticate(ctx, request.headers.get("Authorization"))
-    limit = query_int(request, "limit", tasks.DEFAULT_PAGE, 1, tasks.MAX_PAGE)
-    recipient = tasks.recipient_filter(request.args.get("recipient"))
+    limit = query_int(request, "limit", views.DEFAULT_PAGE, 1, views.MAX_PAGE)
+    recipient = views.recipient_filter(request.args.get("recipient"))
     tag = content.tag_filter(request.args.get("tag"))
     cursor = request.args.get("cursor")
-    return 200, tasks.list_tasks(ctx, user.id, tasks.FAIL_STATUSES, limit, cursor, recipient, tag)
+    return 200, views.list_tasks(ctx, user.id, views.FAIL_STATUSES, limit, cursor, recipient, tag)
 
 
 @functions_framework.http

@@ -7,7 +7,7 @@ queued ──(sender claims)──> processing ├─> sent
   ^                            │       ├─> failed ──(due; sweep)──> queued
   └──(lease ran out; sweep)────┘       └─> cancelled
 
-What a user may do (shared/control.py), each one conditional UPDATE on the status:
+What a user may do (shared/tasks/control.py), each one conditional UPDATE on the status:
 
 scheduled | queued | failed ──(cancel)──────> cancelled     never processing: it is being sent
 scheduled | queued | failed ──(reschedule)──> scheduled (later) | queued (due now)
@@ -54,7 +54,7 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.CANCELLED: frozenset({Status.QUEUED}),  # retry
 }
 
-# The statuses from which a user may cancel, reschedule or retry a task (shared/control.py). Never
+# The statuses from which a user may cancel, reschedule or retry a task (shared/tasks/control.py). Never
 # ``processing``: an attempt under way cannot be taken back; its outcome decides what comes next.
 CANCELLABLE = (Status.SCHEDULED, Status.QUEUED, Status.FAILED)
 RESCHEDULABLE = (Status.SCHEDULED, Status.QUEUED, Status.FAILED)

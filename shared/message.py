@@ -18,8 +18,8 @@ from email.message import EmailMessage
 from email.policy import default as default_policy
 from email.utils import format_datetime
 
-from shared.content import Attachment
 from shared.errors import PermanentSmtpError
+from shared.tasks.content import Attachment
 from shared.validation import LINE_BREAKS
 
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$")

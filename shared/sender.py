@@ -35,7 +35,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import events, logs
+from shared import logs
 from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.db import on_the_row
@@ -53,7 +53,8 @@ from shared.inflight import INLINE_BYTES, Inflight
 from shared.mailer import SmtpAccount
 from shared.message import compose
 from shared.prepared import alone, run_alone
-from shared.storage import attachments_of
+from shared.tasks import events
+from shared.tasks.storage import attachments_of
 from shared.workers import BLOCK_SECONDS, Outcome, Worker, backoff_seconds, dependency_of, utcnow
 
 log = logging.getLogger("mailq.sender")
@@ -157,7 +158,7 @@ _EXHAUSTED_SQL = sa.text(
 # The try count is the fencing token: an outcome lands only while nobody has claimed the task since.
 # 'queued' is allowed too: had the sweep taken a lease back without anyone claiming the task again,
 # what the server said is still the truth. Times come from PostgreSQL's clock. The event reporting the
-# outcome is written in the same transaction, only when the UPDATE changed the row (shared.events).
+# outcome is written in the same transaction, only when the UPDATE changed the row (shared.tasks.events).
 _OUTCOME_UPDATE = f"""
     UPDATE tasks
        SET status = :status, last_error = :last_error,

@@ -7,7 +7,7 @@ any task without a try left (also one a lowered MAX_TRY_COUNT left behind); it r
 stranded in the processing lists of workers whose heartbeat is gone; it lets go of Redis pauses
 that PostgreSQL no longer has; and it does the same for webhook deliveries (``shared.webhooks``:
 retries due, envelopes lost, leases run out). A cancellation writes its ``task.cancelled`` event in
-the transaction that cancels (``shared.events``). Two sweeps at once double nothing: rows are taken with
+the transaction that cancels (``shared.tasks.events``). Two sweeps at once double nothing: rows are taken with
 ``FOR UPDATE SKIP LOCKED`` and leave the due set as they are updated, and each stranded envelope is
 moved by one atomic LMOVE.
 """
@@ -21,11 +21,12 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import events, queue, webhook_sweep
+from shared import queue, webhook_sweep
 from shared.config import Settings
 from shared.fairqueue import SendQueue
 from shared.pending import conditions, pending_work_sql
 from shared.retention import purge_once
+from shared.tasks import events
 
 log = logging.getLogger("mailq.sweep")
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from shared import tasks
 from shared.accounts import users
 from shared.consumer import Consumer
 from shared.context import Context
 from shared.mailer import Mailer
 from shared.sender import Sender
 from shared.sweep import sweep_once
+from shared.tasks import enqueue
 from shared.workers import Outcome
 
 
@@ -51,7 +51,7 @@ class Pipeline:
             "body": "Hi Bob,\nit works.\n",
             **fields,
         }
-        result, _ = tasks.enqueue(self.ctx, user.id, body, key)
+        result, _ = enqueue.enqueue(self.ctx, user.id, body, key)
         return result["task_id"]
 
     def hand_off(self, timeout: float = 0.05) -> list[Outcome]:

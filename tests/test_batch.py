@@ -8,8 +8,9 @@ import base64
 import pytest
 import sqlalchemy as sa
 
-from shared import batch, queue
+from shared import queue
 from shared.db import engine_for
+from shared.tasks import batch
 from tests.conftest import auth_header, login, register_user
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer

@@ -10,8 +10,8 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from shared import content, tasks
 from shared.db import engine_for
+from shared.tasks import content, views
 from shared.workers import Outcome
 from tests.conftest import auth_header, login, register_user
 from tests.smtp_servers import ScriptedSmtpServer
@@ -390,6 +390,6 @@ def test_a_plain_mail_has_no_content_row_and_deleting_a_task_takes_its_content_a
 
 def test_the_list_statements_read_neither_bodies_nor_content():
     for tag in (None, "k:v"):
-        sql = str(tasks.list_query(1, ("queued",), 51, 0, "bob@example.org", tag).compile())
+        sql = str(views.list_query(1, ("queued",), 51, 0, "bob@example.org", tag).compile())
         selected = sql.split(" FROM ")[0]
         assert "body" not in selected and "task_contents" not in sql and "attachment" not in sql

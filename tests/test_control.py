@@ -1,4 +1,4 @@
-"""Cancel, reschedule and retry (shared/control.py) through the functions, against real PostgreSQL,
+"""Cancel, reschedule and retry (shared/tasks/control.py) through the functions, against real PostgreSQL,
 Redis and an aiosmtpd server; the consumer and sender are driven step by step (tests/pipeline.py),
 and in the race test a sender claims in one thread while the API cancels in another."""
 
@@ -13,8 +13,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from shared import control, queue
+from shared import queue
 from shared.domain import CANCELLABLE, RESCHEDULABLE, RETRYABLE, Status, can_move
+from shared.tasks import control
 from shared.workers import Outcome
 from tests.conftest import auth_header, login, register_user
 from tests.smtp_servers import ScriptedSmtpServer

@@ -245,12 +245,15 @@ def test_a_body_that_is_not_json_is_a_415(api, caller, pg_url, route):
 @pytest.mark.parametrize("route", BODY_PATHS)
 def test_a_body_over_the_request_limit_is_a_413(api, caller, pg_url, route):
     from functions.http import context
-    from shared import batch, tasks
+    from shared.tasks import batch, enqueue
 
     headers, redis_client = caller
     method, path = route.split()
     before = counts(pg_url, redis_client)
-    limits = {"/api/v1/task/enqueue": tasks.request_limit, "/api/v1/task/enqueue/batch": batch.request_limit}
+    limits = {
+        "/api/v1/task/enqueue": enqueue.request_limit,
+        "/api/v1/task/enqueue/batch": batch.request_limit,
+    }
     size = limits[path](context()) if path in limits else 64 * 1024  # register and login: 64 KiB
     body = b'{"recipient_email": "bob@example.org", "subject": "x", "pad": "' + b"x" * size + b'"}'
     response = api.open(path, method=method, data=body, content_type="application/json", headers=headers)

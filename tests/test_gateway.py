@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import batch
 from shared.config import Settings
-from shared.tasks import request_limit
+from shared.tasks import batch
+from shared.tasks.enqueue import request_limit
 from tests.conftest import auth_header
 from tests.test_manifests import ROOT, _read_env_file, gen_gateway, parse_nginx
 

@@ -9,8 +9,9 @@ import time
 
 import sqlalchemy as sa
 
-from shared import inflight, tasks
+from shared import inflight
 from shared.inflight import INLINE_BYTES, WEIGHT, ByteBudget
+from shared.tasks import views
 from shared.workers import Outcome
 from tests.smtp_servers import ScriptedSmtpServer
 
@@ -86,7 +87,7 @@ def test_large_mails_wait_for_room_while_small_ones_pass_and_all_arrive_intact(p
         wait_for(lambda: small_server.in_data == 3 and big_server.in_data == 1)
         time.sleep(0.3)
         assert big_server.in_data == 1 and big_server.max_in_data == 1
-        waiting = [tasks.get_task(pipe.ctx, big.id, i) for i in large_ids]
+        waiting = [views.get_task(pipe.ctx, big.id, i) for i in large_ids]
         assert sorted(t["status"] for t in waiting) == ["processing"] * 3  # claimed, waiting for room
         big_server.gate.set()
         small_server.gate.set()

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from shared import queue, tasks
+from shared import queue
 from shared.accounts import users
 from shared.context import make_redis
 from shared.crypto import SecretBox, generate_key
@@ -24,6 +24,7 @@ from shared.domain import Status
 from shared.fairqueue import SendQueue
 from shared.mailer import Mailer
 from shared.sender import Sender
+from shared.tasks import enqueue
 from shared.workers import Outcome
 from tests.hostile_smtp import SlowGoodbyeServer, TricklingServer
 from tests.pipeline import Pipeline
@@ -420,7 +421,7 @@ def test_whether_a_mail_is_due_is_decided_on_postgresqls_clock(pipe):
         user = pipe.user(server)
         pipe.ctx.now = lambda: datetime.now(UTC) + timedelta(hours=1)  # this pod's clock runs ahead
         at = pg_now(pipe.ctx) + timedelta(minutes=30)
-        result, _ = tasks.enqueue(
+        result, _ = enqueue.enqueue(
             pipe.ctx,
             user.id,
             {"recipient_email": "b@example.org", "subject": "s", "body": "b", "scheduled_at": at.isoformat()},

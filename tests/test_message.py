@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shared.content import Attachment
 from shared.message import Outgoing, _plain_wire, build_message, compose
+from shared.tasks.content import Attachment
 
 DATE = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
 SEED_MAIL = {

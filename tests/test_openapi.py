@@ -27,7 +27,8 @@ from referencing.jsonschema import DRAFT202012
 
 from functions import http as fhttp
 from functions import main, web
-from shared import batch, routes, stats, tasks
+from shared import routes
+from shared.tasks import batch, enqueue, stats, views
 from shared.validation import SECURITY_CHOICES
 from tests.conftest import auth_header, login, register_user
 
@@ -354,19 +355,21 @@ def test_auth_and_bodies_follow_the_function_source(route):
 
 
 def test_constants_match_the_code():
+    from shared.tasks.content import MAX_SUBJECT
+
     schemas = DOC["components"]["schemas"]
     params = DOC["components"]["parameters"]
-    assert schemas["TaskStatus"]["enum"] == list(tasks.STATUS_CHOICES)
+    assert schemas["TaskStatus"]["enum"] == list(views.STATUS_CHOICES)
     assert schemas["SmtpSecurity"]["enum"] == list(SECURITY_CHOICES)
     assert schemas["RegisterRequest"]["properties"]["smtp_security"]["enum"] == [*SECURITY_CHOICES, None]
-    assert params["Limit"]["schema"]["default"] == tasks.DEFAULT_PAGE
-    assert params["Limit"]["schema"]["maximum"] == tasks.MAX_PAGE
-    assert schemas["TaskPage"]["properties"]["items"]["maxItems"] == tasks.MAX_PAGE
-    assert schemas["EnqueueRequest"]["properties"]["subject"]["maxLength"] == tasks.MAX_SUBJECT
-    assert schemas["Task"]["properties"]["subject"]["maxLength"] == tasks.MAX_SUBJECT
-    assert params["IdempotencyKey"]["schema"]["maxLength"] == tasks.MAX_IDEMPOTENCY_KEY
+    assert params["Limit"]["schema"]["default"] == views.DEFAULT_PAGE
+    assert params["Limit"]["schema"]["maximum"] == views.MAX_PAGE
+    assert schemas["TaskPage"]["properties"]["items"]["maxItems"] == views.MAX_PAGE
+    assert schemas["EnqueueRequest"]["properties"]["subject"]["maxLength"] == MAX_SUBJECT
+    assert schemas["Task"]["properties"]["subject"]["maxLength"] == MAX_SUBJECT
+    assert params["IdempotencyKey"]["schema"]["maxLength"] == enqueue.MAX_IDEMPOTENCY_KEY
     figures = schemas["TaskStats"]["properties"]
-    assert figures["counts"]["required"] == list(tasks.STATUS_CHOICES)
+    assert figures["counts"]["required"] == list(views.STATUS_CHOICES)
     assert {c["maximum"] for c in figures["counts"]["properties"].values()} == {stats.COUNT_CAP}
     assert figures["minutes"]["minItems"] == figures["minutes"]["maxItems"] == stats.WINDOW_MINUTES
     assert schemas["TaskMinute"]["required"] == ["start", *stats.OUTCOMES]
@@ -603,8 +606,9 @@ def test_live_task_control(api):
 
 
 def test_live_webhooks(api, ctx):
-    from shared import endpoints, events
+    from shared import endpoints
     from shared.models import EVENT_TYPES
+    from shared.tasks import events
 
     schemas = DOC["components"]["schemas"]
     assert schemas["EventType"]["enum"] == list(events.EVENT_TYPES) == list(EVENT_TYPES)
@@ -648,7 +652,7 @@ def test_live_webhooks(api, ctx):
 def test_the_webhook_request_mailq_sends_is_documented_and_matches_a_real_one(ctx):
     from datetime import UTC, datetime
 
-    from shared import events
+    from shared.tasks import events
 
     hook = DOC["webhooks"]["taskEvent"]["post"]
     schema = hook["requestBody"]["content"]["application/json"]["schema"]
@@ -671,8 +675,8 @@ def test_the_webhook_request_mailq_sends_is_documented_and_matches_a_real_one(ct
 
 
 def test_the_content_and_batch_limits_match_the_code():
-    from shared import content
     from shared.config import Settings
+    from shared.tasks import content
 
     schemas, params = DOC["components"]["schemas"], DOC["components"]["parameters"]
     request = schemas["EnqueueRequest"]["properties"]

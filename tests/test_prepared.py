@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from shared import tasks
 from shared.accounts import users
 from shared.db import engine_for
+from shared.tasks import enqueue
 
 MAIL = {"recipient_email": "bob@example.org", "subject": "Hi", "body": "Hello Bob"}
 
@@ -56,9 +56,9 @@ def test_the_pools_pre_ping_leaves_no_transaction_open(settings, clean):
 
 
 def test_a_plain_enqueue_is_one_prepared_statement_in_a_transaction_of_its_own(ctx, user, exchanges):
-    tasks.enqueue(ctx, user.id, MAIL, None)  # the first prepares the statement on its connection
+    enqueue.enqueue(ctx, user.id, MAIL, None)  # the first prepares the statement on its connection
     exchanges.clear()
-    result, created = tasks.enqueue(ctx, user.id, MAIL, None)
+    result, created = enqueue.enqueue(ctx, user.id, MAIL, None)
     assert created
     sent = [(method, sql) for method, sql in exchanges if sql]  # the pre-ping is an empty query
     assert [method for method, _ in sent] == ["execute_named"], sent
@@ -70,8 +70,8 @@ def test_a_plain_enqueue_is_one_prepared_statement_in_a_transaction_of_its_own(c
 
 
 def test_a_replayed_idempotency_key_still_answers_with_the_first_task(ctx, user):
-    first, created = tasks.enqueue(ctx, user.id, MAIL, "key-1")
-    again, created_again = tasks.enqueue(ctx, user.id, MAIL, "key-1")
+    first, created = enqueue.enqueue(ctx, user.id, MAIL, "key-1")
+    again, created_again = enqueue.enqueue(ctx, user.id, MAIL, "key-1")
     assert created and not created_again and again == first
 
 

@@ -15,7 +15,7 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from shared import tasks
+from shared.tasks import views
 
 HISTORY, LIVE = 90_000, 10_000
 SEED = f"""
@@ -47,17 +47,17 @@ MAX_BUFFERS = 1000
 
 
 def _statements(user_id: int) -> dict[str, sa.Select]:
-    pending = tasks.queue_statuses(None)
+    pending = views.queue_statuses(None)
     return {
-        "still to go out": tasks.list_query(user_id, pending, PAGE, 0),
-        "failed or cancelled": tasks.list_query(user_id, tasks.FAIL_STATUSES, PAGE, 0),
-        "queued": tasks.list_query(user_id, ("queued",), PAGE, 0),
-        "scheduled": tasks.list_query(user_id, ("scheduled",), PAGE, 0),
-        "tag": tasks.list_query(user_id, pending, PAGE, 0, None, "campaign:new"),
-        "tag, failed or cancelled": tasks.list_query(
-            user_id, tasks.FAIL_STATUSES, PAGE, 0, None, "campaign:new"
+        "still to go out": views.list_query(user_id, pending, PAGE, 0),
+        "failed or cancelled": views.list_query(user_id, views.FAIL_STATUSES, PAGE, 0),
+        "queued": views.list_query(user_id, ("queued",), PAGE, 0),
+        "scheduled": views.list_query(user_id, ("scheduled",), PAGE, 0),
+        "tag": views.list_query(user_id, pending, PAGE, 0, None, "campaign:new"),
+        "tag, failed or cancelled": views.list_query(
+            user_id, views.FAIL_STATUSES, PAGE, 0, None, "campaign:new"
         ),
-        "sent, a later page": tasks.list_query(user_id, ("sent",), PAGE, 40_000),
+        "sent, a later page": views.list_query(user_id, ("sent",), PAGE, 40_000),
     }
 
 

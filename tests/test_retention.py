@@ -133,7 +133,7 @@ def test_the_purge_is_served_by_the_retention_index(pg_url, clean):
 
 
 def test_a_batch_idempotency_key_expires_after_the_retention_period(pipe):
-    from shared import batch
+    from shared.tasks import batch
 
     with ScriptedSmtpServer() as server:
         user = pipe.user(server)

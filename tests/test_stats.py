@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from shared import stats, tasks
 from shared.db import engine_for
+from shared.tasks import stats, views
 from tests.conftest import auth_header, login, register_user
 from tests.test_accounts_api import assert_problem
 
@@ -154,12 +154,12 @@ def test_stats_and_the_recipient_filter_are_served_by_indexes(pg_url, clean):
             user_id = conn.execute(sa.text(SEED_USERS)).scalars().all()[7]
             conn.execute(sa.text(SEED_TASKS))
             conn.execute(sa.text("ANALYZE tasks"))
-            pending = tuple(s for s in tasks.STATUS_CHOICES if s not in ("sent", "cancelled"))
+            pending = tuple(s for s in views.STATUS_CHOICES if s not in ("sent", "cancelled"))
             statements = {
                 "counts": (stats._COUNTS_SQL, {"user_id": user_id, "cap_plus_one": stats.COUNT_CAP + 1}),
                 "hour": (stats._HOUR_SQL, {"user_id": user_id, "minutes": stats.WINDOW_MINUTES}),
-                "recipient": (tasks.list_query(user_id, pending, 51, 0, "r7@example.org"), None),
-                "recipient+status": (tasks.list_query(user_id, ("sent",), 51, 0, "r7@example.org"), None),
+                "recipient": (views.list_query(user_id, pending, 51, 0, "r7@example.org"), None),
+                "recipient+status": (views.list_query(user_id, ("sent",), 51, 0, "r7@example.org"), None),
             }
             wanted = {
                 "counts": "tasks_user_status_id",

@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from shared import endpoints, events, queue
+from shared import endpoints, queue
+from shared.tasks import events
 from shared.webhooks import DELIVERED, FAILED, RETRYING, WebhookWorker
 from shared.webhooks import Claim as DeliveryClaim
 from tests.pipeline import Pipeline
@@ -170,8 +171,8 @@ def test_a_queued_task_left_without_tries_is_cancelled_by_the_sender_with_an_eve
 
 
 def test_a_user_cancel_reports_itself_in_its_transaction(pipe):
-    from shared import control
     from shared.errors import Conflict
+    from shared.tasks import control
 
     with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
         user = pipe.user(smtp)

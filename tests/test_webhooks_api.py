@@ -196,8 +196,8 @@ def test_http_is_refused_outside_development(api, two_users, production_rules):
 
 def test_dns_that_changes_after_create_is_checked_again_at_delivery(ctx, fake_dns):
     """Public at create; a private address at delivery: refused, nothing connects, retried later."""
-    from shared import events
     from shared.receiver import Receiver
+    from shared.tasks import events
 
     receiver = Receiver(timeout=1.0, allow_http=False, allow_private=False)
     try:
@@ -216,8 +216,8 @@ def test_dns_that_changes_after_create_is_checked_again_at_delivery(ctx, fake_dn
 
 
 def test_the_delivery_log_pages_newest_first_and_a_replay_sends_the_same_webhook_id(api, two_users, ctx):
-    from shared import events
     from shared.sender import Sender
+    from shared.tasks import events
     from tests.pipeline import Pipeline
     from tests.smtp_servers import ScriptedSmtpServer
 

@@ -78,7 +78,7 @@ class ScaleResult:
 
 
 def cursor_for(last_id: int) -> str:
-    # The format shared.tasks hands out ("v1:<id>", URL-safe base64 without padding).
+    # The format shared.tasks.views hands out ("v1:<id>", URL-safe base64 without padding).
     return base64.urlsafe_b64encode(f"v1:{last_id}".encode()).decode().rstrip("=")
 
 

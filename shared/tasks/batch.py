@@ -1,10 +1,10 @@
 """Batch enqueue: up to MAX_BATCH mails in one request, stored all or nothing, woken in one push.
 
-Each mail follows the rules of a single enqueue (shared.content). ``strict`` validation (the default)
+Each mail follows the rules of a single enqueue (shared.tasks.content). ``strict`` validation (the default)
 stores nothing when any item is wrong and answers 422 with the errors keyed by item
 (``tasks[3].recipient_email``); ``permissive`` stores the valid items and answers each item in input
 order, either ``{task_id, status, scheduled_at}`` or ``{errors}``. One INSERT per table writes the
-batch (shared.storage), one LPUSH wakes it. An Idempotency-Key covers the whole batch:
+batch (shared.tasks.storage), one LPUSH wakes it. An Idempotency-Key covers the whole batch:
 ``task_batches`` keeps the request's hash and the ids it stored, so the same key with the same body
 answers the same items again, and with another body is refused.
 """
@@ -17,12 +17,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from shared import content, storage
 from shared.context import Context
 from shared.domain import Status
 from shared.errors import Unauthorized, ValidationFailed
 from shared.models import task_batches, tasks
-from shared.tasks import first_use, idempotency_key, push
+from shared.tasks import content, storage
+from shared.tasks.enqueue import first_use, idempotency_key, push
 
 MODES = ("strict", "permissive")
 

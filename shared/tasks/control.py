@@ -19,12 +19,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared import events
-from shared import tasks as task_use_cases
 from shared.context import Context
 from shared.domain import CANCELLABLE, RESCHEDULABLE, RETRYABLE, Status
 from shared.errors import Conflict, NotFound, ValidationFailed
 from shared.models import tasks, webhook_endpoints
+from shared.tasks import enqueue, events, views
 from shared.validation import Fields
 
 CANCELLED_BY_USER = "cancelled by the user"
@@ -39,7 +38,7 @@ def _mine(caller_id: int, task_id: int, allowed: tuple[Status, ...]) -> sa.Updat
             tasks.c.user_id == caller_id,
             tasks.c.status.in_([s.value for s in allowed]),
         )
-        .returning(*task_use_cases.VIEW_COLUMNS)
+        .returning(*views.VIEW_COLUMNS)
     )
 
 
@@ -56,7 +55,7 @@ def _refusal(conn: Connection, caller_id: int, task_id: int, action: str, allowe
 
 
 def _view(ctx: Context, row: Any) -> dict[str, Any]:
-    return task_use_cases.task_view(row, max_tries=ctx.settings.max_try_count)
+    return views.task_view(row, max_tries=ctx.settings.max_try_count)
 
 
 def cancel(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
@@ -113,7 +112,7 @@ def reschedule(ctx: Context, caller_id: int, task_id: int, body: dict[str, Any])
         if row is None:
             raise _refusal(conn, caller_id, task_id, "rescheduled", RESCHEDULABLE)
     if row.status == Status.QUEUED:
-        task_use_cases.push(ctx.redis, [row.id])
+        enqueue.push(ctx.redis, [row.id])
     return _view(ctx, row)
 
 
@@ -135,5 +134,5 @@ def retry(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
         row = conn.execute(statement).one_or_none()
         if row is None:
             raise _refusal(conn, caller_id, task_id, "retried", RETRYABLE)
-    task_use_cases.push(ctx.redis, [row.id])
+    enqueue.push(ctx.redis, [row.id])
     return _view(ctx, row)

@@ -16,8 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from shared.content import Attachment, Mail
 from shared.prepared import alone, run_alone
+from shared.tasks.content import Attachment, Mail
 
 # One statement, one round trip, one INSERT per table however many mails: the ids are drawn from the
 # sequence first so the content and tag rows can name them. The content and tag rows are written

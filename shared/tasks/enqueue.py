@@ -1,0 +1,107 @@
+"""Enqueue one mail: check it, store it, wake a consumer; an Idempotency-Key answers a retry with
+the first task.
+
+Enqueue follows the outbox rule of the data path: the row is committed first, the wake-up
+envelope pushed after. A failed push loses nothing; the sweep pushes the row later.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+import sqlalchemy as sa
+
+from shared import queue
+from shared.context import Context
+from shared.domain import Status
+from shared.errors import PayloadTooLarge, Unauthorized, ValidationFailed
+from shared.models import tasks
+from shared.tasks import content, storage
+
+log = logging.getLogger("mailq.tasks")
+
+MAX_IDEMPOTENCY_KEY = 255
+
+
+def request_limit(ctx: Context) -> int:
+    """Largest enqueue request accepted before parsing (shared.content.request_limit says why)."""
+    return content.request_limit(ctx.settings)
+
+
+def idempotency_key(header: str | None) -> str | None:
+    """The Idempotency-Key header, trimmed; 422 unless 1 to 255 printable ASCII characters."""
+    if header is None:
+        return None
+    key = header.strip()
+    if not key or len(key) > MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise ValidationFailed(
+            {"Idempotency-Key": f"must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"}
+        )
+    return key
+
+
+def first_use(row: Any, request_hash: str):
+    """The row that first used an Idempotency-Key an insert just ran into, checked against this request:
+    none means nothing conflicted, so the insert wrote nothing because the user is gone (401); another
+    request hash means the key belongs to another request (422)."""
+    if row is None:
+        raise Unauthorized("The token's user does not exist.")
+    if row.request_hash != request_hash:
+        raise ValidationFailed(
+            {"Idempotency-Key": "was already used with a different request body"},
+            "This Idempotency-Key belongs to another request.",
+        )
+    return row
+
+
+def enqueue(
+    ctx: Context, user_id: int, body: dict[str, Any], idempotency_header: str | None
+) -> tuple[dict, bool]:
+    """Store a mail for ``user_id`` and wake a consumer. Returns (result, created).
+
+    One statement both checks that the user still exists and inserts the rows (the user's email
+    gives the Message-ID its domain), so a plain enqueue costs a single round trip to PostgreSQL: a
+    statement prepared once per connection and run as its own transaction (shared.prepared).
+    """
+    key = idempotency_key(idempotency_header)
+    parsed = content.parse(body, ctx.settings)
+    if parsed.too_large:
+        detail = next(iter(parsed.too_large.values()))
+        raise PayloadTooLarge(detail[0].upper() + detail[1:] + ".")
+    if parsed.errors:
+        raise ValidationFailed(parsed.errors)
+    request_hash = content.request_hash(body) if key else None
+    rows = storage.insert_one(
+        ctx.engine, user_id, parsed.mail, idempotency_key=key, request_hash=request_hash
+    )
+    created = bool(rows)
+    row = rows[0] if rows else None
+    if not created:
+        # ON CONFLICT waited for the request that holds the key to end, so its row is committed.
+        with ctx.engine.connect() as conn:
+            row = first_use(
+                conn.execute(
+                    sa.select(tasks.c.id, tasks.c.status, tasks.c.scheduled_at, tasks.c.request_hash).where(
+                        tasks.c.user_id == user_id, tasks.c.idempotency_key == key
+                    )
+                ).one_or_none(),
+                request_hash,
+            )
+    if created and row.status == Status.QUEUED:
+        push(ctx.redis, [row.id])
+    result = {"task_id": row.id, "status": row.status, "scheduled_at": row.scheduled_at.isoformat()}
+    return result, created
+
+
+def push(client: redis.Redis, task_ids: list[int]) -> bool:
+    """Wake consumers for these tasks; False if Redis refused (the sweep will push them later)."""
+    if not task_ids:
+        return True
+    try:
+        client.lpush(queue.TASK_LIST, *(queue.encode(i) for i in task_ids))
+        return True
+    except redis.RedisError as exc:
+        log.warning("could not push %d envelope(s) (%s); the sweep will", len(task_ids), type(exc).__name__)
+        return False
