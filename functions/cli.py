@@ -361,7 +361,7 @@ def sender() -> None:
 def webhooks() -> None:
     """Deliver webhook events to users' endpoints, endpoint by endpoint (runs until SIGTERM)."""
     from shared.crypto import SecretBox
-    from shared.webhooks import WebhookWorker
+    from shared.webhooks.worker import WebhookWorker
     from shared.workers import BLOCK_SECONDS
 
     settings = load_settings()

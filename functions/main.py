@@ -11,10 +11,11 @@ import functions_framework
 
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import endpoints, gauges
+from shared import gauges
 from shared.accounts import users
 from shared.tasks import batch, content, control, stats, views
 from shared.tasks import enqueue as single  # `enqueue` is the function below
+from shared.webhooks import endpoints
 
 NO_STORE = {"Cache-Control": "no-store"}  # an answer that holds a webhook secret is never cached
 

@@ -5,7 +5,7 @@ every read short and the whole exchange endless. A ``Guard`` holds one exchange'
 socket; one ``Watchdog`` thread per client expires the guards whose deadline has passed by shutting
 their sockets down, which wakes whatever the thread is blocked in: a read, a write, a connect or a TLS
 handshake. The SMTP side (shared/smtp.py, shared/mailer.py) and the webhook receiver
-(shared/receiver.py) both use it.
+(shared/webhooks/receiver.py) both use it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 cloud metadata addresses (SSRF), unless the deployment allows private hosts (local development).
 
 One set of rules for every host a user gives us: the SMTP server (shared.mailer, register and
-PATCH /user) and the webhook receiver (shared.endpoints at create, shared.receiver at every
+PATCH /user) and the webhook receiver (shared.webhooks.endpoints at create, shared.webhooks.receiver at every
 delivery). The caller connects to exactly the addresses vetted here, so a second DNS answer cannot
 slip past.
 """

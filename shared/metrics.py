@@ -25,7 +25,8 @@ TRANSIENT = "transient"
 PERMANENT = "permanent"
 FAILURE_CLASSES = (TRANSIENT, PERMANENT)
 ENVELOPE_OUTCOMES = ("handed_off", "dropped")
-# What became of one webhook request (shared.webhooks' outcomes of an attempt that reached the receiver).
+# What became of one webhook request (shared.webhooks.worker's outcomes of an attempt that reached the
+# receiver).
 WEBHOOK_OUTCOMES = ("delivered", "retrying", "failed", "stale")
 
 # One SMTP conversation: tens of milliseconds to a local relay, seconds to a slow one, at most the

@@ -161,7 +161,7 @@ class Task(Base):
     )
 
 
-# Webhooks (shared/tasks/events.py writes events and deliveries; shared/webhooks.py sends them).
+# Webhooks (shared/tasks/events.py writes events and deliveries; shared/webhooks/worker.py sends them).
 EVENT_TYPES = ("task.sent", "task.deferred", "task.cancelled")
 # A delivery's life: scheduled (a retry waiting for next_attempt_at) -> queued (its envelope pushed at
 # next_attempt_at) -> sending (a worker holds it until lease_until) -> delivered | failed, or back to

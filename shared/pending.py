@@ -23,7 +23,7 @@ _CONDITIONS = (
 )
 
 
-# The same three kinds for webhook deliveries (shared/webhooks.py), each from its partial index of
+# The same three kinds for webhook deliveries (shared/webhooks/worker.py), each from its partial index of
 # webhook_deliveries: retries due, envelopes lost (queued past the leak window), leases run out.
 _DELIVERY_CONDITIONS = (
     ("next_attempt_at", "state = 'scheduled' AND next_attempt_at <= now()"),  # webhook_deliveries_due

@@ -5,7 +5,7 @@ window, and ``processing`` tasks whose lease ran out, straight into their tenant
 envelope that is still waiting is not added twice, so a long backlog is not multiplied); it ends
 any task without a try left (also one a lowered MAX_TRY_COUNT left behind); it returns envelopes
 stranded in the processing lists of workers whose heartbeat is gone; it lets go of Redis pauses
-that PostgreSQL no longer has; and it does the same for webhook deliveries (``shared.webhooks``:
+that PostgreSQL no longer has; and it does the same for webhook deliveries (``shared.webhooks.worker``:
 retries due, envelopes lost, leases run out). A cancellation writes its ``task.cancelled`` event in
 the transaction that cancels (``shared.tasks.events``). Two sweeps at once double nothing: rows are taken with
 ``FOR UPDATE SKIP LOCKED`` and leave the due set as they are updated, and each stranded envelope is
@@ -21,12 +21,13 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import queue, webhook_sweep
+from shared import queue
 from shared.config import Settings
 from shared.fairqueue import SendQueue
 from shared.pending import conditions, pending_work_sql
 from shared.retention import purge_once
 from shared.tasks import events
+from shared.webhooks import requeue
 
 log = logging.getLogger("mailq.sweep")
 
@@ -151,7 +152,7 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
         if not rows:  # a put-back row never matches again, so this ends
             break
     report.purged = purge_once(settings, engine)
-    report.deliveries = webhook_sweep.sweep_deliveries(settings, engine, client)
+    report.deliveries = requeue.sweep_deliveries(settings, engine, client)
     if report.requeued or report.rescued or report.cancelled or report.resumed or report.purged:
         log.info(
             "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d, resumed %d, "

@@ -606,9 +606,9 @@ def test_live_task_control(api):
 
 
 def test_live_webhooks(api, ctx):
-    from shared import endpoints
     from shared.models import EVENT_TYPES
     from shared.tasks import events
+    from shared.webhooks import endpoints
 
     schemas = DOC["components"]["schemas"]
     assert schemas["EventType"]["enum"] == list(events.EVENT_TYPES) == list(EVENT_TYPES)

@@ -10,8 +10,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
-from shared import endpoints
-from shared.webhooks import WebhookWorker
+from shared.webhooks import endpoints
+from shared.webhooks.worker import WebhookWorker
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 from tests.test_worker_processes import start, wait_for

@@ -14,10 +14,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from shared import endpoints, queue
+from shared import queue
 from shared.tasks import events
-from shared.webhooks import DELIVERED, FAILED, RETRYING, WebhookWorker
-from shared.webhooks import Claim as DeliveryClaim
+from shared.webhooks import endpoints
+from shared.webhooks.worker import DELIVERED, FAILED, RETRYING, WebhookWorker
+from shared.webhooks.worker import Claim as DeliveryClaim
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 from tests.webhook_receiver import SILENT, TRICKLE, WebhookReceiver
@@ -369,7 +370,7 @@ def test_https_verifies_the_receivers_certificate_for_the_name_in_the_url(tmp_pa
     """The socket connects to the vetted address, and TLS checks the certificate against the URL's name."""
     import ssl
 
-    from shared.receiver import Receiver
+    from shared.webhooks.receiver import Receiver
     from tests.smtp_servers import make_ca, make_self_signed_context
 
     ca = make_ca(tmp_path / "ca")
@@ -507,7 +508,7 @@ def test_due_deliveries_are_found_from_their_indexes(pipe):
     """EXPLAIN on 20k deliveries (mostly delivered): the sweep's and the workers' queries read the
     partial indexes, never the whole table."""
     from shared.pending import pending_work_sql
-    from shared.webhook_sweep import _requeue_sql
+    from shared.webhooks.requeue import _requeue_sql
 
     with ScriptedSmtpServer() as smtp, WebhookReceiver() as receiver:
         user = pipe.user(smtp)

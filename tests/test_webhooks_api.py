@@ -9,7 +9,7 @@ import socket
 import pytest
 import sqlalchemy as sa
 
-from shared.webhooks import WebhookWorker
+from shared.webhooks.worker import WebhookWorker
 from tests.conftest import auth_header, login, register_user
 from tests.test_accounts_api import assert_problem
 from tests.test_security import REBINDING_HOST, ip_literals
@@ -196,8 +196,8 @@ def test_http_is_refused_outside_development(api, two_users, production_rules):
 
 def test_dns_that_changes_after_create_is_checked_again_at_delivery(ctx, fake_dns):
     """Public at create; a private address at delivery: refused, nothing connects, retried later."""
-    from shared.receiver import Receiver
     from shared.tasks import events
+    from shared.webhooks.receiver import Receiver
 
     receiver = Receiver(timeout=1.0, allow_http=False, allow_private=False)
     try:

@@ -39,9 +39,9 @@ from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.errors import ConfigError, EnvelopeDecodeError
 from shared.fairqueue import SendQueue, Taken
-from shared.receiver import Answer, Receiver
 from shared.tasks import events
-from shared.webhook_sweep import requeue_due, reroute_returned
+from shared.webhooks.receiver import Answer, Receiver
+from shared.webhooks.requeue import requeue_due, reroute_returned
 from shared.workers import BLOCK_SECONDS, Worker, dependency_of, utcnow
 
 log = logging.getLogger("mailq.webhooks")

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from shared import hosts
 from shared.context import Context
 from shared.errors import Conflict, NotFound, Unauthorized, ValidationFailed
-from shared.receiver import MAX_URL_LENGTH, parse_url
 from shared.tasks import events
+from shared.webhooks.receiver import MAX_URL_LENGTH, parse_url
 
 MAX_ENDPOINTS = 10  # per user
 DEFAULT_PAGE, MAX_PAGE = 50, 200
