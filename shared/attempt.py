@@ -32,9 +32,9 @@ from shared.domain import CancelReason, SmtpSecurity, Status
 from shared.errors import ConfigError, PermanentSmtpError, SmtpAuthError, SmtpError, TransientSmtpError
 from shared.fairqueue import Taken
 from shared.inflight import INLINE_BYTES
-from shared.mailer import SmtpAccount
 from shared.message import compose
 from shared.prepared import alone, run_alone
+from shared.smtp import SmtpAccount
 from shared.tasks import events
 from shared.tasks.storage import attachments_of
 from shared.workers import Outcome, backoff_seconds, dependency_of

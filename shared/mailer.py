@@ -1,14 +1,14 @@
-"""SMTP delivery: sending over pooled connections within a deadline, classifying every failure.
+"""SMTP delivery: sending over pooled connections within a deadline.
 
 ARCHITECTURE.md ("SMTP rules", "Tenants are hostile") has the why: verified TLS always, never a
 plaintext fallback, a deadline on the whole conversation, replies capped, one AUTH attempt, one
 reconnect for a pooled connection found closed. Building the message is shared/message.py's job,
-vetting the host shared/hosts.py's, keeping one connection to a hostile server in bounds shared/smtp.py's.
+vetting the host shared/hosts.py's, keeping one connection to a hostile server in bounds
+shared/smtp.py's, saying what a failure means shared/failures.py's.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import logging
@@ -18,49 +18,19 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.message import EmailMessage
 
 from shared.config import Settings
 from shared.deadline import Guard, Watchdog
 from shared.domain import SmtpSecurity
-from shared.errors import PermanentSmtpError, SmtpAuthError, SmtpError, TransientSmtpError
-from shared.hosts import check_host_allowed, host_refusal_reason, resolve_checked
-from shared.message import Outgoing, build_message, message_id_for
-from shared.smtp import (
-    MAX_REPLY_BYTES,
-    MAX_REPLY_LINES,
-    PinnedSMTP,
-    PinnedSMTPSSL,
-    ReplyTooLarge,
-    hang_up,
-    size_limit,
-)
-
-# build_message, message_id_for (shared.message) and the host checks (shared.hosts) are re-exported
-# until every caller imports them from there.
-__all__ = [
-    "Acceptance",
-    "Mailer",
-    "SmtpAccount",
-    "build_message",
-    "check_host_allowed",
-    "host_refusal_reason",
-    "message_id_for",
-]
+from shared.errors import PermanentSmtpError, SmtpError, TransientSmtpError
+from shared.failures import classify, reply_text
+from shared.hosts import resolve_checked
+from shared.message import Outgoing
+from shared.smtp import PinnedSMTP, PinnedSMTPSSL, SmtpAccount, hang_up, size_limit
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SmtpAccount:
-    """Where and as whom a user's mail goes out; the password never appears in repr()."""
-
-    host: str
-    port: int
-    username: str
-    password: str = field(repr=False)
-    security: SmtpSecurity
 
 
 @dataclass(eq=False)
@@ -72,7 +42,6 @@ class _Connection:
 
 
 _NOT_ACCEPTED_YET = ("MAIL FROM", "RCPT TO")  # stages after which nothing can have been delivered
-_TLS_MISMATCH = {"WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION"}
 
 
 class Mailer:
@@ -290,7 +259,7 @@ class Mailer:
             for address in outgoing.recipients:
                 code, reply = smtp.rcpt(address)
                 if code not in (250, 251):
-                    refused.append((address, code, _text(reply)))
+                    refused.append((address, code, reply_text(reply)))
             if refused:
                 # A 4xx for anyone: nothing is sent yet, so the whole mail is retried later (nobody gets
                 # it twice). Only 5xx: the others get it, unless nobody is left.
@@ -316,7 +285,9 @@ class Mailer:
             raise error from None
         connection.messages += 1
         self._finish(key, connection, guard, healthy=True)
-        return Acceptance(f"{code} {_text(reply)}".strip(), tuple(f"<{a}> {c} {t}" for a, c, t in refused))
+        return Acceptance(
+            f"{code} {reply_text(reply)}".strip(), tuple(f"<{a}> {c} {t}" for a, c, t in refused)
+        )
 
     def _refuse_before_sending(
         self, smtp: PinnedSMTP, account: SmtpAccount, outgoing: Outgoing
@@ -336,50 +307,7 @@ class Mailer:
         return guard.expired or self._clock() >= guard.deadline
 
     def _classify(self, exc: BaseException, stage: str, account: SmtpAccount, guard: Guard) -> SmtpError:
-        """Turn whatever smtplib or the socket raised into a transient or permanent SmtpError.
-
-        An error carrying a reply code starts with that code, once (last_error shows it as is).
-        """
-        where = f"{account.host}:{account.port}"
-        maybe = " (the server may have accepted the message)" if stage == "DATA" else ""
-        if isinstance(exc, SmtpError):
-            return exc
-        if self._out_of_time(guard):
-            return TransientSmtpError(
-                f"{where}: the deadline for the conversation passed during {stage}{maybe}"
-            )
-        if isinstance(exc, smtplib.SMTPResponseException):  # includes SMTPAuthenticationError
-            code, text = exc.smtp_code, _scrub(_text(exc.smtp_error), account)
-            if code < 100:  # -1: a line that does not start with a reply code
-                return TransientSmtpError(f"{where}: unreadable reply to {stage}: {text[:200]}")
-            # 4xx (including 454 "temporary authentication failure") is worth retrying.
-            kind = TransientSmtpError
-            if 500 <= code < 600:
-                kind = SmtpAuthError if stage == "AUTH" else PermanentSmtpError
-            context = "as its greeting" if stage == "greeting" else f"in reply to {stage}"
-            return kind(f"{code} {text} ({where}, {context})", code)
-        if isinstance(exc, ReplyTooLarge):
-            return TransientSmtpError(
-                f"{where}: the reply to {stage} exceeded {MAX_REPLY_LINES} lines or {MAX_REPLY_BYTES} bytes; "
-                "connection closed"
-            )
-        if isinstance(exc, smtplib.SMTPServerDisconnected):
-            return TransientSmtpError(f"{where}: connection lost during {stage}: {exc}{maybe}")
-        if isinstance(exc, smtplib.SMTPException):  # e.g. no AUTH mechanism in common
-            return PermanentSmtpError(f"{where}: {stage} failed: {_scrub(str(exc), account)}")
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return PermanentSmtpError(f"{where}: TLS certificate verification failed: {exc.verify_message}")
-        if isinstance(exc, ssl.SSLError):
-            # A protocol mismatch (say, implicit TLS against a STARTTLS port) fails the same way on every
-            # try; any other TLS error is most likely a handshake cut short by the network.
-            kind = PermanentSmtpError if exc.reason in _TLS_MISMATCH else TransientSmtpError
-            return kind(f"{where}: TLS error during {stage}: {exc.reason or exc}")
-        if isinstance(exc, TimeoutError):
-            waiting = "waiting for the greeting" if stage == "greeting" else f"during {stage}"
-            return TransientSmtpError(f"{where}: timed out {waiting}{maybe}")
-        if isinstance(exc, OSError):
-            return TransientSmtpError(f"{where}: {exc.strerror or exc} during {stage}{maybe}")
-        return TransientSmtpError(f"{where}: {type(exc).__name__} during {stage}{maybe}")
+        return classify(exc, stage, account, lambda: self._out_of_time(guard))
 
 
 class Acceptance(str):
@@ -396,25 +324,6 @@ class Acceptance(str):
 
 class _StaleConnection(Exception):
     """A reused connection was found closed before the server accepted anything: reconnect once."""
-
-
-def _text(reply: bytes | str) -> str:
-    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else str(reply)
-    return " ".join(text.split())
-
-
-def _scrub(text: str, account: SmtpAccount) -> str:
-    """The text without the password, also in the base64 forms AUTH sent it in (a server may echo them)."""
-    if not account.password:
-        return text
-    plain = f"\0{account.username}\0{account.password}"
-    for secret in (account.password, *(_b64(s) for s in (account.password, plain))):
-        text = text.replace(secret, "***")
-    return text
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode("ascii")
 
 
 def _reset(smtp: smtplib.SMTP) -> bool:

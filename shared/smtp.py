@@ -15,14 +15,27 @@ import smtplib
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from shared.deadline import Guard
+from shared.domain import SmtpSecurity
 
 # A reply longer than this is a hostile or broken server, not a chatty one: real EHLO replies have
 # 10-20 lines of well under 100 bytes. The caps bound what one reply can make a sender keep.
 MAX_REPLY_LINES = 100
 MAX_REPLY_BYTES = 64 * 1024
 _MAX_LINE = 8192  # smtplib's own limit for one line (RFC 5321 asks for 512)
+
+
+@dataclass(frozen=True)
+class SmtpAccount:
+    """Where and as whom a user's mail goes out; the password never appears in repr()."""
+
+    host: str
+    port: int
+    username: str
+    password: str = field(repr=False)
+    security: SmtpSecurity
 
 
 class ReplyTooLarge(smtplib.SMTPException):

@@ -20,8 +20,9 @@ from shared.config import Settings
 from shared.domain import SmtpSecurity
 from shared.errors import ConfigError, PermanentSmtpError, SmtpAuthError, TransientSmtpError
 from shared.hosts import check_host_allowed, host_refusal_reason
-from shared.mailer import Mailer, SmtpAccount
+from shared.mailer import Mailer
 from shared.message import build_message, message_id_for
+from shared.smtp import SmtpAccount
 from tests.hostile_smtp import (
     FloodingServer,
     HostileSmtpServer,
