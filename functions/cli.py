@@ -335,7 +335,7 @@ def _run_worker(worker) -> None:
 @main.command()
 def consumer() -> None:
     """Hand live tasks from the task list to the senders (runs until SIGTERM)."""
-    from shared.consumer import Consumer
+    from shared.delivery.consumer import Consumer
     from shared.workers import BLOCK_SECONDS
 
     settings = load_settings()
@@ -347,8 +347,8 @@ def consumer() -> None:
 def sender() -> None:
     """Send mail over each user's SMTP account, tenant by tenant (runs until SIGTERM)."""
     from shared.crypto import SecretBox
-    from shared.mailer import Mailer
-    from shared.sender import Sender
+    from shared.delivery.mailer import Mailer
+    from shared.delivery.sender import Sender
     from shared.workers import BLOCK_SECONDS
 
     settings = load_settings()

@@ -95,7 +95,7 @@ class Settings:
     max_batch: int = 500  # MAX_BATCH, most mails in one batch enqueue
     max_batch_bytes: int = 32 * 1024 * 1024  # MAX_BATCH_BYTES, largest batch enqueue request, bytes of JSON
     # SENDER_CONTENT_MEMORY, bytes one sender process lets large mails occupy at once (each weighs
-    # shared.inflight.WEIGHT x its content); beyond it a large mail waits, small mails never do
+    # shared.delivery.inflight.WEIGHT x its content); beyond it a large mail waits, small mails never do
     sender_content_memory: int = 160 * 1024 * 1024
     task_retention_days: int = (
         30  # TASK_RETENTION_DAYS, sent/cancelled tasks are deleted after this; 0 keeps all

@@ -4,7 +4,7 @@ A socket timeout bounds each operation, not the exchange: a peer that trickles a
 every read short and the whole exchange endless. A ``Guard`` holds one exchange's deadline and its
 socket; one ``Watchdog`` thread per client expires the guards whose deadline has passed by shutting
 their sockets down, which wakes whatever the thread is blocked in: a read, a write, a connect or a TLS
-handshake. The SMTP side (shared/smtp.py, shared/mailer.py) and the webhook receiver
+handshake. The SMTP side (shared/delivery/smtp.py, shared/delivery/mailer.py) and the webhook receiver
 (shared/webhooks/receiver.py) both use it.
 """
 

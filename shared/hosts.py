@@ -1,7 +1,7 @@
 """Which hosts we may connect to: resolve a name once and refuse loopback, private, link-local and
 cloud metadata addresses (SSRF), unless the deployment allows private hosts (local development).
 
-One set of rules for every host a user gives us: the SMTP server (shared.mailer, register and
+One set of rules for every host a user gives us: the SMTP server (shared.delivery.mailer, register and
 PATCH /user) and the webhook receiver (shared.webhooks.endpoints at create, shared.webhooks.receiver at every
 delivery). The caller connects to exactly the addresses vetted here, so a second DNS answer cannot
 slip past.

@@ -2,8 +2,9 @@
 
 A worker registers itself in ``mailq:workers`` (with the list its processing list drains back
 into) and keeps a heartbeat key with a TTL; when the key is gone the sweep returns whatever is left
-in the worker's processing list. The consumer (``shared.consumer``), the sender (``shared.sender``)
-and the webhook worker (``shared.webhooks.worker``) build on this; tests drive their ``step()`` directly.
+in the worker's processing list. The consumer (``shared.delivery.consumer``), the sender
+(``shared.delivery.sender``) and the webhook worker (``shared.webhooks.worker``) build on this; tests
+drive their ``step()`` directly.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ from typing import Any
 import sqlalchemy as sa
 
 from shared.accounts import users
-from shared.consumer import Consumer
 from shared.context import Context
-from shared.mailer import Mailer
-from shared.sender import Sender
+from shared.delivery.consumer import Consumer
+from shared.delivery.mailer import Mailer
+from shared.delivery.sender import Sender
 from shared.sweep import sweep_once
 from shared.tasks import enqueue
 from shared.workers import Outcome

@@ -37,7 +37,7 @@ def consumer_that_cannot_hand_off(pipe, redis_url):
     """A consumer whose Redis user may touch its own input and processing lists but not the senders'
     keys: the hand-off is refused by Redis itself (NOPERM), as a failure between taking an envelope
     and handing it on would be."""
-    from shared.consumer import Consumer
+    from shared.delivery.consumer import Consumer
 
     admin = pipe.ctx.redis
     name = "mailq-test-consumer-no-handoff"

@@ -9,8 +9,8 @@ import time
 
 import sqlalchemy as sa
 
-from shared import inflight
-from shared.inflight import INLINE_BYTES, WEIGHT, ByteBudget
+from shared.delivery import inflight
+from shared.delivery.inflight import INLINE_BYTES, WEIGHT, ByteBudget
 from shared.tasks import views
 from shared.workers import Outcome
 from tests.smtp_servers import ScriptedSmtpServer

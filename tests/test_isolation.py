@@ -20,10 +20,10 @@ from shared.accounts import users
 from shared.context import make_redis
 from shared.crypto import SecretBox, generate_key
 from shared.db import is_unavailable, make_engine
+from shared.delivery.mailer import Mailer
+from shared.delivery.sender import Sender
 from shared.domain import Status
 from shared.fairqueue import SendQueue
-from shared.mailer import Mailer
-from shared.sender import Sender
 from shared.tasks import enqueue
 from shared.workers import Outcome
 from tests.hostile_smtp import SlowGoodbyeServer, TricklingServer
@@ -683,7 +683,7 @@ def test_another_users_smtp_settings_cannot_be_changed(api, env):
 def test_a_worker_stays_live_while_redis_refuses_its_heartbeat(fast_ctx, tmp_path):
     """Liveness means "this process is not wedged", not "Redis is up": a Redis that refuses every
     command (here: a password it starts requiring) must not stop the liveness file's updates."""
-    from shared.consumer import Consumer
+    from shared.delivery.consumer import Consumer
 
     settings = fast_ctx.settings.replace(heartbeat_ttl=3, heartbeat_file=str(tmp_path / "beat"))
     consumer = Consumer(settings, fast_ctx.engine, make_redis(settings.redis_url))
@@ -708,7 +708,7 @@ def test_a_worker_stays_live_while_redis_refuses_its_heartbeat(fast_ctx, tmp_pat
 def test_a_worker_waiting_for_redis_at_start_stays_live(fast_ctx, tmp_path):
     """The probe reads the liveness file: a worker that starts while Redis is down must keep touching
     it, or the probe restarts the pod over and over for another service's outage."""
-    from shared.consumer import Consumer
+    from shared.delivery.consumer import Consumer
     from shared.embedded import free_port
 
     beat = tmp_path / "beat"

@@ -17,12 +17,12 @@ from email.headerregistry import HeaderRegistry
 import pytest
 
 from shared.config import Settings
+from shared.delivery.mailer import Mailer
+from shared.delivery.message import build_message, message_id_for
+from shared.delivery.smtp import SmtpAccount
 from shared.domain import SmtpSecurity
 from shared.errors import ConfigError, PermanentSmtpError, SmtpAuthError, TransientSmtpError
 from shared.hosts import check_host_allowed, host_refusal_reason
-from shared.mailer import Mailer
-from shared.message import build_message, message_id_for
-from shared.smtp import SmtpAccount
 from tests.hostile_smtp import (
     FloodingServer,
     HostileSmtpServer,
@@ -371,7 +371,7 @@ def test_close_idle_closes_only_connections_idle_too_long(server):
 
 
 def test_a_pooled_connection_closed_by_the_server_is_reconnected_once(server, mailer, caplog):
-    caplog.set_level(logging.DEBUG, logger="shared.mailer")
+    caplog.set_level(logging.DEBUG, logger="shared.delivery.mailer")
     mailer.send(account_for(server), a_message(task_id=1))
     server.drop_connections()
 

@@ -1,4 +1,4 @@
-"""The direct path of shared.message.compose writes exactly the bytes the email package would.
+"""The direct path of shared.delivery.message.compose writes exactly the bytes the email package would.
 
 The sender writes the common mail (one part, short ASCII headers, no attachment) itself instead of
 building and flattening an EmailMessage; these tests hold it to the email package's output for every
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from shared.message import Outgoing, _plain_wire, build_message, compose
+from shared.delivery.message import Outgoing, _plain_wire, build_message, compose
 from shared.tasks.content import Attachment
 
 DATE = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)

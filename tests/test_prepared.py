@@ -83,9 +83,9 @@ def _plans(conn, statement, params) -> list[str]:
 def test_the_per_task_statements_go_by_primary_key_even_when_statistics_say_nothing_is_queued(ctx, user):
     """After an ANALYZE taken while every task was sent, the planner believed the partial index of queued
     tasks empty and scanned it, filtered by id, for every claim: each claim read every queued row."""
-    from shared.attempt import _CLAIM_SQL, _OUTCOME_SQL, _QUIET_OUTCOME_SQL, _REFUND_SQL
-    from shared.consumer import _QUEUED_SQL
-    from shared.sender import _EXHAUSTED_SQL
+    from shared.delivery.attempt import _CLAIM_SQL, _OUTCOME_SQL, _QUIET_OUTCOME_SQL, _REFUND_SQL
+    from shared.delivery.consumer import _QUEUED_SQL
+    from shared.delivery.sender import _EXHAUSTED_SQL
 
     with ctx.engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE tasks SET (autovacuum_enabled = false)"))  # no ANALYZE in between

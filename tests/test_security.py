@@ -392,7 +392,7 @@ def fake_dns(monkeypatch):
         raise OSError("this test connects nowhere")
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
-    monkeypatch.setattr("shared.smtp.PinnedSMTP._get_socket", no_connect)
+    monkeypatch.setattr("shared.delivery.smtp.PinnedSMTP._get_socket", no_connect)
     answer["connects"] = connects
     return answer
 

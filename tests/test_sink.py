@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from shared.config import Settings
+from shared.delivery.mailer import Mailer
+from shared.delivery.message import build_message, message_id_for
+from shared.delivery.smtp import SmtpAccount
 from shared.domain import SmtpSecurity
-from shared.mailer import Mailer
-from shared.message import build_message, message_id_for
 from shared.sink import Sink, count_message_ids, read_mailbox
-from shared.smtp import SmtpAccount
 
 SETTINGS = Settings(smtp_timeout=5.0)
 ROOT = Path(__file__).resolve().parent.parent

@@ -216,7 +216,7 @@ def test_dns_that_changes_after_create_is_checked_again_at_delivery(ctx, fake_dn
 
 
 def test_the_delivery_log_pages_newest_first_and_a_replay_sends_the_same_webhook_id(api, two_users, ctx):
-    from shared.sender import Sender
+    from shared.delivery.sender import Sender
     from shared.tasks import events
     from tests.pipeline import Pipeline
     from tests.smtp_servers import ScriptedSmtpServer

@@ -1,6 +1,6 @@
 """One POST to a webhook receiver we do not trust: vetted address, a deadline on the whole, capped answer.
 
-Every receiver belongs to a user, so it gets the SMTP servers' treatment (shared.smtp): the host is
+Every receiver belongs to a user, so it gets the SMTP servers' treatment (shared.delivery.smtp): the host is
 resolved and vetted by shared.hosts on every request and the socket connects to exactly the address
 that was checked; the whole request — connect, TLS, sending, the answer — must end by one deadline
 (WEBHOOK_TIMEOUT), enforced per socket operation and by shared.deadline's Watchdog shutting the socket

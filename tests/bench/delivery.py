@@ -25,7 +25,7 @@ import sqlalchemy as sa
 
 from shared import queue
 from shared.context import make_redis
-from shared.message import build_message
+from shared.delivery.message import build_message
 from tests.bench import seed
 from tests.bench.mailbox import MailboxTail, Verdict, verify
 from tests.bench.stack import SMTP_ACCOUNTS, SMTP_USER, Child, CpuMeter, Stack

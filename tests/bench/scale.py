@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
-from shared.attempt import _CLAIM_SQL  # the sender's own statement, timed as it is
-from shared.inflight import INLINE_BYTES
+from shared.delivery.attempt import _CLAIM_SQL  # the sender's own statement, timed as it is
+from shared.delivery.inflight import INLINE_BYTES
 from shared.sweep import SweepReport, sweep_once
 from tests.bench import seed
 from tests.bench.api import Sizing, enqueue_load, knative_sizing

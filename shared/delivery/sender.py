@@ -1,5 +1,5 @@
 """The sender: takes work tenant by tenant and hands each envelope to a conversation thread, which
-makes one attempt at its task (shared.attempt) and lets go of the envelope.
+makes one attempt at its task (shared.delivery.attempt) and lets go of the envelope.
 
 - **Fair share and the per-account cap** come from the queue (``shared.fairqueue``): one envelope per
   tenant per turn, at most SMTP_MAX_CONNECTIONS_PER_ACCOUNT conversations at once per account.
@@ -25,14 +25,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from shared import logs
-from shared.attempt import Attempt
 from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.db import on_the_row
+from shared.delivery.attempt import Attempt
+from shared.delivery.inflight import Inflight
 from shared.domain import CancelReason, Status
 from shared.errors import EnvelopeDecodeError
 from shared.fairqueue import SendQueue, Taken
-from shared.inflight import Inflight
 from shared.tasks import events
 from shared.workers import BLOCK_SECONDS, Outcome, Worker, dependency_of, utcnow
 

@@ -5,7 +5,7 @@ and a multi-line reply is kept whole however long it grows. ``PinnedSMTP`` gives
 the time left before the conversation's deadline (at most SMTP_TIMEOUT), caps every reply, and lets a
 ``Watchdog`` (shared.deadline) shut its socket down when the deadline passes, which wakes whatever the
 sending thread is blocked in: a read, a write, a connect or a TLS handshake. The Mailer
-(shared/mailer.py) decides what to send and how to classify failures; this module only makes
+(shared/delivery/mailer.py) decides what to send and how to classify failures; this module only makes
 sure a server cannot hold a thread or grow its memory.
 """
 

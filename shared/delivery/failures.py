@@ -11,8 +11,8 @@ import smtplib
 import ssl
 from collections.abc import Callable
 
+from shared.delivery.smtp import MAX_REPLY_BYTES, MAX_REPLY_LINES, ReplyTooLarge, SmtpAccount
 from shared.errors import PermanentSmtpError, SmtpAuthError, SmtpError, TransientSmtpError
-from shared.smtp import MAX_REPLY_BYTES, MAX_REPLY_LINES, ReplyTooLarge, SmtpAccount
 
 _TLS_MISMATCH = {"WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION"}
 

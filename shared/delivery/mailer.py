@@ -2,9 +2,9 @@
 
 ARCHITECTURE.md ("SMTP rules", "Tenants are hostile") has the why: verified TLS always, never a
 plaintext fallback, a deadline on the whole conversation, replies capped, one AUTH attempt, one
-reconnect for a pooled connection found closed. Building the message is shared/message.py's job,
+reconnect for a pooled connection found closed. Building the message is shared/delivery/message.py's job,
 vetting the host shared/hosts.py's, keeping one connection to a hostile server in bounds
-shared/smtp.py's, saying what a failure means shared/failures.py's.
+shared/delivery/smtp.py's, saying what a failure means shared/delivery/failures.py's.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from email.message import EmailMessage
 
 from shared.config import Settings
 from shared.deadline import Guard, Watchdog
+from shared.delivery.failures import classify, reply_text
+from shared.delivery.message import Outgoing
+from shared.delivery.smtp import PinnedSMTP, PinnedSMTPSSL, SmtpAccount, hang_up, size_limit
 from shared.domain import SmtpSecurity
 from shared.errors import PermanentSmtpError, SmtpError, TransientSmtpError
-from shared.failures import classify, reply_text
 from shared.hosts import resolve_checked
-from shared.message import Outgoing
-from shared.smtp import PinnedSMTP, PinnedSMTPSSL, SmtpAccount, hang_up, size_limit
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Mailer:
         bcc: tuple[str, ...] = (),
     ) -> Acceptance:
         """Deliver one message from its From to its To and Cc, and to ``bcc`` (in the envelope only);
-        an ``Outgoing`` (``shared.message.compose``) carries its envelope, bcc included, already.
+        an ``Outgoing`` (``shared.delivery.message.compose``) carries its envelope, bcc included, already.
         return the server's acceptance, e.g. "250 OK" (``.refused`` lists recipients refused with 5xx).
 
         deadline is the instant on this Mailer's clock by which the whole conversation is over, a new

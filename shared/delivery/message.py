@@ -1,6 +1,6 @@
 """Building a message: headers guarded against injection, a stable Message-ID, and its wire form.
 
-Talking SMTP is shared/mailer.py's job; this module never opens a socket.
+Talking SMTP is shared/delivery/mailer.py's job; this module never opens a socket.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ mail, send it within a deadline, and record the outcome behind the fencing token
   the task back without spending a try, and this sender backs off; a refused SMTP login pauses the
   account (its mail waits for new credentials) instead of letting every queued mail try again.
 
-The Sender (shared.sender) takes the envelopes and runs the threads; ``Attempt`` is the part
+The Sender (shared.delivery.sender) takes the envelopes and runs the threads; ``Attempt`` is the part
 of it that makes one try.
 """
 
@@ -28,13 +28,13 @@ import redis
 import sqlalchemy as sa
 
 from shared.db import on_the_row
+from shared.delivery.inflight import INLINE_BYTES
+from shared.delivery.message import compose
+from shared.delivery.smtp import SmtpAccount
 from shared.domain import CancelReason, SmtpSecurity, Status
 from shared.errors import ConfigError, PermanentSmtpError, SmtpAuthError, SmtpError, TransientSmtpError
 from shared.fairqueue import Taken
-from shared.inflight import INLINE_BYTES
-from shared.message import compose
 from shared.prepared import alone, run_alone
-from shared.smtp import SmtpAccount
 from shared.tasks import events
 from shared.tasks.storage import attachments_of
 from shared.workers import Outcome, backoff_seconds, dependency_of
@@ -61,7 +61,7 @@ class Claim:
     smtp_security: str
     account_version: datetime  # users.updated_at: a pause applies only to the credentials we used
     # What the mail carries beyond the seed's fields (task_contents). A large mail (content_bytes over
-    # shared.inflight.INLINE_BYTES) comes without its body, HTML and attachment bytes: they are read
+    # shared.delivery.inflight.INLINE_BYTES) comes without its body, HTML and attachment bytes: they are read
     # once this sender has room for them (not loaded yet).
     content_bytes: int = 0
     loaded: bool = True
@@ -85,7 +85,7 @@ class Claim:
 # The claim is the start of an attempt: it spends a try and takes the lease, only while the task is
 # queued (a duplicate envelope finds nothing), has a try left, and its account is not paused. It
 # brings the mail's content along in the same statement (a plain mail has no task_contents row),
-# except a large mail's body, HTML and attachment bytes (shared.inflight).
+# except a large mail's body, HTML and attachment bytes (shared.delivery.inflight).
 _CONTENT_BYTES = (
     "(COALESCE(octet_length(t.body), 0) + COALESCE(octet_length(c.html), 0)"
     " + COALESCE(octet_length(c.attachment_data), 0))"
