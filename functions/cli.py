@@ -84,7 +84,7 @@ class Supervisor:
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
         # Imported here: the local stack's module stays out of the cluster image (see .dockerignore).
-        from shared.embedded import die_with_parent
+        from shared.local.embedded import die_with_parent
 
         proc = subprocess.Popen(
             [sys.executable, "-m", "functions.cli", *args],
@@ -169,7 +169,7 @@ def dev(
 ) -> None:
     """Run the whole service on this machine: PostgreSQL, Redis, the API, workers and an SMTP sink."""
     from shared.db import migrate as run_migrations
-    from shared.embedded import EmbeddedPostgres, EmbeddedRedis, dev_secrets
+    from shared.local.embedded import EmbeddedPostgres, EmbeddedRedis, dev_secrets
 
     data_dir = data_dir.resolve()
     env = dict(os.environ)
@@ -392,8 +392,8 @@ def rotate_keys() -> None:
 @click.option("--every", type=float, default=None, help="loop, one pass every SECONDS (local use)")
 def sweep(every: float | None) -> None:
     """One pass putting back tasks that fell through the cracks, then exit (or loop with --every)."""
+    from shared.maintenance.sweep import sweep_once
     from shared.metrics import WorkerMetrics
-    from shared.sweep import sweep_once
 
     settings = load_settings()
     engine, client = _worker_deps(settings, 0, 2)
@@ -468,7 +468,7 @@ def status(data_dir: Path, cluster: bool, context: str | None, namespace: str, a
 @click.option("--port", default=1025, show_default=True, type=int)
 def sink(data_dir: Path, host: str, port: int) -> None:
     """Run the local SMTP sink that stores every message it receives in DATA_DIR/mailbox."""
-    from shared.sink import serve_forever
+    from shared.local.sink import serve_forever
 
     configure_logging(load_settings())
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd: five INFO lines per message
@@ -483,7 +483,7 @@ def sink(data_dir: Path, host: str, port: int) -> None:
 @click.option("-n", "--limit", default=20, show_default=True, type=int)
 def mailbox(data_dir: Path, limit: int) -> None:
     """Print the latest messages the local SMTP sink received."""
-    from shared.sink import read_mailbox
+    from shared.local.sink import read_mailbox
 
     messages = read_mailbox(data_dir.resolve(), limit)
     if not messages:

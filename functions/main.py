@@ -11,8 +11,8 @@ import functions_framework
 
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared import gauges
 from shared.accounts import users
+from shared.observe import gauges
 from shared.tasks import batch, content, control, stats, views
 from shared.tasks import enqueue as single  # `enqueue` is the function below
 from shared.webhooks import endpoints

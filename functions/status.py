@@ -1,6 +1,6 @@
 """`mailq status`: the operator's view, as tables (rich) or JSON (--json).
 
-Without --cluster it reads the queue figures (``shared.gauges``) straight from PostgreSQL and Redis:
+Without --cluster it reads the queue figures (``shared.observe.gauges``) straight from PostgreSQL and Redis:
 DATABASE_URL/REDIS_URL when both are set, otherwise the running `mailq dev` that wrote
 ``<data dir>/dev.json``. With --cluster it shows what the `kubernetes` client sees
 (``functions.cluster``) and then the same figures, as the cluster's own metrics function computes them.
@@ -69,9 +69,9 @@ def local_source(data_dir: Path, environ) -> dict[str, Any]:
 
 def local_figures(settings: Settings) -> dict[str, Any]:
     """The queue figures, read now from the databases ``settings`` points at."""
-    from shared import gauges
     from shared.context import make_redis
     from shared.db import make_engine
+    from shared.observe import gauges
 
     engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
     client = make_redis(settings.redis_url)

@@ -140,7 +140,7 @@ class WorkerMetrics:
                 self.envelopes.labels(name).inc()
 
     def record_sweep(self, report) -> None:
-        """One sweep pass (a ``shared.sweep.SweepReport``)."""
+        """One sweep pass (a ``shared.maintenance.sweep.SweepReport``)."""
         self.requeued.inc(report.requeued)
         self.rescued.inc(report.rescued)
         self.cancel(CancelReason.LOST_IN_FLIGHT, report.lost_in_flight)

@@ -145,7 +145,7 @@ class Task(Base):
             postgresql_where=sa.text("status = 'processing'"),
         ),
         # The metrics function: exact counts of the pending statuses (never the history's rows). Only
-        # shared/gauges.py states the always-true "scheduled_at IS NOT NULL", so the sweep's queries
+        # shared/observe/gauges.py states the always-true "scheduled_at IS NOT NULL", so the sweep's queries
         # never pick this index over their own (ordered by due time)...
         sa.Index(
             "tasks_pending_status",

@@ -15,7 +15,7 @@ from shared.config import Settings
 from shared.context import Context, make_redis
 from shared.crypto import SecretBox, generate_key
 from shared.db import dispose_engines, engine_for, migrate
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from shared.local.embedded import EmbeddedPostgres, EmbeddedRedis
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 

@@ -13,7 +13,7 @@ from shared.context import Context
 from shared.delivery.consumer import Consumer
 from shared.delivery.mailer import Mailer
 from shared.delivery.sender import Sender
-from shared.sweep import sweep_once
+from shared.maintenance.sweep import sweep_once
 from shared.tasks import enqueue
 from shared.workers import Outcome
 

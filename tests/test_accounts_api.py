@@ -368,7 +368,7 @@ def test_live_and_ping_answer_when_everything_is_up(api):
 
 def test_ping_names_redis_when_it_is_down(api, monkeypatch):
     from functions import http
-    from shared.embedded import free_port
+    from shared.local.embedded import free_port
 
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     http.reset_context()

@@ -90,7 +90,7 @@ def test_the_tiny_benchmark_delivers_every_mail_exactly_once_and_reports_every_s
 def test_the_sink_refuses_mail_without_auth_and_a_wrong_password(tmp_path):
     import smtplib
 
-    from shared.embedded import free_port
+    from shared.local.embedded import free_port
     from tests.bench.stack import SMTP_ACCOUNTS, Child, wait_for_port
 
     port = free_port()
@@ -146,7 +146,7 @@ def test_the_chart_is_a_png_with_every_delivery_bar(tmp_path):
 
 
 def test_the_report_compares_sizes_sender_counts_and_tenants_from_the_figures_it_is_given(monkeypatch):
-    from shared.sweep import SweepReport
+    from shared.maintenance.sweep import SweepReport
     from tests.bench.delivery import Delivery
     from tests.bench.inbox import FairnessResult
     from tests.bench.load import LoadResult

@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from shared import routes
 from shared.context import make_redis
 from shared.db import engine_for
-from shared.embedded import free_port
+from shared.local.embedded import free_port
 from tests.conftest import ROOT
 from tests.smtp_servers import ScriptedSmtpServer
 

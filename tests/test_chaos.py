@@ -19,7 +19,7 @@ from shared.context import Context, make_redis
 from shared.crypto import SecretBox
 from shared.db import is_unavailable, make_engine
 from shared.delivery.sender import Sender
-from shared.embedded import EmbeddedRedis, free_port
+from shared.local.embedded import EmbeddedRedis, free_port
 from shared.workers import Outcome
 from tests.chaos import faultproxy, network, scenarios, tenants
 from tests.chaos.audit import wait_settled

@@ -16,8 +16,8 @@ from datetime import UTC, datetime, timedelta
 import psutil
 import pytest
 
-from shared.embedded import free_port
-from shared.sink import count_message_ids
+from shared.local.embedded import free_port
+from shared.local.sink import count_message_ids
 
 pytestmark = pytest.mark.e2e
 

@@ -32,7 +32,7 @@ from schemathesis.specs.openapi.checks import (
 
 from shared import queue
 from shared.db import engine_for
-from shared.embedded import free_port
+from shared.local.embedded import free_port
 from tests.conftest import ROOT, auth_header, login, register_user
 from tests.test_accounts_api import assert_problem
 

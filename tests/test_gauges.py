@@ -8,7 +8,8 @@ import json
 import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared import gauges, queue
+from shared import queue
+from shared.observe import gauges
 from tests.smtp_servers import ScriptedSmtpServer
 from tests.test_stats import SEED_TASKS, SEED_USERS, _plan_nodes
 

@@ -709,7 +709,7 @@ def test_a_worker_waiting_for_redis_at_start_stays_live(fast_ctx, tmp_path):
     """The probe reads the liveness file: a worker that starts while Redis is down must keep touching
     it, or the probe restarts the pod over and over for another service's outage."""
     from shared.delivery.consumer import Consumer
-    from shared.embedded import free_port
+    from shared.local.embedded import free_port
 
     beat = tmp_path / "beat"
     nowhere = make_redis(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared import metrics, queue
 from shared.domain import CancelReason, Status
-from shared.embedded import free_port
+from shared.local.embedded import free_port
 from shared.workers import Outcome
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer

@@ -180,7 +180,7 @@ def test_two_senders_racing_on_one_task_send_one_mail(fast_ctx, smtp):
 
 
 def test_a_push_that_fails_at_enqueue_is_delivered_by_the_sweep(fast_ctx, smtp):
-    from shared.embedded import free_port
+    from shared.local.embedded import free_port
 
     pipe = Pipeline(fast_ctx)
     user = pipe.user(smtp)
@@ -315,7 +315,7 @@ def test_two_sweeps_at_once_double_nothing(pipe, smtp):
     with pipe.ctx.engine.begin() as conn:
         conn.execute(sa.text("UPDATE tasks SET next_attempt_at = now() - interval '1 hour'"))
     settings = pipe.ctx.settings.replace(sweep_batch=7)
-    from shared.sweep import sweep_once
+    from shared.maintenance.sweep import sweep_once
 
     reports = []
     threads = [
@@ -332,7 +332,7 @@ def test_two_sweeps_at_once_double_nothing(pipe, smtp):
 
 
 def test_the_pending_work_query_counts_what_the_sweep_would_do(pipe, smtp):
-    from shared.sweep import pending_work
+    from shared.maintenance.sweep import pending_work
 
     user = pipe.user(smtp)
     pipe.enqueue(user)

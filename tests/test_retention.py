@@ -8,8 +8,8 @@ import json
 import pytest
 import sqlalchemy as sa
 
-from shared import retention
-from shared.sweep import pending_work
+from shared.maintenance import retention
+from shared.maintenance.sweep import pending_work
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 

@@ -27,8 +27,8 @@ import pytest
 import redis
 
 from shared import queue
-from shared.embedded import free_port
-from shared.sink import count_message_ids
+from shared.local.embedded import free_port
+from shared.local.sink import count_message_ids
 from tests.chaos.audit import secrets_found
 from tests.conftest import auth_header, login
 from tests.pipeline import Pipeline

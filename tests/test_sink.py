@@ -21,7 +21,7 @@ from shared.delivery.mailer import Mailer
 from shared.delivery.message import build_message, message_id_for
 from shared.delivery.smtp import SmtpAccount
 from shared.domain import SmtpSecurity
-from shared.sink import Sink, count_message_ids, read_mailbox
+from shared.local.sink import Sink, count_message_ids, read_mailbox
 
 SETTINGS = Settings(smtp_timeout=5.0)
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,9 @@ def test_serve_forever_runs_until_sigterm(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    code = f"from shared.sink import serve_forever; serve_forever({str(tmp_path)!r}, '127.0.0.1', {port})"
+    code = (
+        f"from shared.local.sink import serve_forever; serve_forever({str(tmp_path)!r}, '127.0.0.1', {port})"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
     try:

@@ -13,7 +13,7 @@ from email.message import EmailMessage
 import kubernetes_validate
 from kubernetes import client as k8s
 
-from shared.embedded import free_port
+from shared.local.embedded import free_port
 from tests.test_manifests import ROOT, _k8s_minor, _load_module
 
 smoke = _load_module("mailq_smoke", ROOT / "deployment" / "smoke.py")

@@ -18,7 +18,7 @@ from kubernetes import client as k8s
 from functions import cluster
 from functions.cli import main
 from functions.status import NoStack, figures_from_exposition, local_source
-from shared import gauges
+from shared.observe import gauges
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 from tests.test_manifests import _crd_validator

@@ -3,7 +3,7 @@
 `mailq sink` accepts mail without AUTH and any login (local development). An independent server
 with AUTH is what users send through, so the benchmark's sink requires AUTH before MAIL FROM and
 accepts only the accounts it was given (``BENCH_SINK_ACCOUNTS``: a JSON object username → password,
-one per tenant). It stores mail exactly as `mailq sink` does (``shared.sink``'s handler and index),
+one per tenant). It stores mail exactly as `mailq sink` does (``shared.local.sink``'s handler and index),
 so the scenarios read it with the same code. Run: ``python -m tests.bench.authsink DATA_DIR PORT``.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-from shared.sink import MAILBOX, _Controller, _MailboxHandler, run_until_stopped
+from shared.local.sink import MAILBOX, _Controller, _MailboxHandler, run_until_stopped
 
 ACCOUNTS_ENV = "BENCH_SINK_ACCOUNTS"
 

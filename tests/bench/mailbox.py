@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from shared.sink import INDEX, MAILBOX, count_message_ids
+from shared.local.sink import INDEX, MAILBOX, count_message_ids
 
 
 class MailboxTail:

@@ -529,7 +529,7 @@ METHOD = """\
   the first rows, as many as the smallest size, and history (sent, cancelled) beyond: every size has
   the same live work and differs only in history. Rows past the first million are copied inside
   PostgreSQL. Round-robin over users with 100,000 tasks each, then `VACUUM ANALYZE`. One
-  `shared.sweep.sweep_once` pass is timed in-process (it must put back exactly the due rows), then
+  `shared.maintenance.sweep.sweep_once` pass is timed in-process (it must put back exactly the due rows), then
   an idle pass; the sender's claim statement (`shared.delivery.attempt`'s `UPDATE … WHERE id = … AND
   status = 'queued' … RETURNING`) on 200 queued rows, each in its own transaction, rolled back;
   1 client pages `/task/queue` (half first

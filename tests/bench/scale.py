@@ -18,7 +18,7 @@ import sqlalchemy as sa
 
 from shared.delivery.attempt import _CLAIM_SQL  # the sender's own statement, timed as it is
 from shared.delivery.inflight import INLINE_BYTES
-from shared.sweep import SweepReport, sweep_once
+from shared.maintenance.sweep import SweepReport, sweep_once
 from tests.bench import seed
 from tests.bench.api import Sizing, enqueue_load, knative_sizing
 from tests.bench.load import LoadResult, build_request, closed_loop

@@ -30,7 +30,7 @@ from shared.config import Settings
 from shared.context import Context, make_redis
 from shared.crypto import SecretBox, generate_key
 from shared.db import dispose_engines, engine_for, migrate
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
+from shared.local.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN_SOURCE = ROOT / "functions" / "main.py"

@@ -22,7 +22,7 @@ from email.parser import BytesHeaderParser
 from email.policy import default as default_policy
 from pathlib import Path
 
-from shared.sink import stop_signals
+from shared.local.sink import stop_signals
 from tests.hostile_smtp import FloodingServer, HostileSmtpServer, SilentServer, TricklingServer
 
 BANNER_BYTES = len(HostileSmtpServer.banner)

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlparse
 
 import sqlalchemy as sa
 
-from shared.sink import read_mailbox
+from shared.local.sink import read_mailbox
 from shared.workers import BLOCK_SECONDS
 from tests.chaos import faultproxy
 from tests.chaos.client import make_accounts

@@ -25,7 +25,7 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult
 
-from shared.sink import run_until_stopped
+from shared.local.sink import run_until_stopped
 
 FATES = ("250", "451", "550", "drop_before", "drop_after")
 REPLIES = {

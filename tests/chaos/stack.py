@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from shared.context import make_redis
 from shared.crypto import generate_key
 from shared.db import make_engine, migrate
-from shared.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
+from shared.local.embedded import EmbeddedPostgres, EmbeddedRedis, die_with_parent, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -399,7 +399,7 @@ class Sink:
     data_dir: Path
 
     def counts(self):
-        from shared.sink import count_message_ids
+        from shared.local.sink import count_message_ids
 
         return count_message_ids(self.data_dir)
 

@@ -23,7 +23,7 @@ import psutil
 import sqlalchemy as sa
 
 from shared.config import DEADLINE_SHARE_OF_LEASE
-from shared.sink import read_mailbox
+from shared.local.sink import read_mailbox
 from tests.chaos import hostile
 from tests.chaos.client import make_accounts
 from tests.chaos.scenarios import Result, Run

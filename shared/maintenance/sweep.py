@@ -24,8 +24,8 @@ from sqlalchemy.engine import Engine
 from shared import queue
 from shared.config import Settings
 from shared.fairqueue import SendQueue
+from shared.maintenance.retention import purge_once
 from shared.pending import conditions, pending_work_sql
-from shared.retention import purge_once
 from shared.tasks import events
 from shared.webhooks import requeue
 
