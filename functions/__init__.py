@@ -1,1 +1,1 @@
-"""Entry points: HTTP functions (main.py), the CLI (cli.py), the dev server (devserver.py)."""
+"""Entry points: HTTP functions (main.py), the CLI (cli.py; the local stack's in dev.py), the dev server."""

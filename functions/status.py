@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
-from functions.cli import DEV_STATE
+from functions.dev import DEV_STATE
 from shared.config import Settings
 
 
