@@ -21,6 +21,7 @@ WEBHOOK_POOL = 5  # the same for a webhook worker
 
 
 @click.group()
+@click.version_option(package_name="mailq", prog_name="mailq")  # the installed package's metadata
 def main() -> None:
     """mailq: a mail queue. `mailq dev` runs everything on this machine."""
 

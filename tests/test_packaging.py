@@ -196,6 +196,13 @@ def test_every_module_the_image_installs_imports_without_the_optional_extras(ima
 # --- the product and the harnesses ------------------------------------------------------------------
 
 
+def test_mailq_version_is_the_installed_package_version():
+    command = [sys.executable, "-m", "functions.cli", "--version"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"mailq, version {importlib.metadata.version('mailq')}\n"
+
+
 def test_the_product_never_imports_the_tests_or_their_harnesses():
     offenders = []
     for path in sorted(p for folder in PRODUCT for p in (ROOT / folder).rglob("*.py")):
