@@ -23,8 +23,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv and install mailq with its dev and benchmark tools
 
-run: $(STAMP) ## start the whole service on embedded PostgreSQL, Redis and an SMTP sink
-	$(BIN)/mailq dev
+# `make run PORT=8081 SMTP_PORT=2525` moves the API and the SMTP sink (`mailq dev --port, --smtp-port`).
+# Only from make's command line: a PORT in the environment is often meant for something else.
+PORT_ARG = $(if $(filter command line,$(origin PORT)), --port $(PORT))
+SMTP_PORT_ARG = $(if $(filter command line,$(origin SMTP_PORT)), --smtp-port $(SMTP_PORT))
+
+run: $(STAMP) ## start the whole service on embedded PostgreSQL, Redis and an SMTP sink (PORT=, SMTP_PORT=)
+	$(BIN)/mailq dev$(PORT_ARG)$(SMTP_PORT_ARG)
 
 test: $(STAMP) ## run the whole test suite (real PostgreSQL, Redis and SMTP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)

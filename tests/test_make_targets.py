@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -201,3 +202,28 @@ def test_make_cluster_refuses_a_minikube_too_old_for_kubernetes_1_34_and_asks_fo
         fake.chmod(0o755)
         result = subprocess.run(["sh", "-c", check], capture_output=True, text=True, timeout=10)
         assert (result.returncode == 0) == ok, (version, result.stderr)
+
+
+def _mailq_dev_options(*make_args: str, env: dict[str, str] | None = None) -> dict:
+    """The options `make run` starts `mailq dev` with, as `mailq dev` itself parses them."""
+    from functions.dev import dev
+
+    printed = subprocess.run(
+        ["make", "-n", "run", *make_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    ).stdout
+    (line,) = [cmd for cmd in printed.splitlines() if "mailq dev" in cmd]
+    words = shlex.split(line)
+    with dev.make_context("dev", words[words.index("dev") + 1 :]) as context:
+        return context.params
+
+
+def test_make_run_port_and_smtp_port_reach_mailq_dev_and_nothing_else_changes_them():
+    if shutil.which("make") is None:
+        _skip_or_fail("make is not installed")
+    moved = _mailq_dev_options("PORT=8081", "SMTP_PORT=2525")
+    assert (moved["port"], moved["smtp_port"]) == (8081, 2525)
+    plain = _mailq_dev_options()
+    assert (plain["port"], plain["smtp_port"]) == (8080, 1025)  # `mailq dev`'s own defaults
+    # Only make's command line moves them: a PORT exported for something else does not.
+    exported = _mailq_dev_options(env={**os.environ, "PORT": "9999", "SMTP_PORT": "9998"})
+    assert (exported["port"], exported["smtp_port"]) == (8080, 1025)
