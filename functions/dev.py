@@ -129,7 +129,7 @@ def dev(
 ) -> None:
     """Run the whole service on this machine: PostgreSQL, Redis, the API, workers and an SMTP sink."""
     from shared.db import migrate as run_migrations
-    from shared.local.embedded import EmbeddedPostgres, EmbeddedRedis, dev_secrets
+    from shared.local.embedded import EmbeddedPostgres, EmbeddedRedis, Unavailable, dev_secrets
 
     data_dir = data_dir.resolve()
     env = dict(os.environ)
@@ -188,6 +188,8 @@ def dev(
             if failure:
                 raise click.ClickException(f"stopping: {failure}")
             time.sleep(0.5)
+    except Unavailable as exc:
+        raise click.ClickException(str(exc)) from None
     except _Stop:
         click.echo("stopping mailq")
     finally:

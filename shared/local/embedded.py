@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+class Unavailable(RuntimeError):
+    """An embedded server cannot run with this Python; the message says what to use instead."""
+
+
 class EmbeddedPostgres:
     """PostgreSQL in ``data_dir`` via pgserver, reachable over a unix socket."""
 
@@ -48,7 +53,17 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root shells); its fallback is fine.
             warnings.simplefilter("ignore")
-            import pgserver
+            try:
+                import pgserver
+            except ModuleNotFoundError:
+                if sys.version_info < (3, 13):
+                    raise
+                # pgserver ships wheels up to CPython 3.12 only: the `local` extra leaves it out.
+                version = f"{sys.version_info.major}.{sys.version_info.minor}"
+                raise Unavailable(
+                    f"on Python {version} the embedded PostgreSQL is unavailable (pgserver ships wheels up "
+                    "to CPython 3.12 only): set DATABASE_URL to a PostgreSQL server"
+                ) from None
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
