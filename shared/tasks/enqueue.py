@@ -26,7 +26,7 @@ MAX_IDEMPOTENCY_KEY = 255
 
 
 def request_limit(ctx: Context) -> int:
-    """Largest enqueue request accepted before parsing (shared.content.request_limit says why)."""
+    """Largest enqueue request accepted before parsing (shared.tasks.content.request_limit says why)."""
     return content.request_limit(ctx.settings)
 
 
