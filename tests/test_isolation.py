@@ -692,6 +692,10 @@ def test_a_worker_stays_live_while_redis_refuses_its_heartbeat(fast_ctx, tmp_pat
     try:
         wait_for(beat.exists, what="the first heartbeat")
         fast_ctx.redis.config_set("requirepass", "now-you-need-this")
+        # A password binds only new connections: the worker's are cut, so every command it sends from
+        # here on is refused (its connections from before would otherwise go on being served).
+        fast_ctx.redis.client_kill_filter(_type="normal", skipme=True)
+        time.sleep(0.1)  # a heartbeat that got through before the cut is over
         before = beat.stat().st_mtime
         time.sleep(2.5)  # more than two heartbeats (every TTL/3 = 1 s)
         assert beat.stat().st_mtime > before
