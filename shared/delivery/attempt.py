@@ -157,8 +157,8 @@ _PAUSE_SQL = sa.text(
 
 class Attempt:
     """Claim, send and record one task. A part of the Sender: it uses the worker's engine, settings,
-    clock, metrics, mailer, secret box, fair queue and outbox, and its envelope handling (``done``,
-    ``fault``, ``_give_back_quietly``)."""
+    clocks, rng, metrics, mailer, secret box, memory budget (inflight), fair queue and outbox, and its
+    envelope handling (``done``, ``fault``, ``_give_back_quietly``)."""
 
     def claim(self, task_id: int) -> Claim | None:
         """Spend a try and take the lease, if the task is still queued with a try left."""
