@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from functions import dev
-from functions.settings import load_settings
+from functions.settings import load_settings, require_runtime, unreachable
 from shared.config import Settings, configure_logging
 from shared.errors import ConfigError
 
@@ -47,8 +47,7 @@ def serve(host: str, port: int, workers: int, threads: int) -> None:
     """Serve every HTTP function on one port (gunicorn), for local use."""
     from functions.devserver import serve as run
 
-    settings = load_settings()
-    settings.require_runtime()
+    settings = require_runtime(load_settings())
     configure_logging(settings)
     run(host, port, workers, threads)
 
@@ -60,7 +59,7 @@ def _worker_deps(settings: Settings, block_timeout: float, pool: int):
     from shared.context import make_redis
     from shared.db import engine_for
 
-    settings.require_runtime()
+    require_runtime(settings)
     configure_logging(settings)
     # pool connections (and as many again under overflow); a thread waits for one when all are busy
     engine = engine_for(
@@ -215,7 +214,13 @@ def status(data_dir: Path, cluster: bool, context: str | None, namespace: str, a
     settings = load_settings(
         {**os.environ, "DATABASE_URL": source["database_url"], "REDIS_URL": source["redis_url"]}
     )
-    figures = view.local_figures(settings)
+    try:
+        figures = view.local_figures(settings)
+    except Exception as exc:
+        error = unreachable(exc, settings)
+        if error is None:
+            raise
+        raise error from None
     if as_json:
         public = {k: v for k, v in source.items() if k not in ("database_url", "redis_url")}
         click.echo(json.dumps({"source": public, "figures": figures}, indent=2))

@@ -25,9 +25,38 @@ PRIVATE_HOST_REFUSED = (
 )
 
 
+# IPv6 forms that carry an IPv4 address or name a network of their own, decided here rather than left
+# to the ipaddress module, whose verdicts on them change between Python releases:
+# - 6to4 (2002::/16) and NAT64's well-known prefix (64:ff9b::/96) are routed to the IPv4 address they
+#   wrap, so they are judged by that address (a NAT64 address of a public host is how an IPv6-only
+#   network with DNS64 reaches it, so it stays allowed);
+# - Teredo (2001::/32) is a tunnel to a client behind NAT: its IPv4 parts are a relay and an obfuscated
+#   client, never a server of ours to reach, so every Teredo address is refused;
+# - NAT64's local-use prefix (64:ff9b:1::/48) has no fixed place for the IPv4 address: refused;
+# - site-local (fec0::/10) is deprecated but still routed inside some networks: refused.
+_TEREDO = ipaddress.ip_network("2001::/32")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")
+
+
 def _refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        elif ip in _TEREDO:
+            return "a Teredo tunnel address"
+        elif ip in _NAT64_LOCAL:
+            return "a local-use NAT64 address"
+        elif ip in _SITE_LOCAL:
+            return "a site-local address"
+        elif ip in _NAT64:
+            inner = _refusal(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+            return f"a NAT64 address of {inner}" if inner else None
+        elif ip.sixtofour is not None:
+            inner = _refusal(ip.sixtofour)
+            if inner:
+                return f"a 6to4 address of {inner}"
     if ip in _METADATA_ADDRESSES:
         return "a cloud metadata address"
     for what in ("unspecified", "loopback", "link-local", "multicast", "private", "reserved"):
