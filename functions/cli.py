@@ -132,8 +132,11 @@ def webhooks() -> None:
 
 @main.command("rotate-keys")
 def rotate_keys() -> None:
-    """Re-encrypt every stored secret (SMTP passwords, webhook secrets) with the first encryption key."""
-    from shared.accounts.users import rotate_keys as rotate
+    """Re-encrypt every stored secret (SMTP passwords, webhook secrets) with the first encryption key.
+
+    A secret no configured key decrypts is skipped and named (table, id); the rest are rotated, and the
+    command exits 1 saying how many were skipped."""
+    from shared.accounts.keys import rotate_keys as rotate
     from shared.crypto import SecretBox
     from shared.db import engine_for
 
@@ -142,10 +145,18 @@ def rotate_keys() -> None:
         raise click.ClickException("rotate-keys needs DATABASE_URL and MAILQ_ENCRYPTION_KEYS")
     configure_logging(settings)
     try:
-        count = rotate(engine_for(settings.database_url), SecretBox(settings.encryption_keys))
+        rotation = rotate(engine_for(settings.database_url), SecretBox(settings.encryption_keys))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"re-encrypted {count} secret(s) with the first key; the other keys can be retired")
+    for table, row_id in rotation.undecryptable:
+        click.echo(f"skipped {table} id {row_id}: no configured key decrypts its secret", err=True)
+    click.echo(f"re-encrypted {rotation.rewritten} secret(s) with the first key")
+    if rotation.undecryptable:
+        raise click.ClickException(
+            f"{len(rotation.undecryptable)} secret(s) could not be decrypted with any configured key and "
+            "were left as they are (listed above); keep the old keys until they are replaced"
+        )
+    click.echo("the other keys can be retired")
 
 
 @main.command()

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from shared import queue
-from shared.accounts import users
+from shared.accounts import keys, users
 from shared.context import make_redis
 from shared.crypto import SecretBox, generate_key
 from shared.db import is_unavailable, make_engine
@@ -286,8 +286,8 @@ def test_rotate_keys_re_encrypts_every_smtp_password_so_the_old_key_can_go(pipe,
         pipe.user(smtp_server, email=f"u{i}@example.com", **{"smtp-password": f"pw{i}"}) for i in range(3)
     ]
     both = SecretBox((new_key, old_key))
-    assert users.rotate_keys(pipe.ctx.engine, both) == 3
-    assert users.rotate_keys(pipe.ctx.engine, both) == 0  # nothing left to do the second time
+    assert keys.rotate_keys(pipe.ctx.engine, both).rewritten == 3
+    assert keys.rotate_keys(pipe.ctx.engine, both).rewritten == 0  # nothing left to do the second time
     only_new = SecretBox((new_key,))
     with pipe.ctx.engine.connect() as conn:
         stored = dict(conn.execute(sa.text("SELECT id, smtp_password_enc FROM users")).all())

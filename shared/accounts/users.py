@@ -10,12 +10,10 @@ from typing import Any
 
 import redis
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
 from shared import hosts, ratelimit
 from shared.accounts import auth
 from shared.context import Context
-from shared.crypto import SecretBox
 from shared.domain import default_security
 from shared.errors import Conflict, DependencyUnavailable, NotFound, Unauthorized, ValidationFailed
 from shared.fairqueue import SendQueue
@@ -188,38 +186,6 @@ def update_smtp(ctx: Context, caller_id: int, user_id: int, body: dict[str, Any]
     except redis.RedisError:
         pass  # PostgreSQL says resumed; the next sweep resumes it in Redis too
     return user_view(row)
-
-
-def rotate_keys(engine: Engine, box: SecretBox, batch: int = 500) -> int:
-    """Re-encrypt every stored secret with the first key, so older keys can be retired: SMTP
-    passwords and webhook signing secrets (the current one and one still in its rotation overlap).
-
-    Safe to run while the service runs and to run again; returns how many were rewritten. Raises
-    ConfigError (naming no secret) if a secret cannot be decrypted with any configured key.
-    """
-    rewritten = _rotate_column(engine, box, "users", "smtp_password_enc", batch)
-    rewritten += _rotate_column(engine, box, "webhook_endpoints", "secret_enc", batch)
-    return rewritten + _rotate_column(engine, box, "webhook_endpoints", "previous_secret_enc", batch)
-
-
-def _rotate_column(engine: Engine, box: SecretBox, table: str, column: str, batch: int) -> int:
-    rewritten, after = 0, 0
-    select = sa.text(
-        f"SELECT id, {column} AS token FROM {table} WHERE id > :after AND {column} IS NOT NULL"  # noqa: S608 - fixed names
-        " ORDER BY id LIMIT :batch FOR UPDATE"
-    )
-    update = sa.text(f"UPDATE {table} SET {column} = :token WHERE id = :id")  # noqa: S608 - fixed names
-    while True:
-        with engine.begin() as conn:
-            rows = conn.execute(select, {"after": after, "batch": batch}).all()
-            for row in rows:
-                if box.is_current(row.token):
-                    continue
-                conn.execute(update, {"id": row.id, "token": box.rotate(row.token)})
-                rewritten += 1
-        if not rows:
-            return rewritten
-        after = rows[-1].id
 
 
 def login(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
