@@ -17,7 +17,8 @@
      └── SmtpError                a send failed
           ├── TransientSmtpError    worth retrying (4xx, timeout, connection lost)
           └── PermanentSmtpError    not worth retrying (5xx, TLS refused, too big for the server)
-               └── SmtpAuthError          the server refused the account's credentials (5xx to AUTH)
+               ├── SmtpAuthError          the server refused the account's credentials (5xx to AUTH)
+               └── UnsafeMessage          the bytes about to be sent are not the mail meant (last guard)
 
 Only ``functions/`` knows which HTTP status each ServiceError becomes.
 """
@@ -150,3 +151,12 @@ class SmtpAuthError(PermanentSmtpError):
     Every mail of that account would fail the same way (and each try counts against the account at the
     provider), so the sender pauses the account instead of failing its mails one by one.
     """
+
+
+class UnsafeMessage(PermanentSmtpError):
+    """Raised by the last guard (shared.delivery.wirecheck) when the wire form of a mail is not the one
+    meant: a header nobody asked for, From/To/Cc/Reply-To not exactly the addresses and names given, or an
+    envelope that differs. Nothing is sent; the task is cancelled with this reason."""
+
+    def __init__(self, detail: str):
+        super().__init__(f"not sent: {detail} (the last check of the message as built refused it)")

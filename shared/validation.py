@@ -18,6 +18,15 @@ from shared.domain import SmtpSecurity
 # CR, LF and NUL, and every other character Python's str.splitlines() breaks on (VT, FF, FS, GS, RS,
 # NEL, LS, PS): the email package refuses them in a header, so they are refused at the door.
 LINE_BREAKS = re.compile("[\r\n\x00\x0b\x0c\x1c-\x1e\x85\u2028\u2029]")
+# RFC 2047 encoded-word syntax (=?charset?q?text?=, B or Q, any case), as loosely as any decoder reads it:
+# whitespace inside and a charset with a *language are still decoded by some. A header value holding one
+# can decode to a line break (the email package of Python 3.11.7 and earlier did, when folding), so every
+# field that becomes a header refuses it; mailq encodes what needs encoding itself.
+ENCODED_WORD = re.compile(r"=\?[^?]*\?[bBqQ]\?.*?\?=", re.DOTALL)
+ENCODED_WORD_REFUSED = (
+    "must not contain RFC 2047 encoded-word syntax (=?charset?q?...?=); send the text itself, "
+    "mailq encodes what needs encoding"
+)
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 MISSING = object()
 MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything past 72 bytes; we refuse instead of truncating
@@ -57,6 +66,9 @@ class Fields:
     def email(self, name: str, *, required: bool = True) -> str | None:
         value = self.string(name, max_len=254, required=required)
         if value is None:
+            return None
+        if ENCODED_WORD.search(value):
+            self.fail(name, ENCODED_WORD_REFUSED)
             return None
         try:
             return validate_email(value, check_deliverability=False).normalized

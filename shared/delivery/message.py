@@ -1,6 +1,8 @@
 """Building a message: headers guarded against injection, a stable Message-ID, and its wire form.
 
-Talking SMTP is shared/delivery/mailer.py's job; this module never opens a socket.
+The address headers are written by shared/delivery/addresses.py (folding cannot unquote a display name),
+and every wire form ``compose`` makes is parsed back by shared/delivery/wirecheck.py before it may be
+sent. Talking SMTP is shared/delivery/mailer.py's job; this module never opens a socket.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from email.contentmanager import _encode_text  # the one set_content uses; tests pin the equivalence
 from email.generator import BytesGenerator
-from email.headerregistry import Address, HeaderRegistry
+from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from email.utils import format_datetime
 
+from shared.delivery import wirecheck
+from shared.delivery.addresses import address_headers, spec, unique
 from shared.errors import PermanentSmtpError
 from shared.tasks.content import Attachment
-from shared.validation import LINE_BREAKS
+from shared.validation import ENCODED_WORD, LINE_BREAKS
 
 _DOT_ATOM = re.compile(r"^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$")
 
@@ -72,21 +76,17 @@ def build_message(
 
     Raise ValueError for CR, LF or NUL (or another line break) in a header, or a mail without a part.
     """
-    values = [sender, recipient, subject, message_id, from_name or "", recipient_name or "", reply_to or ""]
-    values += [*cc, *(n for n, _ in headers), *(v for _, v in headers), *(a.filename for a in attachments)]
-    for value in values:
-        if LINE_BREAKS.search(value):
-            # The API refuses these with a 422 already; this keeps a header injection out if it slips through.
-            raise ValueError("a header must not contain CR, LF or NUL (or another line break)")
+    _refuse_line_breaks(
+        [sender, recipient, subject, message_id, from_name or "", recipient_name or "", reply_to or ""],
+        [*cc, *(n for n, _ in headers), *(v for _, v in headers), *(a.filename for a in attachments)],
+    )
     if body is None and html is None:
         raise ValueError("a mail needs a text or an HTML part")
     message = EmailMessage(policy=POLICY)
-    message["From"] = _address(sender, from_name)
-    message["To"] = _address(recipient, recipient_name)
-    if cc:
-        message["Cc"] = [_address(a) for a in cc]
-    if reply_to:
-        message["Reply-To"] = _address(reply_to)
+    for name, value in address_headers(
+        sender, recipient, from_name=from_name, recipient_name=recipient_name, cc=cc, reply_to=reply_to
+    ):
+        message.set_raw(name, value)  # written as built: folding cannot unquote a display name
     message["Subject"] = subject
     message["Message-ID"] = message_id
     message["Date"] = format_datetime(date)  # a naive datetime is written as UTC with "-0000"
@@ -103,15 +103,41 @@ def build_message(
         message.set_content(html, subtype="html", cte=_text_cte(html))
     for attachment in attachments:
         maintype, _, subtype = attachment.content_type.partition("/")
-        message.add_attachment(attachment.data, maintype, subtype, filename=attachment.filename)
+        filename: str | tuple[str, str, str] = attachment.filename
+        if ENCODED_WORD.search(attachment.filename):  # RFC 2231 (percent-encoded): nothing to decode
+            filename = ("utf-8", "", attachment.filename)
+        message.add_attachment(attachment.data, maintype, subtype, filename=filename)
     for part in message.walk():
         if part is not message:
             del part["MIME-Version"]  # the email package repeats it in every part it makes; once is enough
     return message
 
 
+def _refuse_line_breaks(*groups: Iterable[str]) -> None:
+    for group in groups:
+        for value in group:
+            if LINE_BREAKS.search(value):
+                # The API refuses these with a 422 already; this keeps a header injection out if one slips by.
+                raise ValueError("a header must not contain CR, LF or NUL (or another line break)")
+
+
+def package(*, bcc: Iterable[str] = (), **fields) -> Outgoing:
+    """The email package's wire form of a mail (``build_message``) with the envelope meant, unchecked:
+    ``compose`` checks it (and takes the direct path when it can)."""
+    bcc = tuple(bcc)
+    _refuse_line_breaks(bcc)
+    message = build_message(**fields)
+    sender = spec(fields["sender"])
+    shown = (spec(fields["recipient"]), *(spec(a) for a in fields.get("cc", ())))
+    international = not all(a.isascii() for a in (sender, *shown, *bcc))
+    options = ("SMTPUTF8", "BODY=8BITMIME") if international else ()
+    return Outgoing(sender, tuple(unique((*shown, *bcc))), _flatten(message, international), options)
+
+
 def compose(*, bcc: Iterable[str] = (), **fields) -> Outgoing:
-    """The envelope and wire bytes of a mail (``build_message``'s fields, plus ``bcc``).
+    """The envelope and wire bytes of a mail (``build_message``'s fields, plus ``bcc``), checked by the
+    last guard (shared.delivery.wirecheck): UnsafeMessage unless its headers, From, To, Cc and envelope
+    are exactly the ones meant.
 
     The common mail - one text or one HTML part, short ASCII headers, no attachments - is written
     directly: the email package spends most of a sender's CPU building and flattening a message
@@ -119,21 +145,23 @@ def compose(*, bcc: Iterable[str] = (), **fields) -> Outgoing:
     the email package. ``tests/test_message.py`` holds the direct bytes equal to the email package's
     for every input the direct path takes.
     """
+    bcc = tuple(bcc)
+    _refuse_line_breaks(bcc)
     data = _plain_wire(**fields) if all(a.isascii() for a in bcc) else None
     if data is None:
-        return Outgoing.of(build_message(**fields), bcc)
-    return Outgoing.direct(fields["sender"], (fields["recipient"], *fields.get("cc", ())), bcc, data)
+        outgoing = package(bcc=bcc, **fields)
+    else:
+        shown = (spec(fields["recipient"]), *(spec(a) for a in fields.get("cc", ())))
+        outgoing = Outgoing.direct(spec(fields["sender"]), shown, bcc, data)
+    wirecheck.check(outgoing, bcc=bcc, **fields)
+    return outgoing
 
 
-# What the direct path takes: values the email package writes back unchanged - printable ASCII words
-# separated by single spaces (no encoded-word look-alike), addresses that need no quoting, names of
-# plain words - on header lines no longer than the policy's 78 characters. The body is encoded by the
-# email package's own function.
+# What the direct path takes: a subject the email package writes back unchanged - printable ASCII words
+# separated by single spaces, no encoded-word look-alike - and ASCII address headers as
+# shared.delivery.addresses writes them for either path, on header lines no longer than the policy's 78
+# characters. The body is encoded by the email package's own function.
 _WORDS = re.compile(r"[\x21-\x7e]+(?: [\x21-\x7e]+)*")
-_NAME = re.compile(r"[A-Za-z0-9]+(?: [A-Za-z0-9]+)*")
-_ADDR_SPEC = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@" + _DOT_ATOM.pattern[1:-1]
-)
 _MSG_ID = re.compile(r"<[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+@[A-Za-z0-9.-]+>")
 _MAX_LINE = 78
 _NEWLINE = re.compile(r"\r\n|\r|\n")
@@ -163,21 +191,15 @@ def _plain_wire(
     text, subtype = (body, "plain") if body is not None else (html, "html")
     if not _WORDS.fullmatch(subject) or "=?" in subject or not _MSG_ID.fullmatch(message_id):
         return None
-    named = [
-        ("From", _mailbox(sender, from_name)),
-        ("To", _mailbox(recipient, recipient_name)),
-        ("Cc", _mailboxes(cc)),
-        ("Reply-To", _mailbox(reply_to, None) if reply_to else ""),
-        ("Subject", subject),
-        ("Message-ID", message_id),
-        ("Date", format_datetime(date)),
-    ]
+    named = address_headers(
+        sender, recipient, from_name=from_name, recipient_name=recipient_name, cc=cc, reply_to=reply_to
+    )
+    named += [("Subject", subject), ("Message-ID", message_id), ("Date", format_datetime(date))]
     out = []
     for name, value in named:
-        if value is None or len(name) + 2 + len(value) > _MAX_LINE:
+        if len(name) + 2 + len(value) > _MAX_LINE or not value.isascii() or "\n" in value:
             return None
-        if value:  # no Cc, no Reply-To: no header
-            out.append(f"{name}: {value}\r\n")
+        out.append(f"{name}: {value}\r\n")
     for name, value in headers:
         if not (name.isascii() and value.isascii()) or LINE_BREAKS.search(name + value):
             return None
@@ -190,26 +212,6 @@ def _plain_wire(
     )
     out.append(_NEWLINE.sub("\r\n", payload))  # what the generator does to the payload's line ends
     return "".join(out).encode("ascii")
-
-
-def _mailbox(addr_spec: str, name: str | None) -> str | None:
-    """How the email package writes this address - when it needs no quoting or encoding; else None."""
-    if not _ADDR_SPEC.fullmatch(addr_spec) or LINE_BREAKS.search(addr_spec):
-        return None
-    if not name:
-        return addr_spec
-    return f"{name} <{addr_spec}>" if _NAME.fullmatch(name) else None
-
-
-def _mailboxes(addresses: Sequence[str]) -> str | None:
-    written = [_mailbox(a, None) for a in addresses]
-    return None if None in written else ", ".join(written)
-
-
-def _address(addr_spec: str, name: str | None = None) -> Address:
-    # username/domain, not addr_spec=: the parser refuses a non-ASCII local part, which SMTPUTF8 allows.
-    username, _, domain = addr_spec.rpartition("@")
-    return Address(display_name=name or "", username=username, domain=domain)
 
 
 def _text_cte(text: str) -> str | None:
@@ -261,7 +263,7 @@ class Outgoing:
     @classmethod
     def direct(cls, sender: str, shown: Iterable[str], bcc: Iterable[str], data: bytes) -> Outgoing:
         """From ASCII addresses known to be well formed (the direct path of ``compose``)."""
-        return cls(sender, tuple(_unique((*shown, *bcc))), data, ())
+        return cls(sender, tuple(unique((*shown, *bcc))), data, ())
 
     @classmethod
     def of(cls, message: EmailMessage, bcc: Iterable[str] = ()) -> Outgoing:
@@ -269,24 +271,17 @@ class Outgoing:
 
         Raise PermanentSmtpError unless From holds exactly one address and To at least one."""
         (sender,) = _addresses(message, "From", exactly_one=True)
-        recipients = _unique((*_addresses(message, "To"), *_addresses(message, "Cc", optional=True), *bcc))
+        recipients = unique((*_addresses(message, "To"), *_addresses(message, "Cc", optional=True), *bcc))
         international = not all(a.isascii() for a in (sender, *recipients))
-        buffer = io.BytesIO()
-        policy = message.policy.clone(linesep="\r\n", utf8=international)
-        BytesGenerator(buffer, policy=policy).flatten(message)
         options = ("SMTPUTF8", "BODY=8BITMIME") if international else ()
-        return cls(sender, tuple(recipients), buffer.getvalue(), options)
+        return cls(sender, tuple(recipients), _flatten(message, international), options)
 
 
-def _unique(addresses: Iterable[str]) -> list[str]:
-    """Each mailbox once, in order (the same mailbox in To and Bcc gets one copy)."""
-    seen: set[str] = set()
-    recipients = []
-    for address in addresses:
-        if address.lower() not in seen:
-            seen.add(address.lower())
-            recipients.append(address)
-    return recipients
+def _flatten(message: EmailMessage, international: bool) -> bytes:
+    """The wire bytes: CRLF line ends, UTF-8 headers only for a mail that needs SMTPUTF8 anyway."""
+    buffer = io.BytesIO()
+    BytesGenerator(buffer, policy=message.policy.clone(linesep="\r\n", utf8=international)).flatten(message)
+    return buffer.getvalue()
 
 
 def _addresses(message: EmailMessage, name: str, *, exactly_one=False, optional=False) -> list[str]:

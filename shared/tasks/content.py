@@ -3,7 +3,8 @@
 ``parse`` reads one enqueue body and returns the clean ``Mail`` or the errors, one per field, keyed
 as the caller wrote it (``cc[2]``, ``attachments[0].filename``, ``headers.From``, ``tags.team``). A
 size over its limit is kept apart: a single enqueue answers it with 413, a batch as that item's error.
-Everything that ends up in a header is refused with CR, LF, NUL or another line break in it.
+Everything that ends up in a header is refused with CR, LF, NUL or another line break in it, or with RFC
+2047 encoded-word syntax (which a header parser may decode to a line break).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from shared.config import Settings
 from shared.errors import ValidationFailed
-from shared.validation import LINE_BREAKS, Fields
+from shared.validation import ENCODED_WORD, ENCODED_WORD_REFUSED, LINE_BREAKS, Fields
 
 MAX_SUBJECT = 998  # RFC 5322's line limit
 MAX_NAME = 256  # a display name (from_name, recipient_name)
@@ -113,7 +114,7 @@ def parse(body: dict[str, Any], settings: Settings) -> Parsed:
     f = Fields(body)
     too_large: dict[str, str] = {}
     recipient = f.email("recipient_email")
-    subject = f.string("subject", max_len=MAX_SUBJECT, allow_empty=True)
+    subject = _header_text(f, f.string("subject", max_len=MAX_SUBJECT, allow_empty=True), "subject")
     text = _text(f, "body")
     html = _text(f, "html")
     if text is None and html is None and not any(k in f.errors for k in ("body", "html")):
@@ -193,12 +194,20 @@ def _text(f: Fields, name: str) -> str | None:
     return value
 
 
+def _header_text(f: Fields, value: str | None, name: str) -> str | None:
+    """``value`` unless it holds encoded-word syntax (the field becomes a header)."""
+    if value and ENCODED_WORD.search(value):
+        f.fail(name, ENCODED_WORD_REFUSED)
+        return None
+    return value
+
+
 def _display_name(f: Fields, name: str) -> str | None:
     value = f.string(name, required=False, max_len=MAX_NAME, allow_empty=True)
     if value and not value.isprintable():
         f.fail(name, "must hold printable characters only")
         return None
-    return value or None
+    return _header_text(f, value, name) or None
 
 
 def _list(f: Fields, name: str, most: int, what: str) -> list | None:
@@ -257,6 +266,8 @@ def _headers(f: Fields) -> tuple[tuple[str, str], ...]:
             f.fail(key, "must be ASCII (only X-… headers may hold other characters)")
         elif not text.isprintable():
             f.fail(key, "must hold printable characters only")
+        elif ENCODED_WORD.search(text):
+            f.fail(key, ENCODED_WORD_REFUSED)
         else:
             seen.add(lowered)
             clean.append((name, text))
@@ -306,6 +317,8 @@ def _filename(f: Fields, where: str, value: Any) -> str | None:
     elif not value.isprintable() or LINE_BREAKS.search(value):
         # Also refuses format characters such as U+202E, which can make "exe.pdf" look like "fdp.exe".
         f.fail(key, "must hold printable characters only")
+    elif ENCODED_WORD.search(value):  # a parameter of the part's Content-Disposition header
+        f.fail(key, ENCODED_WORD_REFUSED)
     else:
         return value
     return None
