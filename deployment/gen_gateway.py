@@ -98,6 +98,7 @@ TARGET_PROFILE = {
     "rotate_webhook_secret": "light",
     "list_webhook_deliveries": "light",
     "replay_webhook_delivery": "light",
+    "logout_all": "light",  # revoking every token of one's own: rare, one UPDATE
     "enqueue_batch": "bulk",
 }
 # Request body limits of their own, per target: the gateway's location for the target's paths says so

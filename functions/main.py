@@ -11,7 +11,7 @@ import functions_framework
 
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
-from shared.accounts import users
+from shared.accounts import sessions, users
 from shared.observe import gauges
 from shared.tasks import batch, content, control, stats, views
 from shared.tasks import enqueue as single  # `enqueue` is the function below
@@ -63,26 +63,38 @@ def get_user(ctx, request, id):
 def update_user(ctx, request, id):
     caller = users.authenticate(ctx, request.headers.get("Authorization"))
     body = json_body(request)
-    return 200, users.update_smtp(ctx, caller.id, id, body)
+    client = client_address(request, ctx.settings.trusted_proxy_hops)
+    return 200, sessions.update_account(ctx, caller, id, body, client)
+
+
+@functions_framework.http
+@endpoint("logout_all")
+def logout_all(ctx, request, id):
+    caller = users.authenticate(ctx, request.headers.get("Authorization"))
+    sessions.logout_all(ctx, caller, id)
+    return 204, None
 
 
 @functions_framework.http
 @endpoint("enqueue")
 def enqueue(ctx, request):
-    # The token is checked here; that its user still exists is checked by the insert itself.
-    user_id = users.token_user_id(ctx, request.headers.get("Authorization"))
+    # The token is checked here; that its user still exists and the token is of the user's current
+    # generation is checked by the insert itself.
+    token = users.token_claims(ctx, request.headers.get("Authorization"))
     body = json_body(request, single.request_limit(ctx))
-    result, _created = single.enqueue(ctx, user_id, body, request.headers.get("Idempotency-Key"))
+    key = request.headers.get("Idempotency-Key")
+    result, _created = single.enqueue(ctx, token.user_id, body, key, token.generation)
     return 202, result, {"Location": f"/api/v1/task/{result['task_id']}"}
 
 
 @functions_framework.http
 @endpoint("enqueue_batch")
 def enqueue_batch(ctx, request):
-    user_id = users.token_user_id(ctx, request.headers.get("Authorization"))
+    token = users.token_claims(ctx, request.headers.get("Authorization"))
     body = json_body(request, batch.request_limit(ctx))
     mode = batch.validation_mode(request.args.get("validation"))
-    result, _created = batch.enqueue_batch(ctx, user_id, body, request.headers.get("Idempotency-Key"), mode)
+    key = request.headers.get("Idempotency-Key")
+    result, _created = batch.enqueue_batch(ctx, token.user_id, body, key, mode, token.generation)
     return 202, result
 
 

@@ -43,9 +43,23 @@ class User(Base):
     smtp_paused_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
     created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+    # Written into every token at login; a password change or a logout-all raises it, and a token of an
+    # older generation is refused (shared.accounts.users.authenticate, and enqueue's insert itself).
+    token_generation: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0", nullable=False)
+    # An operator's overrides of the deployment's tenant bounds for this account (`mailq account limits`);
+    # null: the deployment's MAX_PENDING_PER_USER, MAX_PENDING_BYTES_PER_USER, ENQUEUE_RATE_PER_USER and
+    # ENQUEUE_BURST_PER_USER (shared.tasks.bounds).
+    max_pending_tasks: orm.Mapped[int | None] = orm.mapped_column(sa.BigInteger, nullable=True)
+    max_pending_bytes: orm.Mapped[int | None] = orm.mapped_column(sa.BigInteger, nullable=True)
+    enqueue_rate: orm.Mapped[float | None] = orm.mapped_column(sa.Float, nullable=True)
+    enqueue_burst: orm.Mapped[int | None] = orm.mapped_column(sa.Integer, nullable=True)
 
     __table_args__ = (
         sa.Index("users_email_lower_key", sa.func.lower(sa.column("email")), unique=True),
+        sa.CheckConstraint(
+            "max_pending_tasks >= 0 AND max_pending_bytes >= 0 AND enqueue_rate > 0 AND enqueue_burst >= 1",
+            name="users_limits_check",
+        ),
         sa.CheckConstraint("smtp_security IN ('starttls', 'tls', 'none')", name="users_smtp_security_check"),
         sa.CheckConstraint("smtp_port BETWEEN 1 AND 65535", name="users_smtp_port_check"),
     )

@@ -88,6 +88,13 @@ def heartbeat_key(worker_id: str) -> str:
     return f"mailq:heartbeat:{worker_id}"
 
 
+def tenant_key(user_id: int) -> str:
+    """A hash of one tenant's enqueue bounds (shared.tasks.bounds): estimated pending tasks and bytes, the
+    rate bucket, the token generation and the operator's overrides, all numbers; PostgreSQL is the truth
+    it is rebuilt from whenever it is missing."""
+    return f"mailq:tenant:{user_id}"
+
+
 def rate_limit_key(scope: str, subject: str, window: int) -> str:
     """Fixed-window counter for login/register attempts."""
     return f"mailq:ratelimit:{scope}:{subject}:{window}"

@@ -672,7 +672,8 @@ def test_another_users_smtp_settings_cannot_be_changed(api, env):
         f"/api/v1/user/{ada['id']}", json={"smtp_host": "evil.example"}, headers=auth_header(token)
     )
     assert answer.status_code == 404
-    mine = api.patch(f"/api/v1/user/{bob['id']}", json={"smtp_port": 2525}, headers=auth_header(token))
+    moved = {"smtp_port": 2525, "smtp-password": "smtp-secret-pw"}  # a move takes the password along
+    mine = api.patch(f"/api/v1/user/{bob['id']}", json=moved, headers=auth_header(token))
     assert mine.status_code == 200 and mine.get_json()["smtp_port"] == 2525
     assert (
         api.get(f"/api/v1/user/{ada['id']}", headers=auth_header(login(api))).get_json()["smtp_host"]

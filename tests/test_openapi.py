@@ -149,6 +149,9 @@ def parameters(op: dict) -> list[dict]:
 
 
 ROUTE_IDS = [f"{r.method} {r.path}" for r in routes.ROUTES]
+# The functions that answer 429: login and register (per client and email), PATCH user (a password change
+# counts against the login's limits), and the tenant bounds (docs/security.md).
+RATE_LIMITED = ("register", "login", "update_user")
 
 
 # --- the document itself -------------------------------------------------------------------------
@@ -335,7 +338,7 @@ def test_auth_and_bodies_follow_the_function_source(route):
     op = operation(route.method, route.path)
     source = inspect.getsource(getattr(main, route.target))
     responses = op["responses"]
-    authenticates = "users.authenticate(" in source or "users.token_user_id(" in source
+    authenticates = "users.authenticate(" in source or "users.token_claims(" in source
     assert (op.get("security") == [{AUTHENTICATED_OPERATIONS_SCHEME: []}]) is authenticates
     assert ("401" in responses) is (authenticates or route.target == "login")
     reads_body = "json_body(" in source
@@ -347,7 +350,7 @@ def test_auth_and_bodies_follow_the_function_source(route):
     else:
         assert not {"400", "413", "415"} & set(responses)
     assert ("503" in responses) is uses_dependencies(route)
-    if route.target in ("register", "login"):
+    if route.target in RATE_LIMITED:
         rate_limited = _deref(responses["429"])
         assert _deref(rate_limited["headers"]["Retry-After"])["required"] is True
     else:
@@ -469,6 +472,29 @@ def test_live_accounts(api):
     check(api.post("/api/v1/login", json={"email": "x@example.com"}), "POST", "/api/v1/login", 422)
     oversized = {"email": "x@example.com", "password": "p" * 70_000}
     check(api.post("/api/v1/login", json=oversized), "POST", "/api/v1/login", 413)
+
+
+def test_live_password_change_and_logout_all(api):
+    user = check(api.post("/api/v1/register", json=REGISTER), "POST", "/api/v1/register", 201)
+    path = f"/api/v1/user/{user['id']}"
+    credentials = {"email": REGISTER["email"], "password": "correct horse"}
+    headers = auth_header(api.post("/api/v1/login", json=credentials).get_json()["token"])
+    wrong = {"password": "a new password", "current_password": "wrong horse"}
+    assert_request_valid("PATCH", "/api/v1/user/{id}", wrong)
+    check(api.patch(path, json=wrong, headers=headers), "PATCH", "/api/v1/user/{id}", 422)
+    moved = {"smtp_port": 2526}
+    check(api.patch(path, json=moved, headers=headers), "PATCH", "/api/v1/user/{id}", 422)
+    right = {"password": "a new password", "current_password": "correct horse"}
+    assert check(api.patch(path, json=right, headers=headers), "PATCH", "/api/v1/user/{id}", 200) == user
+    check(api.get(path, headers=headers), "GET", "/api/v1/user/{id}", 401)  # revoked
+    fresh = {"email": REGISTER["email"], "password": "a new password"}
+    headers = auth_header(api.post("/api/v1/login", json=fresh).get_json()["token"])
+    response = api.post(f"{path}/logout-all", headers=headers)
+    assert (
+        response.status_code == 204
+        and "204" in operation("POST", "/api/v1/user/{id}/logout-all")["responses"]
+    )
+    check(api.post(f"{path}/logout-all", headers=headers), "POST", "/api/v1/user/{id}/logout-all", 401)
 
 
 def test_live_register_422_is_a_problem_and_invalid_per_the_document(api):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import bcrypt
 import jwt
@@ -45,14 +46,31 @@ def _cost(password_hash: str | None) -> int | None:
     return int(parts[2]) if len(parts) > 3 and parts[2].isdigit() and 4 <= int(parts[2]) <= 31 else None
 
 
-def issue_token(user_id: int, secret: str, ttl_seconds: int, now: float | None = None) -> str:
+@dataclass(frozen=True)
+class TokenClaims:
+    """Who a valid token speaks for, and the generation of the user's tokens it belongs to: a password
+    change or a logout-all raises the user's generation, and every token of an older one is refused."""
+
+    user_id: int
+    generation: int
+
+
+def issue_token(
+    user_id: int, secret: str, ttl_seconds: int, now: float | None = None, generation: int = 0
+) -> str:
     issued = int(time.time() if now is None else now)
-    claims = {"sub": str(user_id), "iat": issued, "exp": issued + ttl_seconds}
+    claims = {"sub": str(user_id), "iat": issued, "exp": issued + ttl_seconds, "gen": generation}
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
 def verify_token(token: str, secret: str) -> int:
     """The user id in a valid token; Unauthorized for anything else (alg none, forged, expired)."""
+    return verify_claims(token, secret).user_id
+
+
+def verify_claims(token: str, secret: str) -> TokenClaims:
+    """The user id and token generation of a valid token; Unauthorized for anything else. A token from
+    before generations existed has none: it is generation 0, which every user starts at."""
     try:
         claims = jwt.decode(
             token,
@@ -61,10 +79,12 @@ def verify_token(token: str, secret: str) -> int:
             options={"require": ["exp", "iat", "sub"]},
             leeway=TOKEN_LEEWAY_SECONDS,
         )
-        sub = claims["sub"]
+        sub, generation = claims["sub"], claims.get("gen", 0)
         if not isinstance(sub, str) or not sub.isdigit():
             raise Unauthorized("The token's subject is invalid.")
-        return int(sub)
+        if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
+            raise Unauthorized("The token is invalid.")
+        return TokenClaims(int(sub), generation)
     except jwt.ExpiredSignatureError:
         raise Unauthorized("The token has expired.") from None
     except jwt.PyJWTError:

@@ -26,7 +26,8 @@ def _email_subject(email: str) -> str:
     return hashlib.sha256(email.strip().lower().encode()).hexdigest()[:32]
 
 
-def _limit(ctx: Context, action: str, client: str, email: Any) -> None:
+def count_attempt(ctx: Context, action: str, client: str, email: Any) -> None:
+    """One login-like attempt against the per-client and per-email limits (RateLimited past either)."""
     s = ctx.settings
     try:
         ratelimit.hit(ctx.redis, f"{action}:client", client, s.rate_limit_per_client)
@@ -69,7 +70,7 @@ _USER_COLUMNS = (
 
 def register(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
     """Create a user with the SMTP account their mail goes out through."""
-    _limit(ctx, "register", client, body.get("email"))
+    count_attempt(ctx, "register", client, body.get("email"))
     f = Fields(body)
     email = f.email("email")
     password = f.password("password")
@@ -161,6 +162,7 @@ def update_smtp(ctx: Context, caller_id: int, user_id: int, body: dict[str, Any]
         values["smtp_security"] = f.choice("smtp_security", SECURITY_CHOICES)
         if values["smtp_security"] is None:
             f.fail("smtp_security", "must be one of " + ", ".join(SECURITY_CHOICES))
+    _require_password_to_move(f, body, values, current)
     if not f.errors:
         _check_smtp(
             ctx,
@@ -188,9 +190,24 @@ def update_smtp(ctx: Context, caller_id: int, user_id: int, body: dict[str, Any]
     return user_view(row)
 
 
+MOVES = ("smtp_host", "smtp_port", "smtp_security")
+
+
+def _require_password_to_move(f: Fields, body: dict[str, Any], values: dict[str, Any], current: Any) -> None:
+    """Sending the stored SMTP password to another server (host, port or security changed) takes that
+    password in the same request: a token alone must not be able to send it wherever it likes."""
+    moved = [name for name in MOVES if name in values and values[name] != getattr(current, name)]
+    if moved and "smtp-password" not in body:
+        f.fail(
+            "smtp-password",
+            f"is required to change {', '.join(moved)}: the stored password is sent only to the server it "
+            "was given for",
+        )
+
+
 def login(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
     """A Bearer token for the right email and password; the same 401 for every wrong combination."""
-    _limit(ctx, "login", client, body.get("email"))
+    count_attempt(ctx, "login", client, body.get("email"))
     f = Fields(body)
     email = f.string("email", max_len=254)
     password = f.string("password", max_len=1024)
@@ -198,7 +215,9 @@ def login(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
         raise ValidationFailed(f.errors)
     with ctx.engine.connect() as conn:
         row = conn.execute(
-            sa.select(users.c.id, users.c.password_hash).where(sa.func.lower(users.c.email) == email.lower())
+            sa.select(users.c.id, users.c.password_hash, users.c.token_generation).where(
+                sa.func.lower(users.c.email) == email.lower()
+            )
         ).one_or_none()
     ok = auth.check_password(password, row.password_hash if row else None, ctx.settings.bcrypt_rounds)
     if not ok or row is None:
@@ -206,25 +225,34 @@ def login(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
     s = ctx.settings
     return {
         "id": row.id,
-        "token": auth.issue_token(row.id, s.jwt_secret, s.jwt_ttl_seconds),
+        "token": auth.issue_token(row.id, s.jwt_secret, s.jwt_ttl_seconds, generation=row.token_generation),
         "token_type": "Bearer",
         "expires_in": s.jwt_ttl_seconds,
     }
 
 
-def token_user_id(ctx: Context, authorization: str | None) -> int:
-    """The user id in a valid Bearer token; Unauthorized otherwise. Whether that user still exists is
-    the caller's to check (``authenticate`` does; enqueue's insert does it in the same statement)."""
-    return auth.verify_token(auth.bearer_token(authorization), ctx.settings.jwt_secret)
+def token_claims(ctx: Context, authorization: str | None) -> auth.TokenClaims:
+    """The user id and token generation of a valid Bearer token; Unauthorized otherwise. Whether that
+    user still exists and the generation is still current is the caller's to check (``authenticate``
+    does; enqueue's insert does it in the same statement)."""
+    return auth.verify_claims(auth.bearer_token(authorization), ctx.settings.jwt_secret)
+
+
+REVOKED = "The token was revoked (the password was changed, or every session was logged out); log in again."
 
 
 def authenticate(ctx: Context, authorization: str | None) -> Any:
-    """The caller (``.id``, ``.email``) from an Authorization header; Unauthorized unless a live user."""
-    user_id = token_user_id(ctx, authorization)
+    """The caller (``.id``, ``.email``) from an Authorization header; Unauthorized unless a live user
+    and a token of the user's current generation."""
+    claims = token_claims(ctx, authorization)
     with ctx.engine.connect() as conn:
-        row = conn.execute(sa.select(users.c.id, users.c.email).where(users.c.id == user_id)).one_or_none()
+        row = conn.execute(
+            sa.select(users.c.id, users.c.email, users.c.token_generation).where(users.c.id == claims.user_id)
+        ).one_or_none()
     if row is None:
         raise Unauthorized("The token's user does not exist.")
+    if row.token_generation != claims.generation:
+        raise Unauthorized(REVOKED)
     return row
 
 

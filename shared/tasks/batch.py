@@ -22,7 +22,7 @@ from shared.domain import Status
 from shared.errors import Unauthorized, ValidationFailed
 from shared.models import task_batches, tasks
 from shared.tasks import content, storage
-from shared.tasks.enqueue import first_use, idempotency_key, push
+from shared.tasks.enqueue import TOKEN_NOT_CURRENT, first_use, idempotency_key, push
 
 MODES = ("strict", "permissive")
 
@@ -31,7 +31,9 @@ MODES = ("strict", "permissive")
 _CLAIM_KEY_SQL = sa.text(
     """
     INSERT INTO task_batches (user_id, idempotency_key, request_hash, task_ids)
-    SELECT id, :key, :hash, CAST(:ids AS bigint[]) FROM users WHERE id = :user_id
+    SELECT id, :key, :hash, CAST(:ids AS bigint[]) FROM users
+     WHERE id = :user_id
+       AND (CAST(:generation AS integer) IS NULL OR token_generation = CAST(:generation AS integer))
         ON CONFLICT (user_id, idempotency_key) DO NOTHING
     RETURNING user_id
     """
@@ -52,9 +54,15 @@ def validation_mode(param: str | None) -> str:
 
 
 def enqueue_batch(
-    ctx: Context, user_id: int, body: dict[str, Any], idempotency_header: str | None, mode: str
+    ctx: Context,
+    user_id: int,
+    body: dict[str, Any],
+    idempotency_header: str | None,
+    mode: str,
+    generation: int | None = None,
 ) -> tuple[dict[str, Any], bool]:
-    """Store the batch's valid mails (all of them, in strict mode) and wake consumers.
+    """Store the batch's valid mails (all of them, in strict mode) and wake consumers; nothing unless
+    ``generation`` (the token's; None: no token) is the user's current one.
     Returns ({"items": [...]}, created)."""
     key = idempotency_key(idempotency_header)
     items = body.get("tasks")
@@ -85,12 +93,18 @@ def enqueue_batch(
     valid = [m for m in mails if m is not None]
     with ctx.engine.begin() as conn:
         if key is not None:
-            params = {"user_id": user_id, "key": key, "hash": request_hash, "ids": []}
+            params = {
+                "user_id": user_id,
+                "generation": generation,
+                "key": key,
+                "hash": request_hash,
+                "ids": [],
+            }
             if conn.execute(_CLAIM_KEY_SQL, params).one_or_none() is None:
                 return _replay(conn, user_id, key, request_hash, errors), False
-        rows = storage.insert(conn, user_id, valid) if valid else []
-        if len(rows) != len(valid):  # nothing inserted: the token's user is gone
-            raise Unauthorized("The token's user does not exist.")
+        rows = storage.insert(conn, user_id, valid, generation=generation) if valid else []
+        if len(rows) != len(valid):  # nothing inserted: the token's user is gone, or the token revoked
+            raise Unauthorized(TOKEN_NOT_CURRENT)
         stored = iter(rows)
         results = [None if m is None else next(stored) for m in mails]
         if key is not None:

@@ -23,6 +23,10 @@ from shared.tasks import content, storage
 log = logging.getLogger("mailq.tasks")
 
 MAX_IDEMPOTENCY_KEY = 255
+# The insert found no user of the token's id and generation: the user is gone, or the token was revoked.
+TOKEN_NOT_CURRENT = (
+    "The token is no longer valid (its user is gone, or its sessions were revoked); log in again."
+)
 
 
 def request_limit(ctx: Context) -> int:
@@ -47,7 +51,7 @@ def first_use(row: Any, request_hash: str):
     none means nothing conflicted, so the insert wrote nothing because the user is gone (401); another
     request hash means the key belongs to another request (422)."""
     if row is None:
-        raise Unauthorized("The token's user does not exist.")
+        raise Unauthorized(TOKEN_NOT_CURRENT)
     if row.request_hash != request_hash:
         raise ValidationFailed(
             {"Idempotency-Key": "was already used with a different request body"},
@@ -57,13 +61,18 @@ def first_use(row: Any, request_hash: str):
 
 
 def enqueue(
-    ctx: Context, user_id: int, body: dict[str, Any], idempotency_header: str | None
+    ctx: Context,
+    user_id: int,
+    body: dict[str, Any],
+    idempotency_header: str | None,
+    generation: int | None = None,
 ) -> tuple[dict, bool]:
     """Store a mail for ``user_id`` and wake a consumer. Returns (result, created).
 
     One statement both checks that the user still exists and inserts the rows (the user's email
     gives the Message-ID its domain), so a plain enqueue costs a single round trip to PostgreSQL: a
-    statement prepared once per connection and run as its own transaction (shared.prepared).
+    statement prepared once per connection and run as its own transaction (shared.prepared). The same
+    statement checks ``generation``, the token's (None: a caller without a token).
     """
     key = idempotency_key(idempotency_header)
     parsed = content.parse(body, ctx.settings)
@@ -74,7 +83,12 @@ def enqueue(
         raise ValidationFailed(parsed.errors)
     request_hash = content.request_hash(body) if key else None
     rows = storage.insert_one(
-        ctx.engine, user_id, parsed.mail, idempotency_key=key, request_hash=request_hash
+        ctx.engine,
+        user_id,
+        parsed.mail,
+        idempotency_key=key,
+        request_hash=request_hash,
+        generation=generation,
     )
     created = bool(rows)
     row = rows[0] if rows else None

@@ -24,7 +24,8 @@ from shared.tasks.content import Attachment, Mail
 # only for task rows really inserted (a replayed Idempotency-Key inserts nothing), and only when the
 # user still exists. The Message-ID is fixed for the task's life, so a duplicate after a lost SMTP
 # reply is recognisable; whether a mail is due is decided on PostgreSQL's clock, the one the sweep
-# and senders use.
+# and senders use. Rows are written only while the token's generation (:generation) is the user's
+# current one: a password change or a logout-all raises it (None, for a caller without a token: no check).
 INSERT_SQL = sa.text(
     """
     WITH input AS (
@@ -51,7 +52,9 @@ INSERT_SQL = sa.text(
                                                   THEN lower(split_part(u.email, '@', 2))
                                                   ELSE 'mailq.invalid' END || '>',
                i.idempotency_key, i.request_hash, i.tags
-          FROM input AS i JOIN users AS u ON u.id = :user_id
+          FROM input AS i JOIN users AS u
+            ON u.id = :user_id
+           AND (CAST(:generation AS integer) IS NULL OR u.token_generation = CAST(:generation AS integer))
          ORDER BY i.ord
             ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING id, status, scheduled_at
@@ -90,6 +93,7 @@ PLAIN_INSERT_SQL = sa.text(
            :idempotency_key, :request_hash
       FROM users AS u
      WHERE u.id = :user_id
+       AND (CAST(:generation AS integer) IS NULL OR u.token_generation = CAST(:generation AS integer))
         ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
     RETURNING 1 AS ord, id, status, scheduled_at
     """
@@ -107,9 +111,12 @@ def _is_plain(mails: Sequence[Mail]) -> bool:
     return len(mails) == 1 and not mails[0].has_content and not mails[0].tags
 
 
-def _plain_params(user_id: int, mail: Mail, idempotency_key: str | None, request_hash: str | None) -> dict:
+def _plain_params(
+    user_id: int, mail: Mail, idempotency_key: str | None, request_hash: str | None, generation: int | None
+) -> dict:
     return {
         "user_id": user_id,
+        "generation": generation,
         "recipient_email": mail.recipient_email,
         "subject": mail.subject,
         "body": mail.body,
@@ -122,15 +129,20 @@ def _plain_params(user_id: int, mail: Mail, idempotency_key: str | None, request
 
 def insert_one(
     engine: Engine, user_id: int, mail: Mail, *, idempotency_key: str | None = None,
-    request_hash: str | None = None,
+    request_hash: str | None = None, generation: int | None = None,
 ) -> list[Any]:  # fmt: skip
     """``insert`` of one mail as a transaction of its own (one statement for a plain mail)."""
     if _is_plain([mail]):
         return run_alone(
-            engine, PLAIN_INSERT_ALONE, _plain_params(user_id, mail, idempotency_key, request_hash)
+            engine,
+            PLAIN_INSERT_ALONE,
+            _plain_params(user_id, mail, idempotency_key, request_hash, generation),
         )
     with engine.begin() as conn:
-        return insert(conn, user_id, [mail], idempotency_key=idempotency_key, request_hash=request_hash)
+        return insert(
+            conn, user_id, [mail], idempotency_key=idempotency_key, request_hash=request_hash,
+            generation=generation,
+        )  # fmt: skip
 
 
 def insert(
@@ -140,14 +152,16 @@ def insert(
     *,
     idempotency_key: str | None = None,
     request_hash: str | None = None,
+    generation: int | None = None,
 ) -> list[Any]:
     """Insert ``mails`` (all or, on a conflicting Idempotency-Key, none); return the inserted rows
-    (ord from 1, id, status, scheduled_at) in input order."""
+    (ord from 1, id, status, scheduled_at) in input order. Nothing is inserted when the user is gone or
+    ``generation`` (the token's) is not the user's current one."""
     if _is_plain(mails):
         return conn.execute(
-            PLAIN_INSERT_SQL, _plain_params(user_id, mails[0], idempotency_key, request_hash)
+            PLAIN_INSERT_SQL, _plain_params(user_id, mails[0], idempotency_key, request_hash, generation)
         ).all()
-    params: dict[str, Any] = {"user_id": user_id}
+    params: dict[str, Any] = {"user_id": user_id, "generation": generation}
     columns = {name: [] for name in _COLUMNS}
     for mail in mails:
         for name, value in _row(mail).items():
