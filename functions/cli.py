@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from functions import dev
+from functions import account, dev
 from functions.settings import load_settings, require_runtime, unreachable
 from shared.config import Settings, configure_logging
 from shared.errors import ConfigError
@@ -239,6 +239,7 @@ def status(data_dir: Path, cluster: bool, context: str | None, namespace: str, a
         view.print_local(console, source, figures)
 
 
+main.add_command(account.account)
 main.add_command(dev.dev)
 main.add_command(dev.sink)
 main.add_command(dev.mailbox)

@@ -122,6 +122,7 @@ def problem_for(exc: ServiceError) -> flask.Response:
         extra["errors"] = exc.errors
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(exc.retry_after)
+        extra.update(exc.extra)  # a tenant bound names itself: "limit": "enqueue_rate", …
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="mailq"'
     if isinstance(exc, DependencyUnavailable):

@@ -101,6 +101,16 @@ class Settings:
         30  # TASK_RETENTION_DAYS, sent/cancelled tasks are deleted after this; 0 keeps all
     )
 
+    # --- tenant bounds (shared/bounds.py; `mailq account limits` overrides them per account) ---
+    max_pending_per_user: int = 100_000  # MAX_PENDING_PER_USER, a user's mails not yet sent or cancelled
+    # MAX_PENDING_BYTES_PER_USER, content bytes (text, HTML, attachments) of those mails together
+    max_pending_bytes_per_user: int = 1024**3
+    enqueue_rate_per_user: float = 1000.0  # ENQUEUE_RATE_PER_USER, mails a user may enqueue per second
+    enqueue_burst_per_user: int = 1000  # ENQUEUE_BURST_PER_USER, mails at once above the rate (>= MAX_BATCH)
+    # PENDING_RECOUNT_SECONDS, how often at most a tenant at its pending limit is counted again exactly
+    pending_recount_seconds: float = 10.0
+    replay_rate_per_user: int = 60  # REPLAY_RATE_PER_USER, webhook replays a user may ask for per minute
+
     # --- SMTP ---
     smtp_timeout: float = 30.0  # SMTP_TIMEOUT, seconds for every SMTP socket operation
     smtp_idle_seconds: float = 30.0  # SMTP_IDLE_SECONDS, a reused SMTP connection is closed after this idle
@@ -194,6 +204,14 @@ class Settings:
                 get("SENDER_CONTENT_MEMORY", str(160 * 1024 * 1024)), "SENDER_CONTENT_MEMORY", 1024 * 1024
             ),
             task_retention_days=_int(get("TASK_RETENTION_DAYS", "30"), "TASK_RETENTION_DAYS"),
+            max_pending_per_user=_int(get("MAX_PENDING_PER_USER", "100000"), "MAX_PENDING_PER_USER"),
+            max_pending_bytes_per_user=_int(
+                get("MAX_PENDING_BYTES_PER_USER", str(1024**3)), "MAX_PENDING_BYTES_PER_USER"
+            ),
+            enqueue_rate_per_user=_float(get("ENQUEUE_RATE_PER_USER", "1000"), "ENQUEUE_RATE_PER_USER"),
+            enqueue_burst_per_user=_int(get("ENQUEUE_BURST_PER_USER", "1000"), "ENQUEUE_BURST_PER_USER", 1),
+            pending_recount_seconds=_float(get("PENDING_RECOUNT_SECONDS", "10"), "PENDING_RECOUNT_SECONDS"),
+            replay_rate_per_user=_int(get("REPLAY_RATE_PER_USER", "60"), "REPLAY_RATE_PER_USER", 1),
             smtp_timeout=_float(get("SMTP_TIMEOUT", "30"), "SMTP_TIMEOUT"),
             smtp_idle_seconds=_float(get("SMTP_IDLE_SECONDS", "30"), "SMTP_IDLE_SECONDS"),
             smtp_max_connections_per_account=_int(
@@ -251,6 +269,12 @@ class Settings:
             problems.append("WEBHOOK_TIMEOUT must be more than 0 seconds")
         if self.smtp_connection_max_age <= 0:
             problems.append("SMTP_CONNECTION_MAX_AGE must be more than 0 seconds")
+        if self.enqueue_rate_per_user <= 0:
+            problems.append("ENQUEUE_RATE_PER_USER must be more than 0 mails per second")
+        if self.enqueue_burst_per_user < self.max_batch:
+            problems.append(
+                "ENQUEUE_BURST_PER_USER must be at least MAX_BATCH (a full batch must fit a burst)"
+            )
         if self.is_production:
             if not self.jwt_secret:
                 problems.append("JWT_SECRET is missing (at least 32 bytes are required in production)")

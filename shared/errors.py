@@ -109,12 +109,13 @@ class UnsupportedMediaType(ServiceError):
 
 
 class RateLimited(ServiceError):
-    """Raised when a client or an email exceeded its attempts; retry after ``retry_after`` seconds."""
+    """Raised when a client or an email exceeded its attempts, or a tenant one of its bounds (``limit``
+    in ``extra`` names which); retry after ``retry_after`` seconds."""
 
     title = "Too many requests"
 
-    def __init__(self, retry_after: int, detail: str = ""):
-        super().__init__(detail or "Too many attempts; try again later.")
+    def __init__(self, retry_after: int, detail: str = "", **extra):
+        super().__init__(detail or "Too many attempts; try again later.", **extra)
         self.retry_after = retry_after
 
 

@@ -95,6 +95,12 @@ def tenant_key(user_id: int) -> str:
     return f"mailq:tenant:{user_id}"
 
 
+def tenant_inflight_key(user_id: int) -> str:
+    """A sorted set of one tenant's admitted enqueues not yet stored ("count:bytes:id", score = expiry ms):
+    what a recount of the tenant's pending mails must add to what PostgreSQL already shows."""
+    return f"mailq:tenant:{user_id}:inflight"
+
+
 def rate_limit_key(scope: str, subject: str, window: int) -> str:
     """Fixed-window counter for login/register attempts."""
     return f"mailq:ratelimit:{scope}:{subject}:{window}"

@@ -13,11 +13,13 @@ from shared import queue
 
 
 def test_the_envelope_is_pushed_only_after_its_row_is_committed(pipe, smtp, monkeypatch):
+    from shared import bounds
+
     user = pipe.user(smtp)
     visible_at_push: list[bool] = []
-    real_lpush = pipe.ctx.redis.lpush
+    real_lpush, real_push_and_settle = pipe.ctx.redis.lpush, bounds.push_and_settle
 
-    def lpush(key, *envelopes):
+    def visible(envelopes) -> None:
         # Another connection sees only committed rows: what a consumer would see at this moment.
         ids = [queue.decode(e) for e in envelopes]
         with pipe.ctx.engine.connect() as other:
@@ -25,9 +27,17 @@ def test_the_envelope_is_pushed_only_after_its_row_is_committed(pipe, smtp, monk
                 sa.text("SELECT count(*) FROM tasks WHERE id = ANY(CAST(:ids AS bigint[]))"), {"ids": ids}
             ).scalar_one()
         visible_at_push.append(found == len(ids))
+
+    def lpush(key, *envelopes):
+        visible(envelopes)
         return real_lpush(key, *envelopes)
 
+    def push_and_settle(client, key, envelopes, ticket):  # the push that also ends the tenant's admission
+        visible(envelopes)
+        return real_push_and_settle(client, key, envelopes, ticket)
+
     monkeypatch.setattr(pipe.ctx.redis, "lpush", lpush)
+    monkeypatch.setattr(bounds, "push_and_settle", push_and_settle)
     pipe.enqueue(user)
     assert visible_at_push == [True]
 

@@ -151,7 +151,9 @@ def parameters(op: dict) -> list[dict]:
 ROUTE_IDS = [f"{r.method} {r.path}" for r in routes.ROUTES]
 # The functions that answer 429: login and register (per client and email), PATCH user (a password change
 # counts against the login's limits), and the tenant bounds (docs/security.md).
-RATE_LIMITED = ("register", "login", "update_user")
+RATE_LIMITED = (
+    "register", "login", "update_user", "enqueue", "enqueue_batch", "retry_task", "replay_webhook_delivery",
+)  # fmt: skip
 
 
 # --- the document itself -------------------------------------------------------------------------
@@ -313,12 +315,14 @@ def test_problem_schema_matches_the_code():
         "errors",
         "dependency",
         "checks",
+        "limit",
     }
     # What functions/http.py really renders, for each kind of extra member.
     for response in (
         fhttp.problem_for(fhttp.ValidationFailed({"email": "is required"})),
         fhttp.problem_for(fhttp.DependencyUnavailable("redis")),
         fhttp.problem_for(fhttp.RateLimited(7)),
+        fhttp.problem_for(fhttp.RateLimited(3, "Over the bound.", limit="pending_tasks")),
         fhttp.problem(503, "redis is down", checks={"postgresql": "ok", "redis": "down"}),
         fhttp.problem(404, "No route."),
     ):
@@ -495,6 +499,22 @@ def test_live_password_change_and_logout_all(api):
         and "204" in operation("POST", "/api/v1/user/{id}/logout-all")["responses"]
     )
     check(api.post(f"{path}/logout-all", headers=headers), "POST", "/api/v1/user/{id}/logout-all", 401)
+
+
+def test_live_tenant_bound(api, monkeypatch):
+    from functions import http
+
+    monkeypatch.setenv("MAX_PENDING_PER_USER", "1")
+    http.reset_context()
+    check(api.post("/api/v1/register", json=REGISTER), "POST", "/api/v1/register", 201)
+    credentials = {"email": REGISTER["email"], "password": "correct horse"}
+    headers = auth_header(api.post("/api/v1/login", json=credentials).get_json()["token"])
+    mail = {"recipient_email": "bob@example.org", "subject": "Hi", "body": "Hello"}
+    check(api.post("/api/v1/task/enqueue", json=mail, headers=headers), "POST", "/api/v1/task/enqueue", 202)
+    refused = api.post("/api/v1/task/enqueue", json=mail, headers=headers)
+    assert check(refused, "POST", "/api/v1/task/enqueue", 429)["limit"] == "pending_tasks"
+    batch = api.post("/api/v1/task/enqueue/batch", json={"tasks": [mail]}, headers=headers)
+    check(batch, "POST", "/api/v1/task/enqueue/batch", 429)
 
 
 def test_live_register_422_is_a_problem_and_invalid_per_the_document(api):

@@ -269,7 +269,8 @@ ENVELOPE = re.compile(rb'^\{"v":1,"task_id":[1-9][0-9]*\}$')
 KNOWN_KEYS = re.compile(
     r"^mailq:(tasks|send:ready|send:bell|send:q:\d+|slots:\d+|paused|workers|processing:.+|heartbeat:.+"
     r"|webhooks:(ready|bell|returned|q:\d+|slots:\d+)"
-    r"|ratelimit:(login|register):(client|email):[^:]+:\d+)$"
+    r"|tenant:\d+|tenant:\d+:inflight"
+    r"|ratelimit:(login|register):(client|email):[^:]+:\d+|ratelimit:replay:user:\d+:\d+)$"
 )
 WORKER_ID = rb"(consumer|sender|webhooks):[^:]+:\d+:[0-9a-f]{8}"
 
@@ -307,6 +308,10 @@ def test_redis_holds_only_envelopes_and_mailqs_own_bookkeeping(dev_run, moment):
         elif key.startswith("mailq:ratelimit:"):
             assert value.isdigit()
             assert "@" not in key  # emails are hashed in rate-limit keys
+        elif key.startswith("mailq:tenant:") and key.endswith(":inflight"):  # "count:bytes:id" per admission
+            assert all(re.fullmatch(rb"\d+:\d+:[0-9a-f]{32}", v) for v in value[1])
+        elif key.startswith("mailq:tenant:"):  # the enqueue bounds: numbers only (shared/bounds.py)
+            assert all(re.fullmatch(rb"-?[0-9.e+]*", v) for v in value.values()), value
     everything = repr(snapshot)
     secrets = {k: v for k, v in secrets_of_the_run(dev_run).items() if "AUTH" not in k}
     assert secrets_found(everything, secrets) == []

@@ -13,7 +13,7 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
-from shared import queue
+from shared import bounds
 from shared.accounts import auth, users
 from shared.context import Context
 from shared.errors import NotFound, Unauthorized, ValidationFailed
@@ -79,9 +79,9 @@ def _next_generation(ctx: Context, caller: Any, **values: Any) -> None:
     )
     with ctx.engine.begin() as conn:
         if conn.execute(statement).one_or_none() is None:
-            raise Unauthorized(users.REVOKED)
+            raise Unauthorized(bounds.REVOKED)
     try:
-        # The enqueue bounds keep the generation beside the counters; PostgreSQL rebuilds them.
-        ctx.redis.delete(queue.tenant_key(caller.id))
+        # The enqueue bounds keep the generation beside the counters (shared.bounds), changed in place.
+        bounds.update(ctx.redis, caller.id, gen=caller.token_generation + 1)
     except redis.RedisError:
         pass  # enqueue's insert checks the generation itself: a stale copy refuses nothing it should not

@@ -11,7 +11,7 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
-from shared import hosts, ratelimit
+from shared import bounds, hosts, ratelimit
 from shared.accounts import auth
 from shared.context import Context
 from shared.domain import default_security
@@ -238,9 +238,6 @@ def token_claims(ctx: Context, authorization: str | None) -> auth.TokenClaims:
     return auth.verify_claims(auth.bearer_token(authorization), ctx.settings.jwt_secret)
 
 
-REVOKED = "The token was revoked (the password was changed, or every session was logged out); log in again."
-
-
 def authenticate(ctx: Context, authorization: str | None) -> Any:
     """The caller (``.id``, ``.email``) from an Authorization header; Unauthorized unless a live user
     and a token of the user's current generation."""
@@ -252,7 +249,7 @@ def authenticate(ctx: Context, authorization: str | None) -> Any:
     if row is None:
         raise Unauthorized("The token's user does not exist.")
     if row.token_generation != claims.generation:
-        raise Unauthorized(REVOKED)
+        raise Unauthorized(bounds.REVOKED)
     return row
 
 

@@ -17,12 +17,13 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from shared import bounds
 from shared.context import Context
 from shared.domain import Status
-from shared.errors import Unauthorized, ValidationFailed
+from shared.errors import RateLimited, Unauthorized, ValidationFailed
 from shared.models import task_batches, tasks
 from shared.tasks import content, storage
-from shared.tasks.enqueue import TOKEN_NOT_CURRENT, first_use, idempotency_key, push
+from shared.tasks.enqueue import TOKEN_NOT_CURRENT, content_bytes, first_use, idempotency_key, push
 
 MODES = ("strict", "permissive")
 
@@ -91,6 +92,29 @@ def enqueue_batch(
         )
     request_hash = _request_hash(items, mode) if key else None
     valid = [m for m in mails if m is not None]
+    admitted = None
+    if valid:  # all the batch's mails or none of them, against the tenant's bounds (shared.bounds)
+        size = sum(content_bytes(m) for m in valid)
+        try:
+            admitted = bounds.admit(
+                ctx.settings, ctx.engine, ctx.redis, user_id, generation, len(valid), size
+            )
+        except RateLimited:
+            if key is None or not _key_used(ctx, user_id, key):
+                raise  # a retry of a stored batch is answered below, whatever the bounds
+    try:
+        return _store(ctx, user_id, (key, request_hash, generation), mails, errors, admitted)
+    except Exception:
+        push(ctx.redis, [], admitted)  # nothing stored: nothing of it in flight any more
+        raise
+
+
+def _store(
+    ctx: Context, user_id: int, request: tuple, mails: list, errors: list, admitted
+) -> tuple[dict, bool]:
+    """Insert the valid mails (and claim the Idempotency-Key) in one transaction, then push them."""
+    key, request_hash, generation = request
+    valid = [m for m in mails if m is not None]
     with ctx.engine.begin() as conn:
         if key is not None:
             params = {
@@ -101,7 +125,9 @@ def enqueue_batch(
                 "ids": [],
             }
             if conn.execute(_CLAIM_KEY_SQL, params).one_or_none() is None:
-                return _replay(conn, user_id, key, request_hash, errors), False
+                answer = _replay(conn, user_id, key, request_hash, errors)
+                push(ctx.redis, [], admitted)
+                return answer, False
         rows = storage.insert(conn, user_id, valid, generation=generation) if valid else []
         if len(rows) != len(valid):  # nothing inserted: the token's user is gone, or the token revoked
             raise Unauthorized(TOKEN_NOT_CURRENT)
@@ -113,8 +139,18 @@ def enqueue_batch(
                 .where(task_batches.c.user_id == user_id, task_batches.c.idempotency_key == key)
                 .values(task_ids=[r.id if r else None for r in results])
             )
-    push(ctx.redis, [r.id for r in rows if r.status == Status.QUEUED])
+    push(ctx.redis, [r.id for r in rows if r.status == Status.QUEUED], admitted)
     return {"items": _answer(results, errors)}, True
+
+
+def _key_used(ctx: Context, user_id: int, key: str) -> bool:
+    with ctx.engine.connect() as conn:
+        found = conn.execute(
+            sa.select(task_batches.c.user_id).where(
+                task_batches.c.user_id == user_id, task_batches.c.idempotency_key == key
+            )
+        ).first()
+    return found is not None
 
 
 def _request_hash(items: list[Any], mode: str) -> str:

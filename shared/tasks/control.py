@@ -19,6 +19,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from shared import bounds
 from shared.context import Context
 from shared.domain import CANCELLABLE, RESCHEDULABLE, RETRYABLE, Status
 from shared.errors import Conflict, NotFound, ValidationFailed
@@ -121,7 +122,9 @@ def retry(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
     with a fresh budget of MAX_TRY_COUNT tries.
 
     The try count keeps counting (it is the senders' fencing token and never goes down); the new
-    budget begins at it (``budget_base``)."""
+    budget begins at it (``budget_base``). A cancelled task is pending again: it counts against the
+    tenant's bounds like a new mail (shared.bounds; 429 past them)."""
+    admitted = _admit_again(ctx, caller_id, task_id)
     statement = _mine(caller_id, task_id, RETRYABLE).values(
         status=Status.QUEUED.value,
         budget_base=tasks.c.try_count,
@@ -130,9 +133,32 @@ def retry(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
         lease_until=None,
         updated_at=sa.func.now(),
     )
-    with ctx.engine.begin() as conn:
-        row = conn.execute(statement).one_or_none()
-        if row is None:
-            raise _refusal(conn, caller_id, task_id, "retried", RETRYABLE)
-    enqueue.push(ctx.redis, [row.id])
+    try:
+        with ctx.engine.begin() as conn:
+            row = conn.execute(statement).one_or_none()
+            if row is None:
+                raise _refusal(conn, caller_id, task_id, "retried", RETRYABLE)
+    except Exception:
+        enqueue.push(ctx.redis, [], admitted)
+        raise
+    enqueue.push(ctx.redis, [row.id], admitted)
     return _view(ctx, row)
+
+
+# A cancelled task's status and content bytes, the way shared.bounds counts them.
+_CANCELLED_SIZE = sa.text(
+    """
+    SELECT COALESCE(octet_length(t.body), 0) + COALESCE(octet_length(c.html), 0)
+           + COALESCE(octet_length(c.attachment_data), 0) AS size
+      FROM tasks AS t LEFT JOIN task_contents AS c ON c.task_id = t.id
+     WHERE t.id = :id AND t.user_id = :user_id AND t.status = 'cancelled'
+    """
+)
+
+
+def _admit_again(ctx: Context, caller_id: int, task_id: int) -> bounds.Ticket | None:
+    with ctx.engine.connect() as conn:
+        size = conn.execute(_CANCELLED_SIZE, {"id": task_id, "user_id": caller_id}).scalar_one_or_none()
+    if size is None:
+        return None
+    return bounds.admit(ctx.settings, ctx.engine, ctx.redis, caller_id, None, 1, size)

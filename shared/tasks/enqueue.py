@@ -13,10 +13,10 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
-from shared import queue
+from shared import bounds, queue
 from shared.context import Context
 from shared.domain import Status
-from shared.errors import PayloadTooLarge, Unauthorized, ValidationFailed
+from shared.errors import PayloadTooLarge, RateLimited, Unauthorized, ValidationFailed
 from shared.models import tasks
 from shared.tasks import content, storage
 
@@ -82,39 +82,70 @@ def enqueue(
     if parsed.errors:
         raise ValidationFailed(parsed.errors)
     request_hash = content.request_hash(body) if key else None
-    rows = storage.insert_one(
-        ctx.engine,
-        user_id,
-        parsed.mail,
-        idempotency_key=key,
-        request_hash=request_hash,
-        generation=generation,
-    )
-    created = bool(rows)
-    row = rows[0] if rows else None
-    if not created:
+    try:
+        admitted = bounds.admit(
+            ctx.settings, ctx.engine, ctx.redis, user_id, generation, 1, content_bytes(parsed.mail)
+        )
+    except RateLimited:
+        replayed = _first_answer(ctx, user_id, key, request_hash) if key else None
+        if replayed is None:
+            raise
+        return replayed, False  # a retry of a request that was stored: its answer, whatever the bounds
+    try:
+        rows = storage.insert_one(
+            ctx.engine, user_id, parsed.mail, idempotency_key=key, request_hash=request_hash,
+            generation=generation,
+        )  # fmt: skip
+    except Exception:
+        push(ctx.redis, [], admitted)  # nothing stored: nothing of it in flight any more
+        raise
+    if not rows:
+        push(ctx.redis, [], admitted)
         # ON CONFLICT waited for the request that holds the key to end, so its row is committed.
-        with ctx.engine.connect() as conn:
-            row = first_use(
-                conn.execute(
-                    sa.select(tasks.c.id, tasks.c.status, tasks.c.scheduled_at, tasks.c.request_hash).where(
-                        tasks.c.user_id == user_id, tasks.c.idempotency_key == key
-                    )
-                ).one_or_none(),
-                request_hash,
+        row = first_use(_keyed_row(ctx, user_id, key), request_hash)
+        return _answer(row), False
+    row = rows[0]
+    push(ctx.redis, [row.id] if row.status == Status.QUEUED else [], admitted)
+    return _answer(row), True
+
+
+def _answer(row: Any) -> dict[str, Any]:
+    return {"task_id": row.id, "status": row.status, "scheduled_at": row.scheduled_at.isoformat()}
+
+
+def _keyed_row(ctx: Context, user_id: int, key: str | None) -> Any:
+    with ctx.engine.connect() as conn:
+        return conn.execute(
+            sa.select(tasks.c.id, tasks.c.status, tasks.c.scheduled_at, tasks.c.request_hash).where(
+                tasks.c.user_id == user_id, tasks.c.idempotency_key == key
             )
-    if created and row.status == Status.QUEUED:
-        push(ctx.redis, [row.id])
-    result = {"task_id": row.id, "status": row.status, "scheduled_at": row.scheduled_at.isoformat()}
-    return result, created
+        ).one_or_none()
 
 
-def push(client: redis.Redis, task_ids: list[int]) -> bool:
-    """Wake consumers for these tasks; False if Redis refused (the sweep will push them later)."""
-    if not task_ids:
+def _first_answer(ctx: Context, user_id: int, key: str, request_hash: str | None) -> dict[str, Any] | None:
+    """The answer of the request that first used ``key``, if one was stored (checked like a replay)."""
+    row = _keyed_row(ctx, user_id, key)
+    return None if row is None else _answer(first_use(row, request_hash))
+
+
+def content_bytes(mail: content.Mail) -> int:
+    """What a mail adds to its tenant's pending bytes: its text, HTML and attachments (shared.bounds counts
+    the same columns again from PostgreSQL)."""
+    size = sum(len(t.encode("utf-8", "surrogatepass")) for t in (mail.body, mail.html) if t is not None)
+    return size + sum(len(a.data) for a in mail.attachments)
+
+
+def push(client: redis.Redis, task_ids: list[int], admitted: bounds.Ticket | None = None) -> bool:
+    """Wake consumers for these tasks, and settle the admission that stored them (shared.bounds) in the
+    same round trip; False if Redis refused (the sweep will push them later)."""
+    if not task_ids and admitted is None:
         return True
     try:
-        client.lpush(queue.TASK_LIST, *(queue.encode(i) for i in task_ids))
+        envelopes = [queue.encode(i) for i in task_ids]
+        if admitted is None:
+            client.lpush(queue.TASK_LIST, *envelopes)
+        else:
+            bounds.push_and_settle(client, queue.TASK_LIST, envelopes, admitted)
         return True
     except redis.RedisError as exc:
         log.warning("could not push %d envelope(s) (%s); the sweep will", len(task_ids), type(exc).__name__)
