@@ -12,11 +12,19 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import redis
 import sqlalchemy as sa
 
-from shared import hosts
+from shared import hosts, ratelimit
 from shared.context import Context
-from shared.errors import Conflict, NotFound, Unauthorized, ValidationFailed
+from shared.errors import (
+    Conflict,
+    DependencyUnavailable,
+    NotFound,
+    RateLimited,
+    Unauthorized,
+    ValidationFailed,
+)
 from shared.tasks import events
 from shared.webhooks.receiver import MAX_URL_LENGTH, parse_url
 
@@ -160,6 +168,20 @@ def rotate(ctx: Context, user_id: int, endpoint_id: int) -> dict[str, Any]:
     return {**endpoint_view(row, secret), "previous_secret_expires_at": _iso(row.previous_secret_until)}
 
 
+def _count_replay(ctx: Context, user_id: int) -> None:
+    """One replay against the user's REPLAY_RATE_PER_USER a minute (RateLimited past it)."""
+    limit = ctx.settings.replay_rate_per_user
+    try:
+        ratelimit.hit(ctx.redis, "replay:user", str(user_id), limit)
+    except RateLimited as exc:
+        raise RateLimited(
+            exc.retry_after, f"This account may ask for {limit} replays a minute; try again later.",
+            limit="replay_rate",
+        ) from None  # fmt: skip
+    except redis.RedisError:
+        raise DependencyUnavailable("redis") from None
+
+
 # --- the delivery log -----------------------------------------------------------------------------
 
 
@@ -206,9 +228,13 @@ def _decode_cursor(cursor: str | None) -> int:
         raise ValidationFailed({"cursor": "is not a cursor this API returned"}) from None
 
 
-def _own_endpoint(conn, user_id: int, endpoint_id: int) -> Any:
+def _own_endpoint(conn, user_id: int, endpoint_id: int, *, lock: bool = False) -> Any:
+    # FOR NO KEY UPDATE: a second replay to the endpoint waits here; deliveries referencing it go on.
     row = conn.execute(
-        sa.text("SELECT id, enabled FROM webhook_endpoints WHERE id = :id AND user_id = :u"),
+        sa.text(
+            "SELECT id, enabled FROM webhook_endpoints WHERE id = :id AND user_id = :u"
+            + (" FOR NO KEY UPDATE" if lock else "")
+        ),
         {"id": endpoint_id, "u": user_id},
     ).one_or_none()
     if row is None:
@@ -234,9 +260,15 @@ def list_deliveries(
 
 
 def replay(ctx: Context, user_id: int, endpoint_id: int, delivery_id: int) -> dict[str, Any]:
-    """Send a delivered or failed delivery's event again, as a new delivery with the same webhook-id."""
+    """Send a delivered or failed delivery's event again, as a new delivery with the same webhook-id.
+
+    Bounded twice, so replay is no HTTP flood for hire: at most REPLAY_RATE_PER_USER replays a minute per
+    user (429, counted before any other work), and at most one delivery of an event to an endpoint in
+    flight at a time (409 naming the pending one; the endpoint's row is locked while this is decided, so
+    two replays at once cannot both find none)."""
+    _count_replay(ctx, user_id)
     with ctx.engine.begin() as conn:
-        endpoint = _own_endpoint(conn, user_id, endpoint_id)
+        endpoint = _own_endpoint(conn, user_id, endpoint_id, lock=True)
         original = conn.execute(
             sa.text("SELECT event_id, state FROM webhook_deliveries WHERE id = :d AND endpoint_id = :e"),
             {"d": delivery_id, "e": endpoint_id},
@@ -247,6 +279,18 @@ def replay(ctx: Context, user_id: int, endpoint_id: int, delivery_id: int) -> di
             raise Conflict("The endpoint is disabled; nothing is sent to it.")
         if original.state in PENDING_STATES:
             raise Conflict("The delivery is still pending; it will be sent (or retried) anyway.")
+        pending = conn.execute(
+            sa.text(
+                "SELECT id FROM webhook_deliveries WHERE event_id = :ev AND endpoint_id = :e"
+                " AND state IN ('scheduled', 'queued', 'sending') ORDER BY id LIMIT 1"
+            ),
+            {"ev": original.event_id, "e": endpoint_id},
+        ).scalar_one_or_none()
+        if pending is not None:
+            raise Conflict(
+                f"A replay of this event is still pending (delivery {pending}); it will be sent (or retried) "
+                "anyway, and one may be replayed again once it has ended."
+            )
         created = conn.execute(
             sa.text(
                 "INSERT INTO webhook_deliveries (event_id, endpoint_id, state) VALUES (:ev, :e, 'queued')"
