@@ -13,6 +13,7 @@ function's Knative Service and answers everything else itself with a JSON proble
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import types
@@ -23,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from functions import http  # noqa: E402
 from shared.config import Settings  # noqa: E402
 from shared.routes import ROUTES, TARGETS, Route  # noqa: E402
 from shared.tasks import batch  # noqa: E402
@@ -130,6 +132,43 @@ def body_limit(target: str | None = None) -> int:
 
 def profile_for(target: str) -> Profile:
     return PROFILES[TARGET_PROFILE.get(target, "io")]
+
+
+# A function pod's memory limit is computed (issue 21): what a warm pod holds, and on top every request it
+# answers at once at functions/http.py's REQUEST_MEMORY_MULTIPLE times its body (whatever the body's
+# shape; tests/test_request_memory.py measures it): LARGE_REQUEST_SLOTS of them up to the function's own
+# request limit, the rest up to LARGE_BODY (a larger one waits for a slot). Never below the profile's
+# memory_limit, which is what the function's own work needs (a page of 500 tasks, a batch's rows).
+# A warm pod: functions-framework's arbiter and its one worker, 78.1 + 64.9 MiB RSS measured idle on
+# Python 3.11; the rest is room for the connection pool and the allocator's slack.
+BASE_MEMORY_MIB = 192
+MiB = 1024 * 1024
+
+
+def app_body_limit(target: str) -> int:
+    """The largest body the function itself reads (functions/main.py): the enqueues' own limits, else the
+    small JSON bodies' (functions/http.py SMALL_BODY_LIMIT)."""
+    if target == "enqueue" or target in TARGET_BODY_LIMIT:
+        return body_limit(target)
+    return http.SMALL_BODY_LIMIT
+
+
+def memory_limit(target: str) -> tuple[int, str]:
+    """(the pod's memory limit in MiB, the arithmetic that gives it)."""
+    p = profile_for(target)
+    limit = app_body_limit(target)
+    large = min(http.LARGE_REQUEST_SLOTS, p.concurrency)
+    small = p.concurrency - large
+    small_body = min(limit, http.LARGE_BODY)
+    bodies = http.REQUEST_MEMORY_MULTIPLE * (large * limit + small * small_body)
+    need = BASE_MEMORY_MIB + math.ceil(bodies / MiB)
+    computed = math.ceil(need / 64) * 64
+    floor = int(p.memory_limit.removesuffix("Mi"))
+    arithmetic = (
+        f"{BASE_MEMORY_MIB} MiB + {http.REQUEST_MEMORY_MULTIPLE} x ({large} x {limit / MiB:.2f} MiB"
+        f" + {small} x {small_body / MiB:.2f} MiB) = {need} MiB -> {computed}Mi; profile floor {floor}Mi"
+    )
+    return max(computed, floor), arithmetic
 
 
 def service_name(target: str) -> str:
@@ -326,6 +365,7 @@ def render_nginx(namespace: str = NAMESPACE) -> str:
 
 def render_service(target: str, namespace: str = NAMESPACE) -> str:
     p = profile_for(target)
+    memory, arithmetic = memory_limit(target)
     return f"""\
 ---
 apiVersion: serving.knative.dev/v1
@@ -417,7 +457,8 @@ spec:
               memory: {p.memory_request}
             limits:
               cpu: "{p.cpu_limit}"
-              memory: {p.memory_limit}
+              # memory: {arithmetic} (deployment/gen_gateway.py)
+              memory: {memory}Mi
           securityContext:
             runAsNonRoot: true
             allowPrivilegeEscalation: false

@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,29 @@ STATUS_OF: dict[type[ServiceError], int] = {
 }
 PROBLEM_JSON = "application/problem+json"
 SMALL_BODY_LIMIT = 64 * 1024  # register/login bodies are tiny; anything bigger is refused early
+# Whatever its shape, a request holds at most this many times its body's bytes while it is answered (the
+# text it decodes to, up to 4 bytes a character, and the values parsed from it, as wide again), plus a
+# fixed few MiB: tests/test_request_memory.py measures it for the hostile shapes and the largest valid
+# requests (the widest, a long string with one character past U+FFFF, measured 8.0x), and the pods' memory
+# limits are computed from it (deployment/gen_gateway.py).
+REQUEST_MEMORY_MULTIPLE = 9
+# A body over LARGE_BODY bytes (or of unknown length) is answered only while it holds one of the process's
+# LARGE_REQUEST_SLOTS: the others wait for one, up to LARGE_REQUEST_WAIT seconds, then get a 503 with
+# Retry-After. So a pod holds at most that many large requests at once whatever its concurrency.
+LARGE_BODY = 1024 * 1024
+LARGE_REQUEST_SLOTS = 2
+LARGE_REQUEST_WAIT = 20.0
+_large_requests = threading.BoundedSemaphore(LARGE_REQUEST_SLOTS)
+READ_CHUNK = 64 * 1024
+# JSON values (objects, arrays, strings, numbers, literals) a small body may hold: its few fields, many
+# times over. A request's memory is bounded by its size times a small multiple only when the count of
+# values is bounded too: `[{},{},…]` costs Python about 30 times its bytes (issue 21).
+SMALL_BODY_VALUES = 1000
+# A string, or one of the characters that begin a value after the first in a container (","), or a
+# container ("[", "{"): values <= commas + containers + 1, counted without building anything.
+_VALUE_TOKEN = re.compile(rb'("[^"\\]*(?:\\.[^"\\]*)*")|[,\[{]')
+# A lone surrogate can only be spelt as an escape (\ud800): UTF-8 cannot carry one.
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F][0-9a-fA-F]{2}")
 
 Result = tuple[int, Any] | tuple[int, Any, dict[str, str]]
 
@@ -151,31 +175,86 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def json_body(request: flask.Request, limit: int = SMALL_BODY_LIMIT) -> dict[str, Any]:
-    """The request's JSON object: 415 if not JSON, 413 over ``limit`` bytes, 400 if malformed."""
+def json_body(
+    request: flask.Request, limit: int = SMALL_BODY_LIMIT, max_values: int = SMALL_BODY_VALUES
+) -> dict[str, Any]:
+    """The request's JSON object: 415 if not JSON, 413 over ``limit`` bytes or ``max_values`` JSON
+    values (counted before anything is built), 400 if malformed."""
     if request.mimetype != "application/json" and not request.mimetype.endswith("+json"):
         raise UnsupportedMediaType("The body must be JSON (Content-Type: application/json).")
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The body must be at most {limit} bytes.")
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"The body must be at most {limit} bytes.")
+    raw = read_body(request, limit)
+    if not within_values(raw, max_values):
+        raise PayloadTooLarge(
+            f"The body holds more than {max_values} JSON values (objects, arrays, strings, numbers); "
+            "nothing was read."
+        )
+    surrogates = _SURROGATE_ESCAPE.search(raw) is not None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("The body is not valid UTF-8.") from None
+    del raw  # only the text is parsed: the bytes are not held at the peak
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         raise BadRequest("The body is not valid JSON.") from None
+    del text
     if not isinstance(data, dict):
         raise BadRequest("The body must be a JSON object.")
-    try:
+    if surrogates and _lone_surrogate(data):
         # JSON may spell lone surrogates (\ud800); they are not text and no driver can store them.
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("The body contains invalid Unicode (a lone surrogate).") from None
+        raise BadRequest("The body contains invalid Unicode (a lone surrogate).")
     return data
+
+
+def read_body(request: flask.Request, limit: int) -> bytes:
+    """The request's bytes, 413 over ``limit``. Memory follows the body's size, not the limit: a stream
+    read of ``limit`` bytes would allocate the whole limit for every request, however small."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"The body must be at most {limit} bytes.")
+    if length is not None:
+        return request.stream.read(length)  # the server's stream ends at Content-Length
+    buffer = bytearray()  # chunked: read until the end or past the limit, whichever comes first
+    while len(buffer) <= limit:
+        chunk = request.stream.read(READ_CHUNK)
+        if not chunk:
+            break
+        buffer += chunk
+    if len(buffer) > limit:
+        raise PayloadTooLarge(f"The body must be at most {limit} bytes.")
+    return bytes(buffer)
+
+
+def within_values(raw: bytes, most: int) -> bool:
+    """True when the JSON text ``raw`` holds at most ``most`` values, decided without parsing it: every
+    value but the first of a container follows a comma, so values <= commas + containers + 1. The bytes'
+    own count (commas in strings included) settles most bodies at C speed; otherwise strings are skipped
+    token by token, stopping as soon as the count passes ``most``."""
+    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") < most:
+        return True
+    count = 1
+    for token in _VALUE_TOKEN.finditer(raw):
+        if token.lastindex is None:  # a comma or an opening bracket, not a string
+            count += 1
+            if count > most:
+                return False
+    return True
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """True when any string in the parsed body (keys included) holds a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_lone_surrogate(v) for v in value)
+    return False
 
 
 def client_address(request: flask.Request, trusted_hops: int) -> str:
@@ -238,6 +317,11 @@ def _dispatch(target: str, view: Callable, needs_context: bool, request: flask.R
         return problem(405, f"{request.method} is not allowed here.", {"Allow": ", ".join(matched.allowed)})
     if matched.route.target != target:
         return problem(404, f"No route for {request.method} {path[:200]} in this function.")
+    large = is_large(request)
+    if large and not _large_requests.acquire(timeout=LARGE_REQUEST_WAIT):
+        return problem(
+            503, "Too many large requests are being answered at once; retry shortly.", {"Retry-After": "2"}
+        )
     try:
         result = (
             view(context(), request, **matched.params) if needs_context else view(request, **matched.params)
@@ -256,3 +340,13 @@ def _dispatch(target: str, view: Callable, needs_context: bool, request: flask.R
             return problem(500, "An internal error occurred.")
         log.warning("%s unavailable during %s %s: %s", dependency, request.method, path, type(exc).__name__)
         return problem_for(DependencyUnavailable(dependency))
+    finally:
+        if large:
+            _large_requests.release()
+
+
+def is_large(request: flask.Request) -> bool:
+    """A body over LARGE_BODY bytes, or one whose length is not said (chunked)."""
+    if request.content_length is not None:
+        return request.content_length > LARGE_BODY
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()

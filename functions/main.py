@@ -81,7 +81,7 @@ def enqueue(ctx, request):
     # The token is checked here; that its user still exists and the token is of the user's current
     # generation is checked by the insert itself.
     token = users.token_claims(ctx, request.headers.get("Authorization"))
-    body = json_body(request, single.request_limit(ctx))
+    body = json_body(request, single.request_limit(ctx), content.MAX_VALUES)
     key = request.headers.get("Idempotency-Key")
     result, _created = single.enqueue(ctx, token.user_id, body, key, token.generation)
     return 202, result, {"Location": f"/api/v1/task/{result['task_id']}"}
@@ -91,7 +91,7 @@ def enqueue(ctx, request):
 @endpoint("enqueue_batch")
 def enqueue_batch(ctx, request):
     token = users.token_claims(ctx, request.headers.get("Authorization"))
-    body = json_body(request, batch.request_limit(ctx))
+    body = json_body(request, batch.request_limit(ctx), batch.max_values(ctx))
     mode = batch.validation_mode(request.args.get("validation"))
     key = request.headers.get("Idempotency-Key")
     result, _created = batch.enqueue_batch(ctx, token.user_id, body, key, mode, token.generation)

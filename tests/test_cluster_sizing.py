@@ -290,3 +290,58 @@ def test_keda_asks_for_one_sender_per_ten_waiting_tenants(rendered):
     (trigger,) = sender["spec"]["triggers"]
     per_replica = int(config["WORKER_COUNT"]) // int(config["SMTP_MAX_CONNECTIONS_PER_ACCOUNT"])
     assert int(trigger["metadata"]["listLength"]) == per_replica
+
+
+# --- a function pod's memory, from what one request may hold (issue 21) ----------------------------------
+
+# A warm function pod (functions-framework's arbiter and one worker, RSS measured idle), as
+# deployment/gen_gateway.py's BASE_MEMORY_MIB states it; the rest is recomputed here.
+WARM_POD_MIB = 192
+
+
+def _app_body_limit(target: str, config: dict[str, str]) -> int:
+    """The largest body each function reads (functions/main.py), for the settings config.env gives."""
+    from functions import http
+    from shared.config import Settings
+    from shared.tasks import content
+
+    if target == "enqueue":
+        sizes = ("MAX_BODY_BYTES", "MAX_ATTACHMENT_BYTES")
+        return content.request_limit(Settings.from_env({k: v for k, v in config.items() if k in sizes}))
+    if target == "enqueue_batch":
+        return int(config.get("MAX_BATCH_BYTES", 32 * 1024 * 1024))
+    return http.SMALL_BODY_LIMIT
+
+
+def test_every_function_pod_holds_its_concurrent_requests_at_their_memory_multiple(rendered):
+    """limit >= warm pod + multiple x (large slots x the request limit + the other threads x LARGE_BODY),
+    and the arithmetic written next to each limit in knative/functions.yaml states that very total."""
+    from functions import http
+
+    written = {}
+    for doc in (ROOT / "knative" / "functions.yaml").read_text().split("\n---\n")[1:]:
+        target = re.search(r"name: FUNCTION_TARGET\n\s+value: (\S+)", doc).group(1)
+        written[target] = re.search(r"# memory: (.*) = (\d+) MiB", doc)
+    mib = 1024 * 1024
+    needs = {}
+    for ksvc in rendered.knative_services():
+        (container,) = ksvc["spec"]["template"]["spec"]["containers"]
+        variables = _env(container)
+        target = variables["FUNCTION_TARGET"]["value"]
+        concurrency = int(variables["THREADS"]["value"]) * int(variables["WORKERS"]["value"])
+        assert ksvc["spec"]["template"]["spec"]["containerConcurrency"] == concurrency
+        limit = _app_body_limit(target, rendered.config)
+        large = min(http.LARGE_REQUEST_SLOTS, concurrency)
+        bodies = http.REQUEST_MEMORY_MULTIPLE * (
+            large * limit + (concurrency - large) * min(limit, http.LARGE_BODY)
+        )
+        need = WARM_POD_MIB + math.ceil(bodies / mib)
+        memory = _mebibytes(str(container["resources"]["limits"]["memory"]))
+        assert memory >= need, f"{target}: memory limit {memory} MiB < {need} MiB its requests may hold"
+        needs[target] = need
+    for target, need in needs.items():
+        assert written[target], f"{target}: no arithmetic next to its memory limit in knative/functions.yaml"
+        formula, stated = written[target].groups()
+        assert int(stated) == need and formula.startswith(
+            f"{WARM_POD_MIB} MiB + {http.REQUEST_MEMORY_MULTIPLE} x"
+        ), f"{target}: functions.yaml says {formula} = {stated} MiB, recomputed {need} MiB"

@@ -46,6 +46,12 @@ def request_limit(ctx: Context) -> int:
     return ctx.settings.max_batch_bytes
 
 
+def max_values(ctx: Context) -> int:
+    """JSON values a batch request may hold, counted before it is parsed: MAX_BATCH mails at their
+    most (shared.tasks.content.MAX_VALUES), and its own few members."""
+    return ctx.settings.max_batch * content.MAX_VALUES + 16
+
+
 def validation_mode(param: str | None) -> str:
     if param is None or param == "":
         return "strict"

@@ -35,6 +35,11 @@ MAX_FILENAME = 255
 MAX_TAGS = 10
 MAX_TAG_VALUE = 256
 TAG_KEY = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+# JSON values one enqueue body may hold, counted before it is parsed (functions/http.py json_body): twice
+# what the fullest valid mail holds (32 members for its fields and a client's own, cc and bcc full,
+# every header, attachment and tag), so a request's memory stays a small multiple of its size whatever
+# its shape. A batch may hold MAX_BATCH times as many.
+MAX_VALUES = 2 * (32 + 2 * (MAX_ADDRESSES + 1) + (MAX_HEADERS + 1) + 4 * MAX_ATTACHMENTS + 1 + MAX_TAGS + 1)
 # RFC 5322 field-name: printable ASCII except the colon.
 _HEADER_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]{1,76}$")
 # Headers a user may set besides X-…: the few that mailing-list and reply mail needs.

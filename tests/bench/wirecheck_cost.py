@@ -4,7 +4,8 @@
 
 For the common mail (the direct path) and for a two-part mail with a display name, Cc and a custom
 header (the email package's path): microseconds per ``compose`` with the check, and of the check alone on
-the same bytes. CPU time of this thread (a busy machine slows the clock on the wall, not this), the best of five rounds.
+the same bytes. CPU time of this thread (a busy machine slows the clock on the wall, not this), the best
+of five rounds.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def best_of(rounds: int, n: int, step) -> float:
 
 def measure(n: int) -> dict[str, dict[str, float]]:
     figures = {}
-    for name, fields in (("common mail (direct path)", COMMON), ("two parts, name, Cc (email package)", RICH)):
+    shapes = (("common mail (direct path)", COMMON), ("two parts, name, Cc (email package)", RICH))
+    for name, fields in shapes:
         outgoing = compose(**fields)
         figures[name] = {
             "compose us": best_of(5, n, lambda f=fields: compose(**f)),
