@@ -133,6 +133,8 @@ class Settings:
     webhook_worker_count: int = 32  # WEBHOOK_WORKER_COUNT, requests one webhook worker has in flight at once
     # WEBHOOK_MAX_CONCURRENCY_PER_ENDPOINT, requests in flight at once to one endpoint across all workers
     webhook_max_concurrency_per_endpoint: int = 2
+    # WEBHOOK_MAX_CONCURRENCY_PER_USER, requests in flight at once to all of one user's endpoints
+    webhook_max_concurrency_per_user: int = 4
 
     log_level: str = "INFO"  # LOG_LEVEL, Python logging level name
     log_format: str = logs.TEXT  # LOG_FORMAT, json (one object per line) | text; json in production
@@ -244,6 +246,9 @@ class Settings:
             webhook_worker_count=_int(get("WEBHOOK_WORKER_COUNT", "32"), "WEBHOOK_WORKER_COUNT", 1),
             webhook_max_concurrency_per_endpoint=_int(
                 get("WEBHOOK_MAX_CONCURRENCY_PER_ENDPOINT", "2"), "WEBHOOK_MAX_CONCURRENCY_PER_ENDPOINT", 1
+            ),
+            webhook_max_concurrency_per_user=_int(
+                get("WEBHOOK_MAX_CONCURRENCY_PER_USER", "4"), "WEBHOOK_MAX_CONCURRENCY_PER_USER", 1
             ),
             log_level=get("LOG_LEVEL", "INFO").upper(),
             log_format=get("LOG_FORMAT", logs.JSON if production else logs.TEXT).strip().lower(),

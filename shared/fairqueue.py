@@ -77,9 +77,17 @@ return added
 
 # take(): up to count envelopes, fairly, each with a slot; a flat list of (tenant, envelope, holder).
 # args: ring, paused, processing, bell keys, then queue prefix, slots prefix, count, cap, slot ttl (ms),
-# holder prefix, max scan.
+# holder prefix, max scan, and a group cap or nil: {owners hash, group slots prefix, cap} (the webhook
+# worker's per-user cap: a tenant there is an endpoint, its group the user who owns it).
 _TAKE_FN = """
-local function take(ring, paused, processing, bell, qp, sp, count, cap, ttl, holder_prefix, max_scan)
+local function group_slots(group, tenant, now)
+  local owner = redis.call('HGET', group[1], tenant)
+  if not owner then return nil end
+  local g = group[2] .. owner
+  redis.call('ZREMRANGEBYSCORE', g, '-inf', now)
+  return g
+end
+local function take(ring, paused, processing, bell, qp, sp, count, cap, ttl, holder_prefix, max_scan, group)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
@@ -95,13 +103,18 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
   else
     local s = sp .. tenant
     redis.call('ZREMRANGEBYSCORE', s, '-inf', now)  -- slots of killed senders expire here
-    if redis.call('ZCARD', s) >= cap then
-      misses = misses + 1  -- every conversation this account may have is busy: its turn passes
+    local g = group and group_slots(group, tenant, now)
+    if redis.call('ZCARD', s) >= cap or (g and redis.call('ZCARD', g) >= group[3]) then
+      misses = misses + 1  -- every conversation this account (or its owner) may have is busy: its turn passes
     else
       local raw = redis.call('ZPOPMIN', q)[1]
       local holder = holder_prefix .. raw
       redis.call('ZADD', s, now + ttl, holder)
       redis.call('PEXPIRE', s, ttl)  -- no slot outlives the lease, nor does the set
+      if g then
+        redis.call('ZADD', g, now + ttl, holder)
+        redis.call('PEXPIRE', g, ttl)
+      end
       redis.call('LPUSH', processing, raw)
       taken = taken + 1
       out[#out + 1] = tenant
@@ -128,8 +141,32 @@ end
 _TAKE_ARGS = (
     "ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])"
 )
-# KEYS: ring, paused, processing, bell.  ARGV: as take()'s after the keys.
-_TAKE = _TAKE_FN + f"return take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], {_TAKE_ARGS})"
+# KEYS: ring, paused, processing, bell.  ARGV: as take()'s after the keys, then (optional) owners hash,
+# group slots prefix, group cap.
+_TAKE = (
+    _TAKE_FN
+    + "local group = ARGV[10] and {ARGV[8], ARGV[9], tonumber(ARGV[10])}\n"
+    + f"return take(KEYS[1], KEYS[2], KEYS[3], KEYS[4], {_TAKE_ARGS}, group)"
+)
+
+# KEYS: owners hash, bell.  ARGV: group slots prefix, tenant, holder, owner ('' when unknown), bell max.
+# Lets go of a taken envelope's group slot (before done() or give_back()), records the tenant's owner
+# when the caller knows it, and wakes a taker when a slot came free (the group's other tenants may wait).
+_RELEASE_GROUP = """
+local owner = ARGV[4]
+if owner ~= '' then
+  redis.call('HSET', KEYS[1], ARGV[2], owner)
+else
+  owner = redis.call('HGET', KEYS[1], ARGV[2])
+  if not owner then return 0 end
+end
+if redis.call('ZREM', ARGV[1] .. owner, ARGV[3]) == 1 then
+  redis.call('RPUSH', KEYS[2], '1')
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[5]), -1)
+  return 1
+end
+return 0
+"""
 
 # KEYS: processing, slots, queue, bell.  ARGV: envelope, holder, bell max.
 _DONE = """
@@ -194,6 +231,16 @@ end
 
 
 @dataclass(frozen=True)
+class GroupCap:
+    """A second cap over tenants that share an owner: at most ``cap`` envelopes taken at once across
+    all of an owner's tenants (``owners`` maps tenant -> owner; an unmapped tenant has no group cap)."""
+
+    owners: str
+    slots_prefix: str
+    cap: int
+
+
+@dataclass(frozen=True)
 class Taken:
     """One envelope a sender took, with the slot it holds for the conversation."""
 
@@ -218,6 +265,7 @@ class SendQueue:
         self._done = client.register_script(_DONE)
         self._give_back = client.register_script(_GIVE_BACK)
         self._resume = client.register_script(_RESUME)
+        self._release_group = client.register_script(_RELEASE_GROUP)
 
     def route(
         self,
@@ -240,14 +288,24 @@ class SendQueue:
         keys = [self.keys.ready, self.keys.paused, self.keys.bell, processing or self.keys.ready]
         return self._route(keys=keys, args=[*args, *(release if processing else ())])
 
-    def take(self, processing: str, holder: str, count: int, cap: int, slot_ms: int) -> list[Taken]:
+    def take(
+        self, processing: str, holder: str, count: int, cap: int, slot_ms: int, group: GroupCap | None = None
+    ) -> list[Taken]:
         """Up to ``count`` envelopes, one per tenant per turn of the ring, each with one of its
-        tenant's ``cap`` slots held for ``slot_ms``; moved into ``processing`` in the same step."""
-        flat = self._take(
-            keys=[self.keys.ready, self.keys.paused, processing, self.keys.bell],
-            args=[self.keys.queue_prefix, self.keys.slots_prefix, count, cap, slot_ms, holder, MAX_SCAN],
-        )
+        tenant's ``cap`` slots held for ``slot_ms`` (and one of its owner's, with ``group``); moved into
+        ``processing`` in the same step."""
+        args = [self.keys.queue_prefix, self.keys.slots_prefix, count, cap, slot_ms, holder, MAX_SCAN]
+        if group is not None:
+            args += [group.owners, group.slots_prefix, group.cap]
+        flat = self._take(keys=[self.keys.ready, self.keys.paused, processing, self.keys.bell], args=args)
         return _taken(flat)
+
+    def release_group(self, group: GroupCap, taken: Taken, owner: int | None) -> bool:
+        """Let go of ``taken``'s group slot (call it before ``done``/``give_back``); ``owner``, when
+        known, is recorded as its tenant's owner for the next take."""
+        keys = [group.owners, self.keys.bell]
+        args = [group.slots_prefix, taken.tenant, taken.holder, owner or "", queue.BELL_MAX]
+        return bool(self._release_group(keys=keys, args=args))
 
     def done_and_take(
         self, processing: str, taken: Taken, holder: str, count: int, cap: int, slot_ms: int

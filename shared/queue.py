@@ -36,6 +36,8 @@ WORKERS = "mailq:workers"  # hash: worker id -> the list its processing list dra
 WEBHOOK_READY = "mailq:webhooks:ready"  # the ring: endpoints with deliveries waiting (KEDA listName)
 WEBHOOK_QUEUE_PREFIX = "mailq:webhooks:q:"  # + endpoint: a sorted set of envelopes, score = delivery id
 WEBHOOK_SLOTS_PREFIX = "mailq:webhooks:slots:"  # + endpoint: requests in flight, score = expiry (ms)
+WEBHOOK_OWNERS = "mailq:webhooks:owner"  # hash: endpoint -> the user who owns it (the per-user cap)
+WEBHOOK_USER_SLOTS_PREFIX = "mailq:webhooks:userslots:"  # + user: requests in flight, score = expiry (ms)
 WEBHOOK_PAUSED = "mailq:webhooks:paused"  # never filled: the fair queue's scripts need the key
 WEBHOOK_BELL = "mailq:webhooks:bell"  # wake-ups for idle webhook workers; trimmed to BELL_MAX
 # Where a stopped or dead webhook worker's envelopes go; the sweep (and any webhook worker) puts them

@@ -353,6 +353,7 @@ def test_a_stale_outcome_records_nothing(pipe):
             id=delivery_id,
             attempts=1,
             endpoint_id=row.endpoint_id,
+            user_id=user.id,
             url=receiver.url,
             enabled=True,
             secret_enc=pipe.ctx.box.encrypt(events.new_secret()),

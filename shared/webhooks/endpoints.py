@@ -15,7 +15,7 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
-from shared import hosts, ratelimit
+from shared import hosts, queue, ratelimit
 from shared.context import Context
 from shared.errors import (
     Conflict,
@@ -121,6 +121,10 @@ def create(ctx: Context, user_id: int, body: dict[str, Any]) -> dict[str, Any]:
             ),
             {"u": user_id, "url": url, "events": subscribed, "secret": ctx.box.encrypt(secret)},
         ).one()
+    try:  # whose endpoint it is, for the webhook worker's per-user cap (the worker records it too)
+        ctx.redis.hset(queue.WEBHOOK_OWNERS, row.id, user_id)
+    except redis.RedisError:
+        pass
     return endpoint_view(row, secret)
 
 

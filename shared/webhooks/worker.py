@@ -4,7 +4,8 @@ records what the receiver said behind the fencing token (the delivery's ``attemp
 - **Fair share and a cap per endpoint**, from the senders' fair queue under its own keys
   (``queue.WEBHOOK_KEYS``): one delivery per endpoint per turn of the ring, at most
   WEBHOOK_MAX_CONCURRENCY_PER_ENDPOINT requests in flight to one receiver across all workers, so a slow
-  or dead receiver holds a few threads for WEBHOOK_TIMEOUT each, never the worker.
+  or dead receiver holds a few threads for WEBHOOK_TIMEOUT each, never the worker; and at most
+  WEBHOOK_MAX_CONCURRENCY_PER_USER to all of one user's endpoints (fairqueue.GroupCap), however many.
 - **Reliable hand-off**, as for the senders: a taken envelope sits in this worker's processing list
   until its outcome is recorded; a dead worker's list is rescued by the sweep (to WEBHOOK_RETURNED,
   then back into the endpoints' queues), a delivery whose worker died is taken back when its lease
@@ -38,7 +39,7 @@ from shared import queue
 from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.errors import ConfigError, EnvelopeDecodeError
-from shared.fairqueue import SendQueue, Taken
+from shared.fairqueue import GroupCap, SendQueue, Taken
 from shared.tasks import events
 from shared.webhooks.receiver import Answer, Receiver
 from shared.webhooks.requeue import requeue_due, reroute_returned
@@ -65,6 +66,7 @@ class Claim:
     id: int
     attempts: int
     endpoint_id: int
+    user_id: int
     url: str
     enabled: bool
     secret_enc: str
@@ -83,7 +85,7 @@ _CLAIM_SQL = sa.text(
            lease_until = now() + make_interval(secs => :lease), updated_at = now()
       FROM webhook_endpoints AS w, webhook_events AS e
      WHERE d.id = :id AND d.state = 'queued' AND w.id = d.endpoint_id AND e.id = d.event_id
- RETURNING d.id, d.attempts, d.endpoint_id, w.url, w.enabled, w.secret_enc,
+ RETURNING d.id, d.attempts, d.endpoint_id, w.user_id, w.url, w.enabled, w.secret_enc,
            CASE WHEN w.previous_secret_until > now() THEN w.previous_secret_enc END AS previous_secret_enc,
            e.id AS event_id, e.type, e.data, e.created_at
     """
@@ -138,6 +140,10 @@ class WebhookWorker(Worker):
         self.box = box
         self.wall = wall  # webhook-timestamp: Unix seconds of the attempt
         self.fairq = SendQueue(client, queue.WEBHOOK_KEYS)
+        # Per user as well as per endpoint: ten slow endpoints of one user hold this many threads, not 20.
+        self.per_user = GroupCap(
+            queue.WEBHOOK_OWNERS, queue.WEBHOOK_USER_SLOTS_PREFIX, settings.webhook_max_concurrency_per_user
+        )
         self.receiver = receiver or Receiver(
             timeout=settings.webhook_timeout,
             allow_http=settings.webhook_allow_http,
@@ -160,6 +166,7 @@ class WebhookWorker(Worker):
             count,
             s.webhook_max_concurrency_per_endpoint,
             s.webhook_lease_seconds * 1000,
+            self.per_user,
         )
 
     def due(self, force: bool = False) -> None:
@@ -189,6 +196,7 @@ class WebhookWorker(Worker):
             log.warning("%s dropped a malformed envelope: %s", self.id, exc)
             self.done(item)
             return DROPPED
+        owner = None
         try:
             with self.engine.begin() as conn:
                 row = conn.execute(
@@ -204,10 +212,11 @@ class WebhookWorker(Worker):
         try:
             if row is None:  # a duplicate envelope, or the delivery is no longer waiting: nothing to send
                 return DROPPED
+            owner = row.user_id
             return self.attempt(Claim(**row._asdict()))
         finally:
             # Let go on every path, a failed record too: the claim's lease and fencing keep it safe.
-            self.done(item)
+            self.done(item, owner)
 
     def attempt(self, claim: Claim) -> str:
         """POST the delivery and record the answer; no transaction is open while the receiver talks."""
@@ -286,14 +295,16 @@ class WebhookWorker(Worker):
 
     # --- letting go ---
 
-    def done(self, item: Taken) -> None:
+    def done(self, item: Taken, owner: int | None = None) -> None:
         try:
+            self.fairq.release_group(self.per_user, item, owner)  # first: done() may wake a taker
             self.fairq.done(self.processing, item)
         except redis.RedisError:
             pass  # it stays in our processing list: shutdown or the sweep puts it back; its claim is fenced
 
     def _give_back(self, item: Taken, delivery_id: int) -> None:
         try:
+            self.fairq.release_group(self.per_user, item, None)
             self.fairq.give_back(self.processing, item, delivery_id)
         except redis.RedisError:
             pass
