@@ -21,7 +21,7 @@ from shared.db import is_unavailable, make_engine
 from shared.delivery.sender import Sender
 from shared.local.embedded import EmbeddedRedis, free_port
 from shared.workers import Outcome
-from tests.chaos import faultproxy, network, scenarios, tenants
+from tests.chaos import faultproxy, hostile_api, network, scenarios, tenants
 from tests.chaos.audit import wait_settled
 from tests.chaos.client import Client, Enqueuer, make_accounts
 from tests.chaos.stack import Stack, wait_beat
@@ -126,6 +126,17 @@ def test_hostile_tenants_neither_hurt_a_well_behaved_one_nor_get_a_mail_twice(st
     assert f["silent-data"] == {"tasks": 5, "cancelled": 5, "copies": 10}  # one copy per try, explained
     assert f["throttle-421"]["tasks"] == 5 and f["throttle-421"]["copies"] == f["throttle-421"].get("sent", 0)
     assert result.audit.duplicates == 5
+
+
+def test_a_hostile_api_tenant_neither_balloons_the_api_nor_slows_a_well_behaved_one(stack):
+    """Expansion requests and an enqueue flood beside a well-behaved tenant: every expansion a 413, no
+    500, the API's memory under the bound its pods are sized from, the well-behaved tenant's p99 bounded
+    (generously: the machine is shared) and its mails delivered exactly once."""
+    result = hostile_api.hostile_api(stack, 150, rate=30, expanders=2, flooders=2, p99_budget_ms=5000)
+    assert_clean(result)
+    f = result.figures
+    assert f["expansion answers"].get(413, 0) >= 2 and f["flood answers"].get(202, 0) > 0, f
+    assert f["API RSS peak MiB"] <= f["API RSS bound MiB"], f
 
 
 def test_a_bad_network_loses_nothing_and_every_half_open_connection_is_given_up(stack):

@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.chaos import network, scenarios, tenants
+from tests.chaos import hostile_api, network, scenarios, tenants
 from tests.chaos.scenarios import Result
 from tests.chaos.stack import ROOT, Stack
 
@@ -31,6 +31,7 @@ SCENARIOS = {
     **scenarios.SCENARIOS,
     "hostile-tenants": tenants.hostile_tenants,
     "bad-network": network.bad_network,
+    "hostile-api": hostile_api.hostile_api,
 }
 
 # The full-size runs: thousands of tasks; faults every few seconds. WORKER_COUNT (SMTP conversations per
@@ -46,6 +47,7 @@ FULL: dict[str, dict] = {
     "everything-at-once": {"tasks": 5000},
     "hostile-tenants": {"tasks": 3000, "hostile_each": 40, "rate": 50.0, "alone": True},
     "bad-network": {"tasks": 2000, "rate": 20.0},
+    "hostile-api": {"tasks": 2000, "rate": 50.0, "expanders": 2, "flooders": 4},
 }
 
 
