@@ -199,6 +199,6 @@ def dashboard(request):
 @functions_framework.http
 @endpoint("metrics")
 def metrics(ctx, request):
-    # The queue gauges for Prometheus: fixed words as labels, no tenant's data (README: Metrics).
+    # The queue gauges for Prometheus: fixed words as labels, no tenant's data (docs/operations.md).
     body = gauges.render(gauges.read(ctx.settings, ctx.engine, ctx.redis))
     return flask.Response(body, content_type=gauges.CONTENT_TYPE, headers={"Cache-Control": "no-store"})

@@ -1,8 +1,8 @@
 """Settings: built once per process from the environment and handed down.
 
 This is the only module that reads ``os.environ``-style mappings; everything else receives a
-``Settings``. Every field has a default and a one-line reason; the README's configuration table
-mirrors this file (a test keeps them in step).
+``Settings``. Every field has a default and a one-line reason; docs/configuration.md's tables
+mirror this file (a test keeps them in step).
 """
 
 from __future__ import annotations

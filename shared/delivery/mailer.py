@@ -1,6 +1,6 @@
 """SMTP delivery: sending over pooled connections within a deadline.
 
-ARCHITECTURE.md ("SMTP rules", "Tenants are hostile") has the why: verified TLS always, never a
+docs/architecture.md ("SMTP: every server is treated as hostile") has the why: verified TLS always, never a
 plaintext fallback, a deadline on the whole conversation, replies capped, one AUTH attempt, one
 reconnect for a pooled connection found closed. Building the message is shared/delivery/message.py's job,
 vetting the host shared/hosts.py's, keeping one connection to a hostile server in bounds
