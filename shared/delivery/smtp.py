@@ -75,6 +75,10 @@ class PinnedSMTP(smtplib.SMTP):
                 if self.guard is not None:
                     self.guard.watch(sock)
                 sock.settimeout(budget)
+                # Every write is a whole command group or message: Nagle's algorithm would only hold
+                # one back until the server acknowledged the last (an RSET said after a refused mail
+                # delayed the next mail's group by a round trip).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.connect(sockaddr)
                 return sock
             except OSError as exc:
