@@ -100,6 +100,16 @@ def test_pipelined_mail_reaches_a_real_server_in_one_piece():
     assert ".a line that starts with a dot" in server.messages[0].get_content()
 
 
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one-at-a-time"])
+def test_an_internationalised_address_goes_out_with_smtputf8_on_both_paths(pipelining):
+    message = a_message(to="jürgen@bücher.example", cc=("zoë@example.org",))
+    with ScriptedSmtpServer(pipelining=pipelining) as server, Mailer(SETTINGS) as mailer:
+        mailer.send(account_for(server), message)
+    [received] = server.received
+    assert received.rcpt_tos == ["jürgen@bücher.example", "zoë@example.org"]
+    assert received.message["To"] == "jürgen@bücher.example"
+
+
 # --- each failure as the one-at-a-time path has it (aiosmtpd, with and without PIPELINING) ---
 
 REFUSED = "550 5.1.1 no such user"
