@@ -259,11 +259,13 @@ class Mailer:
         except (smtplib.SMTPException, OSError) as exc:
             stage = transaction.stage
             error = self._classify(exc, stage, account, guard)
-            # A 5xx to one message leaves a healthy session (RSET said now, its reply read with the next
-            # mail's); after a 4xx the server is throttling or unwell, so the retry gets a fresh
+            # A 5xx to one message leaves a healthy session (reset by an RSET sent with the next mail's
+            # commands); after a 4xx the server is throttling or unwell, so the retry gets a fresh
             # connection rather than the session that just refused.
             refused = isinstance(exc, smtplib.SMTPResponseException) and isinstance(error, PermanentSmtpError)
-            healthy = refused and transaction.reusable and smtp.reset_later()
+            healthy = refused and transaction.reusable
+            if healthy:
+                smtp.reset_later()
             self._finish(key, connection, guard, healthy=healthy)
             # A pooled connection the server closed while idle fails on its first command, or on the
             # RSET owed since its last mail.

@@ -55,7 +55,7 @@ class PinnedSMTP(smtplib.SMTP):
     addresses: list[tuple[int, tuple]] = []
     guard: Guard | None = None
     clock: Callable[[], float] = staticmethod(time.monotonic)
-    resets_owed: int = 0  # RSETs sent by reset_later whose replies are still to be read
+    reset_pending: bool = False  # the next transaction starts with an RSET (reset_later)
 
     def budget(self) -> float:
         """Seconds the next socket operation may take: SMTP_TIMEOUT, or less when the deadline is nearer."""
@@ -75,10 +75,6 @@ class PinnedSMTP(smtplib.SMTP):
                 if self.guard is not None:
                     self.guard.watch(sock)
                 sock.settimeout(budget)
-                # Every write is a whole command group or message: Nagle's algorithm would only hold
-                # one back until the server acknowledged the last (an RSET said after a refused mail
-                # delayed the next mail's group by a round trip).
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.connect(sockaddr)
                 return sock
             except OSError as exc:
@@ -150,24 +146,11 @@ class PinnedSMTP(smtplib.SMTP):
             stuffed += b"\r\n"
         self.send(stuffed + b".\r\n")
 
-    def reset_later(self) -> bool:
-        """Say RSET without waiting for its reply, which the next transaction reads (``reset_done``):
-        after a refused mail the session is clean again without a round trip of its own. False when
-        the command could not be sent (the connection is not worth keeping then)."""
-        try:
-            self.send("RSET\r\n")
-        except (smtplib.SMTPException, OSError):
-            return False
-        self.resets_owed += 1
-        return True
-
-    def reset_done(self) -> None:
-        """Read the replies to RSETs sent by reset_later; SMTPResponseException if one is not 250."""
-        while self.resets_owed:
-            self.resets_owed -= 1
-            code, reply = self.getreply()
-            if code != 250:
-                raise smtplib.SMTPResponseException(code, reply)
+    def reset_later(self) -> None:
+        """After a refused mail: the next transaction on this session starts with RSET, in the same
+        write as its own commands where the server offers PIPELINING, so the reset costs no round trip
+        of its own; meanwhile the idle session says nothing (shared.delivery.transaction)."""
+        self.reset_pending = True
 
     def login_once(self, username: str, password: str) -> None:
         """Exactly one AUTH command: PLAIN when offered, else LOGIN.

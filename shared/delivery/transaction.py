@@ -37,9 +37,10 @@ _CLOSING = 421  # the server says it is closing the session: no further reply wi
 class Transaction:
     """One mail over ``smtp``; ``run()`` sends it and returns the final reply.
 
-    After a failure, ``stage`` names the command whose reply it was ("RSET" for the reply owed by an
-    earlier ``PinnedSMTP.reset_later``, then "MAIL FROM", "RCPT TO", "DATA"), and ``reusable`` says
-    whether the session is still in step with the server (False: only hanging up ends it safely).
+    After a failure, ``stage`` names the command whose reply it was ("RSET" for the reset an earlier
+    refusal left pending, ``PinnedSMTP.reset_later``; then "MAIL FROM", "RCPT TO", "DATA"), and
+    ``reusable`` says whether the session is still in step with the server (False: only hanging up ends
+    it safely).
     """
 
     def __init__(
@@ -50,7 +51,7 @@ class Transaction:
         self.recipients = tuple(recipients)
         self.data = data
         self.options = tuple(options)
-        self.stage = "RSET" if smtp.resets_owed else "MAIL FROM"
+        self.stage = "RSET" if smtp.reset_pending else "MAIL FROM"
         self.refused: list[tuple[str, int, str]] = []  # (address, code, reply) of recipients refused
         self.reusable = True
 
@@ -67,7 +68,9 @@ class Transaction:
 
     def _one_at_a_time(self) -> tuple[int, bytes]:
         smtp = self.smtp
-        self._reset_done()
+        if smtp.reset_pending:
+            self.stage = "RSET"
+            self._check_reset(*smtp.docmd("RSET"))
         self.stage = "MAIL FROM"
         code, reply = smtp.mail(self.sender, self.options)
         if code != 250:
@@ -98,9 +101,11 @@ class Transaction:
             *(f"RCPT TO:{quoteaddr(address)}" for address in self.recipients),
             "DATA",
         ]
-        self.stage = "MAIL FROM"
-        smtp.send_group(group)
-        self._reset_done()  # an RSET said after the last mail: its reply comes before the group's
+        reset = smtp.reset_pending  # left by a refused mail: RSET leads the group (RFC 2920 allows it)
+        self.stage = "RSET" if reset else "MAIL FROM"
+        smtp.send_group(["RSET", *group] if reset else group)
+        if reset:
+            self._check_reset(*self._reply())
         replies = self._read_replies(len(group))
         # The replies, judged in the order the one-at-a-time path meets them.
         failure = self._judge(replies)
@@ -188,14 +193,19 @@ class Transaction:
         except (smtplib.SMTPException, OSError):
             self.reusable = False
 
-    def _reset_done(self) -> None:
-        if self.smtp.resets_owed:
-            self.stage = "RSET"
-            try:
-                self.smtp.reset_done()
-            except (smtplib.SMTPException, OSError):
-                self.reusable = False
-                raise
+    def _reply(self) -> tuple[int, bytes]:
+        try:
+            return self.smtp.getreply()
+        except (smtplib.SMTPException, OSError):
+            self.reusable = False
+            raise
+
+    def _check_reset(self, code: int, reply: bytes) -> None:
+        """The reply to the RSET a refused mail left pending; the session is no good unless it is 250."""
+        if code != 250:
+            self.reusable = False  # the group behind it is in flight, or the server is closing
+            raise SMTPResponseException(code, reply)
+        self.smtp.reset_pending = False
 
     def _stage_of(self, index: int, count: int) -> str:
         if index == 0:
