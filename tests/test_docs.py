@@ -175,3 +175,14 @@ def test_the_benchmark_page_shows_the_table_of_the_report_it_links():
     assert len(shown) > 20
     differ = [line for line in shown if line not in lines]
     assert not differ, f"rows of docs/benchmarks.md that {report.group(1)} does not have: {differ}"
+
+
+def test_the_pipelining_page_shows_rows_of_the_report_it_links():
+    measured = _section((DOCS / "pipelining.md").read_text(), "## Measured")
+    report = re.search(r"\]\(\.\./(tests/bench/results/[\w-]+\.md)\)", measured)
+    assert report, "docs/pipelining.md names no report under Measured"
+    lines = set((ROOT / report.group(1)).read_text().splitlines())
+    shown = [line for line in measured.splitlines() if line.startswith("| 12.")]
+    assert shown, "docs/pipelining.md shows no row of scenario 12"
+    differ = [line for line in shown if line not in lines]
+    assert not differ, f"rows of docs/pipelining.md that {report.group(1)} does not have: {differ}"
