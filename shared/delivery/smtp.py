@@ -152,7 +152,7 @@ class PinnedSMTP(smtplib.SMTP):
         of its own; meanwhile the idle session says nothing (shared.delivery.transaction)."""
         self.reset_pending = True
 
-    def login_once(self, username: str, password: str) -> None:
+    def login_once(self, username: str, password: str) -> tuple[int, bytes]:
         """Exactly one AUTH command: PLAIN when offered, else LOGIN.
 
         login() would try every mechanism offered in turn, so one wrong password became two or three
@@ -166,7 +166,7 @@ class PinnedSMTP(smtplib.SMTP):
             )
         self.user, self.password = username, password
         try:
-            self.auth(mechanism, self.auth_plain if mechanism == "PLAIN" else self.auth_login)
+            return self.auth(mechanism, self.auth_plain if mechanism == "PLAIN" else self.auth_login)
         finally:
             self.password = ""  # a pooled connection has no reason to keep it
 
