@@ -34,6 +34,7 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/user/{id}", "get_user"),
     Route("PATCH", "/api/v1/user/{id}", "update_user"),
     Route("POST", "/api/v1/user/{id}/logout-all", "logout_all"),
+    Route("POST", "/api/v1/user/{id}/smtp-check", "smtp_check"),
     Route("POST", "/api/v1/task/enqueue", "enqueue"),
     Route("POST", "/api/v1/task/enqueue/batch", "enqueue_batch"),
     Route("GET", "/api/v1/task/queue", "task_queue"),

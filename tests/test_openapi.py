@@ -150,9 +150,10 @@ def parameters(op: dict) -> list[dict]:
 
 ROUTE_IDS = [f"{r.method} {r.path}" for r in routes.ROUTES]
 # The functions that answer 429: login and register (per client and email), PATCH user (a password change
-# counts against the login's limits), and the tenant bounds (docs/security.md).
+# counts against the login's limits), the tenant bounds (docs/security.md), and the SMTP check's rate.
 RATE_LIMITED = (
     "register", "login", "update_user", "enqueue", "enqueue_batch", "retry_task", "replay_webhook_delivery",
+    "smtp_check",
 )  # fmt: skip
 
 
