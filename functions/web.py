@@ -25,7 +25,9 @@ ASSETS: dict[str, tuple[str, str]] = {
     "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/ui/chart.js": ("chart.js", "text/javascript; charset=utf-8"),
     "/ui/icon.svg": ("icon.svg", "image/svg+xml"),
+    "/ui/ops.js": ("ops.js", "text/javascript; charset=utf-8"),
 }
+OPS_PAGE = "ops.html"  # served by the ops function at /ops, only where OPS_TOKEN is set
 DOCS_PATH = "/docs"
 DOCUMENT_PATH = "/openapi.json"
 
@@ -81,6 +83,17 @@ def _load(path: str) -> tuple[bytes, str]:
         return OPENAPI_PATH.read_bytes(), "application/json"
     name, content_type = ASSETS[path]
     return (DASHBOARD_DIR / name).read_bytes(), content_type
+
+
+def ops_page() -> flask.Response:
+    """The operator's page (functions/dashboard/ops.html), with the dashboard's security headers."""
+    with _cache_lock:
+        if OPS_PAGE not in _cache:
+            _cache[OPS_PAGE] = ((DASHBOARD_DIR / OPS_PAGE).read_bytes(), "text/html; charset=utf-8")
+        body, content_type = _cache[OPS_PAGE]
+    response = flask.Response(body, status=200, content_type=content_type)
+    response.headers.update(SECURITY_HEADERS)
+    return response
 
 
 def answer(path: str) -> flask.Response:

@@ -23,7 +23,7 @@ DOCUMENT = json.loads(web.OPENAPI_PATH.read_text(encoding="utf-8"))
 def test_the_route_table_lists_exactly_the_files_the_function_serves():
     assert {r.path for r in DASHBOARD_ROUTES} == {*web.ASSETS, web.DOCS_PATH, web.DOCUMENT_PATH}
     files = {p.name for p in web.DASHBOARD_DIR.iterdir()}
-    assert files == {name for name, _ in web.ASSETS.values()}
+    assert files == {name for name, _ in web.ASSETS.values()} | {web.OPS_PAGE}  # /ops: the ops function's
     # ... and the installed package (the cluster image) carries them.
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert all(any(fnmatch(f, p) for p in patterns["functions.dashboard"]) for f in files)
@@ -90,6 +90,12 @@ def test_the_pages_hold_no_inline_script_style_or_handler(api, path):
     assert parser.found == []
 
 
+def test_the_operator_page_holds_no_inline_script_style_or_handler():
+    parser = _Inline()
+    parser.feed((web.DASHBOARD_DIR / web.OPS_PAGE).read_text())
+    assert parser.found == []
+
+
 def test_the_inline_check_sees_what_it_looks_for():
     parser = _Inline()
     parser.feed('<p style="x" onclick="y">a</p><script>1</script><a href="javascript:x">b</a><style></style>')
@@ -97,7 +103,8 @@ def test_the_inline_check_sees_what_it_looks_for():
 
 
 def test_the_script_never_turns_text_into_markup_and_keeps_the_token_out_of_cookies():
-    scripts = {name: (web.DASHBOARD_DIR / name).read_text() for name in ("app.js", "chart.js")}
+    names = [name for name, media in web.ASSETS.values() if media.startswith("text/javascript")]
+    scripts = {name: (web.DASHBOARD_DIR / name).read_text() for name in names}
     forbidden = (
         r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function|document\.cookie"
     )
