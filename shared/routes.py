@@ -64,6 +64,12 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/ui/chart.js", "dashboard", "dashboard_chart_js"),
     Route("GET", "/ui/icon.svg", "dashboard", "dashboard_icon"),
     Route("GET", "/ui/ops.js", "dashboard", "dashboard_ops_js"),
+    Route("GET", "/ui/message.js", "dashboard", "dashboard_message_js"),
+    Route("GET", "/ui/webhooks.js", "dashboard", "dashboard_webhooks_js"),
+    # The HTML preview's frame: remote content blocked, or loaded on request (functions/web.py).
+    Route("GET", "/ui/preview.html", "dashboard", "dashboard_preview"),
+    Route("GET", "/ui/preview-remote.html", "dashboard", "dashboard_preview_remote"),
+    Route("GET", "/ui/preview.js", "dashboard", "dashboard_preview_js"),
     Route("GET", "/docs", "dashboard", "api_docs"),
     Route("GET", "/openapi.json", "dashboard", "openapi_document"),
     # The queue gauges in Prometheus's text format (a function of its own: it reads PostgreSQL and Redis).

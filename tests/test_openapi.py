@@ -581,7 +581,7 @@ def test_live_dashboard_files(api, route):
     response = api.get(route.path)
     body = check(response, route.method, route.path, 200)
     assert body, f"{route.path} is empty"
-    assert response.headers["Content-Security-Policy"] == web.CONTENT_SECURITY_POLICY
+    assert response.headers["Content-Security-Policy"] == web.policy_for(route.path)
 
 
 def test_live_task_control(api):
