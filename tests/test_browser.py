@@ -426,7 +426,8 @@ def test_the_panel_keeps_its_width_beside_the_list_and_says_the_reschedule_time_
 
     page = browser["page"]
     page.set_viewport_size(WIDE)
-    long_subject = "A subject that goes on " + "and on " * 30
+    # Issue 22: an unbreakable word in the list squeezed the panel to 222 px beside a 1,126 px table.
+    long_subject = "Invoice-" + "0123456789" * 16 + " and a subject that goes on " + "and on " * 20
     task_id = enqueue(stack, subject=long_subject, scheduled_at=in_seconds(86400))
     _open_task(page, task_id, "scheduled")
     expect(page.locator("#reschedule-form")).to_be_visible()

@@ -179,6 +179,8 @@ def test_an_idempotency_key_answers_a_retried_request_again_without_acting_twice
         ({"action": "retry", "cursor": 12}, "cursor"),
         ({"action": "retry", "cursor": "nope"}, "cursor"),
         ({"action": "retry", "created_from": "tomorrow"}, "created_from"),
+        ({"action": "cancel", "created_to": "", "status": ""}, "created_to"),  # make fuzz found it: a 200
+        ({"action": "retry", "subject": None}, "subject"),
     ],
 )
 def test_a_bad_bulk_request_is_a_422_naming_the_member_and_changes_nothing(api, two, pg_url, body, field):

@@ -276,7 +276,7 @@ function taskRow(task) {
     cell(task.id, "num"),
     status,
     cell(task.recipient_email),
-    cell(task.subject),
+    cell(task.subject, "subject"),
     cell(formatTags(task.tags), "tags"),
     cell(task.try_count, "num"),
     cell(formatTime(task.updated_at)),

@@ -57,6 +57,9 @@ def parse(body: dict[str, Any]) -> tuple[str, search.Search, str | None]:
     cursor = body.get("cursor")
     if cursor is not None and not isinstance(cursor, str):
         errors["cursor"] = "must be a string (a next_cursor this endpoint returned)"
+    for name in search.PARAMETERS:  # unlike a query string, a body leaves out what it does not ask for
+        if name in body and body[name] in (None, ""):
+            errors[name] = "must not be empty or null (leave the member out to ask for any)"
     allowed = tuple(s.value for s in ACTIONS.get(action, ()))
     try:
         found = search.parse(body, allowed or search.STATUSES)
