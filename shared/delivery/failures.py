@@ -83,3 +83,8 @@ def _scrub(text: str, account: SmtpAccount) -> str:
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode("ascii")
+
+
+def scrub(text: str, account: SmtpAccount) -> str:
+    """A server's reply made safe to show: the account's password removed, also as AUTH encoded it."""
+    return _scrub(text, account)
