@@ -87,6 +87,10 @@ PROFILES = {
     # Batch enqueue: a request may be MAX_BATCH_BYTES (32 MiB) of JSON, parsed, checked and bound for
     # one INSERT, which holds a few times that at its peak: two at a time per pod, with room for both.
     "bulk": Profile(1, 2, 3, "50m", "1", "192Mi", "768Mi"),
+    # A task's message as sent (GET /task/{id}/raw): with MAX_ATTACHMENT_BYTES (10 MiB) of attachments
+    # the email package peaks at ~7 times its content while it builds and flattens it
+    # (shared.delivery.inflight.WEIGHT, measured): ~70 MiB a request, so two at a time per pod.
+    "message": Profile(1, 2, 2, "50m", "1", "192Mi", "512Mi"),
 }
 TARGET_PROFILE = {
     "register": "bcrypt",
@@ -95,6 +99,9 @@ TARGET_PROFILE = {
     "ping": "health",
     "dashboard": "static",
     "metrics": "scrape",
+    "ops": "scrape",  # the operator's view: the same figures, for a person now and then
+    "get_task_raw": "message",
+    "update_webhook": "light",
     "create_webhook": "light",
     "list_webhooks": "light",
     "delete_webhook": "light",
@@ -440,7 +447,7 @@ spec:
               valueFrom:
                 secretKeyRef:
                   name: mailq-secrets
-                  key: MAILQ_ENCRYPTION_KEYS
+                  key: MAILQ_ENCRYPTION_KEYS{_ops_token(target)}
           # Every function answers /healthz/live whatever its target. Neither probe touches
           # PostgreSQL or Redis: a database outage must not restart or hide every function
           # (GET /healthz/ping reports it instead).
@@ -469,6 +476,20 @@ spec:
             seccompProfile:
               type: RuntimeDefault
 """
+
+
+def _ops_token(target: str) -> str:
+    """The operator's token, for the one function that reads it (shared/observe/opsview.py); optional:
+    a Secret without it leaves /ops at 404."""
+    if target != "ops":
+        return ""
+    return """
+            - name: OPS_TOKEN
+              valueFrom:
+                secretKeyRef:
+                  name: mailq-secrets
+                  key: OPS_TOKEN
+                  optional: true"""
 
 
 def render_functions(namespace: str = NAMESPACE) -> str:

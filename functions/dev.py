@@ -180,6 +180,8 @@ def dev(
             f"  queue gauges:   {url}/metrics  (`mailq status` prints them)\n"
             f"  SMTP sink:      127.0.0.1:{smtp_port} (`mailq mailbox` lists what arrived)"
         )
+        if settings.ops_token:
+            click.echo(f"  operator view:  {url}/ops  (sign in with OPS_TOKEN)")
         for name, metrics in ports.items():
             click.echo(f"  {name} metrics: http://127.0.0.1:{metrics}/metrics")
         sys.stdout.flush()

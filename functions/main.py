@@ -12,9 +12,9 @@ import functions_framework
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
 from shared.accounts import sessions, users
-from shared.delivery import check
-from shared.observe import gauges
-from shared.tasks import batch, content, control, stats, views
+from shared.delivery import check, raw
+from shared.observe import gauges, opsview
+from shared.tasks import batch, bulk, content, control, pages, search, stats, views
 from shared.tasks import enqueue as single  # `enqueue` is the function below
 from shared.webhooks import endpoints
 
@@ -115,6 +115,16 @@ def get_task(ctx, request, id):
 
 
 @functions_framework.http
+@endpoint("get_task_raw")
+def get_task_raw(ctx, request, id):
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
+    data = raw.raw_message(ctx, user.id, id)
+    # A user's mail: never cached, never sniffed into something a browser would render.
+    headers = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+    return flask.Response(data, content_type=raw.MEDIA_TYPE, headers=headers)
+
+
+@functions_framework.http
 @endpoint("reschedule_task")
 def reschedule_task(ctx, request, id):
     user = users.authenticate(ctx, request.headers.get("Authorization"))
@@ -140,22 +150,26 @@ def retry_task(ctx, request, id):
 @endpoint("task_queue")
 def task_queue(ctx, request):
     user = users.authenticate(ctx, request.headers.get("Authorization"))
-    statuses = views.queue_statuses(request.args.get("status"))
+    found = search.parse(request.args, search.PENDING_STATUSES)
     limit = query_int(request, "limit", views.DEFAULT_PAGE, 1, views.MAX_PAGE)
-    recipient = views.recipient_filter(request.args.get("recipient"))
-    tag = content.tag_filter(request.args.get("tag"))
-    return 200, views.list_tasks(ctx, user.id, statuses, limit, request.args.get("cursor"), recipient, tag)
+    return 200, pages.list_tasks(ctx, user.id, found, limit, request.args.get("cursor"))
 
 
 @functions_framework.http
 @endpoint("task_queue_fail")
 def task_queue_fail(ctx, request):
     user = users.authenticate(ctx, request.headers.get("Authorization"))
+    found = search.parse(request.args, search.FAIL_STATUSES, status=False)
     limit = query_int(request, "limit", views.DEFAULT_PAGE, 1, views.MAX_PAGE)
-    recipient = views.recipient_filter(request.args.get("recipient"))
-    tag = content.tag_filter(request.args.get("tag"))
-    cursor = request.args.get("cursor")
-    return 200, views.list_tasks(ctx, user.id, views.FAIL_STATUSES, limit, cursor, recipient, tag)
+    return 200, pages.list_tasks(ctx, user.id, found, limit, request.args.get("cursor"))
+
+
+@functions_framework.http
+@endpoint("task_bulk")
+def task_bulk(ctx, request):
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
+    body = json_body(request)
+    return 200, bulk.run(ctx, user.id, body, request.headers.get("Idempotency-Key"))
 
 
 @functions_framework.http
@@ -178,6 +192,14 @@ def create_webhook(ctx, request):
 def list_webhooks(ctx, request):
     user = users.authenticate(ctx, request.headers.get("Authorization"))
     return 200, endpoints.list_endpoints(ctx, user.id)
+
+
+@functions_framework.http
+@endpoint("update_webhook")
+def update_webhook(ctx, request, id):
+    user = users.authenticate(ctx, request.headers.get("Authorization"))
+    body = json_body(request)
+    return 200, endpoints.update(ctx, user.id, id, body)
 
 
 @functions_framework.http
@@ -223,3 +245,14 @@ def metrics(ctx, request):
     # The queue gauges for Prometheus: fixed words as labels, no tenant's data (docs/operations.md).
     body = gauges.render(gauges.read(ctx.settings, ctx.engine, ctx.redis))
     return flask.Response(body, content_type=gauges.CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+
+@functions_framework.http
+@endpoint("ops")
+def ops(ctx, request):
+    # The operator's page (no data in it), and the figures behind OPS_TOKEN; both 404 without it.
+    if request.path == "/ops":
+        opsview.require_enabled(ctx.settings, request.path)
+        return web.ops_page()
+    opsview.authorize(ctx.settings, request.headers.get("Authorization"))
+    return 200, opsview.figures(ctx), {"Cache-Control": "no-store"}

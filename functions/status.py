@@ -87,6 +87,7 @@ def figures_from_exposition(text: str) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "tasks": {},
         "estimated": {},
+        "finished": {},
         "oldest_due_seconds": None,
         "sweep_pending": None,
         "lists": {},
@@ -96,6 +97,7 @@ def figures_from_exposition(text: str) -> dict[str, Any]:
     by_label = {
         "mailq_tasks": ("tasks", "status"),
         "mailq_tasks_estimated": ("estimated", "status"),
+        "mailq_tasks_finished": ("finished", "status"),
         "mailq_list_length": ("lists", "list"),
         "mailq_workers_alive": ("workers_alive", "role"),
     }
@@ -135,8 +137,12 @@ def print_figures(console: Console, figures: dict[str, Any]) -> None:
     tasks.add_column("how")
     for status, n in figures["tasks"].items():
         tasks.add_row(status, f"{n:,}", "exact")
+    finished = figures.get("finished") or {}
+    for status, n in finished.items():
+        tasks.add_row(status, f"{n:,}", "exact")
     for status, n in figures["estimated"].items():
-        tasks.add_row(status, f"~{n:,}", "estimate (last ANALYZE)")
+        if status not in finished:  # beyond FINISHED_CAP finished tasks only the estimate is cheap
+            tasks.add_row(status, f"~{n:,}", "estimate (last ANALYZE)")
     console.print(tasks)
     lists = Table(title="Redis")
     lists.add_column("list")

@@ -25,7 +25,15 @@ ASSETS: dict[str, tuple[str, str]] = {
     "/ui/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/ui/chart.js": ("chart.js", "text/javascript; charset=utf-8"),
     "/ui/icon.svg": ("icon.svg", "image/svg+xml"),
+    "/ui/ops.js": ("ops.js", "text/javascript; charset=utf-8"),
+    "/ui/message.js": ("message.js", "text/javascript; charset=utf-8"),
+    "/ui/webhooks.js": ("webhooks.js", "text/javascript; charset=utf-8"),
+    # The HTML preview's frame (one file, two policies: remote content blocked, or allowed on request).
+    "/ui/preview.html": ("preview.html", "text/html; charset=utf-8"),
+    "/ui/preview-remote.html": ("preview.html", "text/html; charset=utf-8"),
+    "/ui/preview.js": ("preview.js", "text/javascript; charset=utf-8"),
 }
+OPS_PAGE = "ops.html"  # served by the ops function at /ops, only where OPS_TOKEN is set
 DOCS_PATH = "/docs"
 DOCUMENT_PATH = "/openapi.json"
 
@@ -47,6 +55,49 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "trusted-types 'none'",
     )
 )
+
+# The frame that shows a mail's HTML part (functions/dashboard/preview.html). The mail itself is in a
+# frame inside it, ``<iframe sandbox srcdoc>``: no scripts, no forms, no popups, an opaque origin; an
+# about:srcdoc document inherits this policy, so it is the mail's too. Its inline styles are allowed
+# (mail is styled inline); nothing is fetched from anywhere but ``data:`` images unless the user asks
+# for remote content (``/ui/preview-remote.html``: images, styles and fonts over http(s), still no
+# script, no connection, no form). Only the dashboard may frame it.
+_PREVIEW_COMMON = (
+    "script-src 'self'",
+    "connect-src 'none'",
+    "object-src 'none'",
+    "media-src 'none'",
+    "base-uri 'none'",
+    "form-action 'none'",
+    "frame-ancestors 'self'",
+)
+PREVIEW_POLICIES = {
+    "/ui/preview.html": "; ".join(
+        (
+            "default-src 'none'",
+            "style-src 'self' 'unsafe-inline'",
+            "img-src data:",
+            "font-src 'none'",
+            *_PREVIEW_COMMON,
+        )
+    ),
+    "/ui/preview-remote.html": "; ".join(
+        (
+            "default-src 'none'",
+            "style-src 'self' 'unsafe-inline' http: https:",
+            "img-src data: http: https:",
+            "font-src data: http: https:",
+            *_PREVIEW_COMMON,
+        )
+    ),
+}
+
+
+def policy_for(path: str) -> str:
+    """The Content-Security-Policy the dashboard function answers ``path`` with."""
+    return PREVIEW_POLICIES.get(path, CONTENT_SECURITY_POLICY)
+
+
 SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Content-Type-Options": "nosniff",
@@ -83,6 +134,17 @@ def _load(path: str) -> tuple[bytes, str]:
     return (DASHBOARD_DIR / name).read_bytes(), content_type
 
 
+def ops_page() -> flask.Response:
+    """The operator's page (functions/dashboard/ops.html), with the dashboard's security headers."""
+    with _cache_lock:
+        if OPS_PAGE not in _cache:
+            _cache[OPS_PAGE] = ((DASHBOARD_DIR / OPS_PAGE).read_bytes(), "text/html; charset=utf-8")
+        body, content_type = _cache[OPS_PAGE]
+    response = flask.Response(body, status=200, content_type=content_type)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
 def answer(path: str) -> flask.Response:
     """The file (or rendered page) for one of the dashboard function's paths."""
     with _cache_lock:
@@ -91,4 +153,7 @@ def answer(path: str) -> flask.Response:
         body, content_type = _cache[path]
     response = flask.Response(body, status=200, content_type=content_type)
     response.headers.update(SECURITY_HEADERS)
+    if path in PREVIEW_POLICIES:
+        response.headers["Content-Security-Policy"] = PREVIEW_POLICIES[path]
+        response.headers["X-Frame-Options"] = "SAMEORIGIN"
     return response

@@ -76,6 +76,8 @@ class Settings:
     rate_limit_per_client: int = 100  # RATE_LIMIT_PER_CLIENT, login/register attempts per minute per client
     smtp_check_rate_per_user: int = 6  # SMTP_CHECK_RATE_PER_USER, Test connection runs per minute per user
     trusted_proxy_hops: int = 0  # TRUSTED_PROXY_HOPS, X-Forwarded-For entries added by our own proxies
+    # OPS_TOKEN, the operator's token for /ops (the queues and workers, read-only); unset: /ops is 404
+    ops_token: str = field(default="", repr=False)
 
     # --- the pipeline ---
     max_try_count: int = 3  # MAX_TRY_COUNT, SMTP attempts before a task is cancelled
@@ -190,6 +192,7 @@ class Settings:
                 get("SMTP_CHECK_RATE_PER_USER", "6"), "SMTP_CHECK_RATE_PER_USER", 1
             ),
             trusted_proxy_hops=_int(get("TRUSTED_PROXY_HOPS", "0"), "TRUSTED_PROXY_HOPS"),
+            ops_token=get("OPS_TOKEN", ""),
             max_try_count=_int(get("MAX_TRY_COUNT", "3"), "MAX_TRY_COUNT", 1),
             queue_consumer_count=_int(get("QUEUE_CONSUMER_COUNT", "4"), "QUEUE_CONSUMER_COUNT", 1),
             worker_count=_int(get("WORKER_COUNT", "32"), "WORKER_COUNT", 1),
@@ -291,6 +294,8 @@ class Settings:
                 problems.append("JWT_SECRET is too short (at least 32 bytes are required in production)")
             if not self.encryption_keys:
                 problems.append("MAILQ_ENCRYPTION_KEYS is missing (a Fernet key is required in production)")
+            if self.ops_token and len(self.ops_token.encode()) < 32:
+                problems.append("OPS_TOKEN is too short (at least 32 bytes in production, or leave it unset)")
             if not self.database_url:
                 problems.append("DATABASE_URL is missing")
             if not self.redis_url:

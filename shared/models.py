@@ -21,6 +21,15 @@ FAIL_SQL_LIST = "'failed', 'cancelled'"
 # The statuses a try ends in; the dashboard's last hour counts them by the time they were reached.
 OUTCOME_STATUSES = (Status.SENT, Status.FAILED, Status.CANCELLED)
 OUTCOME_SQL_LIST = ", ".join(f"'{s.value}'" for s in OUTCOME_STATUSES)
+# The subject as tasks_user_subject indexes it: a subject search compares exactly this expression.
+SUBJECT_KEY_LENGTH = 64
+
+
+def subject_key(subject: sa.ColumnElement[str]) -> sa.ColumnElement[str]:
+    """left(lower(subject) COLLATE "C", 64): case-insensitive, in byte order, so LIKE 'x%' is a range of
+    the index whatever the database's collation (the COLLATE sits inside the expression, where the
+    index definition keeps it)."""
+    return sa.func.left(sa.func.lower(subject).collate("C"), SUBJECT_KEY_LENGTH)
 
 
 class Base(orm.DeclarativeBase):
@@ -172,6 +181,12 @@ class Task(Base):
             "scheduled_at",
             postgresql_where=sa.text("status = 'queued' AND try_count = 0"),
         ),
+        # Finding mail (shared/tasks/search.py, migration 0013): a created-at range within each status
+        # (merged across a set of statuses), a subject prefix (its first 64 characters, lowercased, in
+        # byte order), the exact Message-ID.
+        sa.Index("tasks_user_status_created", "user_id", "status", "created_at", "id"),
+        sa.Index("tasks_user_subject", "user_id", subject_key(sa.column("subject")), "id"),
+        sa.Index("tasks_user_message_id", "user_id", "message_id"),
     )
 
 
@@ -339,6 +354,23 @@ class TaskBatch(Base):
     __table_args__ = (sa.Index("task_batches_created_at", "created_at"),)
 
 
+class TaskBulkRequest(Base):
+    """A bulk retry or cancel made with an Idempotency-Key: what a replay of it answers."""
+
+    __tablename__ = "task_bulk_requests"
+
+    user_id: orm.Mapped[int] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), primary_key=True
+    )
+    idempotency_key: orm.Mapped[str] = orm.mapped_column(sa.Text, primary_key=True)
+    request_hash: orm.Mapped[str] = orm.mapped_column(sa.Text, nullable=False)
+    answer = orm.mapped_column(JSONB, nullable=True)  # written in the transaction that acted
+    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
+
+    # Retention expires the key with the age of a batch's.
+    __table_args__ = (sa.Index("task_bulk_requests_created_at", "created_at"),)
+
+
 users = User.__table__
 tasks = Task.__table__
 webhook_endpoints = WebhookEndpoint.__table__
@@ -347,3 +379,4 @@ webhook_deliveries = WebhookDelivery.__table__
 task_contents = TaskContent.__table__
 task_tags = TaskTag.__table__
 task_batches = TaskBatch.__table__
+task_bulk_requests = TaskBulkRequest.__table__

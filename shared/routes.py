@@ -39,6 +39,8 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/task/enqueue/batch", "enqueue_batch"),
     Route("GET", "/api/v1/task/queue", "task_queue"),
     Route("GET", "/api/v1/task/queue/fail", "task_queue_fail"),
+    # Retry or cancel what a search of the queue finds (shared/tasks/bulk.py).
+    Route("POST", "/api/v1/task/bulk", "task_bulk"),
     # Before {id} for the reader; {id} matches digits only, so it could not take "stats" anyway.
     Route("GET", "/api/v1/task/stats", "task_stats"),
     Route("GET", "/api/v1/task/{id}", "get_task"),
@@ -46,9 +48,12 @@ ROUTES: tuple[Route, ...] = (
     Route("PATCH", "/api/v1/task/{id}", "reschedule_task"),
     Route("POST", "/api/v1/task/{id}/cancel", "cancel_task"),
     Route("POST", "/api/v1/task/{id}/retry", "retry_task"),
+    # The message as it is sent (message/rfc822; shared/delivery/raw.py).
+    Route("GET", "/api/v1/task/{id}/raw", "get_task_raw"),
     # Webhook endpoints and their delivery logs (one function each; the gateway picks by method).
     Route("GET", "/api/v1/webhooks", "list_webhooks"),
     Route("POST", "/api/v1/webhooks", "create_webhook"),
+    Route("PATCH", "/api/v1/webhooks/{id}", "update_webhook"),
     Route("DELETE", "/api/v1/webhooks/{id}", "delete_webhook"),
     Route("POST", "/api/v1/webhooks/{id}/rotate", "rotate_webhook_secret"),
     Route("GET", "/api/v1/webhooks/{id}/deliveries", "list_webhook_deliveries"),
@@ -60,10 +65,20 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/ui/app.js", "dashboard", "dashboard_js"),
     Route("GET", "/ui/chart.js", "dashboard", "dashboard_chart_js"),
     Route("GET", "/ui/icon.svg", "dashboard", "dashboard_icon"),
+    Route("GET", "/ui/ops.js", "dashboard", "dashboard_ops_js"),
+    Route("GET", "/ui/message.js", "dashboard", "dashboard_message_js"),
+    Route("GET", "/ui/webhooks.js", "dashboard", "dashboard_webhooks_js"),
+    # The HTML preview's frame: remote content blocked, or loaded on request (functions/web.py).
+    Route("GET", "/ui/preview.html", "dashboard", "dashboard_preview"),
+    Route("GET", "/ui/preview-remote.html", "dashboard", "dashboard_preview_remote"),
+    Route("GET", "/ui/preview.js", "dashboard", "dashboard_preview_js"),
     Route("GET", "/docs", "dashboard", "api_docs"),
     Route("GET", "/openapi.json", "dashboard", "openapi_document"),
     # The queue gauges in Prometheus's text format (a function of its own: it reads PostgreSQL and Redis).
     Route("GET", "/metrics", "metrics"),
+    # The operator's view: its page, and the figures behind OPS_TOKEN (shared/observe/opsview.py).
+    Route("GET", "/ops", "ops", "ops_page"),
+    Route("GET", "/ops/status", "ops", "ops_status"),
 )
 
 MAX_ID = 2**63 - 1  # ids are PostgreSQL bigints; anything larger cannot exist

@@ -46,6 +46,7 @@ CHROMIUM_FLAGS = [
 REJECTION = "550 5.1.1 <nobody@example.org>: Recipient address rejected"
 EMAIL, PASSWORD = "ada@example.com", "correct horse"
 CANCEL_ROUTE = ("POST", "/api/v1/task/{id}/cancel")
+OPS_TOKEN = "an-operator-token-for-the-browser-test"
 
 
 def find_chromium() -> str:
@@ -98,7 +99,13 @@ def stack(servers, base_env, tmp_path_factory, shots):
     smtp = ScriptedSmtpServer(["250 OK", REJECTION]).start()
     data_dir = tmp_path_factory.mktemp("browser-dev")
     port = free_port()
-    env = {**os.environ, **base_env, "LOG_LEVEL": "INFO", "MAILQ_HEARTBEAT_FILE": str(data_dir / "beat")}
+    env = {
+        **os.environ,
+        **base_env,
+        "LOG_LEVEL": "INFO",
+        "MAILQ_HEARTBEAT_FILE": str(data_dir / "beat"),
+        "OPS_TOKEN": OPS_TOKEN,
+    }
     command = ["dev", "--port", str(port), "--smtp-port", str(free_port()), "--data-dir", str(data_dir)]
     process = subprocess.Popen(
         [sys.executable, "-m", "functions.cli", *command, "--api-workers", "1"],
@@ -287,6 +294,297 @@ def test_the_tag_filter_lists_only_that_tags_mails_and_the_list_shows_tags(stack
     page.get_by_label("Tag").fill("")
     page.get_by_role("button", name="Apply").click()
     expect(page.locator(f'#task-table tr[data-id="{summer}"]')).to_have_count(1)
+
+
+WIDE, NARROW = {"width": 1400, "height": 1000}, {"width": 420, "height": 900}
+PIXEL = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
+    "0000000d49444154789c6360f8cfc0f01f0005000201a3f1d1a70000000049454e44ae426082"
+)
+
+
+def _docs_shot(page, shots, name: str) -> None:
+    """A screenshot beside the run's others; with MAILQ_UPDATE_SCREENSHOT=1 also docs/<name>."""
+    page.screenshot(path=shots / name)
+    if os.environ.get("MAILQ_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(shots / name, ROOT / "docs" / name)
+
+
+@pytest.fixture(scope="module")
+def remote():
+    """A server of "remote content" on another origin, and the log of every request it was sent."""
+    import http.server
+
+    log: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            log.append(self.path)
+            body = PIXEL if self.path.startswith("/pixel") else b"/* remote */"
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png" if self.path.startswith("/pixel") else "text/css")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"base": f"http://127.0.0.1:{server.server_address[1]}", "log": log}
+    server.shutdown()
+    server.server_close()
+
+
+def _open_task(page, task_id: int, status: str = "all") -> None:
+    from playwright.sync_api import expect
+
+    page.locator("#filters select[name=status]").select_option(status)
+    page.get_by_role("button", name="Apply").click()
+    page.locator(f'#task-table tr[data-id="{task_id}"]').click()
+    expect(page.locator("#detail-id")).to_have_text(f"#{task_id}")
+
+
+def test_the_task_panel_shows_the_message_and_its_html_part_without_running_it(stack, browser, remote, shots):
+    """The HTML part is shown in a sandboxed frame: its script does not run (no request it would make
+    arrives), its remote image is refused by the policy until the user loads remote content."""
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    page.set_viewport_size(WIDE)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    r = remote["base"]
+    html = (
+        "<h1 style='color:#1f5fbf'>Spring sale</h1><p>Hello Grace,</p>"
+        f"<img id='pixel' src='{r}/pixel.png' alt='a remote image'>"
+        f"<script>fetch('{r}/script-ran'); document.title = 'script ran';</script>"
+        f"<script src='{r}/remote-script.js'></script>"
+        f"<img src='data:,x' onerror=\"fetch('{r}/handler-ran')\">"
+        f"<link rel='stylesheet' href='{r}/remote.css'>"
+    )
+    task_id = enqueue(
+        stack,
+        subject="Spring sale",
+        html=html,
+        cc=["carol@example.org"],
+        bcc=["dave@example.org"],
+        reply_to="sales@example.com",
+        headers={"X-Campaign": "spring-2026"},
+        attachments=[{"filename": "prices.csv", "content_type": "text/csv", "content": "YSxiCjEsMgo="}],
+        scheduled_at=in_seconds(86400),
+    )
+    _open_task(page, task_id)
+    fields = page.locator("#message-fields")
+    expect(fields.locator('dd[data-field="cc"]')).to_have_text("carol@example.org")
+    expect(fields.locator('dd[data-field="bcc"]')).to_have_text("dave@example.org")
+    expect(fields.locator('dd[data-field="reply_to"]')).to_have_text("sales@example.com")
+    expect(fields.locator('dd[data-field="headers"]')).to_contain_text("X-Campaign")
+    expect(fields.locator('dd[data-field="headers"]')).to_contain_text("spring-2026")
+    expect(fields.locator('dd[data-field="attachments"]')).to_contain_text("prices.csv")
+    expect(fields.locator('dd[data-field="attachments"]')).to_contain_text("text/csv, 8 B")
+    assert page.locator("#detail-fields pre").count() == 0  # labelled fields, not JSON
+
+    mail = page.frame_locator("#preview").frame_locator("#mail")
+    expect(mail.locator("h1")).to_have_text("Spring sale")
+    inner = page.frame_locator("#preview").locator("#mail")
+    assert inner.get_attribute("sandbox") == ""  # no permission at all: no scripts, forms or popups
+    time.sleep(1.0)  # whatever the mail would load or run has had its chance
+    page.screenshot(path=shots / "6-html-preview.png")
+    assert remote["log"] == []  # the server of the remote content heard nothing
+    assert not [u for u in requests if u.startswith(r)]  # nor did the browser ask
+    assert mail.locator("#pixel").evaluate("img => img.naturalWidth") == 0  # refused
+    refused = [m for m in browser["complaints"] if r in m or "sandboxed" in m]
+    assert any("Content Security Policy" in m and "/pixel.png" in m for m in refused), browser["complaints"]
+    assert any("Blocked script execution" in m for m in refused), browser["complaints"]
+    for m in refused:
+        browser["complaints"].remove(m)  # expected: the policy and the sandbox at work
+
+    page.get_by_role("button", name="Load remote content").click()
+    expect(mail.locator("h1")).to_have_text("Spring sale")
+    expect(mail.locator("#pixel")).to_have_js_property("naturalWidth", 1)
+    time.sleep(1.0)
+    assert "/pixel.png" in remote["log"] and "/remote.css" in remote["log"]  # loaded when asked
+    assert not {"/script-ran", "/remote-script.js", "/handler-ran"} & set(remote["log"])  # still no script
+    assert page.title() == "mailq"
+    page.locator("#html-part").scroll_into_view_if_needed()
+    _docs_shot(page, shots, "dashboard-message.png")
+    for m in [m for m in browser["complaints"] if r in m or "sandboxed" in m]:
+        browser["complaints"].remove(m)
+
+    page.get_by_role("button", name="Show the message as sent").click()
+    raw = page.locator("#raw-message")
+    expect(raw).to_contain_text("Subject: Spring sale")
+    expect(raw).to_contain_text("Cc: carol@example.org")
+    assert "dave@example.org" not in raw.text_content()  # Bcc: on the envelope only, as on the wire
+
+
+def test_the_panel_keeps_its_width_beside_the_list_and_says_the_reschedule_time_zone(stack, browser, shots):
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    page.set_viewport_size(WIDE)
+    # Issue 22: an unbreakable word in the list squeezed the panel to 222 px beside a 1,126 px table.
+    long_subject = "Invoice-" + "0123456789" * 16 + " and a subject that goes on " + "and on " * 20
+    task_id = enqueue(stack, subject=long_subject, scheduled_at=in_seconds(86400))
+    _open_task(page, task_id, "scheduled")
+    expect(page.locator("#reschedule-form")).to_be_visible()
+    zone = page.evaluate("Intl.DateTimeFormat().resolvedOptions().timeZone")
+    expect(page.locator("#time-zone")).to_contain_text(zone)
+    expect(page.locator("#time-zone")).to_contain_text("UTC")
+    detail = page.locator("#detail").bounding_box()
+    tasks = page.locator("section.tasks").bounding_box()
+    assert detail["width"] >= 400, (detail, tasks)  # 222 px before
+    assert tasks["width"] >= 600, (detail, tasks)
+    assert page.evaluate("document.documentElement.scrollWidth") <= WIDE["width"]
+    _docs_shot(page, shots, "dashboard-1400.png")
+
+
+def test_at_420_px_nothing_is_wider_than_the_screen(stack, browser, shots):
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    page.set_viewport_size(NARROW)
+    expect(page.locator("#detail")).to_be_visible()
+    for selector in ("#detail", "section.tasks", "#filters", ".overview", "header.topbar"):
+        box = page.locator(selector).bounding_box()
+        assert box["x"] >= 0 and box["x"] + box["width"] <= NARROW["width"] + 0.5, (selector, box)
+    assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]
+    page.locator("#detail").scroll_into_view_if_needed()
+    _docs_shot(page, shots, "dashboard-420.png")
+    page.get_by_role("button", name="Close").first.click()
+    page.evaluate("window.scrollTo(0, 0)")
+    assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]
+    page.set_viewport_size(WIDE)
+
+
+def test_the_search_finds_sent_mail_by_subject_prefix_message_id_and_date(stack, browser):
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    _, first = call(stack["base"], "GET", "/api/v1/task/queue?status=sent", token=stack["token"])
+    sent = first["items"][0]
+    form = page.locator("#filters")
+    form.locator("select[name=status]").select_option("")
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator(f'#task-table tr[data-id="{sent["id"]}"]')).to_have_count(0)  # the default view
+    form.locator("select[name=status]").select_option("all")
+    form.get_by_label("Subject starts with").fill("hello FROM the")  # any case
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator("#task-table tbody tr")).to_have_count(1)
+    expect(page.locator(f'#task-table tr[data-id="{sent["id"]}"] .status')).to_have_text("sent")
+    form.get_by_label("Subject starts with").fill("")
+    form.get_by_label("Message-ID").fill(sent["message_id"].strip("<>"))
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator("#task-table tbody tr")).to_have_count(1)
+    form.get_by_label("Message-ID").fill("")
+    tomorrow = (datetime.now() + timedelta(days=1)).replace(microsecond=0).isoformat(timespec="minutes")
+    form.get_by_label("Created from").fill(tomorrow)
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator("#empty")).to_be_visible()
+    form.get_by_label("Created from").fill("")
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator(f'#task-table tr[data-id="{sent["id"]}"]')).to_have_count(1)
+
+
+def test_three_failed_mails_are_retried_with_one_button(stack, browser, servers, shots):
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    ids = [enqueue(stack, subject=f"Retry me {n}", scheduled_at=in_seconds(86400)) for n in range(3)]
+    with engine_for(servers["database_url"]).begin() as conn:
+        conn.execute(
+            sa.text("UPDATE tasks SET status = 'failed', last_error = '451 try later' WHERE id = ANY(:ids)"),
+            {"ids": ids},
+        )
+    before = len(stack["smtp"].messages)
+    form = page.locator("#filters")
+    form.locator("select[name=status]").select_option("failed")
+    page.get_by_role("button", name="Apply").click()
+    expect(page.locator("#task-table tbody tr")).to_have_count(3)
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Retry all failed/cancelled matching").click()
+    expect(page.locator("#bulk-message")).to_have_text("Queued again: 3.")
+    deadline = time.monotonic() + 30
+    while len(stack["smtp"].messages) < before + 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subjects = sorted(m["Subject"] for m in stack["smtp"].messages[before:])
+    assert subjects == ["Retry me 0", "Retry me 1", "Retry me 2"]
+    expect(page.locator("#empty")).to_be_visible(timeout=10_000)  # none failed any more
+    _docs_shot(page, shots, "dashboard-bulk.png")
+
+
+def test_a_webhook_is_created_and_a_delivery_replayed_from_the_page(stack, browser, shots):
+    from playwright.sync_api import expect
+
+    from tests.webhook_receiver import WebhookReceiver
+
+    page = browser["page"]
+    with WebhookReceiver() as receiver:
+        page.get_by_role("button", name="Webhooks").click()
+        expect(page.locator("#webhooks-view")).to_be_visible()
+        page.get_by_label("URL").fill(receiver.url)
+        page.get_by_role("button", name="Add endpoint").click()
+        secret = page.locator("#webhook-secret-value")
+        expect(secret).to_contain_text("whsec_")
+        shown = secret.text_content()
+        _, listed = call(stack["base"], "GET", "/api/v1/webhooks", token=stack["token"])
+        assert all("secret" not in e for e in listed["items"]) and len(listed["items"]) == 1
+        page.get_by_role("button", name="I have stored it").click()
+        expect(secret).to_be_hidden()
+
+        task_id = enqueue(stack, subject="Hooked")  # due now: sent, then task.sent to the receiver
+        first = receiver.wait_for(1, timeout=30)[0]
+        assert first.verified(shown)["data"]["task_id"] == task_id
+        row = page.locator("#webhook-table tbody tr").first
+        row.get_by_role("button", name="Deliveries").click()
+        log = page.locator("#delivery-table tbody tr")
+        expect(log.first.locator(".state")).to_have_text("delivered", timeout=10_000)
+        log.first.get_by_role("button", name="Replay").click()
+        expect(page.locator("#webhooks-message")).to_contain_text("sent again")
+        again = receiver.wait_for(2, timeout=30)[1]
+        assert again.headers["webhook-id"] == first.headers["webhook-id"]
+        assert again.verified(shown)["data"]["task_id"] == task_id
+
+        row.get_by_role("button", name="Disable").click()
+        expect(row.locator("td").nth(3)).to_have_text("disabled: disabled by the user")
+        row.get_by_role("button", name="Enable").click()
+        expect(row.locator("td").nth(3)).to_have_text("enabled")
+        _docs_shot(page, shots, "dashboard-webhooks.png")
+        page.set_viewport_size(NARROW)
+        assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]
+        page.set_viewport_size(WIDE)
+        page.get_by_role("button", name="Tasks").click()
+        expect(page.locator("#app-view")).to_be_visible()
+
+
+def test_the_operator_view_shows_exact_counts_behind_its_token(stack, browser, shots):
+    from playwright.sync_api import expect
+
+    page = browser["context"].new_page()
+    complaints: list[str] = []
+    page.on("console", lambda m: complaints.append(m.text) if m.type in ("error", "warning") else None)
+    page.on("pageerror", lambda e: complaints.append(str(e)))
+    try:
+        page.set_viewport_size(WIDE)
+        page.goto(stack["base"] + "/ops")
+        page.get_by_label("Operator token").fill("not-the-token")
+        page.get_by_role("button", name="Show the queues").click()
+        expect(page.locator("#token-error")).to_be_visible()
+        page.get_by_label("Operator token").fill(OPS_TOKEN)
+        page.get_by_role("button", name="Show the queues").click()
+        _, stats = call(stack["base"], "GET", "/api/v1/task/stats", token=stack["token"])
+        sent = page.locator('#ops-tasks tr[data-status="sent"]')
+        expect(sent.locator("td").nth(1)).to_have_text(f"{stats['counts']['sent']:,}")
+        expect(sent.locator("td").nth(2)).to_have_text("exact")
+        expect(page.locator("#ops-workers")).to_contain_text("sender workers alive")
+        _docs_shot(page, shots, "dashboard-ops.png")
+        assert OPS_TOKEN not in "".join(stack["lines"])  # never in a log line
+        assert [c for c in complaints if "401" not in c] == []  # the wrong token's answer only
+    finally:
+        page.close()
 
 
 def test_the_page_broke_no_rule_of_its_policy_and_kept_the_token_out_of_cookies(stack, browser):

@@ -23,7 +23,7 @@ DOCUMENT = json.loads(web.OPENAPI_PATH.read_text(encoding="utf-8"))
 def test_the_route_table_lists_exactly_the_files_the_function_serves():
     assert {r.path for r in DASHBOARD_ROUTES} == {*web.ASSETS, web.DOCS_PATH, web.DOCUMENT_PATH}
     files = {p.name for p in web.DASHBOARD_DIR.iterdir()}
-    assert files == {name for name, _ in web.ASSETS.values()}
+    assert files == {name for name, _ in web.ASSETS.values()} | {web.OPS_PAGE}  # /ops: the ops function's
     # ... and the installed package (the cluster image) carries them.
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert all(any(fnmatch(f, p) for p in patterns["functions.dashboard"]) for f in files)
@@ -40,6 +40,12 @@ def test_every_answer_carries_a_strict_content_security_policy(api, route):
     assert response.status_code == 200
     assert response.mimetype == web.media_type(route.path)
     policy = _policy(response.headers["Content-Security-Policy"])
+    if route.path in web.PREVIEW_POLICIES:  # the HTML preview's frame: its own policy (the test below)
+        assert response.headers["Content-Security-Policy"] == web.PREVIEW_POLICIES[route.path]
+        assert policy["script-src"] == ["'self'"] and policy["frame-ancestors"] == ["'self'"]
+        assert response.headers["X-Frame-Options"] == "SAMEORIGIN"
+        assert response.headers["Referrer-Policy"] == "no-referrer" and "Set-Cookie" not in response.headers
+        return
     assert policy["default-src"] == ["'self'"]
     for directive in ("script-src", "style-src", "connect-src", "img-src"):
         assert policy[directive] == ["'self'"], directive  # no 'unsafe-inline', no 'unsafe-eval'
@@ -90,6 +96,12 @@ def test_the_pages_hold_no_inline_script_style_or_handler(api, path):
     assert parser.found == []
 
 
+def test_the_operator_page_holds_no_inline_script_style_or_handler():
+    parser = _Inline()
+    parser.feed((web.DASHBOARD_DIR / web.OPS_PAGE).read_text())
+    assert parser.found == []
+
+
 def test_the_inline_check_sees_what_it_looks_for():
     parser = _Inline()
     parser.feed('<p style="x" onclick="y">a</p><script>1</script><a href="javascript:x">b</a><style></style>')
@@ -97,7 +109,8 @@ def test_the_inline_check_sees_what_it_looks_for():
 
 
 def test_the_script_never_turns_text_into_markup_and_keeps_the_token_out_of_cookies():
-    scripts = {name: (web.DASHBOARD_DIR / name).read_text() for name in ("app.js", "chart.js")}
+    names = [name for name, media in web.ASSETS.values() if media.startswith("text/javascript")]
+    scripts = {name: (web.DASHBOARD_DIR / name).read_text() for name in names}
     forbidden = (
         r"innerHTML|outerHTML|insertAdjacentHTML|document\.write|\beval\(|new Function|document\.cookie"
     )
@@ -157,3 +170,35 @@ def test_the_dashboard_function_answers_without_any_database(app_for, monkeypatc
     client = app_for("dashboard")
     assert client.get("/").status_code == 200
     assert client.get(web.DOCS_PATH).status_code == 200
+
+
+class _Frames(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.frames: list[dict[str, str | None]] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "iframe":
+            self.frames.append(dict(attrs))
+
+
+def test_the_html_preview_frame_may_run_no_script_and_loads_nothing_remote_unless_asked():
+    """The mail's HTML goes into preview.html's inner frame: ``sandbox`` with no permission (the
+    browser test proves no script runs and nothing is fetched); the frame's policy (which the mail's
+    about:srcdoc document inherits) allows no inline script anywhere and remote content only in the
+    variant the user asks for."""
+    parser = _Frames()
+    parser.feed((web.DASHBOARD_DIR / "preview.html").read_text())
+    (mail,) = [f for f in parser.frames if f.get("id") == "mail"]
+    assert mail.get("sandbox") == ""  # present, and no allow-scripts / allow-same-origin / allow-*
+    blocked = web.PREVIEW_POLICIES["/ui/preview.html"]
+    remote = web.PREVIEW_POLICIES["/ui/preview-remote.html"]
+    for policy in (blocked, remote):
+        rules = dict(rule.split(" ", 1) for rule in policy.split("; "))
+        assert rules["script-src"] == "'self'" and rules["default-src"] == "'none'"
+        assert rules["connect-src"] == "'none'" and rules["form-action"] == "'none'"
+        assert rules["frame-ancestors"] == "'self'"
+    assert "http" not in blocked and "img-src data:;" in blocked + ";"
+    assert "img-src data: http: https:" in remote
+    # The dashboard itself keeps its own policy: nothing remote, no frame of it elsewhere.
+    assert web.policy_for("/") == web.CONTENT_SECURITY_POLICY and "http" not in web.CONTENT_SECURITY_POLICY

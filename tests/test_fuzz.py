@@ -200,7 +200,9 @@ BODY_PATHS = [
     "POST /api/v1/task/enqueue",
     "POST /api/v1/task/enqueue/batch",
     "PATCH /api/v1/task/1",
+    "POST /api/v1/task/bulk",
     "POST /api/v1/webhooks",
+    "PATCH /api/v1/webhooks/1",
 ]
 
 

@@ -92,6 +92,7 @@ def test_the_exposition_has_fixed_words_for_labels_and_no_tenant_data(pipe):
     assert set(families) == {
         "mailq_tasks",
         "mailq_tasks_estimated",
+        "mailq_tasks_finished",
         "mailq_oldest_due_seconds",
         "mailq_sweep_pending",
         "mailq_list_length",
@@ -132,7 +133,7 @@ def test_the_gauges_are_read_from_indexes(pg_url, clean, settings):
                 conn.execute(sa.text(f"SET LOCAL enable_seqscan = {seqscan}"))
                 plans[seqscan] = conn.execute(
                     sa.text("EXPLAIN (FORMAT JSON) " + gauges._tasks_sql(settings).text),
-                    {"scan": gauges.OLDEST_SCAN},
+                    {"scan": gauges.OLDEST_SCAN, "finished_scan": gauges.FINISHED_CAP + 1},
                 ).scalar_one()
             statistics = conn.execute(
                 sa.text("EXPLAIN (FORMAT JSON) " + gauges._STATISTICS_SQL.text)
@@ -150,4 +151,16 @@ def test_the_gauges_are_read_from_indexes(pg_url, clean, settings):
         on_tasks = [n for n in nodes if n.get("Relation Name") == "tasks"]
         assert all(n.get("Index Name") or n["Node Type"] == "Bitmap Heap Scan" for n in on_tasks), on_tasks
         assert "tasks_pending_status" in used, used  # the counts, never the table's history
+        assert "tasks_retention" in used, used  # the finished ones, at most FINISHED_CAP + 1 entries
     assert "tasks" not in {n.get("Relation Name") for n in _plan_nodes(statistics)}
+
+
+def test_finished_tasks_are_counted_exactly_up_to_the_cap_and_then_only_estimated(pipe, monkeypatch):
+    with ScriptedSmtpServer() as smtp:
+        user = pipe.user(smtp)
+        ids = [pipe.enqueue(user) for _ in range(6)]
+    execute(pipe, "UPDATE tasks SET status = 'sent' WHERE id = ANY(:ids)", ids=ids[:4])
+    execute(pipe, "UPDATE tasks SET status = 'cancelled' WHERE id = :id", id=ids[4])
+    assert read(pipe).finished == {"sent": 4, "cancelled": 1}  # no ANALYZE needed
+    monkeypatch.setattr(gauges, "FINISHED_CAP", 4)
+    assert read(pipe).finished == {}  # five: more than the cap, so no exact count is claimed

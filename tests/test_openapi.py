@@ -286,7 +286,9 @@ def test_every_error_response_is_a_problem(route):
     assert successes, "an operation needs a success response"
     # The API answers JSON; the dashboard function answers each of its paths with that file's type, the
     # metrics function in Prometheus's text format.
-    success_type = {"metrics": "text/plain"}.get(route.target, "application/json")
+    success_type = {"metrics": "text/plain", "get_task_raw": "message/rfc822", "ops_page": "text/html"}.get(
+        route.operation_id, "application/json"
+    )
     if route.target == "dashboard":
         success_type = web.media_type(route.path)
     for code, response in successes.items():
@@ -345,7 +347,10 @@ def test_auth_and_bodies_follow_the_function_source(route):
     responses = op["responses"]
     authenticates = "users.authenticate(" in source or "users.token_claims(" in source
     assert (op.get("security") == [{AUTHENTICATED_OPERATIONS_SCHEME: []}]) is authenticates
-    assert ("401" in responses) is (authenticates or route.target == "login")
+    # The operator's figures take OPS_TOKEN instead (the ops function serves its page without it).
+    operator = route.operation_id == "ops_status" and "opsview.authorize(" in source
+    assert (op.get("security") == [{"opsToken": []}]) is operator
+    assert ("401" in responses) is (authenticates or operator or route.target == "login")
     reads_body = "json_body(" in source
     assert ("requestBody" in op) is reads_body
     if reads_body:
@@ -623,7 +628,7 @@ def test_live_dashboard_files(api, route):
     response = api.get(route.path)
     body = check(response, route.method, route.path, 200)
     assert body, f"{route.path} is empty"
-    assert response.headers["Content-Security-Policy"] == web.CONTENT_SECURITY_POLICY
+    assert response.headers["Content-Security-Policy"] == web.policy_for(route.path)
 
 
 def test_live_task_control(api):
@@ -801,3 +806,57 @@ def test_live_content_and_batch(api):
     check(api.post(path, json=example), "POST", path, 401)
     check(api.post(path, data="{", content_type="application/json", headers=headers), "POST", path, 400)
     check(api.post(path, data="x", content_type="text/plain", headers=headers), "POST", path, 415)
+
+
+def test_live_search_bulk_and_raw(api):
+    register_user(api)
+    headers = auth_header(login(api))
+    mail = {"recipient_email": "grace@example.org", "subject": "Invoice 7", "body": "Hi Grace!"}
+    task_id = api.post("/api/v1/task/enqueue", json=mail, headers=headers).get_json()["task_id"]
+    queue = "/api/v1/task/queue"
+    for query in (
+        "status=all",
+        "subject=invoice",
+        f"id={task_id}",
+        "message_id=x@example.com",
+        "created_from=2026-01-01T00:00:00Z&created_to=2999-01-01T00:00:00Z",
+    ):
+        page = check(api.get(f"{queue}?{query}", headers=headers), "GET", queue, 200)
+        assert [t["id"] for t in page["items"]] in ([task_id], []), query
+    check(api.get(f"{queue}?created_from=soon", headers=headers), "GET", queue, 422)
+    fail = "/api/v1/task/queue/fail"
+    check(api.get(f"{fail}?subject=invoice", headers=headers), "GET", fail, 200)
+
+    bulk = "/api/v1/task/bulk"
+    body = {"action": "cancel", "subject": "invoice"}
+    assert_request_valid("POST", bulk, body)
+    keyed = {**headers, "Idempotency-Key": "cancel-invoices"}
+    answer = check(api.post(bulk, json=body, headers=keyed), "POST", bulk, 200)
+    assert answer["changed"] == 1
+    check(api.post(bulk, json={"action": "retry", "status": "queued"}, headers=headers), "POST", bulk, 422)
+    check(api.post(bulk, json=body), "POST", bulk, 401)
+    check(api.post(bulk, data="{", content_type="application/json", headers=headers), "POST", bulk, 400)
+    check(api.post(bulk, data="x", content_type="text/plain", headers=headers), "POST", bulk, 415)
+
+    raw = "/api/v1/task/{id}/raw"
+    text = check(api.get(f"/api/v1/task/{task_id}/raw", headers=headers), "GET", raw, 200)
+    assert "Subject: Invoice 7\r\n" in text
+    check(api.get("/api/v1/task/999999/raw", headers=headers), "GET", raw, 404)
+    check(api.get(f"/api/v1/task/{task_id}/raw"), "GET", raw, 401)
+
+
+def test_live_ops(api, monkeypatch):
+    from functions import http
+
+    check(api.get("/ops"), "GET", "/ops", 404)  # OPS_TOKEN unset: no operator view
+    check(api.get("/ops/status"), "GET", "/ops/status", 404)
+    monkeypatch.setenv("OPS_TOKEN", "operator-" + "o" * 40)
+    http.reset_context()
+    page = api.get("/ops")
+    check(page, "GET", "/ops", 200)
+    assert page.headers["Content-Security-Policy"] == web.CONTENT_SECURITY_POLICY
+    check(api.get("/ops/status"), "GET", "/ops/status", 401)
+    figures = check(
+        api.get("/ops/status", headers=auth_header("operator-" + "o" * 40)), "GET", "/ops/status", 200
+    )
+    assert figures["finished"] == {"sent": 0, "cancelled": 0}

@@ -117,9 +117,9 @@ def test_550_cancels_after_one_attempt_and_the_reason_is_listed_as_a_failure(pip
     row = pipe.task(task_id)
     assert row.status == "cancelled" and row.try_count == 1 and smtp.data_attempts == 1
     assert "550" in row.last_error and "no such user here" in row.last_error
-    from shared.tasks import views
+    from shared.tasks import pages, search
 
-    page = views.list_tasks(pipe.ctx, user.id, views.FAIL_STATUSES, 50, None)
+    page = pages.list_tasks(pipe.ctx, user.id, search.Search(search.FAIL_STATUSES), 50, None)
     assert [(t["id"], t["status"], t["try_count"]) for t in page["items"]] == [(task_id, "cancelled", 1)]
     assert "550" in page["items"][0]["last_error"]
 

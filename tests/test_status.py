@@ -19,6 +19,7 @@ from functions import cluster
 from functions.cli import main
 from functions.status import NoStack, figures_from_exposition, local_source
 from shared.observe import gauges
+from shared.tasks import control
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 from tests.test_manifests import _crd_validator
@@ -314,6 +315,7 @@ def test_the_figures_survive_the_exposition_format():
         lists={"tasks": 6, "send_ready": 2, "send_queues": 9, "processing": 3},
         paused_accounts=1,
         workers_alive={"consumer": 1, "sender": 2},
+        finished={"sent": 12, "cancelled": 0},
     )
     from dataclasses import asdict
 
@@ -361,5 +363,33 @@ def test_mailq_status_prints_the_figures_as_tables_and_as_json(ctx, base_env, tm
             main, ["status", "--data-dir", str(tmp_path)], env={"DATABASE_URL": "", "REDIS_URL": ""}
         )
         assert missing.exit_code != 0 and "no running `mailq dev`" in missing.output
+    finally:
+        pipe.close()
+
+
+def test_mailq_status_shows_how_much_was_sent_and_cancelled_right_after_it_happened(ctx, base_env, tmp_path):
+    """Issue 22: after 5 mails `mailq status` said `"estimated": {}` (no ANALYZE had run yet); up to
+    gauges.FINISHED_CAP finished tasks are counted exactly."""
+    pipe = Pipeline(ctx)
+    try:
+        with ScriptedSmtpServer() as smtp:
+            user = pipe.user(smtp)
+            for _ in range(5):
+                pipe.enqueue(user)
+            later = pipe.enqueue(user, scheduled_at="2999-01-01T00:00:00Z")
+            pipe.pump()
+        control.cancel(ctx, user.id, later)
+        env = {**base_env, "MAILQ_DATA_DIR": str(tmp_path)}
+        runner = CliRunner()
+        as_json = runner.invoke(main, ["status", "--json"], env=env)
+        assert as_json.exit_code == 0, as_json.output
+        assert json.loads(as_json.output)["figures"]["finished"] == {"sent": 5, "cancelled": 1}
+        shown = runner.invoke(main, ["status"], env=env)
+        assert shown.exit_code == 0, shown.output
+        rows = {
+            line.split("│")[1].strip(): line for line in shown.output.splitlines() if line.count("│") >= 3
+        }
+        assert "5" in rows["sent"] and "exact" in rows["sent"], shown.output
+        assert "1" in rows["cancelled"] and "exact" in rows["cancelled"], shown.output
     finally:
         pipe.close()

@@ -8,7 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from shared.db import engine_for
-from shared.tasks import views
+from shared.tasks import pages, search
 from tests.conftest import auth_header, login, register_user
 from tests.test_accounts_api import assert_problem
 from tests.test_stats import SEED_TASKS, SEED_USERS, _plan_nodes
@@ -90,11 +90,12 @@ def test_the_tag_filter_is_served_by_its_index_at_a_realistic_size(pg_url, clean
             conn.execute(sa.text(SEED_TAGS))
             conn.execute(sa.text("ANALYZE tasks"))
             conn.execute(sa.text("ANALYZE task_tags"))
-            pending = tuple(s for s in views.STATUS_CHOICES if s not in ("sent", "cancelled"))
             statements = {
-                "tag": views.list_query(user_id, pending, 51, 0, None, "campaign:c7"),
-                "tag+status": views.list_query(user_id, ("sent",), 51, 0, None, "kind:1"),
-                "tag, later page": views.list_query(user_id, views.FAIL_STATUSES, 51, 40000, None, "kind:2"),
+                "tag": pages.statement(user_id, search.Search(tag="campaign:c7"), 50),
+                "tag+status": pages.statement(user_id, search.Search(("sent",), tag="kind:1"), 50),
+                "tag, later page": pages.statement(
+                    user_id, search.Search(search.FAIL_STATUSES, tag="kind:2"), 50, (40000,)
+                ),
             }
             plans = {}
             for name, statement in statements.items():

@@ -561,3 +561,47 @@ def test_due_deliveries_are_found_from_their_indexes(pipe):
         assert "Seq Scan on webhook_deliveries" not in text, text
         for index in ("webhook_deliveries_due", "webhook_deliveries_queued", "webhook_deliveries_lease"):
             assert index in text, text
+
+
+# --- changing an endpoint: re-enable after a 410, a new URL ------------------------------------------
+
+
+def test_an_endpoint_disabled_by_a_410_is_enabled_again_with_its_secret_and_gets_the_next_events(pipe):
+    """Before PATCH an endpoint disabled by a 410 could only be deleted and created again, with a new
+    secret every receiver had to learn."""
+    with ScriptedSmtpServer() as smtp, WebhookReceiver(script=[410]) as receiver:
+        user = pipe.user(smtp)
+        endpoint = subscribe(pipe, user, receiver)
+        pipe.enqueue(user)
+        pipe.pump()
+        assert deliver(pipe) == [FAILED]
+        assert endpoints.list_endpoints(pipe.ctx, user.id)["items"][0]["enabled"] is False
+        enabled = endpoints.update(pipe.ctx, user.id, endpoint["id"], {"enabled": True})
+        assert enabled["enabled"] is True and enabled["disabled_reason"] is None
+        second = pipe.enqueue(user, subject="second")
+        pipe.pump()
+        assert deliver(pipe) == [DELIVERED]
+        event = receiver.requests[-1].verified(endpoint["secret"])  # the same secret as before
+        assert event["data"]["task_id"] == second
+
+
+def test_a_new_url_takes_the_deliveries_not_yet_sent_and_a_disabled_endpoint_gets_nothing(pipe):
+    with (
+        ScriptedSmtpServer() as smtp,
+        WebhookReceiver() as old,
+        WebhookReceiver() as new,
+    ):
+        user = pipe.user(smtp)
+        endpoint = subscribe(pipe, user, old)
+        pipe.enqueue(user)
+        pipe.pump()  # one delivery waiting for the old URL
+        moved = endpoints.update(pipe.ctx, user.id, endpoint["id"], {"url": new.url})
+        assert moved["url"] == new.url
+        assert deliver(pipe) == [DELIVERED]
+        assert (len(old.requests), len(new.requests)) == (0, 1)
+        endpoints.update(pipe.ctx, user.id, endpoint["id"], {"enabled": False})
+        (listed,) = endpoints.list_endpoints(pipe.ctx, user.id)["items"]
+        assert listed["enabled"] is False and listed["disabled_reason"] == endpoints.DISABLED_BY_USER
+        pipe.enqueue(user, subject="not reported")
+        pipe.pump()
+        assert deliver(pipe) == [] and len(new.requests) == 1

@@ -270,3 +270,55 @@ def test_the_delivery_log_pages_newest_first_and_a_replay_sends_the_same_webhook
         finally:
             hooks.close()
             pipe.close()
+
+
+# --- PATCH: enable, disable, a new URL, other events ----------------------------------------------------
+
+
+def test_patch_changes_only_the_members_given_and_answers_the_endpoint_without_its_secret(api, two_users):
+    ada, _ = two_users
+    created = create(api, ada).get_json()
+    one = f"/api/v1/webhooks/{created['id']}"
+    response = api.patch(one, json={"enabled": False}, headers=ada)
+    assert response.status_code == 200
+    disabled = response.get_json()
+    assert disabled["enabled"] is False and disabled["disabled_reason"] == "disabled by the user"
+    assert disabled["url"] == URL and "secret" not in disabled
+    moved = api.patch(one, json={"url": URL + "/v2", "events": ["task.sent"]}, headers=ada).get_json()
+    assert (moved["url"], moved["events"], moved["enabled"]) == (URL + "/v2", ["task.sent"], False)
+    enabled = api.patch(one, json={"enabled": True}, headers=ada).get_json()
+    assert enabled["enabled"] is True and enabled["disabled_reason"] is None
+    listed = api.get("/api/v1/webhooks", headers=ada).get_json()["items"]
+    assert listed == [enabled]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "enabled"),
+        ({"enabled": "yes"}, "enabled"),
+        ({"enabled": None}, "enabled"),
+        ({"url": "ftp://hooks.example.com/x"}, "url"),
+        ({"url": "https://hooks.example.com/x#fragment"}, "url"),
+        ({"url": None}, "url"),
+        ({"events": []}, "events"),
+        ({"events": None}, "events"),
+        ({"events": ["task.opened"]}, "events"),
+        ({"enabled": True, "url": 5}, "url"),
+    ],
+)
+def test_a_bad_patch_is_a_422_naming_the_member_and_changes_nothing(api, two_users, body, field):
+    ada, _ = two_users
+    created = create(api, ada).get_json()
+    problem = assert_problem(api.patch(f"/api/v1/webhooks/{created['id']}", json=body, headers=ada), 422)
+    assert field in problem["errors"], problem
+    unchanged = {k: v for k, v in created.items() if k != "secret"}
+    assert api.get("/api/v1/webhooks", headers=ada).get_json()["items"] == [unchanged]
+
+
+def test_another_users_endpoint_cannot_be_patched(api, two_users):
+    ada, eve = two_users
+    created = create(api, ada).get_json()
+    assert_problem(api.patch(f"/api/v1/webhooks/{created['id']}", json={"enabled": False}, headers=eve), 404)
+    assert_problem(api.patch(f"/api/v1/webhooks/{created['id']}", json={"enabled": False}), 401)
+    assert api.get("/api/v1/webhooks", headers=ada).get_json()["items"][0]["enabled"] is True

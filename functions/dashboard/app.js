@@ -2,6 +2,8 @@
 // The token lives in this tab's sessionStorage (never a cookie, so no request carries it unasked),
 // and every value from the API reaches the page as text (textContent), never as markup.
 import { drawChart } from "./chart.js";
+import { closeMessage, initMessage, renderMessage } from "./message.js";
+import { initWebhooks, refreshWebhooks } from "./webhooks.js";
 
 const SESSION_KEY = "mailq.session";
 const REFRESH_MS = 3000;
@@ -30,6 +32,14 @@ const DETAIL_FIELDS = [
   ["sent_at", "sent at"],
 ];
 const TIMESTAMPS = new Set(["scheduled_at", "next_attempt_at", "created_at", "updated_at", "sent_at"]);
+// The message's members: the message section shows them as labelled fields (message.js).
+const MESSAGE_FIELDS = ["body", "html", "from_name", "recipient_name", "cc", "bcc", "reply_to", "headers", "attachments"];
+// Bulk actions (POST /api/v1/task/bulk): the statuses each applies to, and what the list's status
+// filter becomes for it (absent: every status the action applies to).
+const BULK = {
+  retry: { statuses: new Set(["failed", "cancelled"]), fallback: null, done: "Queued again", verb: "retry" },
+  cancel: { statuses: new Set(["scheduled"]), fallback: "scheduled", done: "Cancelled", verb: "cancel" },
+};
 
 const $ = (id) => document.getElementById(id);
 
@@ -48,11 +58,16 @@ let openTaskId = null;
 let timer = null;
 let refreshing = false;
 let refreshAgain = false;
+let view = "tasks";
 
 // --- the API ---------------------------------------------------------------------------------------
 
 async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
+  return apiWith(method, path, body, {});
+}
+
+async function apiWith(method, path, body, extra) {
+  const headers = { Accept: "application/json", ...extra };
   if (session) headers.Authorization = `Bearer ${session.token}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
   const response = await fetch(path, {
@@ -68,6 +83,19 @@ async function api(method, path, body) {
     throw new ApiError(response.status, data);
   }
   return data;
+}
+
+async function rawMessage(id) {
+  const response = await fetch(`/api/v1/task/${id}/raw`, {
+    headers: { Authorization: `Bearer ${session.token}`, Accept: "message/rfc822" },
+    credentials: "omit",
+    cache: "no-store",
+  });
+  if (!response.ok) {
+    const problem = await response.json().catch(() => null);
+    throw new ApiError(response.status, problem);
+  }
+  return response.text();
 }
 
 function readSession() {
@@ -120,10 +148,12 @@ function signOut(message) {
 function show() {
   const signedIn = session !== null;
   $("login-view").hidden = signedIn;
-  $("app-view").hidden = !signedIn;
+  $("app-view").hidden = !signedIn || view !== "tasks";
+  $("webhooks-view").hidden = !signedIn || view !== "webhooks";
   $("sign-out").hidden = !signedIn;
   $("who").hidden = !signedIn;
   $("who").textContent = signedIn ? session.email : "";
+  $("views").hidden = !signedIn;
   if (signedIn) {
     discoverActions();
     refresh();
@@ -157,7 +187,8 @@ async function refresh() {
   if (!session) return;
   refreshing = true;
   try {
-    await Promise.all([refreshStats(), refreshList(), openTaskId ? refreshDetail() : null]);
+    if (view === "webhooks") await refreshWebhooks();
+    else await Promise.all([refreshStats(), refreshList(), openTaskId ? refreshDetail() : null]);
     $("banner").hidden = true;
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
@@ -194,7 +225,7 @@ function listUrl() {
   let path = "/api/v1/task/queue";
   if (list.status === "fail") path = "/api/v1/task/queue/fail";
   else if (list.status) params.set("status", list.status);
-  for (const [name, value] of Object.entries(list.filters)) if (value) params.set(name, value);
+  for (const [name, value] of Object.entries(list.filters)) params.set(name, value);
   const cursor = list.cursors[list.page];
   if (cursor) params.set("cursor", cursor);
   return `${path}?${params}`;
@@ -245,7 +276,7 @@ function taskRow(task) {
     cell(task.id, "num"),
     status,
     cell(task.recipient_email),
-    cell(task.subject),
+    cell(task.subject, "subject"),
     cell(formatTags(task.tags), "tags"),
     cell(task.try_count, "num"),
     cell(formatTime(task.updated_at)),
@@ -283,6 +314,8 @@ async function openDetail(id) {
 function closeDetail() {
   openTaskId = null;
   $("detail").hidden = true;
+  closeMessage();
+  for (const row of $("task-table").tBodies[0].rows) row.classList.remove("selected");
 }
 
 async function refreshDetail() {
@@ -294,7 +327,7 @@ async function refreshDetail() {
 function renderDetail(task) {
   $("detail-id").textContent = `#${task.id}`;
   const rows = [];
-  const known = new Set(["id", "body"]);
+  const known = new Set(["id", ...MESSAGE_FIELDS]);
   for (const [key, label] of DETAIL_FIELDS) {
     known.add(key);
     if (key in task) rows.push([key, label, task[key]]);
@@ -308,6 +341,7 @@ function renderDetail(task) {
       const dd = document.createElement("dd");
       dd.dataset.field = key;
       if (key === "status") dd.append(statusBadge(value));
+      else if (key === "tags") dd.textContent = formatTags(value) || "—";
       else if (TIMESTAMPS.has(key)) {
         dd.textContent = formatTime(value);
         if (value) dd.title = value;
@@ -319,7 +353,7 @@ function renderDetail(task) {
       return [dt, dd];
     }),
   );
-  if ("body" in task) $("detail-body").textContent = task.body ?? ""; // the actions answer without it
+  renderMessage(task, session && session.email); // the actions answer without the message: kept
   for (const [name, action] of Object.entries(ACTIONS)) {
     $(`${name}-task`).hidden = !(offered[name] && action.allowed.has(task.status));
   }
@@ -376,6 +410,16 @@ async function reschedule(event) {
   }
 }
 
+// The time zone the reschedule field means (datetime-local has none of its own).
+function timeZoneLabel() {
+  const zone = Intl.DateTimeFormat().resolvedOptions().timeZone || "local time";
+  const minutes = -new Date().getTimezoneOffset();
+  const sign = minutes < 0 ? "-" : "+";
+  const hh = String(Math.floor(Math.abs(minutes) / 60)).padStart(2, "0");
+  const mm = String(Math.abs(minutes) % 60).padStart(2, "0");
+  return `${zone} (UTC${sign}${hh}:${mm})`;
+}
+
 // --- wiring ----------------------------------------------------------------------------------------
 
 function applyFilters(event) {
@@ -383,9 +427,57 @@ function applyFilters(event) {
   const form = $("filters");
   list.status = form.elements.status.value;
   list.filters = {};
-  for (const input of form.querySelectorAll("[data-param]")) list.filters[input.name] = input.value.trim();
+  for (const input of form.querySelectorAll("[data-param]")) {
+    const value = input.value.trim();
+    if (!value) continue;
+    // datetime-local is the browser's own time zone; the API gets the instant it means.
+    const when = input.hasAttribute("data-time") ? new Date(value) : null;
+    list.filters[input.name] = when && !Number.isNaN(when.getTime()) ? when.toISOString() : value;
+  }
   list.cursors = [null];
   list.page = 0;
+  refresh();
+}
+
+// --- bulk actions ----------------------------------------------------------------------------------
+
+async function bulk(name) {
+  const action = BULK[name];
+  const body = { action: name, ...list.filters };
+  if (action.statuses.has(list.status)) body.status = list.status;
+  else if (action.fallback) body.status = action.fallback;
+  const what = body.status || [...action.statuses].join(" and ");
+  if (!window.confirm(`${name === "retry" ? "Retry" : "Cancel"} every ${what} task that matches the filters?`)) return;
+  const button = $(`bulk-${name}`);
+  button.disabled = true;
+  const totals = { changed: 0, unchanged: 0 };
+  try {
+    // The API changes at most a bounded number per request and answers where to go on: call again.
+    for (let cursor = null, first = true; first || cursor; first = false) {
+      const headers = { "Idempotency-Key": crypto.randomUUID() };
+      const answer = await apiWith("POST", "/api/v1/task/bulk", cursor ? { ...body, cursor } : body, headers);
+      totals.changed += answer.changed;
+      totals.unchanged += answer.unchanged;
+      cursor = answer.next_cursor;
+      $("bulk-message").textContent = `${action.done}: ${totals.changed} (${totals.unchanged} unchanged)…`;
+    }
+    $("bulk-message").textContent = `${action.done}: ${totals.changed}` + (totals.unchanged ? ` (${totals.unchanged} changed meanwhile, left alone)` : "") + ".";
+    refresh();
+  } catch (err) {
+    const errors = Object.entries(err.problem.errors || {}).map(([k, v]) => `${k} ${v}`);
+    $("bulk-message").textContent = errors.join("; ") || err.message;
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// --- views -----------------------------------------------------------------------------------------
+
+function showView(name) {
+  view = name;
+  $("app-view").hidden = name !== "tasks";
+  $("webhooks-view").hidden = name !== "webhooks";
+  for (const b of document.querySelectorAll("#views button")) b.setAttribute("aria-pressed", String(b.dataset.view === name));
   refresh();
 }
 
@@ -431,6 +523,12 @@ function init() {
   $("cancel-task").addEventListener("click", () => act("cancel"));
   $("retry-task").addEventListener("click", () => act("retry"));
   $("reschedule-form").addEventListener("submit", reschedule);
+  $("time-zone").textContent = timeZoneLabel();
+  $("bulk-retry").addEventListener("click", () => bulk("retry"));
+  $("bulk-cancel").addEventListener("click", () => bulk("cancel"));
+  for (const b of document.querySelectorAll("#views button")) b.addEventListener("click", () => showView(b.dataset.view));
+  initMessage(rawMessage);
+  initWebhooks(api);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden && session) refresh();
   });

@@ -196,7 +196,7 @@ class Attempt:
                 subject=claim.subject,
                 body=claim.body,
                 message_id=claim.message_id,
-                date=self.now(),
+                date=claim.created_at,  # the mail's origination date: the same on every try (delivery/raw.py)
                 html=claim.html,
                 from_name=claim.from_name,
                 recipient_name=claim.recipient_name,

@@ -278,10 +278,40 @@ class Outgoing:
 
 
 def _flatten(message: EmailMessage, international: bool) -> bytes:
-    """The wire bytes: CRLF line ends, UTF-8 headers only for a mail that needs SMTPUTF8 anyway."""
+    """The wire bytes: CRLF line ends, UTF-8 headers only for a mail that needs SMTPUTF8 anyway, and
+    multipart boundaries drawn from the Message-ID (_SeededGenerator)."""
     buffer = io.BytesIO()
-    BytesGenerator(buffer, policy=message.policy.clone(linesep="\r\n", utf8=international)).flatten(message)
+    policy = message.policy.clone(linesep="\r\n", utf8=international)
+    _SeededGenerator(buffer, policy=policy, seed=str(message["Message-ID"] or "")).flatten(message)
     return buffer.getvalue()
+
+
+class _SeededGenerator(BytesGenerator):
+    """The email package's generator, except that a multipart's boundary comes from the Message-ID
+    instead of a random number: the same mail is the same bytes on every try (a duplicate after a lost
+    reply is the same message), and ``GET /task/{id}/raw`` rebuilds exactly what was sent. A boundary
+    found in the parts' text is lengthened as the email package does."""
+
+    def __init__(self, outfp, *args, seed: str = "", shared: list[int] | None = None, **kwargs):
+        super().__init__(outfp, *args, **kwargs)
+        self._seed = seed
+        self._made = shared if shared is not None else [0]  # boundaries made so far, clones included
+
+    def clone(self, fp):
+        options = {"policy": self.policy, "seed": self._seed, "shared": self._made}
+        return type(self)(fp, self._mangle_from_, None, **options)
+
+    def _make_boundary(self, text=None):
+        self._made[0] += 1
+        digest = hashlib.sha256(f"{self._seed}:{self._made[0]}".encode()).hexdigest()
+        boundary = "=" * 15 + f"{int(digest[:15], 16):019d}" + "=="
+        candidate, counter = boundary, 0
+        while text is not None and self._compile_re(
+            "^--" + re.escape(candidate) + "(--)?$", re.MULTILINE
+        ).search(text):
+            candidate = f"{boundary}.{counter}"
+            counter += 1
+        return candidate
 
 
 def _addresses(message: EmailMessage, name: str, *, exactly_one=False, optional=False) -> list[str]:

@@ -6,7 +6,8 @@ counts expired rows too, so the job runs while any are left); each pass deletes 
 MAX_BATCHES_PER_PASS x SWEEP_BATCH rows, oldest first, from the ``tasks_retention`` index, with
 ``SKIP LOCKED`` so two sweeps never wait on each other. A task's content, tags, events and
 deliveries go with it (foreign keys ON DELETE CASCADE); so does its Idempotency-Key, which lives on
-the row; a batch enqueue's key (task_batches) expires after the same number of days.
+the row; a batch enqueue's key (task_batches) and a bulk action's (task_bulk_requests) expire after
+the same number of days.
 """
 
 from __future__ import annotations
@@ -24,6 +25,16 @@ _PURGE_BATCHES_SQL = sa.text(
     """
     DELETE FROM task_batches
      WHERE ctid = ANY(ARRAY(SELECT ctid FROM task_batches
+                             WHERE created_at < now() - make_interval(days => :days)
+                             ORDER BY created_at LIMIT :batch FOR UPDATE SKIP LOCKED))
+    """
+)
+
+# So does a bulk action's (task_bulk_requests).
+_PURGE_BULK_SQL = sa.text(
+    """
+    DELETE FROM task_bulk_requests
+     WHERE ctid = ANY(ARRAY(SELECT ctid FROM task_bulk_requests
                              WHERE created_at < now() - make_interval(days => :days)
                              ORDER BY created_at LIMIT :batch FOR UPDATE SKIP LOCKED))
     """
@@ -54,4 +65,5 @@ def purge_once(settings: Settings, engine: Engine) -> int:
             break
     with engine.begin() as conn:
         conn.execute(_PURGE_BATCHES_SQL, params)
+        conn.execute(_PURGE_BULK_SQL, params)
     return deleted

@@ -7,10 +7,15 @@ table's size (``make bench`` measures it at a million rows; tests/test_gauges.py
 - **pending statuses, exact**: scheduled, queued, processing and failed are counted from
   ``tasks_pending_status``, a partial index holding only the rows still to go out (the table's
   history is never read);
-- **terminal statuses, estimated**: exact counts of sent and cancelled would read the whole history
-  (a million rows is ~100 ms); their estimate comes from the planner's statistics (``pg_class``'s
-  row count less the exact pending ones, split by ``pg_stats``' frequencies), as fresh as the last
-  ANALYZE (autovacuum's). The workers' counters are the exact rates.
+- **terminal statuses, exact up to a cap**: sent and cancelled are counted exactly while there are at
+  most FINISHED_CAP of them together (one pass over at most that many entries of ``tasks_retention``,
+  the finished rows' index, stopped by a LIMIT), so right after the first mails went out the figures
+  say so; beyond the cap an exact count would read the whole history (a million rows is ~100 ms) and
+  ``finished`` is left empty;
+- **terminal statuses, estimated**: from the planner's statistics (``pg_class``'s row count less the
+  exact pending ones, split by ``pg_stats``' frequencies), as fresh as the last ANALYZE (autovacuum's:
+  minutes after a burst, nothing at all before a small table's first). The workers' counters are the
+  exact rates.
 - **the oldest due**: the earliest of (a) the oldest queued first try's ``scheduled_at`` (when it
   became due), (b) the oldest queued task's ``next_attempt_at`` (when it was last pushed: a retry's
   due time, reset when the sweep re-pushes a task waiting past SWEEP_LEAK_WINDOW), (c) the oldest
@@ -40,10 +45,12 @@ from sqlalchemy.engine import Engine
 from shared import queue
 from shared.config import Settings
 from shared.domain import PENDING, Status
-from shared.pending import pending_work_sql
+from shared.pending import FINAL_STATUSES, pending_work_sql
+from shared.tasks.stats import COUNT_CAP
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus's text exposition format
 ESTIMATED = (Status.SENT, Status.CANCELLED)
+FINISHED_CAP = COUNT_CAP  # sent and cancelled tasks counted exactly, at most (the dashboard's cap)
 ROLES = ("consumer", "sender")  # reported even at zero; another role appears once one registers
 OLDEST_SCAN = 200  # candidates the oldest-due query looks at past paused accounts' mail, at most
 MAX_TENANTS = 10_000  # tenant queues summed at most by one scrape; beyond, send_queues is left out
@@ -64,11 +71,19 @@ def _tasks_sql(settings: Settings) -> sa.TextClause:
             SELECT status, count(*) AS n FROM tasks
              WHERE status IN ({pending}) AND scheduled_at IS NOT NULL GROUP BY status
         ) AS c) AS counts"""  # noqa: S608 - enum constants
+    # At most FINISHED_CAP + 1 entries of tasks_retention (its predicate is exactly this condition),
+    # in its order: more than the cap means "too many to count".
+    finished = f"""(SELECT json_object_agg(f.status, f.n) FROM (
+            SELECT status, count(*) AS n FROM (
+                SELECT status FROM tasks WHERE {FINAL_STATUSES} ORDER BY updated_at LIMIT :finished_scan
+            ) AS capped GROUP BY status
+        ) AS f) AS finished"""  # noqa: S608 - a constant of shared.pending
     first_try = _OLDEST_QUEUED.format(column="scheduled_at", where="status = 'queued' AND try_count = 0")
     pushed = _OLDEST_QUEUED.format(column="next_attempt_at", where="status = 'queued'")
     return sa.text(
         f"""
         SELECT {counts},
+               {finished},
                GREATEST(0, EXTRACT(EPOCH FROM now() - LEAST(
                    {first_try},
                    {pushed},
@@ -118,6 +133,8 @@ class Gauges:
     lists: dict[str, int]  # LISTS; send_queues is absent beyond MAX_TENANTS
     paused_accounts: int
     workers_alive: dict[str, int] = field(default_factory=dict)
+    # sent and cancelled, exact; {} when there are more than FINISHED_CAP of them (see ``estimated``)
+    finished: dict[str, int] = field(default_factory=dict)
 
 
 STATISTICS_TTL = 60.0  # seconds a process reuses the planner's statistics (they change at ANALYZE only)
@@ -129,7 +146,9 @@ def read(
 ) -> Gauges:
     """Every gauge, now: one PostgreSQL round trip (and one a minute for the statistics), two to Redis."""
     with engine.connect() as conn:
-        row = conn.execute(_tasks_sql(settings), {"scan": OLDEST_SCAN}).one()
+        row = conn.execute(
+            _tasks_sql(settings), {"scan": OLDEST_SCAN, "finished_scan": FINISHED_CAP + 1}
+        ).one()
         key = settings.database_url
         cached = _statistics.get(key)
         if cached is None or time.monotonic() - cached[0] >= statistics_ttl:
@@ -137,8 +156,11 @@ def read(
         stats = cached[1]
     counts = row.counts if isinstance(row.counts, dict) else json.loads(row.counts or "{}")
     pending = {s.value: int(counts.get(s.value, 0)) for s in PENDING}
+    done = row.finished if isinstance(row.finished, dict) else json.loads(row.finished or "{}")
+    exact = sum(done.values()) <= FINISHED_CAP
     gauges = Gauges(
         tasks=pending,
+        finished={s.value: int(done.get(s.value, 0)) for s in ESTIMATED} if exact else {},
         estimated=_estimates(stats, sum(pending.values())),
         oldest_due_seconds=float(row.oldest_due or 0),
         sweep_pending=int(row.sweep_pending),
@@ -192,6 +214,13 @@ class _Collector:
     def collect(self):
         g = self.gauges
         yield _labelled("mailq_tasks", "Tasks still to go out, by status (exact).", "status", g.tasks)
+        yield _labelled(
+            "mailq_tasks_finished",
+            f"Tasks in a final status, exact while there are at most {FINISHED_CAP} of them together "
+            "(absent beyond: see mailq_tasks_estimated).",
+            "status",
+            g.finished,
+        )
         yield _labelled(
             "mailq_tasks_estimated",
             "Tasks in a final status, estimated from PostgreSQL's statistics (as of the last ANALYZE).",

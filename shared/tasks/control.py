@@ -1,4 +1,5 @@
-"""Use cases for a user's control over a task: cancel it, move it in time, retry it.
+"""Use cases for a user's control over a task: cancel it, move it in time, retry it (one task, or
+many at once: shared.tasks.bulk uses the same statements).
 
 Each is one conditional ``UPDATE ... WHERE id = … AND user_id = … AND status IN (…) RETURNING``, so
 the status it was decided on is the status it changed: there is no read before the write for
@@ -30,12 +31,12 @@ from shared.validation import Fields
 CANCELLED_BY_USER = "cancelled by the user"
 
 
-def _mine(caller_id: int, task_id: int, allowed: tuple[Status, ...]) -> sa.Update:
-    """The UPDATE of one of the caller's tasks, only while it is in ``allowed``."""
+def _mine(caller_id: int, task_ids: list[int], allowed: tuple[Status, ...]) -> sa.Update:
+    """The UPDATE of the caller's tasks among ``task_ids``, each only while it is in ``allowed``."""
     return (
         sa.update(tasks)
         .where(
-            tasks.c.id == task_id,
+            tasks.c.id == sa.any_(sa.bindparam("task_ids", task_ids, type_=sa.ARRAY(sa.BigInteger))),
             tasks.c.user_id == caller_id,
             tasks.c.status.in_([s.value for s in allowed]),
         )
@@ -59,10 +60,12 @@ def _view(ctx: Context, row: Any) -> dict[str, Any]:
     return views.task_view(row, max_tries=ctx.settings.max_try_count)
 
 
-def cancel(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
-    """Cancel a scheduled, queued or failed task. Once this returns, no attempt of it starts."""
+def cancel_many(conn: Connection, caller_id: int, task_ids: list[int]) -> tuple[list[Any], list]:
+    """Cancel those of the caller's ``task_ids`` that are scheduled, queued or failed, in the caller's
+    transaction, with their task.cancelled events (reason "user"). Returns the cancelled rows and the
+    new webhook deliveries, for ``events.Outbox.wake()`` after the commit."""
     statement = (
-        _mine(caller_id, task_id, CANCELLABLE)
+        _mine(caller_id, task_ids, CANCELLABLE)
         .values(
             status=Status.CANCELLED.value,
             last_error=CANCELLED_BY_USER,
@@ -77,16 +80,19 @@ def cancel(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
             .label("hooked")
         )
     )
+    rows = conn.execute(statement).all()
+    reports = [events.Report(r.id, events.CANCELLED, events.USER) for r in rows if r.hooked]
+    return rows, events.write(conn, reports) if reports else []
+
+
+def cancel(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
+    """Cancel a scheduled, queued or failed task. Once this returns, no attempt of it starts."""
     with ctx.engine.begin() as conn:
-        row = conn.execute(statement).one_or_none()
-        if row is None:
+        rows, created = cancel_many(conn, caller_id, [task_id])
+        if not rows:
             raise _refusal(conn, caller_id, task_id, "cancelled", CANCELLABLE)
-        # The task.cancelled event (reason "user") is written in the cancel's own transaction.
-        created = (
-            events.write(conn, [events.Report(row.id, events.CANCELLED, events.USER)]) if row.hooked else []
-        )
     events.Outbox(ctx.redis).wake(created)
-    return _view(ctx, row)
+    return _view(ctx, rows[0])
 
 
 def reschedule(ctx: Context, caller_id: int, task_id: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +106,7 @@ def reschedule(ctx: Context, caller_id: int, task_id: int, body: dict[str, Any])
         raise ValidationFailed(f.errors)
     requested = sa.cast(sa.bindparam("at", at), sa.DateTime(timezone=True))
     due = sa.func.greatest(sa.func.coalesce(requested, sa.func.now()), sa.func.now())
-    statement = _mine(caller_id, task_id, RESCHEDULABLE).values(
+    statement = _mine(caller_id, [task_id], RESCHEDULABLE).values(
         # A sender claims only a queued row: moved to later, an envelope still in Redis finds nothing.
         status=sa.case((requested > sa.func.now(), Status.SCHEDULED.value), else_=Status.QUEUED.value),
         scheduled_at=due,
@@ -117,15 +123,15 @@ def reschedule(ctx: Context, caller_id: int, task_id: int, body: dict[str, Any])
     return _view(ctx, row)
 
 
-def retry(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
-    """Queue a failed or cancelled task again, due now (also one cancelled before its scheduled time),
-    with a fresh budget of MAX_TRY_COUNT tries.
+def retry_many(conn: Connection, caller_id: int, task_ids: list[int]) -> list[Any]:
+    """Queue again those of the caller's ``task_ids`` that are failed or cancelled, due now (also one
+    cancelled before its scheduled time), each with a fresh budget of MAX_TRY_COUNT tries, in the
+    caller's transaction; push the returned rows' envelopes after the commit, with the admission
+    ``admit_again`` took for them.
 
     The try count keeps counting (it is the senders' fencing token and never goes down); the new
-    budget begins at it (``budget_base``). A cancelled task is pending again: it counts against the
-    tenant's bounds like a new mail (shared.bounds; 429 past them)."""
-    admitted = _admit_again(ctx, caller_id, task_id)
-    statement = _mine(caller_id, task_id, RETRYABLE).values(
+    budget begins at it (``budget_base``)."""
+    statement = _mine(caller_id, task_ids, RETRYABLE).values(
         status=Status.QUEUED.value,
         budget_base=tasks.c.try_count,
         scheduled_at=sa.func.least(tasks.c.scheduled_at, sa.func.now()),  # one cancelled before its time
@@ -133,32 +139,43 @@ def retry(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
         lease_until=None,
         updated_at=sa.func.now(),
     )
+    return conn.execute(statement).all()
+
+
+def retry(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
+    """Queue a failed or cancelled task again, due now, with a fresh budget (``retry_many``). A
+    cancelled task is pending again: it counts against the tenant's bounds like a new mail
+    (shared.bounds; 429 past them)."""
+    with ctx.engine.connect() as conn:
+        admitted = admit_again(ctx, conn, caller_id, [task_id])
     try:
         with ctx.engine.begin() as conn:
-            row = conn.execute(statement).one_or_none()
-            if row is None:
+            rows = retry_many(conn, caller_id, [task_id])
+            if not rows:
                 raise _refusal(conn, caller_id, task_id, "retried", RETRYABLE)
     except Exception:
         enqueue.push(ctx.redis, [], admitted)
         raise
-    enqueue.push(ctx.redis, [row.id], admitted)
-    return _view(ctx, row)
+    enqueue.push(ctx.redis, [rows[0].id], admitted)
+    return _view(ctx, rows[0])
 
 
-# A cancelled task's status and content bytes, the way shared.bounds counts them.
+# The cancelled ones among a caller's tasks, and their content bytes, the way shared.bounds counts them.
 _CANCELLED_SIZE = sa.text(
     """
-    SELECT COALESCE(octet_length(t.body), 0) + COALESCE(octet_length(c.html), 0)
-           + COALESCE(octet_length(c.attachment_data), 0) AS size
+    SELECT count(*) AS tasks,
+           COALESCE(sum(COALESCE(octet_length(t.body), 0) + COALESCE(octet_length(c.html), 0)
+                        + COALESCE(octet_length(c.attachment_data), 0)), 0) AS size
       FROM tasks AS t LEFT JOIN task_contents AS c ON c.task_id = t.id
-     WHERE t.id = :id AND t.user_id = :user_id AND t.status = 'cancelled'
+     WHERE t.id = ANY(:ids) AND t.user_id = :user_id AND t.status = 'cancelled'
     """
-)
+).bindparams(sa.bindparam("ids", type_=sa.ARRAY(sa.BigInteger)))
 
 
-def _admit_again(ctx: Context, caller_id: int, task_id: int) -> bounds.Ticket | None:
-    with ctx.engine.connect() as conn:
-        size = conn.execute(_CANCELLED_SIZE, {"id": task_id, "user_id": caller_id}).scalar_one_or_none()
-    if size is None:
+def admit_again(ctx: Context, conn: Connection, caller_id: int, task_ids: list[int]) -> bounds.Ticket | None:
+    """Count the cancelled ones among ``task_ids`` against the tenant's bounds, all or none (429);
+    the ticket is settled by the push after the retry's commit (or with nothing, when it failed)."""
+    row = conn.execute(_CANCELLED_SIZE, {"ids": task_ids, "user_id": caller_id}).one()
+    if row.tasks == 0:
         return None
-    return bounds.admit(ctx.settings, ctx.engine, ctx.redis, caller_id, None, 1, size)
+    return bounds.admit(ctx.settings, ctx.engine, ctx.redis, caller_id, None, row.tasks, int(row.size))

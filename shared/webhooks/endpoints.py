@@ -1,4 +1,5 @@
-"""Use cases for webhook endpoints: create, list, delete, rotate the secret, the delivery log, replay.
+"""Use cases for webhook endpoints: create, list, change (enable, disable, move), delete, rotate the
+secret, the delivery log, replay.
 
 A user sees and touches only their own endpoints and deliveries (anyone else's are simply not
 found). An endpoint's signing secret is shown once, in the answer that created it (or rotated it),
@@ -25,6 +26,7 @@ from shared.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from shared.models import webhook_endpoints
 from shared.tasks import events
 from shared.webhooks.receiver import MAX_URL_LENGTH, parse_url
 
@@ -147,6 +149,57 @@ def delete(ctx: Context, user_id: int, endpoint_id: int) -> None:
         ).first()
     if gone is None:
         raise NotFound("No such webhook endpoint.")
+
+
+DISABLED_BY_USER = "disabled by the user"
+
+
+def update(ctx: Context, user_id: int, endpoint_id: int, body: dict[str, Any]) -> dict[str, Any]:
+    """Change an endpoint's ``enabled``, ``url`` or ``events`` (the members given; at least one).
+
+    Enabling clears the reason it was disabled (a 410 from the receiver, or the user): what is sent
+    from then on goes out again; deliveries that failed meanwhile stay failed and can be replayed. A
+    new URL gets the same checks as at creation and takes every delivery not yet sent. The secret
+    stays (rotate it separately)."""
+    errors: dict[str, str] = {}
+    changes: dict[str, Any] = {}
+    if "enabled" in body:
+        if isinstance(body["enabled"], bool):
+            changes["enabled"] = body["enabled"]
+        else:
+            errors["enabled"] = "must be true or false"
+    if "url" in body:
+        url = _url_field(ctx, body, errors)
+        if url is not None:
+            changes["url"] = url
+    if "events" in body:
+        subscribed = _events_field(body, errors) if body["events"] is not None else []
+        if body["events"] is None:
+            errors["events"] = "must be a non-empty list of event types: " + ", ".join(events.EVENT_TYPES)
+        elif subscribed:
+            changes["events"] = subscribed
+    if not errors and not changes:
+        errors["enabled"] = "give at least one of enabled, url and events"
+    if errors:
+        raise ValidationFailed(errors)
+    values = {"updated_at": sa.func.now()}
+    if "enabled" in changes:
+        values["enabled"] = changes["enabled"]
+        values["disabled_reason"] = None if changes["enabled"] else DISABLED_BY_USER
+    if "url" in changes:
+        values["url"] = changes["url"]
+    if "events" in changes:
+        values["events"] = changes["events"]
+    with ctx.engine.begin() as conn:
+        row = conn.execute(
+            sa.update(webhook_endpoints)
+            .where(webhook_endpoints.c.id == endpoint_id, webhook_endpoints.c.user_id == user_id)
+            .values(**values)
+            .returning(*(webhook_endpoints.c[name] for name in _ENDPOINT_COLUMNS.split(", ")))
+        ).one_or_none()
+    if row is None:
+        raise NotFound("No such webhook endpoint.")
+    return endpoint_view(row)
 
 
 def rotate(ctx: Context, user_id: int, endpoint_id: int) -> dict[str, Any]:

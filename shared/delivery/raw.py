@@ -1,0 +1,73 @@
+"""The message as it is sent: a task's RFC 5322 bytes, for ``GET /api/v1/task/{id}/raw``.
+
+Rebuilt on request by the sender's own builder (shared.delivery.message.compose) from the same stored
+fields, so the bytes are the ones an SMTP server receives (tests/test_raw.py compares them with what a
+real aiosmtpd server got): the same Message-ID, kept for the task's life, and the same ``Date``, the
+task's ``created_at`` -- when the mail was handed to us, which is what RFC 5322 means by the
+origination date ("the date and time at which the creator of the message indicated that the message
+was complete and ready to enter the mail delivery system"), and the one time the sender and this
+endpoint both know without storing anything more. A retry sends the same bytes again, so a duplicate
+after a lost reply is the same message in every header. Bcc recipients are on the envelope only, as
+on the wire.
+
+The attachments' bytes are read in slices (pg8000 reads a bytea as hex text: a whole 10 MiB value
+would hold about 70 MiB), as the sender reads a large mail's.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from shared.context import Context
+from shared.delivery.inflight import SLICE_BYTES, SLICE_SQL
+from shared.delivery.message import compose
+from shared.errors import Conflict, NotFound, PermanentSmtpError
+from shared.tasks.storage import attachments_of
+
+MEDIA_TYPE = "message/rfc822"
+
+_TASK_SQL = sa.text(
+    """
+    SELECT t.id, t.recipient_email, t.subject, t.body, t.message_id, t.created_at, u.email AS sender_email,
+           c.html, c.from_name, c.recipient_name, c.cc, c.bcc, c.reply_to, c.headers, c.attachments,
+           COALESCE(octet_length(c.attachment_data), 0) AS attachment_bytes
+      FROM tasks AS t JOIN users AS u ON u.id = t.user_id
+      LEFT JOIN task_contents AS c ON c.task_id = t.id
+     WHERE t.id = :id AND t.user_id = :user_id
+    """
+)
+
+
+def raw_message(ctx: Context, caller_id: int, task_id: int) -> bytes:
+    """The wire bytes (CRLF line ends, before dot-stuffing) of one of the caller's tasks."""
+    with ctx.engine.connect() as conn:
+        row = conn.execute(_TASK_SQL, {"id": task_id, "user_id": caller_id}).one_or_none()
+        if row is None:
+            raise NotFound("No such task.")
+        data = bytearray()
+        while len(data) < row.attachment_bytes:
+            params = {"id": task_id, "start": len(data) + 1, "length": SLICE_BYTES}
+            data += conn.execute(SLICE_SQL, params).scalar_one()
+    try:
+        # The arguments of shared.delivery.attempt.Attempt.attempt's compose(), from the same columns.
+        outgoing = compose(
+            sender=row.sender_email,
+            recipient=row.recipient_email,
+            subject=row.subject,
+            body=row.body,
+            message_id=row.message_id,
+            date=row.created_at,
+            html=row.html,
+            from_name=row.from_name,
+            recipient_name=row.recipient_name,
+            cc=row.cc or (),
+            reply_to=row.reply_to,
+            headers=[tuple(h) for h in row.headers or ()],
+            attachments=attachments_of(row.attachments, bytes(data) if data else None),
+            bcc=tuple(row.bcc or ()),
+        )
+    except PermanentSmtpError as exc:  # no From or To address to put on the envelope
+        raise Conflict(f"The mail cannot be built: {exc}"[:1000]) from None
+    except Exception as exc:  # noqa: BLE001 - the task's own content, which the sender cancels the same way
+        raise Conflict(f"The mail cannot be built: {exc}"[:1000]) from None
+    return outgoing.data
