@@ -5,7 +5,7 @@
 # context, so these targets cannot touch another cluster by accident.
 
 # Sized for what `make apply` starts (tests/test_cluster_sizing.py adds up every request: the
-# control plane, Knative Serving, Kourier, KEDA and mailq come to ~4.58 CPUs and ~5.9 GiB) plus a CPU
+# control plane, Knative Serving, Kourier, KEDA and mailq come to ~4.68 CPUs and ~6.1 GiB) plus a CPU
 # to spare for scaling out; Knative's YAML install guide recommends 6 CPUs, 6 GB and 30 GB of disk
 # for a one-node cluster.
 # minikube 1.37 or newer: the first release that starts Kubernetes 1.34 (`make cluster` checks).
