@@ -285,3 +285,21 @@ def test_the_limits_command_refuses_what_it_cannot_do_in_one_line(api, env, args
     result = CliRunner().invoke(main, ["account", "limits", *args])
     assert result.exit_code != 0 and message in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_bulk_retry_counts_the_cancelled_tasks_it_makes_pending_all_or_none(api, bounded, ctx):
+    bounded(MAX_PENDING_PER_USER=3, PENDING_RECOUNT_SECONDS=0.2)
+    ada = register_user(api)
+    headers = auth_header(login(api))
+    ids = [api.post(ENQUEUE, json=MAIL, headers=headers).get_json()["task_id"] for _ in range(3)]
+    for task_id in ids:
+        assert api.post(f"/api/v1/task/{task_id}/cancel", headers=headers).status_code == 200
+    time.sleep(0.3)  # PENDING_RECOUNT_SECONDS since the last count
+    assert api.post(ENQUEUE, json=MAIL, headers=headers).status_code == 202  # one pending again
+    retry_all = {"action": "retry", "status": "cancelled"}
+    assert_limited(api.post("/api/v1/task/bulk", json=retry_all, headers=headers), "pending_tasks")
+    assert pending(ctx.engine, ada["id"]) == 1  # none of the three: all or none
+    bounded(MAX_PENDING_PER_USER=4, PENDING_RECOUNT_SECONDS=0.2)
+    answer = api.post("/api/v1/task/bulk", json=retry_all, headers=headers)
+    assert answer.status_code == 200 and answer.get_json()["changed"] == 3
+    assert pending(ctx.engine, ada["id"]) == 4
