@@ -13,7 +13,7 @@ from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
 from shared.accounts import users
 from shared.observe import gauges
-from shared.tasks import batch, content, control, stats, views
+from shared.tasks import attempts, batch, content, control, stats, views
 from shared.tasks import enqueue as single  # `enqueue` is the function below
 from shared.webhooks import endpoints
 
@@ -90,6 +90,9 @@ def enqueue_batch(ctx, request):
 @endpoint("get_task")
 def get_task(ctx, request, id):
     user = users.authenticate(ctx, request.headers.get("Authorization"))
+    if request.path.endswith("/attempts"):  # GET /api/v1/task/{id}/attempts (operation task_attempts)
+        limit = query_int(request, "limit", attempts.DEFAULT_PAGE, 1, attempts.MAX_PAGE)
+        return 200, attempts.list_attempts(ctx, user.id, id, limit, request.args.get("cursor"))
     return 200, views.get_task(ctx, user.id, id)
 
 

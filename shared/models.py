@@ -12,7 +12,11 @@ from sqlalchemy import orm
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 
+# The attempt log's table has a module of its own (this one would pass 400 lines); it is re-exported
+# here with the others, on the same Base and metadata.
+from shared.attempt_log import ATTEMPT_OUTCOMES, TaskAttempt, task_attempts  # noqa: F401
 from shared.domain import Status
+from shared.modelbase import Base
 
 STATUS_VALUES = tuple(s.value for s in Status)
 # Every index the pipeline's queries rely on is named here so tests can check EXPLAIN uses them.
@@ -21,10 +25,6 @@ FAIL_SQL_LIST = "'failed', 'cancelled'"
 # The statuses a try ends in; the dashboard's last hour counts them by the time they were reached.
 OUTCOME_STATUSES = (Status.SENT, Status.FAILED, Status.CANCELLED)
 OUTCOME_SQL_LIST = ", ".join(f"'{s.value}'" for s in OUTCOME_STATUSES)
-
-
-class Base(orm.DeclarativeBase):
-    pass
 
 
 class User(Base):
@@ -41,6 +41,17 @@ class User(Base):
     # Set when the SMTP server refused the credentials; the account's mail waits until they change.
     smtp_paused_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
     smtp_paused_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    smtp_paused_code: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    # What the account declares of its relay (docs/relays.md): conversations at once (null: the
+    # deployment's SMTP_MAX_CONNECTIONS_PER_ACCOUNT) and up to four send windows.
+    smtp_max_connections: orm.Mapped[int | None] = orm.mapped_column(sa.Integer, nullable=True)
+    smtp_send_limits = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)
+    # The account's backoff episode as the senders see it in Redis (shared.pace), mirrored for the user
+    # record: since when, the next attempt, why (shared.domain.AccountReason) and the relay's words.
+    smtp_backoff_since = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    smtp_backoff_until = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    smtp_backoff_code: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    smtp_backoff_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
     created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
 
@@ -48,6 +59,16 @@ class User(Base):
         sa.Index("users_email_lower_key", sa.func.lower(sa.column("email")), unique=True),
         sa.CheckConstraint("smtp_security IN ('starttls', 'tls', 'none')", name="users_smtp_security_check"),
         sa.CheckConstraint("smtp_port BETWEEN 1 AND 65535", name="users_smtp_port_check"),
+        sa.CheckConstraint("smtp_max_connections >= 1", name="users_smtp_max_connections_check"),
+        # `mailq status`: the accounts waiting, by reason (a few rows of a partial index each).
+        sa.Index(
+            "users_smtp_backing_off",
+            "smtp_backoff_code",
+            postgresql_where=sa.text("smtp_backoff_since IS NOT NULL"),
+        ),
+        sa.Index(
+            "users_smtp_paused", "smtp_paused_code", postgresql_where=sa.text("smtp_paused_at IS NOT NULL")
+        ),
     )
 
 
@@ -79,6 +100,11 @@ class Task(Base):
     created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     sent_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    # Never attempted after this; the sweep cancels it as expired (its own expires_at, or
+    # MAX_QUEUE_LIFETIME after it was due, which enqueue writes; the default only serves other writers).
+    expires_at = orm.mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.text("(now() + '5 days'::interval)"), nullable=False
+    )
     # The mail's tags ({"key": "value"}), read with the row by every view and webhook; the ?tag= filter
     # is served by task_tags.
     tags = orm.mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"), nullable=False)
@@ -132,6 +158,15 @@ class Task(Base):
             "next_attempt_at",
             postgresql_where=sa.text("status = 'queued'"),
         ),
+        # The sweep: mail not sent by its expires_at (shared.pending; processing runs to its outcome). The
+        # always-true "expires_at IS NOT NULL" keeps the due and leaked queries on their own indexes.
+        sa.Index(
+            "tasks_sweep_expired",
+            "expires_at",
+            postgresql_where=sa.text(
+                "status IN ('scheduled', 'queued', 'failed') AND expires_at IS NOT NULL"
+            ),
+        ),
         # Retention: final tasks by age (the predicate is shared.pending.FINAL_STATUSES).
         sa.Index(
             "tasks_retention",
@@ -163,6 +198,7 @@ class Task(Base):
 
 # Webhooks (shared/tasks/events.py writes events and deliveries; shared/webhooks/worker.py sends them).
 EVENT_TYPES = ("task.sent", "task.deferred", "task.cancelled")
+EVENT_TYPES += ("account.paused", "account.resumed", "account.backing_off")  # no task: user_id names it
 # A delivery's life: scheduled (a retry waiting for next_attempt_at) -> queued (its envelope pushed at
 # next_attempt_at) -> sending (a worker holds it until lease_until) -> delivered | failed, or back to
 # scheduled. The API shows the first three as "pending".
@@ -195,13 +231,17 @@ class WebhookEndpoint(Base):
 
 
 class WebhookEvent(Base):
-    """What happened to a task, written in the transaction that made it happen (the outbox)."""
+    """What happened to a task, or to an account (``account.*``: no task), written in the transaction
+    that made it happen (the outbox)."""
 
     __tablename__ = "webhook_events"
 
     id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
-    task_id: orm.Mapped[int] = orm.mapped_column(
-        sa.BigInteger, sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False
+    task_id: orm.Mapped[int | None] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=True
+    )
+    user_id: orm.Mapped[int | None] = orm.mapped_column(
+        sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=True
     )
     type: orm.Mapped[str] = orm.mapped_column(sa.Text)
     data = orm.mapped_column(postgresql.JSONB, nullable=False)  # the payload's "data", as it was then
@@ -211,7 +251,10 @@ class WebhookEvent(Base):
         sa.CheckConstraint(
             f"type IN ({', '.join(repr(t) for t in EVENT_TYPES)})", name="webhook_events_type_check"
         ),
+        sa.CheckConstraint("task_id IS NOT NULL OR user_id IS NOT NULL", name="webhook_events_subject_check"),
         sa.Index("webhook_events_task_id", "task_id"),
+        # Retention of account events (a task's go with its task).
+        sa.Index("webhook_events_account_created", "created_at", postgresql_where=sa.text("task_id IS NULL")),
     )
 
 

@@ -15,7 +15,7 @@ import json
 import mimetypes
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.config import Settings
@@ -58,6 +58,7 @@ NEW_FIELDS = (
     "headers",
     "attachments",
     "tags",
+    "expires_at",
 )
 
 
@@ -85,6 +86,8 @@ class Mail:
     headers: tuple[tuple[str, str], ...] = ()
     attachments: tuple[Attachment, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
+    expires_at: datetime | None = None  # never attempted after it (None: ``lifetime`` after it is due)
+    lifetime: int = 5 * 86400  # seconds it may wait once due: the deployment's MAX_QUEUE_LIFETIME
 
     @property
     def has_content(self) -> bool:
@@ -137,6 +140,7 @@ def parse(body: dict[str, Any], settings: Settings) -> Parsed:
     attachments = _attachments(f, settings, too_large)
     tags = tags_of(f)
     scheduled_at = f.timestamp("scheduled_at")
+    expires_at = _expires_at(f, scheduled_at, settings)
     if f.errors or too_large:
         return Parsed(None, f.errors, too_large)
     mail = Mail(
@@ -153,6 +157,8 @@ def parse(body: dict[str, Any], settings: Settings) -> Parsed:
         headers=headers,
         attachments=attachments,
         tags=tags,
+        expires_at=expires_at,
+        lifetime=settings.max_queue_lifetime,
     )
     return Parsed(mail, {}, {})
 
@@ -191,6 +197,28 @@ def _text(f: Fields, name: str) -> str | None:
         f.fail(name, "must not contain NUL characters")
         return None
     return value
+
+
+def _expires_at(f: Fields, scheduled_at: datetime | None, settings: Settings) -> datetime | None:
+    """When the mail stops being worth sending: in the future, after it is due, and within
+    MAX_QUEUE_LIFETIME of that (the longest any mail is kept)."""
+    expires_at = f.timestamp("expires_at")
+    if expires_at is None:
+        return None
+    now = datetime.now(UTC)
+    due = max(scheduled_at or now, now)
+    if expires_at <= now:
+        f.fail("expires_at", "must be in the future")
+    elif scheduled_at is not None and expires_at <= scheduled_at:
+        f.fail("expires_at", "must be after scheduled_at (the mail would expire before it is due)")
+    elif expires_at > due + timedelta(seconds=settings.max_queue_lifetime):
+        f.fail(
+            "expires_at",
+            f"must be at most MAX_QUEUE_LIFETIME ({settings.max_queue_lifetime} s) after the mail is due",
+        )
+    else:
+        return expires_at
+    return None
 
 
 def _display_name(f: Fields, name: str) -> str | None:

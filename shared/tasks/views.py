@@ -9,6 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from shared.accounts import standing
 from shared.context import Context
 from shared.domain import FAILURES, PENDING, Status
 from shared.errors import NotFound, ValidationFailed
@@ -35,6 +36,7 @@ VIEW_COLUMNS = (
     tasks.c.updated_at,
     tasks.c.sent_at,
     tasks.c.tags,
+    tasks.c.expires_at,
 )
 
 
@@ -50,8 +52,12 @@ def tries_left(row: Any, max_tries: int) -> int | None:
     return max(0, max_tries - (row.try_count - row.budget_base))
 
 
-def task_view(row: Any, *, max_tries: int, with_body: bool = False) -> dict[str, Any]:
-    """The public form of a task (the columns of VIEW_COLUMNS; the body only when asked)."""
+def task_view(
+    row: Any, *, max_tries: int, with_body: bool = False, waiting: str | None = None
+) -> dict[str, Any]:
+    """The public form of a task (the columns of VIEW_COLUMNS; the body only when asked). ``waiting``:
+    why its account's queued mail waits (shared.accounts.standing), shown on a queued task only."""
+    final = row.status in ("sent", "cancelled")
     view = {
         "id": row.id,
         "status": row.status,
@@ -67,6 +73,8 @@ def task_view(row: Any, *, max_tries: int, with_body: bool = False) -> dict[str,
         "updated_at": _iso(row.updated_at),
         "sent_at": _iso(row.sent_at),
         "tags": row.tags,
+        "expires_at": None if final else _iso(row.expires_at),
+        "waiting": waiting if row.status == "queued" else None,
     }
     if with_body:
         view["body"] = row.body
@@ -91,7 +99,8 @@ def get_task(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
         ).one_or_none()
     if row is None:
         raise NotFound("No such task.")
-    return task_view(row, max_tries=ctx.settings.max_try_count, with_body=True)
+    waiting = standing.waiting(ctx, caller_id) if row.status == "queued" else None
+    return task_view(row, max_tries=ctx.settings.max_try_count, with_body=True, waiting=waiting)
 
 
 def _encode_cursor(last_id: int) -> str:
@@ -125,7 +134,9 @@ def list_tasks(
     query = list_query(caller_id, statuses, limit + 1, _decode_cursor(cursor), recipient, tag)
     with ctx.engine.connect() as conn:
         rows = conn.execute(query).all()
-    items = [task_view(r, max_tries=ctx.settings.max_try_count) for r in rows[:limit]]
+    page = rows[:limit]
+    waiting = standing.waiting(ctx, caller_id) if any(r.status == "queued" for r in page) else None
+    items = [task_view(r, max_tries=ctx.settings.max_try_count, waiting=waiting) for r in page]
     next_cursor = _encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
     return {"items": items, "next_cursor": next_cursor}
 
