@@ -33,8 +33,10 @@ def test_a_window_lets_max_through_then_holds_until_the_oldest_leaves(p):
     start = 1_000_000_000_000  # a bucket boundary (1000 / 60 ms buckets: 16 ms)
     assert [p.acquire(T, 1, 1, now_ms=start + i) for i in range(10)] == [0] * 10
     free = p.acquire(T, 1, 1, now_ms=start + 10)
-    # The 10 leave the window once their bucket's last moment is a second old: at most 16 ms late.
-    assert start + SECOND < free <= start + SECOND + 16
+    # The 10 leave the window once their bucket's last moment is a second old, plus the allowance for a
+    # MAIL FROM that lags its take (1/5 of the window): at most 16 ms later than that.
+    lag = SECOND // pace.ALLOWANCE_SHARE
+    assert start + SECOND + lag < free <= start + SECOND + lag + 16
     assert p.acquire(T, 1, 1, now_ms=free - 1) > 0  # not a moment early…
     assert p.acquire(T, 1, 1, now_ms=free) == 0  # …and then at once
     assert p.state(T)["held_until"] >= free - 1  # the take passes the tenant's turn meanwhile
@@ -48,7 +50,10 @@ def test_in_any_window_of_per_no_more_than_max_go_through(p):
         if p.acquire(T, 1, 1, now_ms=t) == 0:
             passed.append(t)
     worst = max(sum(1 for q in passed if t - SECOND < q <= t) for t in passed)
-    assert worst == 10 and len(passed) >= 90  # the limit exactly, and nearly all of what it allows
+    assert worst == 10 and len(passed) >= 80  # the limit, and most of what it allows (1.2 s a window)
+    # Even a MAIL FROM that lags its take by up to the allowance (200 ms) keeps to the relay's window.
+    lagged = [q + (150 if i // 10 % 2 == 0 else 0) for i, q in enumerate(passed)]  # every other ten late
+    assert max(sum(1 for q in lagged if t - SECOND < q <= t) for t in lagged) <= 10
 
 
 def test_a_recipients_window_counts_each_recipient_and_refuses_what_can_never_fit(p):
