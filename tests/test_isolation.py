@@ -660,6 +660,21 @@ def test_a_paused_account_is_not_claimed_even_when_redis_forgot_the_pause(pipe):
         assert {pipe.task(first).status, pipe.task(second).status} == {"queued"}
 
 
+def test_a_claim_refused_for_a_pause_the_sender_did_not_know_of_leaves_the_mail_queued(pipe, smtp_server):
+    """The sender's cached account and pooled connection say "go", PostgreSQL says "paused" (the pause
+    came from another sender): the claim refuses, and the mail, with all its tries left, waits."""
+    user = pipe.user(smtp_server)
+    pipe.enqueue(user)
+    assert Outcome.SENT in pipe.pump()  # the account cached, its connection pooled
+    task_id = pipe.enqueue(user)
+    with pipe.ctx.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE users SET smtp_paused_at = now() WHERE id = :u"), {"u": user.id})
+    assert Outcome.PAUSED in pipe.pump()
+    row = pipe.task(task_id)
+    assert row.status == "queued" and row.try_count == 0, row.last_error
+    assert len(smtp_server.received) == 1
+
+
 def test_a_worker_fault_never_lowers_the_try_count(pipe, smtp_server):
     """The try count is the fencing token: a claim given back raises the budget instead."""
     user = pipe.user(smtp_server)
