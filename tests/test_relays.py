@@ -133,12 +133,14 @@ def test_declared_send_limits_mean_the_relay_never_has_to_refuse(relay_ctx):
         pipe = Pipeline(relay_ctx)
         user = pipe.user(relay, smtp_send_limits=[{"max": 10, "per": "second"}])
         enqueue_many(pipe, user, n)
-        with Workers(relay_ctx):
+        with Workers(relay_ctx) as workers:
             rows = wait_settled(relay_ctx, user.id, timeout=60)
         stats = relay.stats()
         pipe.close()
     assert Counter(r.status for r in rows) == {"sent": n}
     assert stats.refusals == 0, stats
+    # the waits were mailq's own, counted (mailq_send_limit_waits_total) instead of refused by the relay
+    assert workers.senders[0].metrics.send_limit_waits._value.get() > 0  # noqa: SLF001
     assert max(r.try_count - r.budget_base for r in rows) == 1
 
 
