@@ -79,7 +79,8 @@ PROFILES = {
     # One pod of two threads (two PostgreSQL connections) however often it is asked.
     "scrape": Profile(1, 2, 1, "50m", "500m", "128Mi", "384Mi"),
     # Managing webhook endpoints: a few requests a day per user, each a round trip or two; small pods,
-    # so six of them cost the node and PostgreSQL's connection budget little.
+    # so six of them cost the node and PostgreSQL's connection budget little. Test connection too: a
+    # thread waits on a user's SMTP server (at most 20 s, shared/delivery/check.py), rarely and rate-limited.
     "light": Profile(1, 4, 2, "25m", "500m", "128Mi", "384Mi"),
     # Batch enqueue: a request may be MAX_BATCH_BYTES (32 MiB) of JSON, parsed, checked and bound for
     # one INSERT, which holds a few times that at its peak: two at a time per pod, with room for both.
@@ -99,6 +100,7 @@ TARGET_PROFILE = {
     "list_webhook_deliveries": "light",
     "replay_webhook_delivery": "light",
     "enqueue_batch": "bulk",
+    "smtp_check": "light",
 }
 # Request body limits of their own, per target: the gateway's location for the target's paths says so
 # (client_max_body_size), and the function refuses the same size itself (functions/main.py).

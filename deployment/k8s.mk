@@ -1,5 +1,5 @@
-# mailq on Kubernetes (minikube): included by the top-level Makefile. The README's "Deployment on
-# Kubernetes" section walks through it. The seed's order still works: make cluster -> make image -> make apply -> make hpa.
+# mailq on Kubernetes (minikube): included by the top-level Makefile. docs/kubernetes.md walks through
+# it: make cluster -> make image -> make apply -> make hpa (make all runs the four).
 #
 # Everything runs against the kubectl context of a dedicated minikube profile, never the current
 # context, so these targets cannot touch another cluster by accident.
@@ -83,11 +83,11 @@ apply: k8s-render ## deploy: PostgreSQL + Redis, wait, migrate, then functions, 
 	@echo "(if that address is not reachable from here, as with the docker driver on macOS:"
 	@echo " $(MK) service -n $(K8S_NAMESPACE) mailq-gateway --url)"
 
-keda: k8s-render ## apply KEDA's ScaledObjects (consumer, sender) and their TriggerAuthentication
+keda: k8s-render ## apply KEDA's ScaledObjects (consumer, sender, webhook worker) and their TriggerAuthentication
 	$(KUBECTL) apply -f $(K8S_RENDERED) -l mailq.dev/stage=keda
 	$(KUBECTL) -n $(K8S_NAMESPACE) get scaledobject,scaledjob
 
-hpa: keda ## the seed's name for `make keda` (KEDA creates the HPAs)
+hpa: keda ## the same as `make keda`: KEDA's scalers, which create the HPAs
 
 all: cluster image apply hpa ## everything, from nothing: cluster, image, apply, hpa
 

@@ -158,7 +158,7 @@ def sweep(every: float | None) -> None:
 
     settings = load_settings()
     engine, client = _worker_deps(settings, 0, 2)
-    # A Job's pass is short, so Prometheus sees its counters only while a long pass runs (README: Metrics).
+    # A Job's pass is short, so Prometheus sees its counters only while a long pass runs (docs/operations.md).
     metrics = WorkerMetrics()
     _serve_metrics(settings, metrics)
     if every is None:

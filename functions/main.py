@@ -12,6 +12,7 @@ import functions_framework
 from functions import web
 from functions.http import client_address, endpoint, json_body, problem, query_int
 from shared.accounts import users
+from shared.delivery import check
 from shared.observe import gauges
 from shared.tasks import attempts, batch, content, control, stats, views
 from shared.tasks import enqueue as single  # `enqueue` is the function below
@@ -64,6 +65,14 @@ def update_user(ctx, request, id):
     caller = users.authenticate(ctx, request.headers.get("Authorization"))
     body = json_body(request)
     return 200, users.update_smtp(ctx, caller.id, id, body)
+
+
+@functions_framework.http
+@endpoint("smtp_check")
+def smtp_check(ctx, request, id):
+    # Test connection: the stored account's server, up to AUTH and QUIT; nothing is sent.
+    caller = users.authenticate(ctx, request.headers.get("Authorization"))
+    return 200, check.smtp_check(ctx, caller.id, id), NO_STORE
 
 
 @functions_framework.http
@@ -202,6 +211,6 @@ def dashboard(request):
 @functions_framework.http
 @endpoint("metrics")
 def metrics(ctx, request):
-    # The queue gauges for Prometheus: fixed words as labels, no tenant's data (README: Metrics).
+    # The queue gauges for Prometheus: fixed words as labels, no tenant's data (docs/operations.md).
     body = gauges.render(gauges.read(ctx.settings, ctx.engine, ctx.redis))
     return flask.Response(body, content_type=gauges.CONTENT_TYPE, headers={"Cache-Control": "no-store"})

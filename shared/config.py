@@ -1,8 +1,8 @@
 """Settings: built once per process from the environment and handed down.
 
 This is the only module that reads ``os.environ``-style mappings; everything else receives a
-``Settings``. Every field has a default and a one-line reason; the README's configuration table
-mirrors this file (a test keeps them in step).
+``Settings``. Every field has a default and a one-line reason; docs/configuration.md's tables
+mirror this file (a test keeps them in step).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ class Settings:
     encryption_keys: tuple[str, ...] = field(default=(), repr=False)
     rate_limit_per_email: int = 10  # RATE_LIMIT_PER_EMAIL, login/register attempts per minute per email
     rate_limit_per_client: int = 100  # RATE_LIMIT_PER_CLIENT, login/register attempts per minute per client
+    smtp_check_rate_per_user: int = 6  # SMTP_CHECK_RATE_PER_USER, Test connection runs per minute per user
     trusted_proxy_hops: int = 0  # TRUSTED_PROXY_HOPS, X-Forwarded-For entries added by our own proxies
 
     # --- the pipeline ---
@@ -182,6 +183,9 @@ class Settings:
             encryption_keys=keys,
             rate_limit_per_email=_int(get("RATE_LIMIT_PER_EMAIL", "10"), "RATE_LIMIT_PER_EMAIL", 1),
             rate_limit_per_client=_int(get("RATE_LIMIT_PER_CLIENT", "100"), "RATE_LIMIT_PER_CLIENT", 1),
+            smtp_check_rate_per_user=_int(
+                get("SMTP_CHECK_RATE_PER_USER", "6"), "SMTP_CHECK_RATE_PER_USER", 1
+            ),
             trusted_proxy_hops=_int(get("TRUSTED_PROXY_HOPS", "0"), "TRUSTED_PROXY_HOPS"),
             max_try_count=_int(get("MAX_TRY_COUNT", "3"), "MAX_TRY_COUNT", 1),
             queue_consumer_count=_int(get("QUEUE_CONSUMER_COUNT", "4"), "QUEUE_CONSUMER_COUNT", 1),

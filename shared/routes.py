@@ -33,6 +33,7 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/api/v1/login", "login"),
     Route("GET", "/api/v1/user/{id}", "get_user"),
     Route("PATCH", "/api/v1/user/{id}", "update_user"),
+    Route("POST", "/api/v1/user/{id}/smtp-check", "smtp_check"),
     Route("POST", "/api/v1/task/enqueue", "enqueue"),
     Route("POST", "/api/v1/task/enqueue/batch", "enqueue_batch"),
     Route("GET", "/api/v1/task/queue", "task_queue"),

@@ -8,7 +8,12 @@ aiosmtpd cannot trickle a reply or flood one, so these servers speak just enough
     server.connections, server.commands, server.auth_attempts, server.messages   # what it saw
 
 - ``HostileSmtpServer``: well-behaved unless told otherwise. ``replies={"MAIL": b"421 4.7.0 slow\\r\\n"}``
-  makes a throttling server, ``extensions=["SIZE 1000"]`` one with a size limit, ``password=`` turns on AUTH.
+  makes a throttling server, ``extensions=["SIZE 1000"]`` one with a size limit, ``password=`` turns on AUTH,
+  ``refuse={"bob@example.org": b"550 ...\\r\\n"}`` refuses one recipient, ``hang_up_after={"RCPT"}`` closes
+  the connection after that reply (an empty reply: without one). It offers PIPELINING and, unlike a
+  careful server, answers DATA with 354 whatever MAIL FROM and RCPT TO got: a client must check every
+  reply of a pipelined group itself. ``early`` lists the commands whose reply was due while the client
+  had already sent more (the client pipelined).
 - ``TricklingServer``: the banner and/or every reply one byte at a time.
 - ``FloodingServer``: answers one verb (EHLO by default) with an endless (or very long) ``250-`` reply.
 - ``SilentServer``: goes quiet when one verb's reply is due (after DATA: accepted, never answered).
@@ -49,6 +54,8 @@ class HostileSmtpServer:
         auth: str = "PLAIN LOGIN",
         auth_refusal: bytes = b"535 5.7.8 Authentication credentials invalid\r\n",
         tls_context: ssl.SSLContext | None = None,
+        refuse: Mapping[str, bytes] | None = None,
+        hang_up_after: Iterable[str] = (),
     ):
         self.host = "127.0.0.1"
         self.port = 0
@@ -57,10 +64,15 @@ class HostileSmtpServer:
         self.password = password
         self.auth_refusal = auth_refusal
         self.tls_context = tls_context
+        self.refuse = {address.lower(): reply for address, reply in (refuse or {}).items()}
+        self.hang_up_after = {verb.upper() for verb in hang_up_after}
+        self.early: list[str] = []  # commands whose reply was due while more input had arrived already
+        self._current = threading.local()  # the command being answered on this thread's connection
         self.connections = 0  # TCP connections accepted
         self.commands: list[str] = []  # every command line received (AUTH without its credentials)
         self.auth_attempts = 0  # AUTH commands, whatever the outcome
         self.messages: list[bytes] = []  # the content of every DATA that ended with its dot
+        self.aborted = 0  # DATA phases the client ended without the final dot (it hung up)
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._clients: set[socket.socket] = set()
@@ -108,7 +120,16 @@ class HostileSmtpServer:
 
     def write(self, sock: socket.socket, data: bytes, *, banner: bool = False) -> None:
         """Send a reply (or the banner); subclasses slow it down."""
+        self.note_early(sock)
         sock.sendall(data)
+
+    def note_early(self, sock: socket.socket) -> None:
+        """As a command's reply is due: has the client sent more already (it did not wait for it)?"""
+        verb = getattr(self._current, "verb", None)
+        if verb is not None and _pending(sock):
+            self._current.verb = None  # once per command (DATA has two replies)
+            with self._lock:
+                self.early.append(verb)
 
     def answer(self, sock: socket.socket, reader, verb: str, default: bytes) -> None:
         """Send the reply to verb: the scripted one if any, else default."""
@@ -148,7 +169,9 @@ class HostileSmtpServer:
                     sock = self.tls_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
                     self._clients.add(sock)
                 sock.do_handshake()  # outside the lock: stop() must be able to interrupt it
-            reader = sock.makefile("rb")
+            # Unbuffered: what the client sent beyond the current line stays in the socket, where
+            # _pending() sees it.
+            reader = sock.makefile("rb", buffering=0)
             self.write(sock, self.banner, banner=True)
             while not self._stopped.is_set():
                 line = reader.readline(65536)
@@ -169,6 +192,15 @@ class HostileSmtpServer:
         verb = words[0].upper()
         with self._lock:
             self.commands.append(" ".join(words[:2]) if verb == "AUTH" else line)
+        self._current.verb = verb
+        if not self._reply_to(sock, reader, verb, words, line):
+            return False
+        if verb in self.hang_up_after:
+            _shutdown(sock)
+            return False
+        return True
+
+    def _reply_to(self, sock: socket.socket, reader, verb: str, words: list[str], line: str) -> bool:
         if verb in ("EHLO", "HELO"):
             lines = ["hostile.test", *self.extensions]
             reply = "".join(
@@ -182,6 +214,8 @@ class HostileSmtpServer:
                 self.answer(sock, reader, verb, b"")
             else:
                 self._authenticate(sock, reader, words)
+        elif verb == "RCPT" and _address(line).lower() in self.refuse:
+            self.write(sock, self.refuse[_address(line).lower()])
         elif verb in ("MAIL", "RCPT", "RSET", "NOOP"):
             self.answer(sock, reader, verb, OK)
         elif verb == "DATA":
@@ -189,6 +223,10 @@ class HostileSmtpServer:
             content = b""
             while (chunk := reader.readline(65536)) not in (b".\r\n", b""):
                 content += chunk
+            if chunk == b"":  # the client hung up in the data phase: the transaction is aborted
+                with self._lock:
+                    self.aborted += 1
+                return False
             with self._lock:
                 self.messages.append(content)
             self.answer(sock, reader, verb, b"250 2.0.0 OK queued as HOSTILE\r\n")
@@ -314,6 +352,21 @@ class SlowGoodbyeServer(HostileSmtpServer):
                 if self._stopped.wait(self.delay):
                     return
                 sock.sendall(bytes([byte]))
+
+
+def _pending(sock: socket.socket) -> bool:
+    """Whether the client has sent bytes not read yet (the reader is unbuffered); a hang-up is not."""
+    if isinstance(sock, ssl.SSLSocket):
+        return sock.pending() > 0
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError: nothing there
+        return False
+
+
+def _address(line: str) -> str:
+    """The address in ``RCPT TO:<address>``."""
+    return line.partition("<")[2].partition(">")[0]
 
 
 def _shutdown(sock: socket.socket) -> None:

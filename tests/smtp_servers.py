@@ -53,6 +53,25 @@ class _Handler:
     def __init__(self, server: ScriptedSmtpServer):
         self.server = server
 
+    async def handle_EHLO(self, smtp, session, envelope, hostname, responses):
+        session.host_name = hostname  # aiosmtpd leaves this to a handler with this hook
+        if not self.server.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]  # aiosmtpd reads pipelined input fine
+
+    async def handle_MAIL(self, smtp, session, envelope, address, mail_options):
+        refusal = self.server.refuse_senders.get(address)
+        if refusal is not None:
+            return refusal
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RSET(self, smtp, session, envelope):
+        with self.server._lock:
+            self.server.resets += 1
+        return "250 OK"
+
     async def handle_RCPT(self, smtp, session, envelope, address, rcpt_options):
         refusal = self.server.refuse.get(address)
         if refusal is not None:
@@ -124,7 +143,9 @@ class ScriptedSmtpServer:
     tls_context offers STARTTLS with that server context; with implicit_tls=True it speaks TLS from the
     first byte instead. auth(username, password) -> bool turns AUTH on (also without TLS).
     smtputf8=False hides SMTPUTF8 (aiosmtpd offers it by default); refuse maps a recipient address to
-    the reply its RCPT TO gets instead of 250.
+    the reply its RCPT TO gets instead of 250, refuse_senders a sender address to its MAIL FROM's.
+    pipelining=True offers PIPELINING (aiosmtpd answers pipelined commands in order, but does not say
+    so by itself); like any careful server it answers DATA with 503 when no recipient was accepted.
     """
 
     def __init__(
@@ -136,6 +157,8 @@ class ScriptedSmtpServer:
         auth: Callable[[str, str], bool] | None = None,
         smtputf8: bool = True,
         refuse: dict[str, str] | None = None,
+        refuse_senders: dict[str, str] | None = None,
+        pipelining: bool = False,
     ):
         self.host = "127.0.0.1"
         self.port = 0
@@ -156,6 +179,9 @@ class ScriptedSmtpServer:
         self._auth = auth
         self._smtputf8 = smtputf8
         self.refuse = dict(refuse or {})
+        self.refuse_senders = dict(refuse_senders or {})
+        self.pipelining = pipelining
+        self.resets = 0  # RSET commands answered
         self._controller: _Controller | None = None
 
     @property

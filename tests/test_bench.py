@@ -31,11 +31,12 @@ SCENARIO_TITLES = (
     "9. Cost with the backlog size",
     "10. Fairness between tenants",
     "11. Scale",
+    "12. A relay far away",
 )
 # One size each where the report's comparison rows (the curve, backlog and scale flatness) are checked
 # on made-up results below instead: the tiny run stays short, and every scenario's code still runs.
 TINY = ["--n", "200", "--seconds", "2", "--latency-seconds", "1", "--backlogs", "100", "--scale-rows",
-        "3000", "--scale-user-rows", "500"]  # fmt: skip
+        "3000", "--scale-user-rows", "500", "--relay-mails", "30", "--relay-rtts", "10"]  # fmt: skip
 
 
 def run_bench(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -63,8 +64,23 @@ def test_the_tiny_benchmark_delivers_every_mail_exactly_once_and_reports_every_s
     assert data["raw"]["exactly_once"]
     sent = {"sent": 200}
     assert [d["label"] for d in data["mailq"]] == ["mailq, 2 sender(s)"]
-    for run in (*data["mailq"], data["inbox"], data["batch"]):
+    # The account declares 16 connections; one more run has it at the default 3.
+    assert data["mailq"][0]["concurrency"] == 8  # 2 senders × WORKER_COUNT 4, under the 16 declared
+    default = data["mailq_default_connections"]
+    assert default["label"] == "mailq, 2 sender(s), default 3 connections" and default["concurrency"] == 3
+    for run in (*data["mailq"], default, data["inbox"], data["batch"]):
         assert run["exactly_once"] and run["statuses"] == sent and run["n"] == 200, run
+    relay = data["relay"]
+    clients = ["mailq", "smtplib"] + ([] if relay["postfix_skipped"] else ["postfix"])
+    assert [(r["client"], r["rtt_ms"]) for r in relay["runs"]] == [(c, 10) for c in clients]
+    for run in relay["runs"]:
+        assert run["exactly_once"] and run["n"] == 30 and run["rate"] > 0, run
+        assert run["client"] != "mailq" or run["statuses"] == {"sent": 30}
+    mailq_runs = [r for r in relay["runs"] if r["client"] == "mailq"]
+    assert all(r["max_open"] <= 2 * 3 for r in mailq_runs)  # the default 3 conversations, per sender's pool
+    assert [row["scenario"] for row in data["rows"] if row["scenario"].startswith("12.")] == [
+        "12. A relay far away: RTT 10 ms, 3 connections each"
+    ]
     assert data["inbox"]["label"] == "API to inbox, single enqueues"
     assert data["batch"]["label"] == "API to inbox, batches of 100"
     assert [(d["n"], d["statuses"]) for d in data["backlog"]] == [(100, {"sent": 100})]
@@ -151,6 +167,7 @@ def test_the_report_compares_sizes_sender_counts_and_tenants_from_the_figures_it
     from tests.bench.inbox import FairnessResult
     from tests.bench.load import LoadResult
     from tests.bench.mailbox import Verdict
+    from tests.bench.relay import RelayResult, RelayRun
     from tests.bench.report import Run, table
     from tests.bench.scale import ScaleResult
 
@@ -175,6 +192,10 @@ def test_the_report_compares_sizes_sender_counts_and_tenants_from_the_figures_it
     run.fairness = FairnessResult(1000, 2.0, 2.5, Verdict(1003, 1003, 0, 0, 0), 3, 3, [50.0, 60.0, 900.0],
                                   {"sent": 1003}, 2)  # fmt: skip
     run.scale = [scale(1_000_000, 10.0), scale(5_000_000, 11.0)]
+    run.relay = RelayResult((0.0, 20.0), 300, postfix_skipped="not root")
+    for client, rtt, seconds in [("mailq", 0.0, 1.0), ("smtplib", 0.0, 0.5), ("mailq", 20.0, 5.0),
+                                 ("smtplib", 20.0, 9.0)]:  # fmt: skip
+        run.relay.runs.append(RelayRun(client, rtt, 300, seconds, Verdict(300, 300, 0, 0, 0), 3, 3))
     rows = {r[0]: r for r in table(run).rows}
 
     [curve] = [r for name, r in rows.items() if "the curve" in name]
@@ -191,6 +212,11 @@ def test_the_report_compares_sizes_sender_counts_and_tenants_from_the_figures_it
     assert burst[2] == "0.80" and burst[4] == "**NOT met**"
     [scaled] = [r for name, r in rows.items() if "flat from 1,000,000 to 5,000,000" in name]
     assert scaled[2] == "worst 1.10" and scaled[4] == "met"
+    [near, far] = [r for name, r in rows.items() if name.startswith("12.")]
+    assert near[2] == "mailq/smtplib 0.50" and (near[3], near[4]) == ("reported", "—")
+    assert "mailq **60.0 mails/s**" in far[1] and "plain smtplib **33.3 mails/s**" in far[1]
+    assert "Postfix not run (not root)" in far[1]
+    assert far[2] == "mailq/smtplib 1.80" and far[4] == "met"  # 60 / 33.3 ≥ 1.6 at 20 ms
 
 
 def test_the_scale_table_copies_history_inside_postgresql_past_the_python_share_with_the_mix_intact(

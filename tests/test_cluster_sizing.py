@@ -124,8 +124,8 @@ def test_postgresql_max_connections_covers_every_connection_the_manifests_allow_
     assert stated and int(stated.group(1)) == worst, (
         f"postgres.yaml states {stated and stated.group(1)}, not {worst}"
     )
-    readme = (ROOT / "README.md").read_text()
-    assert f"max_connections={max_connections}" in text and f"worst case {worst}" in readme
+    page = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert f"max_connections={max_connections}" in text and f"worst case {worst}" in page
 
 
 # --- what one minikube node must hold ---------------------------------------------------------------------

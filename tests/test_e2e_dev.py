@@ -5,13 +5,16 @@ from __future__ import annotations
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import psutil
 import pytest
@@ -37,8 +40,12 @@ def call(base: str, method: str, path: str, body=None, token: str | None = None)
 
 
 @pytest.fixture(scope="module")
-def dev(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("dev") / "data"
+def dev():
+    # Not under pytest's basetemp: a pytest session removes all but the newest three basetemps of its
+    # user, so another session of the same user on the machine could delete a running stack's data.
+    base = Path(tempfile.mkdtemp(prefix="mailq-e2e-"))
+    base.chmod(0o755)
+    data_dir = base / "data"
     port, smtp_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(BCRYPT_ROUNDS="4", MAILQ_HEARTBEAT_FILE=str(data_dir.parent / "beat"))
@@ -97,6 +104,7 @@ def dev(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_register_login_and_read_the_user_over_http(dev):

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
+from tests.mutate import run
 from tests.mutate.run import ROOT, Edit, Mutant, apply, load
 
 
@@ -45,3 +47,16 @@ def test_a_mutant_without_a_name_invariant_or_tests_is_refused(tmp_path, field):
     list_file.write_text("[[mutant]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in entry.items()))
     with pytest.raises(ValueError):
         load(list_file)
+
+
+def test_the_runners_output_names_no_path_of_the_machine_it_ran_on(tmp_path, capsys):
+    """What `make mutate` prints is pasted into docs and reports: it shows the interpreter by its
+    version and its place in the clone, never the clone's absolute path (someone else's machine)."""
+    list_file = tmp_path / "mutants.toml"
+    entry = {"name": "m", "invariant": "i", "tests": ["t"], "file": "README.md", "old": "\x00", "new": "x"}
+    list_file.write_text("[[mutant]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in entry.items()))
+    assert run.main(["--mutants", str(list_file), "--no-baseline"]) == 1  # stale: nothing to kill
+    out = capsys.readouterr().out
+    assert "m " in out and "stale" in out
+    assert str(ROOT) not in out
+    assert f"Python {sys.version.split()[0]}" in out

@@ -347,7 +347,7 @@ def test_auth_and_bodies_follow_the_function_source(route):
     else:
         assert not {"400", "413", "415"} & set(responses)
     assert ("503" in responses) is uses_dependencies(route)
-    if route.target in ("register", "login"):
+    if route.target in ("register", "login", "smtp_check"):
         rate_limited = _deref(responses["429"])
         assert _deref(rate_limited["headers"]["Retry-After"])["required"] is True
     else:

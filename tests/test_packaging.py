@@ -164,6 +164,15 @@ def test_the_image_installs_exactly_its_product_files_and_no_harness_or_dev_only
             assert not used, f"the image ships {path.relative_to(site)}, which imports {used}"
 
 
+def test_the_image_carries_the_licence_its_metadata_names(image):
+    """Apache-2.0 asks that a redistribution carry the licence: the image's install holds its text."""
+    _, site = image
+    (info,) = site.glob("mailq-*.dist-info")
+    metadata = (info / "METADATA").read_text()
+    assert "License-Expression: Apache-2.0" in metadata.splitlines()
+    assert (info / "licenses" / "LICENSE").read_text() == (ROOT / "LICENSE").read_text()
+
+
 def test_every_module_the_image_installs_imports_without_the_optional_extras(image):
     _, site = image
     code = """if True:

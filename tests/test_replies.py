@@ -157,7 +157,7 @@ def test_a_reply_that_says_when_to_come_back_is_believed_up_to_a_day():
 # --- the rules by stage -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["greeting", "EHLO", "STARTTLS", "AUTH", "MAIL FROM", "RCPT TO", "DATA"])
+@pytest.mark.parametrize("stage", ["greeting", "EHLO", "STARTTLS", "AUTH", "RSET", "MAIL FROM", "RCPT TO", "DATA"])
 def test_a_421_at_any_stage_is_the_account_throttling(stage):
     error = error_for(421, "4.3.2 Service not available, closing transmission channel", stage)
     assert isinstance(error, AccountSmtpError) and error.reason == THROTTLED and error.shrink
@@ -167,6 +167,16 @@ def test_a_421_at_any_stage_is_the_account_throttling(stage):
 def test_a_temporary_failure_while_the_connection_opens_is_the_account_waiting(stage):
     error = error_for(454, "4.7.0 TLS not available due to local problem", stage)
     assert type(error) is AccountSmtpError and error.reason == AccountReason.UNAVAILABLE
+
+
+@pytest.mark.parametrize("code", [451, 554])
+def test_a_refused_reset_ahead_of_the_mail_is_the_accounts_not_the_mails(code):
+    """The RSET a refused mail left pending goes ahead of the next mail's MAIL FROM (pipelining): its
+    refusal or a connection lost there says nothing about the next mail, which spends no try."""
+    error = error_for(code, "4.3.0 Error: internal state", "RSET")
+    assert type(error) is AccountSmtpError and error.reason == AccountReason.UNAVAILABLE
+    lost = classify(smtplib.SMTPServerDisconnected("gone"), "RSET", ACCOUNT, lambda: False)
+    assert isinstance(lost, AccountSmtpError) and lost.reason == AccountReason.UNREACHABLE
 
 
 def test_refused_credentials_pause_the_account():

@@ -1,6 +1,7 @@
-"""The security rules of ARCHITECTURE.md that the API tests do not already cover: no secret in a database
-dump, in the logs of a full `mailq dev` run or in Redis; SSRF refused at send time too (DNS may change
-after register); SMTP smuggling through the body; rate limits across separate API processes.
+"""The security rules (docs/architecture.md, "Secrets and access") that the API tests do not already
+cover: no secret in a database dump, in the logs of a full `mailq dev` run or in Redis; SSRF refused at
+send time too (DNS may change after register); SMTP smuggling through the body; rate limits across
+separate API processes.
 
 Tokens (alg none, wrong key, expired, tampered, deleted user), user A vs B and SSRF at register for IP
 literals live in tests/test_accounts_api.py and tests/test_tasks_api.py.

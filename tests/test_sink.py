@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -63,6 +64,14 @@ def test_the_sink_stores_a_message_and_read_mailbox_returns_it(sink, tmp_path):
     stored = message_from_bytes((tmp_path / "mailbox" / record["file"]).read_bytes(), policy=default_policy)
     assert stored["Message-ID"] == record["message_id"]
     assert not list((tmp_path / "mailbox").glob(".*.tmp"))
+
+
+def test_the_sink_offers_pipelining_and_stores_pipelined_mail_in_order(sink, tmp_path):
+    with smtplib.SMTP(sink.host, sink.port, timeout=5) as client:
+        client.ehlo()
+        assert client.has_extn("pipelining")
+    send(sink, *(a_message(i, subject=f"#{i}") for i in range(3)))  # the mailer pipelines when offered
+    assert [r["subject"] for r in read_mailbox(tmp_path)] == ["#0", "#1", "#2"]
 
 
 def test_read_mailbox_returns_the_latest_messages_newest_last(sink, tmp_path):

@@ -41,7 +41,8 @@ _TLS_MISMATCH = {"WRONG_VERSION_NUMBER", "UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PR
 OPENING = ("resolve", "connect", "greeting", "EHLO", "STARTTLS", "AUTH")
 # Nothing of this mail can have been delivered before DATA: a connection lost up to here is the relay
 # going away, not anything the server said about the mail.
-BEFORE_DATA = (*OPENING, "MAIL FROM", "RCPT TO")
+# "RSET": the reset a refused mail left pending, sent ahead of this mail's MAIL FROM (pipelining).
+BEFORE_DATA = (*OPENING, "RSET", "MAIL FROM", "RCPT TO")
 
 UNREACHABLE, THROTTLED = AccountReason.UNREACHABLE, AccountReason.THROTTLED
 UNAVAILABLE = AccountReason.UNAVAILABLE
@@ -136,7 +137,7 @@ def _reply(code: int, text: str, stage: str, where: str) -> SmtpError:
         return AccountSmtpError(
             message, code, reason=THROTTLED, wait=replies.asked_wait(text), shrink=True, stage=stage
         )
-    if stage in OPENING:
+    if stage in OPENING or stage == "RSET":  # RSET: about the session, nothing of this mail said yet
         if stage == "AUTH" and 500 <= code < 600:
             return SmtpAuthError(message, code, reason=PauseReason.CREDENTIALS, stage=stage)
         # 4xx (454 "temporary authentication failure", 4xx greetings) and a refused greeting or EHLO
@@ -179,3 +180,8 @@ def _scrub(text: str, account: SmtpAccount) -> str:
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode("ascii")
+
+
+def scrub(text: str, account: SmtpAccount) -> str:
+    """A server's reply made safe to show: the account's password removed, also as AUTH encoded it."""
+    return _scrub(text, account)

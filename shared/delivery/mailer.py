@@ -4,11 +4,12 @@ A sender gets the account's connection ready first (``connect``: pooled and stil
 logged in), claims a mail only then and sends it over that ``session``: what goes wrong while a
 connection opens is the account's, and no mail has been touched yet.
 
-ARCHITECTURE.md ("SMTP rules", "Tenants are hostile") has the why: verified TLS always, never a
+docs/architecture.md ("SMTP: every server is treated as hostile") has the why: verified TLS always, never a
 plaintext fallback, a deadline on the whole conversation, replies capped, one AUTH attempt, one
 reconnect for a pooled connection found closed. Building the message is shared/delivery/message.py's job,
 vetting the host shared/hosts.py's, keeping one connection to a hostile server in bounds
-shared/delivery/smtp.py's, saying what a failure means shared/delivery/failures.py's.
+shared/delivery/smtp.py's, one mail's MAIL FROM, RCPT TO and DATA (pipelined when the server offers it)
+shared/delivery/transaction.py's, saying what a failure means shared/delivery/failures.py's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from shared.deadline import Guard, Watchdog
 from shared.delivery.failures import classify, reply_text
 from shared.delivery.message import Outgoing
 from shared.delivery.smtp import PinnedSMTP, PinnedSMTPSSL, SmtpAccount, hang_up, size_limit, still_open
+from shared.delivery.transaction import Transaction
 from shared.domain import PauseReason, SmtpSecurity
 from shared.errors import AccountPausedError, HostError, PermanentSmtpError, SmtpError, TransientSmtpError
 from shared.hosts import vet
@@ -312,47 +314,37 @@ class Mailer:
             raise refusal
         # RFC 1870: declaring the size lets the server refuse before the upload instead of after it.
         options = outgoing.options + ((f"SIZE={len(outgoing.data)}",) if smtp.has_extn("size") else ())
-        stage = "MAIL FROM"
+        # MAIL FROM, RCPT TO… and DATA: pipelined when offered (shared.delivery.transaction). Once the
+        # message is on its way the server may have accepted it, so nothing after that is ever retried.
+        transaction = Transaction(smtp, outgoing.sender, outgoing.recipients, outgoing.data, options)
         try:
             if reused:  # a new connection is watched from its first byte on
                 smtp.guard = guard
                 guard.watch(smtp.sock)
-            code, reply = smtp.mail(outgoing.sender, options)
-            if code != 250:
-                raise smtplib.SMTPResponseException(code, reply)
-            stage = "RCPT TO"
-            refused = []
-            for address in outgoing.recipients:
-                code, reply = smtp.rcpt(address)
-                if code not in (250, 251):
-                    refused.append((address, code, reply_text(reply)))
-            if refused:
-                # A 4xx for anyone: nothing is sent yet, so the whole mail is retried later (nobody gets
-                # it twice). Only 5xx: the others get it, unless nobody is left.
-                address, code, text = next((r for r in refused if r[1] < 500), refused[0])
-                if code < 500 or len(refused) == len(outgoing.recipients):
-                    who = f" <{address}>" if len(outgoing.recipients) > 1 else ""
-                    raise smtplib.SMTPResponseException(code, text + who)
-            # From here on the server may have accepted the message, so nothing below is ever retried.
-            stage = "DATA"
-            code, reply = smtp.data(outgoing.data)
-            if code != 250:
-                raise smtplib.SMTPResponseException(code, reply)
+            code, reply = transaction.run()
         except (smtplib.SMTPException, OSError) as exc:
+            stage = transaction.stage
             error = self._classify(exc, stage, account, guard)
-            # A 5xx to one message leaves a healthy session; after a 4xx the server is throttling or
-            # unwell, so the retry gets a fresh connection rather than the session that just refused.
+            # A 5xx to one message leaves a healthy session (reset by an RSET sent with the next mail's
+            # commands); after a 4xx the server is throttling or unwell, so the retry gets a fresh
+            # connection rather than the session that just refused.
             refused = isinstance(exc, smtplib.SMTPResponseException) and isinstance(error, PermanentSmtpError)
-            self._finish(key, connection, guard, healthy=refused and _reset(smtp))
-            # A pooled connection the server closed while idle fails on its first command.
-            lost = isinstance(exc, smtplib.SMTPServerDisconnected) and not self._out_of_time(guard)
-            if reused and lost and stage in _NOT_ACCEPTED_YET:
-                raise _StaleConnection from exc
+            healthy = refused and transaction.reusable
+            if healthy:
+                smtp.reset_later()
+            self._finish(key, connection, guard, healthy=healthy)
+            # A pooled connection the server closed while idle fails on its first command, or on the
+            # RSET owed since its last mail.
+            if reused and not self._out_of_time(guard):
+                lost = isinstance(exc, smtplib.SMTPServerDisconnected) and stage in _NOT_ACCEPTED_YET
+                if lost or stage == "RSET":
+                    raise _StaleConnection from exc
             raise error from None
         connection.messages += 1
         self._finish(key, connection, guard, healthy=True)
         return Acceptance(
-            f"{code} {reply_text(reply)}".strip(), tuple(f"<{a}> {c} {t}" for a, c, t in refused)
+            f"{code} {reply_text(reply)}".strip(),
+            tuple(f"<{a}> {c} {t}" for a, c, t in transaction.refused),
         )
 
     def _refuse_before_sending(
@@ -390,10 +382,3 @@ class Acceptance(str):
 
 class _StaleConnection(Exception):
     """A reused connection was found closed before the server accepted anything: reconnect once."""
-
-
-def _reset(smtp: smtplib.SMTP) -> bool:
-    try:
-        return smtp.rset()[0] == 250
-    except (smtplib.SMTPException, OSError):
-        return False

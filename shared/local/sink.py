@@ -59,6 +59,12 @@ class _MailboxHandler:
         self.mailbox = mailbox
         self._sequence = itertools.count(1)  # keeps names unique and ordered within one microsecond
 
+    async def handle_EHLO(self, server, session, envelope, hostname: str, responses: list[str]) -> list[str]:
+        """Offer PIPELINING (RFC 2920): aiosmtpd answers pipelined commands in order, it just does not
+        say so; senders then put MAIL FROM, RCPT TO and DATA in one write, as with a real relay."""
+        session.host_name = hostname  # aiosmtpd leaves this to a handler with this hook
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
     async def handle_DATA(self, server, session, envelope) -> str:
         content: bytes = envelope.original_content or envelope.content or b""
         now = datetime.now(UTC)

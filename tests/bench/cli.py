@@ -26,6 +26,7 @@ QUICK = {
     "backlogs": "1000,3000,10000",
     "scale_rows": "100000,500000",
     "scale_user_rows": 10_000,
+    "relay_mails": 150,
 }
 
 
@@ -140,6 +141,13 @@ class Progress:
     default=None,
     help="write py-spy profiles of the workers and the sink to this directory",
 )
+@click.option(
+    "--relay-mails", type=int, default=None, help="mails per client and RTT in scenario 12 [default: 300]"
+)
+@click.option(
+    "--relay-rtts", default="0,20,50", show_default=True, help="round-trip times of scenario 12, in ms"
+)
+@click.option("--skip-postfix", is_flag=True, help="leave Postfix out of scenario 12")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 def bench(
     n,
@@ -156,6 +164,9 @@ def bench(
     scale_rows,
     scale_user_rows,
     profile,
+    relay_mails,
+    relay_rtts,
+    skip_postfix,
     no_progress,
 ) -> None:
     """Measure delivery and enqueue against the raw SMTP limit and against Celery, in one run.
@@ -172,6 +183,13 @@ def bench(
     scale_user_rows = min(min(scale_rows), scale_user_rows or sizes.get("scale_user_rows", 100_000))
     backlogs = _counts(backlogs or sizes.get("backlogs", DEFAULTS["backlogs"]), "backlog sizes")
     sender_counts = _senders(senders)
+    relay_mails = relay_mails or sizes.get("relay_mails", 300)
+    try:
+        rtts = tuple(float(x) for x in relay_rtts.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter("comma-separated milliseconds", param_hint="--relay-rtts") from None
+    if not rtts or any(r < 0 for r in rtts):
+        raise click.BadParameter("at least one round-trip time, none negative", param_hint="--relay-rtts")
     wanted = [s.strip() for s in only.split(",") if s.strip()]
     unknown = set(wanted) - set(SCENARIOS)
     if unknown:
@@ -191,6 +209,8 @@ def bench(
             "latency_seconds": latency_seconds,
             "scale_rows": ",".join(map(str, scale_rows)),
             "scale_user_rows": scale_user_rows,
+            "relay_mails": relay_mails,
+            "relay_rtts": ",".join(f"{r:g}" for r in rtts),
         },
     )
     for scenario in SCENARIOS:
@@ -208,7 +228,7 @@ def bench(
                 "Celery is not installed: `pip install -e '.[bench]'`, or pass --skip-celery"
             ) from None
     todo = [s for s in SCENARIOS if s not in run.skipped]
-    per = {"mailq": len(sender_counts), "backlog": len(backlogs), "scale": len(scale_rows)}
+    per = {"mailq": len(sender_counts) + 1, "backlog": len(backlogs), "scale": len(scale_rows)}
     steps = sum(per.get(s, 1) for s in todo) + 1
     steps += 1 if {"inbox", "batch", "latency", "backlog", "fairness"} & set(todo) else 0
     steps += 1 if "raw" in todo and {"mailq", "celery"} & set(todo) else 0  # the raw limit, measured again
@@ -233,6 +253,8 @@ def bench(
             scale_user_rows,
             profile,
         )
+        if "relay" in todo:
+            _relay(run, stack, progress, relay_mails, rtts, postfix=not skip_postfix)
     run.seconds = time.monotonic() - started
     path = write(run, out)
     click.echo(f"wrote {path} ({run.seconds / 60:.1f} min)")
@@ -273,7 +295,11 @@ def _run_scenarios(
     scale_user_rows,
     profile,
 ) -> None:
+    from shared.config import Settings
     from tests.bench import api, delivery, scale
+    from tests.bench.stack import DECLARED_CONNECTIONS, default_senders
+
+    stack.declare_connections(DECLARED_CONNECTIONS)  # the single-tenant scenarios' account
 
     def raw_limit(when: str) -> None:
         with _guard(run, "raw"), progress.step(f"1. raw limit ({when}): one smtplib connection", n) as tick:
@@ -289,6 +315,14 @@ def _run_scenarios(
                 with progress.step(f"2. mailq, {k} sender(s)", n) as tick:
                     profiler = _profiler(profile, f"mailq-{k}")
                     run.mailq.append(delivery.mailq_delivery(stack, n, k, tick, profiler=profiler))
+            k, default = default_senders(), Settings().smtp_max_connections_per_account
+            with progress.step(f"2. mailq, {k} sender(s), the default {default} connections", n) as tick:
+                stack.declare_connections(default)
+                try:
+                    label = f", default {default} connections"
+                    run.mailq_default = delivery.mailq_delivery(stack, n, k, tick, label=label)
+                finally:
+                    stack.declare_connections(DECLARED_CONNECTIONS)
     best_k = run.best.concurrency // stack.settings.worker_count if run.best else sender_counts[0]
     if "celery" in todo:
         with _guard(run, "celery"), progress.step("3. Celery + Redis", n) as tick:
@@ -362,6 +396,15 @@ def _pipelined(run, stack, progress, todo, n, backlogs, clients, latency_seconds
                 run.fairness = inbox.fairness(pipe, n, clients=clients, progress=tick)
     finally:
         pipe.__exit__(None, None, None)
+
+
+def _relay(run, stack, progress, n: int, rtts: tuple[float, ...], *, postfix: bool) -> None:
+    from tests.bench.relay import relay_scenario
+
+    clients = 3 if postfix else 2
+    title = f"12. a relay {', '.join(f'{r:g}' for r in rtts)} ms away"
+    with _guard(run, "relay"), progress.step(title, n * clients * len(rtts)) as tick:
+        run.relay = relay_scenario(stack, n, rtts, postfix=postfix, progress=tick)
 
 
 def _profiler(profile: Path | None, name: str):

@@ -153,9 +153,10 @@ def _drain(
 
 
 def mailq_delivery(
-    stack: Stack, n: int, senders: int, progress: Progress = lambda n: None, *, profiler=None
+    stack: Stack, n: int, senders: int, progress: Progress = lambda n: None, *, profiler=None, label: str = ""
 ) -> Delivery:
-    """N queued tasks drained by one consumer and ``senders`` sender processes."""
+    """N queued tasks drained by one consumer and ``senders`` sender processes, the account allowed
+    ``stack.connections`` conversations at once."""
     stack.reset()
     data_dir = stack.scratch(f"sink-mailq-{senders}")
     sink = stack.start_sink(data_dir)
@@ -182,9 +183,9 @@ def mailq_delivery(
             profiler.stop()
         verdict = verify(data_dir, (message_id for _, message_id in backlog))
         statuses = _settled(stack)
-        concurrency = senders * stack.settings.worker_count
+        concurrency = min(senders * stack.settings.worker_count, stack.connections)
         return Delivery(
-            f"mailq, {senders} sender(s)", n, seconds, verdict, cpu, statuses, concurrency,
+            f"mailq, {senders} sender(s){label}", n, seconds, verdict, cpu, statuses, concurrency,
             postgres_kinds=meter.postgres_kinds,
         )  # fmt: skip
     finally:

@@ -18,6 +18,8 @@ from tests.bench import SCENARIOS, TITLES  # noqa: F401 - SCENARIOS is part of t
 from tests.bench.api import ApiResult, LatencyResult
 from tests.bench.delivery import Delivery
 from tests.bench.inbox import FairnessResult
+from tests.bench.relay import METHOD as RELAY_METHOD
+from tests.bench.relay import RelayResult, relay_json, relay_rows
 from tests.bench.rows import (  # noqa: F401 - TARGETS is part of this module's interface
     TARGETS,
     Table,
@@ -46,7 +48,8 @@ class Run:
     options: dict
     raw: Delivery | None = None  # the better of the raw_runs: a disturbance can only lower a ceiling
     raw_runs: list[Delivery] = field(default_factory=list)
-    mailq: list[Delivery] = field(default_factory=list)
+    mailq: list[Delivery] = field(default_factory=list)  # the curve, the account declaring 16 connections
+    mailq_default: Delivery | None = None  # one sender per core, the account at the default 3
     celery: Delivery | None = None
     api: ApiResult | None = None
     inbox: Delivery | None = None  # API to inbox, single enqueues
@@ -55,6 +58,7 @@ class Run:
     backlog: list[Delivery] = field(default_factory=list)
     fairness: FairnessResult | None = None
     scale: list[ScaleResult] = field(default_factory=list)
+    relay: RelayResult | None = None
     skipped: dict[str, str] = field(default_factory=dict)  # scenario -> why
     failed: dict[str, str] = field(default_factory=dict)  # scenario -> error
     seconds: float = 0.0
@@ -68,9 +72,12 @@ class Run:
     def correct(self) -> bool:
         deliveries = [
             d
-            for d in (*self.raw_runs, *self.mailq, self.celery, self.inbox, self.batch, *self.backlog)
+            for d in (
+                *self.raw_runs, *self.mailq, self.mailq_default, self.celery, self.inbox, self.batch,
+                *self.backlog, *(self.relay.runs if self.relay else ()),
+            )
             if d is not None
-        ]
+        ]  # fmt: skip
         return (
             not self.failed
             and all(d.ok for d in deliveries)
@@ -129,10 +136,11 @@ def table(run: Run) -> Table:
     if (why := _absent(run, "mailq")) or not run.mailq:
         t.add(TITLES["mailq"], why or "not run", "—", f"≥ {TARGETS['delivery/raw']} of raw", "not run")
     else:
-        for d in run.mailq:
+        for d in (*run.mailq, *([run.mailq_default] if run.mailq_default else [])):
             ratio = f"{d.rate / raw_rate:.2f} of raw" if raw_rate else "—"
+            which = ", ".join(d.label.split(", ")[1:])
             t.add(
-                f"{TITLES['mailq']}, {d.label.split(', ')[1]} ({d.concurrency} SMTP conversations)",
+                f"{TITLES['mailq']}, {which} ({d.concurrency} SMTP conversations)",
                 _delivery_figures(d),
                 ratio,
             )
@@ -220,12 +228,15 @@ def table(run: Run) -> Table:
     backlog_rows(t, run)
     fairness_rows(t, run)
     scale_rows(t, run)
+    relay_rows(t, run)
     return t
 
 
 def cpu_table(run: Run) -> str:
     """CPU milliseconds per mail each process used while the backlog drained."""
-    everything = (*run.raw_runs, *run.mailq, run.celery, run.inbox, run.batch, *run.backlog)
+    everything = (
+        *run.raw_runs, *run.mailq, run.mailq_default, run.celery, run.inbox, run.batch, *run.backlog,
+    )  # fmt: skip
     deliveries = [d for d in everything if d is not None and d.cpu]
     if not deliveries:
         return ""
@@ -355,7 +366,7 @@ def write(run: Run, out_dir: Path, *, make_chart: bool = True) -> Path:
         "## Machine\n",
         "```\n" + "\n".join(f"$ {k}\n{v}" for k, v in info.items()) + "\n```\n",
         "## How each scenario is measured\n",
-        METHOD,
+        METHOD + RELAY_METHOD,
         "Reproduce: `make bench` (or `python -m tests.bench` from the repository root).\n",
     ]
     md_path.write_text("\n".join(sections))
@@ -392,10 +403,12 @@ def _numbers(run: Run, commit: str, dirty: list[str]) -> dict:
         "options": run.options,
         "raw": delivery(run.raw),
         "mailq": [delivery(d) for d in run.mailq],
+        "mailq_default_connections": delivery(run.mailq_default),
         "celery": delivery(run.celery),
         "inbox": delivery(run.inbox),
         "batch": delivery(run.batch),
         "backlog": [delivery(d) for d in run.backlog],
+        "relay": relay_json(run.relay),
         "skipped": run.skipped,
         "failed": run.failed,
     }
@@ -469,7 +482,10 @@ METHOD = """\
   accounts log in; `mailq sink` itself accepts any login, for local development). Workers run as
   `mailq consumer` / `mailq sender` processes with the production settings of
   `deployment/base/config.env` (LOG_LEVEL=INFO, QUEUE_CONSUMER_COUNT=4, WORKER_COUNT=4), except that
-  the sink is a plaintext server on 127.0.0.1. The sink runs at LOG_LEVEL=WARNING: it stands in for
+  the sink is a plaintext server on 127.0.0.1, and that the benchmark's account declares 16 SMTP
+  connections (`DECLARED_CONNECTIONS` in `tests/bench/stack.py`), as a user of a relay that allows them
+  would (for now through SMTP_MAX_CONNECTIONS_PER_ACCOUNT, which then holds for scenario 10's second
+  tenant too). The sink offers PIPELINING. The sink runs at LOG_LEVEL=WARNING: it stands in for
   the receiving SMTP server, and aiosmtpd's five INFO lines per mail would make it slower for everyone.
   Scenarios 5-7, 9 and 10 share one warm stack like `mailq dev`'s default: the enqueue and batch
   functions, one consumer and one sender process per core, started once; each scenario gets an empty
@@ -482,7 +498,9 @@ METHOD = """\
   envelopes are staged in a side list. With the consumer and k senders (`--senders`, default 1,2,4,8)
   started and registered, the clock starts and one `RENAME` makes the whole backlog appear in
   `mailq:tasks`. It stops at the sink's arrival stamp of the N-th mail. The curve row explains the
-  figures from their own numbers (the senders' CPU per mail, the cores kept busy).
+  figures from their own numbers (the senders' CPU per mail, the cores kept busy). One more run, with
+  one sender per core, has the account at the default of 3 conversations at once (the row "default 3
+  connections"); it is not part of the curve.
 - **3. Celery**: Flask's documented Flask + Celery pattern (`celery_init_app`, app context per task),
   a `send_mail` task that receives the mail in its arguments and, like Flask-Mail's `mail.send` and most
   hand-written tasks, opens an SMTP connection, logs in, sends and quits, per mail. Redis broker (same

@@ -1,4 +1,4 @@
-"""Scenario 6: the same service with a million tasks in the table.
+"""Scenario 11: the same service with a million tasks in the table.
 
 The rows are copied in (history first, then the live queued/processing rows so they are fresh),
 spread round-robin over users of USER_ROWS tasks each, then ``VACUUM ANALYZE`` — what autovacuum

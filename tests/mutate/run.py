@@ -202,6 +202,20 @@ def _short(detail: str, limit: int = 110) -> str:
     return f"{head}[{params[: max(8, limit - len(head) - 3)]}…]"
 
 
+def interpreter(python: str) -> str:
+    """The interpreter that runs pytest, by its version and, inside the clone, its relative path: the
+    output is pasted into reports, where the clone's absolute path would name someone's machine."""
+    version = subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    path = Path(python)
+    where = f" ({path.relative_to(ROOT)})" if path.is_absolute() and path.is_relative_to(ROOT) else ""
+    return f"Python {version or '?'}{where}"
+
+
 def summary(results: list[Result], seconds: float) -> str:
     statuses = ("killed", "survived", "stale", "timeout", "error")
     counts = {s: sum(r.status == s for r in results) for s in statuses}
@@ -238,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = scratch / "base"
         files = snapshot(base)
-        print(f"{len(mutants)} mutant(s); {files} files copied to {scratch}; {args.python}", flush=True)
+        print(
+            f"{len(mutants)} mutant(s); {files} files copied to {scratch}; {interpreter(args.python)}",
+            flush=True,
+        )
         if not args.no_baseline:
             tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
             tree = scratch / "baseline"
