@@ -157,7 +157,9 @@ def test_a_reply_that_says_when_to_come_back_is_believed_up_to_a_day():
 # --- the rules by stage -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["greeting", "EHLO", "STARTTLS", "AUTH", "RSET", "MAIL FROM", "RCPT TO", "DATA"])
+@pytest.mark.parametrize(
+    "stage", ["greeting", "EHLO", "STARTTLS", "AUTH", "RSET", "MAIL FROM", "RCPT TO", "DATA"]
+)
 def test_a_421_at_any_stage_is_the_account_throttling(stage):
     error = error_for(421, "4.3.2 Service not available, closing transmission channel", stage)
     assert isinstance(error, AccountSmtpError) and error.reason == THROTTLED and error.shrink
