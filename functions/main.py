@@ -14,7 +14,7 @@ from functions.http import client_address, endpoint, json_body, problem, query_i
 from shared.accounts import sessions, users
 from shared.delivery import check, raw
 from shared.observe import gauges, opsview
-from shared.tasks import batch, bulk, content, control, pages, search, stats, views
+from shared.tasks import attempts, batch, bulk, content, control, pages, search, stats, views
 from shared.tasks import enqueue as single  # `enqueue` is the function below
 from shared.webhooks import endpoints
 
@@ -111,6 +111,9 @@ def enqueue_batch(ctx, request):
 @endpoint("get_task")
 def get_task(ctx, request, id):
     user = users.authenticate(ctx, request.headers.get("Authorization"))
+    if request.path.endswith("/attempts"):  # GET /api/v1/task/{id}/attempts (operation task_attempts)
+        limit = query_int(request, "limit", attempts.DEFAULT_PAGE, 1, attempts.MAX_PAGE)
+        return 200, attempts.list_attempts(ctx, user.id, id, limit, request.args.get("cursor"))
     return 200, views.get_task(ctx, user.id, id)
 
 

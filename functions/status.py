@@ -93,6 +93,7 @@ def figures_from_exposition(text: str) -> dict[str, Any]:
         "lists": {},
         "paused_accounts": None,
         "workers_alive": {},
+        "accounts_waiting": {},
     }
     by_label = {
         "mailq_tasks": ("tasks", "status"),
@@ -108,7 +109,10 @@ def figures_from_exposition(text: str) -> dict[str, Any]:
     }
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in by_label:
+            if sample.name == "mailq_accounts_waiting":
+                key = f"{sample.labels['state']}:{sample.labels['reason']}"
+                figures["accounts_waiting"][key] = int(sample.value)
+            elif sample.name in by_label:
                 key, label = by_label[sample.name]
                 figures[key][sample.labels[label]] = int(sample.value)
             elif sample.name in single:
@@ -160,6 +164,17 @@ def print_figures(console: Console, figures: dict[str, Any]) -> None:
     for role, n in figures["workers_alive"].items():
         workers.add_row(role, str(n))
     console.print(workers)
+    waiting = figures.get("accounts_waiting") or {}
+    accounts = Table(title="Accounts waiting")
+    accounts.add_column("state")
+    accounts.add_column("reason")
+    accounts.add_column("accounts", justify="right")
+    for key, n in sorted(waiting.items()):
+        state, reason = key.split(":", 1)
+        accounts.add_row(state, reason, f"{n:,}")
+    if not waiting:
+        accounts.add_row("none", "every account with mail can send", "0")
+    console.print(accounts)
     console.print(f"oldest due, not yet sent: [bold]{_age(figures['oldest_due_seconds'])}[/bold]")
     console.print(f"work waiting for the sweep: [bold]{figures['sweep_pending']}[/bold] task(s)")
 

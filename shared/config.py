@@ -117,8 +117,17 @@ class Settings:
     # --- SMTP ---
     smtp_timeout: float = 30.0  # SMTP_TIMEOUT, seconds for every SMTP socket operation
     smtp_idle_seconds: float = 30.0  # SMTP_IDLE_SECONDS, a reused SMTP connection is closed after this idle
-    # SMTP_MAX_CONNECTIONS_PER_ACCOUNT, SMTP conversations at once per account across all senders
+    # SMTP_MAX_CONNECTIONS_PER_ACCOUNT, SMTP conversations at once per account across all senders, for
+    # an account that declares no smtp_max_connections of its own
     smtp_max_connections_per_account: int = 3
+    # SMTP_MAX_CONNECTIONS_PER_ACCOUNT_LIMIT, the most conversations an account may declare (the ceiling)
+    smtp_max_connections_per_account_limit: int = 16
+    # ACCOUNT_BACKOFF_BASE, seconds an account waits after the first thing its relay refused; doubles
+    account_backoff_base: float = 1.0
+    # ACCOUNT_BACKOFF_MAX, cap on an account's backoff, seconds (a quota reply waits for its window instead)
+    account_backoff_max: float = 300.0
+    # MAX_QUEUE_LIFETIME, seconds a mail may wait from when it is due; then it is cancelled as expired
+    max_queue_lifetime: int = 5 * 86400
     smtp_connection_max_age: float = 300.0  # SMTP_CONNECTION_MAX_AGE, seconds a pooled connection may live
     smtp_connection_max_messages: int = 100  # SMTP_CONNECTION_MAX_MESSAGES, mails over one connection at most
     smtp_allow_private_hosts: bool = True  # SMTP_ALLOW_PRIVATE_HOSTS, allow loopback/private SMTP hosts
@@ -226,6 +235,14 @@ class Settings:
             smtp_max_connections_per_account=_int(
                 get("SMTP_MAX_CONNECTIONS_PER_ACCOUNT", "3"), "SMTP_MAX_CONNECTIONS_PER_ACCOUNT", 1
             ),
+            smtp_max_connections_per_account_limit=_int(
+                get("SMTP_MAX_CONNECTIONS_PER_ACCOUNT_LIMIT", "16"),
+                "SMTP_MAX_CONNECTIONS_PER_ACCOUNT_LIMIT",
+                1,
+            ),
+            account_backoff_base=_float(get("ACCOUNT_BACKOFF_BASE", "1"), "ACCOUNT_BACKOFF_BASE"),
+            account_backoff_max=_float(get("ACCOUNT_BACKOFF_MAX", "300"), "ACCOUNT_BACKOFF_MAX"),
+            max_queue_lifetime=_int(get("MAX_QUEUE_LIFETIME", str(5 * 86400)), "MAX_QUEUE_LIFETIME", 1),
             smtp_connection_max_age=_float(get("SMTP_CONNECTION_MAX_AGE", "300"), "SMTP_CONNECTION_MAX_AGE"),
             smtp_connection_max_messages=_int(
                 get("SMTP_CONNECTION_MAX_MESSAGES", "100"), "SMTP_CONNECTION_MAX_MESSAGES", 1
@@ -287,6 +304,12 @@ class Settings:
             problems.append(
                 "ENQUEUE_BURST_PER_USER must be at least MAX_BATCH (a full batch must fit a burst)"
             )
+        if self.smtp_max_connections_per_account > self.smtp_max_connections_per_account_limit:
+            problems.append(
+                "SMTP_MAX_CONNECTIONS_PER_ACCOUNT must be at most SMTP_MAX_CONNECTIONS_PER_ACCOUNT_LIMIT"
+            )
+        if self.account_backoff_base <= 0 or self.account_backoff_max < self.account_backoff_base:
+            problems.append("ACCOUNT_BACKOFF_BASE must be more than 0 and at most ACCOUNT_BACKOFF_MAX")
         if self.is_production:
             if not self.jwt_secret:
                 problems.append("JWT_SECRET is missing (at least 32 bytes are required in production)")

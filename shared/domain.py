@@ -38,6 +38,7 @@ class CancelReason(enum.StrEnum):
     TRIES_EXHAUSTED = "tries_exhausted"  # transient failures used up its MAX_TRY_COUNT tries
     USER = "user"  # the user cancelled it
     LOST_IN_FLIGHT = "lost_in_flight"  # the worker sending its last try was lost (it may have gone out)
+    EXPIRED = "expired"  # not sent by its expires_at (MAX_QUEUE_LIFETIME after it was due, or its own)
 
 
 TERMINAL = frozenset({Status.SENT, Status.CANCELLED})  # for the workers; only a user's retry revives one
@@ -69,6 +70,24 @@ class SmtpSecurity(enum.StrEnum):
     STARTTLS = "starttls"  # plaintext connect, then STARTTLS is required before anything else
     TLS = "tls"  # implicit TLS from the first byte (port 465)
     NONE = "none"  # plaintext; only where SMTP_ALLOW_INSECURE permits it
+
+
+class AccountReason(enum.StrEnum):
+    """Why an account backs off: what its relay said about the account, not about a mail (a bounded
+    vocabulary: the metrics' reason label, the user record's ``smtp_state.reason``, webhook events)."""
+
+    UNREACHABLE = "unreachable"  # no connection: refused, reset, timed out, name not found, lost before DATA
+    THROTTLED = "throttled"  # 421, or a known throttling reply (shared.delivery.replies)
+    QUOTA = "quota"  # a known quota reply: the account waits for the quota's window
+    UNAVAILABLE = "unavailable"  # a temporary failure of the greeting, EHLO, STARTTLS or AUTH
+
+
+class PauseReason(enum.StrEnum):
+    """Why an account is paused: its mail waits until the user (or an operator) changes something."""
+
+    CREDENTIALS = "credentials"  # the server refused the account's login (5xx to AUTH)
+    KEY = "key"  # no configured key decrypts the stored SMTP password
+    CONFIGURATION = "configuration"  # the server cannot be used as configured (TLS, STARTTLS, AUTH offered)
 
 
 def default_security(port: int) -> SmtpSecurity:

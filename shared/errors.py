@@ -15,10 +15,12 @@
      │    ├── RateLimited           too many attempts; retry_after seconds
      │    └── DependencyUnavailable PostgreSQL or Redis cannot be reached
      └── SmtpError                a send failed
-          ├── TransientSmtpError    worth retrying (4xx, timeout, connection lost)
-          └── PermanentSmtpError    not worth retrying (5xx, TLS refused, too big for the server)
-               ├── SmtpAuthError          the server refused the account's credentials (5xx to AUTH)
-               └── UnsafeMessage          the bytes about to be sent are not the mail meant (last guard)
+          ├── TransientSmtpError    about this mail, worth retrying (4xx to MAIL/RCPT/DATA, lost in DATA)
+          ├── PermanentSmtpError    about this mail, not worth retrying (5xx, too big for the server)
+          │    └── UnsafeMessage      the bytes about to be sent are not the mail meant (last guard)
+          └── AccountSmtpError      about the account's relay, not the mail: it backs off, no try spent
+               └── AccountPausedError   the account cannot send until its settings change: it pauses
+                    └── SmtpAuthError     the server refused the account's credentials (5xx to AUTH)
 
 Only ``functions/`` knows which HTTP status each ServiceError becomes.
 """
@@ -136,6 +138,7 @@ class SmtpError(MailqError):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.stage: str | None = None  # how far the conversation got (connect, greeting, …, DATA)
 
 
 class TransientSmtpError(SmtpError):
@@ -146,7 +149,39 @@ class PermanentSmtpError(SmtpError):
     """Raised for failures not worth retrying: 5xx replies, bad credentials, TLS refused."""
 
 
-class SmtpAuthError(PermanentSmtpError):
+class AccountSmtpError(SmtpError):
+    """Raised for what the relay said about the account rather than about this mail: it cannot be
+    reached, it answered 421, a greeting, EHLO, STARTTLS or AUTH failed for now, or a known throttling
+    or quota reply (shared.delivery.replies). The mail spends no try; the account backs off.
+
+    ``reason`` is a ``shared.domain.AccountReason``; ``wait`` the seconds the relay asked for (a quota's
+    window), None to back off as usual; ``shrink`` asks for fewer conversations at once (a throttling or
+    a refused connection)."""
+
+    def __init__(
+        self,
+        message: str,
+        code: int | None = None,
+        *,
+        reason: str = "unavailable",
+        wait: float | None = None,
+        shrink: bool = False,
+        stage: str | None = None,
+    ):
+        super().__init__(message, code)
+        self.reason = reason
+        self.wait = wait
+        self.shrink = shrink
+        self.stage = stage
+
+
+class AccountPausedError(AccountSmtpError):
+    """Raised when the account cannot send as configured whatever the time (a certificate that does not
+    verify, no STARTTLS, no AUTH, plaintext refused): the account pauses until its settings change.
+    ``reason`` is a ``shared.domain.PauseReason``."""
+
+
+class SmtpAuthError(AccountPausedError):
     """Raised when the server answers AUTH with 5xx (535: credentials refused).
 
     Every mail of that account would fail the same way (and each try counts against the account at the

@@ -17,7 +17,7 @@ from datetime import datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from shared.domain import CancelReason, Status
+from shared.domain import AccountReason, CancelReason, Status
 
 log = logging.getLogger("mailq.metrics")
 
@@ -94,6 +94,17 @@ class WorkerMetrics:
             buckets=SMTP_BUCKETS,
             registry=r,
         )
+        self.account_backoffs = Counter(
+            "mailq_account_backoffs",
+            "Steps of an account's backoff: its relay refused the account (no mail's try spent), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.send_limit_waits = Counter(
+            "mailq_send_limit_waits",
+            "Times an account's declared send limit held its mail back (untaken until its window has room).",
+            registry=r,
+        )
         self.busy = Gauge("mailq_worker_busy_threads", "Conversation threads at work right now.", registry=r)
         self.threads = Gauge("mailq_worker_threads", "Conversation threads this process holds.", registry=r)
         # Every labelled series exists from the start, so rate() and absent() work before the first event.
@@ -105,6 +116,8 @@ class WorkerMetrics:
             self.envelopes.labels(outcome)
         for outcome in WEBHOOK_OUTCOMES:
             self.webhooks.labels(outcome)
+        for reason in AccountReason:
+            self.account_backoffs.labels(reason.value)
 
     # --- the sender ---
 
@@ -145,6 +158,7 @@ class WorkerMetrics:
         self.rescued.inc(report.rescued)
         self.cancel(CancelReason.LOST_IN_FLIGHT, report.lost_in_flight)
         self.cancel(CancelReason.TRIES_EXHAUSTED, report.cancelled - report.lost_in_flight)
+        self.cancel(CancelReason.EXPIRED, getattr(report, "expired", 0))
 
 
 def bind_address(production: bool) -> str:

@@ -9,10 +9,23 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from sqlalchemy import orm
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 
+# The attempt log's table has a module of its own (this one would pass 400 lines); it is re-exported
+# here with the others, on the same Base and metadata.
+from shared.attempt_log import ATTEMPT_OUTCOMES, TaskAttempt, task_attempts  # noqa: F401
 from shared.domain import Status
+from shared.modelbase import Base
+from shared.webhook_tables import (  # noqa: F401
+    DELIVERY_STATES,
+    EVENT_TYPES,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookEvent,
+    webhook_deliveries,
+    webhook_endpoints,
+    webhook_events,
+)
 
 STATUS_VALUES = tuple(s.value for s in Status)
 # Every index the pipeline's queries rely on is named here so tests can check EXPLAIN uses them.
@@ -32,10 +45,6 @@ def subject_key(subject: sa.ColumnElement[str]) -> sa.ColumnElement[str]:
     return sa.func.left(sa.func.lower(subject).collate("C"), SUBJECT_KEY_LENGTH)
 
 
-class Base(orm.DeclarativeBase):
-    pass
-
-
 class User(Base):
     __tablename__ = "users"
 
@@ -50,6 +59,17 @@ class User(Base):
     # Set when the SMTP server refused the credentials; the account's mail waits until they change.
     smtp_paused_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
     smtp_paused_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    smtp_paused_code: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    # What the account declares of its relay (docs/relays.md): conversations at once (null: the
+    # deployment's SMTP_MAX_CONNECTIONS_PER_ACCOUNT) and up to four send windows.
+    smtp_max_connections: orm.Mapped[int | None] = orm.mapped_column(sa.Integer, nullable=True)
+    smtp_send_limits = orm.mapped_column(JSONB, server_default=sa.text("'[]'::jsonb"), nullable=False)
+    # The account's backoff episode as the senders see it in Redis (shared.pace), mirrored for the user
+    # record: since when, the next attempt, why (shared.domain.AccountReason) and the relay's words.
+    smtp_backoff_since = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    smtp_backoff_until = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    smtp_backoff_code: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
+    smtp_backoff_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
     created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     # Written into every token at login; a password change or a logout-all raises it, and a token of an
@@ -71,6 +91,16 @@ class User(Base):
         ),
         sa.CheckConstraint("smtp_security IN ('starttls', 'tls', 'none')", name="users_smtp_security_check"),
         sa.CheckConstraint("smtp_port BETWEEN 1 AND 65535", name="users_smtp_port_check"),
+        sa.CheckConstraint("smtp_max_connections >= 1", name="users_smtp_max_connections_check"),
+        # `mailq status`: the accounts waiting, by reason (a few rows of a partial index each).
+        sa.Index(
+            "users_smtp_backing_off",
+            "smtp_backoff_code",
+            postgresql_where=sa.text("smtp_backoff_since IS NOT NULL"),
+        ),
+        sa.Index(
+            "users_smtp_paused", "smtp_paused_code", postgresql_where=sa.text("smtp_paused_at IS NOT NULL")
+        ),
     )
 
 
@@ -102,6 +132,11 @@ class Task(Base):
     created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
     sent_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
+    # Never attempted after this; the sweep cancels it as expired (its own expires_at, or
+    # MAX_QUEUE_LIFETIME after it was due, which enqueue writes; the default only serves other writers).
+    expires_at = orm.mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.text("(now() + '5 days'::interval)"), nullable=False
+    )
     # The mail's tags ({"key": "value"}), read with the row by every view and webhook; the ?tag= filter
     # is served by task_tags.
     tags = orm.mapped_column(JSONB, server_default=sa.text("'{}'::jsonb"), nullable=False)
@@ -155,6 +190,15 @@ class Task(Base):
             "next_attempt_at",
             postgresql_where=sa.text("status = 'queued'"),
         ),
+        # The sweep: mail not sent by its expires_at (shared.pending; processing runs to its outcome). The
+        # always-true "expires_at IS NOT NULL" keeps the due and leaked queries on their own indexes.
+        sa.Index(
+            "tasks_sweep_expired",
+            "expires_at",
+            postgresql_where=sa.text(
+                "status IN ('scheduled', 'queued', 'failed') AND expires_at IS NOT NULL"
+            ),
+        ),
         # Retention: final tasks by age (the predicate is shared.pending.FINAL_STATUSES).
         sa.Index(
             "tasks_retention",
@@ -187,111 +231,6 @@ class Task(Base):
         sa.Index("tasks_user_status_created", "user_id", "status", "created_at", "id"),
         sa.Index("tasks_user_subject", "user_id", subject_key(sa.column("subject")), "id"),
         sa.Index("tasks_user_message_id", "user_id", "message_id"),
-    )
-
-
-# Webhooks (shared/tasks/events.py writes events and deliveries; shared/webhooks/worker.py sends them).
-EVENT_TYPES = ("task.sent", "task.deferred", "task.cancelled")
-# A delivery's life: scheduled (a retry waiting for next_attempt_at) -> queued (its envelope pushed at
-# next_attempt_at) -> sending (a worker holds it until lease_until) -> delivered | failed, or back to
-# scheduled. The API shows the first three as "pending".
-DELIVERY_STATES = ("scheduled", "queued", "sending", "delivered", "failed")
-
-
-class WebhookEndpoint(Base):
-    __tablename__ = "webhook_endpoints"
-
-    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
-    user_id: orm.Mapped[int] = orm.mapped_column(
-        sa.BigInteger, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False
-    )
-    url: orm.Mapped[str] = orm.mapped_column(sa.Text)
-    events = orm.mapped_column(postgresql.ARRAY(sa.Text), nullable=False)  # the event types it receives
-    enabled: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, server_default=sa.true(), nullable=False)
-    disabled_reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
-    # The signing secret, encrypted like SMTP passwords (it must be usable, so it is not hashed).
-    secret_enc: orm.Mapped[str] = orm.mapped_column(sa.Text)
-    # The secret a rotation replaced: deliveries are signed with it too until previous_secret_until.
-    previous_secret_enc: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
-    previous_secret_until = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
-    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
-    updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
-
-    __table_args__ = (
-        # A user's endpoints: the list, the limit of ten, and the send path's "any endpoint?" check.
-        sa.Index("webhook_endpoints_user_id", "user_id", "id"),
-    )
-
-
-class WebhookEvent(Base):
-    """What happened to a task, written in the transaction that made it happen (the outbox)."""
-
-    __tablename__ = "webhook_events"
-
-    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
-    task_id: orm.Mapped[int] = orm.mapped_column(
-        sa.BigInteger, sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False
-    )
-    type: orm.Mapped[str] = orm.mapped_column(sa.Text)
-    data = orm.mapped_column(postgresql.JSONB, nullable=False)  # the payload's "data", as it was then
-    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
-
-    __table_args__ = (
-        sa.CheckConstraint(
-            f"type IN ({', '.join(repr(t) for t in EVENT_TYPES)})", name="webhook_events_type_check"
-        ),
-        sa.Index("webhook_events_task_id", "task_id"),
-    )
-
-
-class WebhookDelivery(Base):
-    """One event to one endpoint: kept after it ends, as the delivery log (and for audits)."""
-
-    __tablename__ = "webhook_deliveries"
-
-    id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, sa.Identity(), primary_key=True)
-    event_id: orm.Mapped[int] = orm.mapped_column(
-        sa.BigInteger, sa.ForeignKey("webhook_events.id", ondelete="CASCADE"), nullable=False
-    )
-    endpoint_id: orm.Mapped[int] = orm.mapped_column(
-        sa.BigInteger, sa.ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=False
-    )
-    state: orm.Mapped[str] = orm.mapped_column(sa.Text)
-    # Attempts started so far: the fencing token of the outcome, like a task's try_count.
-    attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, server_default="0", nullable=False)
-    last_status: orm.Mapped[int | None] = orm.mapped_column(sa.Integer, nullable=True)  # HTTP status
-    last_error: orm.Mapped[str | None] = orm.mapped_column(sa.Text, nullable=True)
-    next_attempt_at = orm.mapped_column(
-        sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
-    )
-    lease_until = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
-    created_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
-    updated_at = orm.mapped_column(sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False)
-    delivered_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=True)
-
-    __table_args__ = (
-        sa.CheckConstraint(
-            f"state IN ({', '.join(repr(s) for s in DELIVERY_STATES)})", name="webhook_deliveries_state_check"
-        ),
-        # The delivery log of one endpoint, newest first (keyset on id).
-        sa.Index("webhook_deliveries_endpoint_id", "endpoint_id", "id"),
-        sa.Index("webhook_deliveries_event_id", "event_id"),
-        # The sweep (and idle webhook workers): retries due, envelopes lost, leases run out.
-        sa.Index(
-            "webhook_deliveries_due",
-            "next_attempt_at",
-            postgresql_where=sa.text("state = 'scheduled'"),
-        ),
-        sa.Index(
-            "webhook_deliveries_queued",
-            "next_attempt_at",
-            postgresql_where=sa.text("state = 'queued'"),
-        ),
-        sa.Index(
-            "webhook_deliveries_lease",
-            "lease_until",
-            postgresql_where=sa.text("state = 'sending'"),
-        ),
     )
 
 
@@ -373,9 +312,6 @@ class TaskBulkRequest(Base):
 
 users = User.__table__
 tasks = Task.__table__
-webhook_endpoints = WebhookEndpoint.__table__
-webhook_events = WebhookEvent.__table__
-webhook_deliveries = WebhookDelivery.__table__
 task_contents = TaskContent.__table__
 task_tags = TaskTag.__table__
 task_batches = TaskBatch.__table__

@@ -23,6 +23,11 @@ _CONDITIONS = (
 )
 
 
+# Mail not sent by its expires_at, cancelled as expired (tasks_sweep_expired). A processing task is left
+# to its attempt's outcome: it was claimed before its time.
+EXPIRED = ("expires_at", "status IN ('scheduled', 'queued', 'failed') AND expires_at <= now()")
+
+
 # The same three kinds for webhook deliveries (shared/webhooks/worker.py), each from its partial index of
 # webhook_deliveries: retries due, envelopes lost (queued past the leak window), leases run out.
 _DELIVERY_CONDITIONS = (
@@ -52,10 +57,11 @@ RETENTION_WHERE = FINAL_STATUSES + " AND updated_at < now() - interval '{days} d
 
 
 def pending_work_sql(leak_window_seconds: int, retention_days: int = 0) -> str:
-    """How many tasks and webhook deliveries the sweep would put back now, plus 1 while any task is
-    past retention (the ScaledJob's query; counting every expired row would cost as much as deleting
-    them)."""
+    """How many tasks and webhook deliveries the sweep would put back (or cancel as expired) now, plus 1
+    while any task is past retention (the ScaledJob's query; counting every expired row would cost as
+    much as deleting them)."""
     counts = [f"(SELECT count(*) FROM tasks WHERE {where})" for _, where in conditions(leak_window_seconds)]
+    counts.append(f"(SELECT count(*) FROM tasks WHERE {EXPIRED[1]})")
     counts += [
         f"(SELECT count(*) FROM webhook_deliveries WHERE {where})"
         for _, where in delivery_conditions(leak_window_seconds)

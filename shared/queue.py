@@ -29,6 +29,11 @@ SEND_QUEUE_PREFIX = "mailq:send:q:"  # + tenant: a sorted set of envelopes, scor
 SLOTS_PREFIX = "mailq:slots:"  # + tenant: holders of an SMTP conversation slot, score = expiry (ms)
 PAUSED = "mailq:paused"  # set of tenants whose SMTP login was refused; their mail waits
 SEND_BELL = "mailq:send:bell"  # wake-up tokens for idle senders; trimmed to BELL_MAX
+# An account's pace (shared.pace): tenants no sender may take before a time (a backoff, a send limit),
+# the account's relay state (concurrency, backoff, declared limits), and its send-limit windows.
+SEND_HOLD = "mailq:send:hold"  # a sorted set: tenant -> not before (ms, Redis's clock)
+ACCOUNT_PREFIX = "mailq:account:"  # + tenant: a hash (cap, probe, run, calm, level, since, until, …)
+LIMIT_PREFIX = "mailq:limit:"  # + tenant:<window ms>:<m|r>: a hash, time bucket -> mails or recipients
 BELL_MAX = 64
 WORKERS = "mailq:workers"  # hash: worker id -> the list its processing list drains back into
 
@@ -54,6 +59,10 @@ class FairKeys:
     slots_prefix: str
     paused: str
     bell: str
+    # The senders' queue paces each account (shared.pace); the webhook worker's has none ("").
+    hold: str = ""
+    account_prefix: str = ""
+    limit_prefix: str = ""
 
     def queue(self, tenant: int | str) -> str:
         return f"{self.queue_prefix}{tenant}"
@@ -62,7 +71,9 @@ class FairKeys:
         return f"{self.slots_prefix}{tenant}"
 
 
-SENDER_KEYS = FairKeys(SEND_READY, SEND_QUEUE_PREFIX, SLOTS_PREFIX, PAUSED, SEND_BELL)
+SENDER_KEYS = FairKeys(
+    SEND_READY, SEND_QUEUE_PREFIX, SLOTS_PREFIX, PAUSED, SEND_BELL, SEND_HOLD, ACCOUNT_PREFIX, LIMIT_PREFIX
+)
 WEBHOOK_KEYS = FairKeys(
     WEBHOOK_READY, WEBHOOK_QUEUE_PREFIX, WEBHOOK_SLOTS_PREFIX, WEBHOOK_PAUSED, WEBHOOK_BELL
 )
@@ -78,6 +89,11 @@ def send_queue(tenant: int | str) -> str:
 def slots(tenant: int | str) -> str:
     """The tenant's SMTP conversation slots (a lease-based semaphore)."""
     return f"{SLOTS_PREFIX}{tenant}"
+
+
+def account(tenant: int | str) -> str:
+    """The account's pace in Redis (shared.pace)."""
+    return f"{ACCOUNT_PREFIX}{tenant}"
 
 
 def processing_list(worker_id: str) -> str:

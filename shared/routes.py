@@ -44,6 +44,8 @@ ROUTES: tuple[Route, ...] = (
     # Before {id} for the reader; {id} matches digits only, so it could not take "stats" anyway.
     Route("GET", "/api/v1/task/stats", "task_stats"),
     Route("GET", "/api/v1/task/{id}", "get_task"),
+    # Its attempts (shared/tasks/attempts.py): served by the task's own function.
+    Route("GET", "/api/v1/task/{id}/attempts", "get_task", "task_attempts"),
     # A user's control over a task (shared/tasks/control.py); PATCH shares its path with GET above.
     Route("PATCH", "/api/v1/task/{id}", "reschedule_task"),
     Route("POST", "/api/v1/task/{id}/cancel", "cancel_task"),

@@ -42,7 +42,8 @@ class Outcome(Enum):
     CANCELLED = "cancelled"  # permanent failure or tries used up
     STALE = "stale"  # the outcome lost the fencing check: someone else claimed the task since
     RELEASED = "released"  # given back without spending a try (a worker fault, or shutting down)
-    PAUSED = "paused"  # the account's SMTP login was refused: the mail waits for new credentials
+    PAUSED = "paused"  # the account cannot send until its settings change: the mail waits
+    WAITING = "waiting"  # the account's relay refused it (it backs off): given back, no try spent
 
 
 def utcnow() -> datetime:

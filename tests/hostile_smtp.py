@@ -259,16 +259,36 @@ class HostileSmtpServer:
 
 
 class TricklingServer(HostileSmtpServer):
-    """Sends the banner (banner=True) and/or every reply (replies=True) one byte per delay seconds."""
+    """Sends the banner (banner=True) and/or every reply (replies=True) one byte per delay seconds;
+    with ``only=("MAIL", "RCPT", "DATA")`` just the replies to those verbs (the connection opens at
+    full speed, the mail's transaction crawls)."""
 
-    def __init__(self, delay: float = 0.2, *, banner: bool = True, replies: bool = True, **kwargs):
+    def __init__(
+        self,
+        delay: float = 0.2,
+        *,
+        banner: bool = True,
+        replies: bool = True,
+        only: Iterable[str] | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.delay, self.trickle_banner, self.trickle_replies = delay, banner, replies
+        self.only = {verb.upper() for verb in only} if only is not None else None
 
     def write(self, sock: socket.socket, data: bytes, *, banner: bool = False) -> None:
-        if not (self.trickle_banner if banner else self.trickle_replies):
+        if self.only is not None or not (self.trickle_banner if banner else self.trickle_replies):
             sock.sendall(data)
             return
+        self.trickle(sock, data)
+
+    def answer(self, sock: socket.socket, reader, verb: str, default: bytes) -> None:
+        if self.only is not None and verb in self.only:
+            self.trickle(sock, self.replies.get(verb, default))
+        else:
+            super().answer(sock, reader, verb, default)
+
+    def trickle(self, sock: socket.socket, data: bytes) -> None:
         for i in range(len(data)):
             if self._stopped.wait(self.delay):
                 return

@@ -54,6 +54,12 @@ class Pipeline:
         result, _ = enqueue.enqueue(self.ctx, user.id, body, key)
         return result["task_id"]
 
+    def established(self, user) -> None:
+        """One mail sent: the account has had its first success (a new account probes with one
+        conversation until then, shared.pace) and may use all it declares; its connection is pooled."""
+        self.enqueue(user, subject="first")
+        assert Outcome.SENT in self.pump()
+
     def hand_off(self, timeout: float = 0.05) -> list[Outcome]:
         """Run the consumer until its list is empty: every envelope waits at the senders."""
         outcomes = []

@@ -143,7 +143,7 @@ def test_a_task_that_changed_since_it_was_found_is_left_alone_by_the_conditional
     fail(pg_url, found[0], status="processing")  # claimed meanwhile
     fail(pg_url, found[1], status="sent")  # and sent
     with ctx.engine.begin() as conn:
-        retried = control.retry_many(conn, 1, found)
+        retried = control.retry_many(ctx, conn, 1, found)
         cancelled, _ = control.cancel_many(conn, 1, found[:2])
     assert [r.id for r in retried] == [found[2]] and cancelled == []
     assert statuses(pg_url) == {found[0]: "processing", found[1]: "sent", found[2]: "queued"}

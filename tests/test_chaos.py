@@ -21,7 +21,7 @@ from shared.db import is_unavailable, make_engine
 from shared.delivery.sender import Sender
 from shared.local.embedded import EmbeddedRedis, free_port
 from shared.workers import Outcome
-from tests.chaos import faultproxy, hostile_api, network, scenarios, tenants
+from tests.chaos import faultproxy, hostile_api, network, relays, scenarios, tenants
 from tests.chaos.audit import wait_settled
 from tests.chaos.client import Client, Enqueuer, make_accounts
 from tests.chaos.stack import Stack, wait_beat
@@ -117,12 +117,15 @@ def test_many_enqueue_clients_at_once_all_get_202(stack):
 
 
 def test_hostile_tenants_neither_hurt_a_well_behaved_one_nor_get_a_mail_twice(stack):
-    result = tenants.hostile_tenants(stack, 200, hostile_each=5, rate=40, max_tries=2, memory_limit_mib=256)
+    result = tenants.hostile_tenants(
+        stack, 200, hostile_each=5, rate=40, max_tries=2, memory_limit_mib=256, lifetime=15
+    )
     assert_clean(result)  # includes: the well-behaved tenant's mails exactly once, memory under the bound
     f = result.figures
     assert f["trickle-replies"] == {"tasks": 5, "sent": 5, "copies": 5}  # slow, inside the deadline
-    for never in ("trickle-banner", "flood"):
+    for never in ("trickle-banner", "flood"):  # the account backs off: no try, expired at the end
         assert f[never] == {"tasks": 5, "cancelled": 5, "copies": 0}, f
+        assert "expired" in str(f[f"{never} cancelled because"]), f
     assert f["silent-data"] == {"tasks": 5, "cancelled": 5, "copies": 10}  # one copy per try, explained
     assert f["throttle-421"]["tasks"] == 5 and f["throttle-421"]["copies"] == f["throttle-421"].get("sent", 0)
     assert result.audit.duplicates == 5
@@ -149,6 +152,29 @@ def test_a_bad_network_loses_nothing_and_every_half_open_connection_is_given_up(
     assert f["redis: half-open connections"]["in use"] > 0
     assert f["first mail after the blackhole s"] is not None and f["first mail after the reset s"] is not None
     assert f["connections reset"] > 0
+
+
+def test_a_relay_down_longer_than_the_retry_budget_loses_nothing_and_spends_no_try(stack):
+    # 3 tries 0.5 s and 1 s apart: an outage of 6 s outlasts the whole budget four times.
+    short = {"RETRY_BACKOFF_BASE": 0.5, "RETRY_BACKOFF_MAX": 1, "ACCOUNT_BACKOFF_MAX": 2}
+    result = relays.relay_outage(stack, 120, downtime=6, settings=short)
+    assert_clean(result)  # includes: nothing cancelled, no try spent, the webhook audit
+    assert result.audit.sent == result.tasks and result.audit.duplicates == 0
+    assert result.figures["try_count of the tasks"] == {1: result.tasks}
+    assert result.figures["statuses while down"] == {"queued": result.tasks}
+    assert result.figures["backoff steps (sender logs)"] > 0
+
+
+def test_throttling_relays_cancel_nothing_and_refuse_a_bounded_number_of_times(stack):
+    result = relays.throttling_relay(stack, 120, settings={"ACCOUNT_BACKOFF_MAX": 5})
+    assert_clean(result)  # includes: refusals within about one per rate window, the webhook audit
+    assert result.audit.sent == result.tasks and result.audit.cancelled == 0
+    assert result.figures["undeclared: refusals"] > 0  # the undeclared relay had to say so, boundedly
+    # The declared rate is kept (a 454 only for a MAIL FROM that lagged its take past the allowance on a
+    # loaded machine: at most one, or one per hundred mails); a 421 at connect can come from the two sender
+    # processes' pooled connections together (docs/relays.md).
+    throttled = int(result.figures["declared: 454 throttled / 421 at connect"].split(" / ")[0])
+    assert throttled <= max(1, result.tasks // 200), result.figures
 
 
 # --- bugs the fault runs found -------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -338,6 +338,8 @@ def test_base64_wrapped_in_lines_is_accepted(api, pipe, smtp):
 
 # --- the Idempotency-Key covers every field -------------------------------------------------------------
 
+FIRST_EXPIRY = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+SECOND_EXPIRY = (datetime.now(UTC) + timedelta(days=2)).isoformat()
 CHANGES = {
     "html": ("<p>a</p>", "<p>b</p>"),
     "from_name": ("Ada", "Eve"),
@@ -348,6 +350,7 @@ CHANGES = {
     "headers": ({"X-A": "1"}, {"X-A": "2"}),
     "attachments": ([ATTACHMENT], [{**ATTACHMENT, "content": b64(b"hellO")}]),
     "tags": ({"k": "1"}, {"k": "2"}),
+    "expires_at": (FIRST_EXPIRY, SECOND_EXPIRY),
 }
 
 

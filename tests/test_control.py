@@ -71,7 +71,10 @@ def test_a_cancelled_task_answers_200_and_its_envelope_finds_nothing_to_claim(ap
     task = response.get_json()
     assert task["status"] == "cancelled" and task["last_error"] == control.CANCELLED_BY_USER
     assert task["tries_left"] is None and task["next_attempt_at"] is None
-    assert Counter(pipe.sender.step(0.05)) == Counter([Outcome.SENT, Outcome.DROPPED])
+    outcomes = []  # a new account sends one at a time until its first success (shared.pace)
+    while step := pipe.sender.step(0.05):
+        outcomes += step
+    assert Counter(outcomes) == Counter([Outcome.SENT, Outcome.DROPPED])
     assert [m.message["Subject"] for m in smtp.received] == ["keep"]
     assert pipe.task(drop).try_count == 0 and pipe.task(keep).status == "sent"
     pipe.sweep()

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared import queue
+from shared.domain import AccountReason, PauseReason
 from shared.observe import gauges
 from tests.smtp_servers import ScriptedSmtpServer
 from tests.test_stats import SEED_TASKS, SEED_USERS, _plan_nodes
@@ -87,8 +88,19 @@ def test_the_exposition_has_fixed_words_for_labels_and_no_tenant_data(pipe):
         pipe.enqueue(user, recipient_email="dave@example.org")
     pipe.consumer.register()
     assert pipe.consumer.step(0.1)
+    with pipe.ctx.engine.begin() as conn:  # the account backing off: counted by reason, never named
+        conn.execute(
+            sa.text(
+                "UPDATE users SET smtp_backoff_since = now(), smtp_backoff_code = 'throttled' WHERE id = :id"
+            ),
+            {"id": user.id},
+        )
     text = gauges.render(read(pipe)).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["mailq_accounts_waiting"].samples[0].labels == {
+        "state": "backing_off",
+        "reason": "throttled",
+    }
     assert set(families) == {
         "mailq_tasks",
         "mailq_tasks_estimated",
@@ -98,11 +110,14 @@ def test_the_exposition_has_fixed_words_for_labels_and_no_tenant_data(pipe):
         "mailq_list_length",
         "mailq_paused_accounts",
         "mailq_workers_alive",
+        "mailq_accounts_waiting",
     }
     allowed = {
         "status": {"scheduled", "queued", "processing", "failed", "sent", "cancelled"},
         "list": set(gauges.LISTS),
         "role": set(gauges.ROLES),
+        "state": {"paused", "backing_off"},
+        "reason": {r.value for r in (*AccountReason, *PauseReason)},
     }
     for family in families.values():
         for sample in family.samples:

@@ -22,7 +22,7 @@ from shared.crypto import SecretBox, generate_key
 from shared.db import is_unavailable, make_engine
 from shared.delivery.mailer import Mailer
 from shared.delivery.sender import Sender
-from shared.domain import Status
+from shared.domain import PauseReason, Status
 from shared.fairqueue import SendQueue
 from shared.tasks import enqueue
 from shared.workers import Outcome
@@ -91,7 +91,8 @@ def test_a_trickling_server_cannot_hold_a_send_past_its_lease_nor_get_the_mail_t
     Before: the send outlived the lease, the sweep gave the task to a second sender, two copies."""
     fast_ctx.settings = fast_ctx.settings.replace(retry_backoff_base=30, retry_backoff_max=60)
     pipe.sender.settings = fast_ctx.settings
-    with TricklingServer(delay=0.03) as server:
+    # The connection opens at full speed (before the claim); the reply to the mail's DATA crawls.
+    with TricklingServer(delay=0.6, only=("DATA",)) as server:
         user = pipe.user(server)
         task_id = pipe.enqueue(user)
         pipe.consumer.step(0.1)
@@ -137,7 +138,7 @@ def test_a_slow_tenant_does_not_spend_another_tenants_tries(pipe, fast_ctx):
     within SMTP_TIMEOUT). Before: they were claimed with A's in one batch, their tries spent, and once
     the lease ran out behind A the sweep cancelled them ("the worker sending the last try was lost")
     although their server never saw a byte."""
-    with TricklingServer(delay=0.03) as slow, ScriptedSmtpServer() as fine:
+    with TricklingServer(delay=0.03, only=("MAIL", "RCPT", "DATA")) as slow, ScriptedSmtpServer() as fine:
         a = pipe.user(slow, email="a@example.com")
         b = pipe.user(fine, email="b@example.com")
         pipe.enqueue(a, subject="A")
@@ -262,22 +263,28 @@ def test_lowering_max_try_count_ends_tasks_that_have_no_try_left(pipe, smtp_serv
 # --- 5. a worker fault is not a mail fault ----------------------------------------------------------
 
 
-def test_a_sender_missing_the_encryption_key_gives_the_task_back_without_spending_a_try(pipe, smtp_server):
+def test_a_password_no_key_decrypts_pauses_its_account_until_a_key_does(pipe, smtp_server):
     """Before: a sender without the key that encrypted the SMTP password cancelled the mail on try 1
-    ("internal error: ConfigError") -- exactly what a rolling key change produces."""
+    ("internal error: ConfigError"); later it gave the claim back and stopped taking anyone's work for
+    a while (issue 21: one such account slowed every tenant). Now the account pauses (nothing claimed,
+    no try spent, the sender not faulted), and the sweep, which has the deployment's keys, resumes it
+    once a key decrypts the password again (a key restored, or a sender that had lost it)."""
     user = pipe.user(smtp_server)
     task_id = pipe.enqueue(user)
     pipe.consumer.step(0.1)
     keyless = Sender(
         pipe.ctx.settings, pipe.ctx.engine, pipe.ctx.redis, pipe.mailer, SecretBox((generate_key(),))
     )
-    assert keyless.step(0.1) == [Outcome.RELEASED]
+    assert keyless.step(0.1) == [Outcome.PAUSED]
     row = pipe.task(task_id)
-    assert row.status == "queued" and row.try_count - row.budget_base == 0  # no try spent
-    assert keyless.faulted() and keyless.step(0.1) == []  # it backs off instead of trying again
-    assert pipe.ctx.redis.zcard(queue.send_queue(user.id)) == 1  # the envelope waits for another
+    assert row.status == "queued" and (row.try_count, row.budget_base) == (0, 0)  # nothing claimed
+    assert not keyless.faulted()  # the account's condition, not the sender's
+    me = users.get_user(pipe.ctx, user.id, user.id)
+    assert me["smtp_state"]["state"] == "paused" and me["smtp_state"]["reason"] == "key"
+    assert pipe.sender.step(0.1) == []  # paused for every sender
+    assert pipe.sweep().resumed == 1  # this deployment's keys read it: resumed
     assert pipe.sender.step(0.1) == [Outcome.SENT]
-    assert len(smtp_server.received) == 1
+    assert len(smtp_server.received) == 1 and pipe.task(task_id).try_count == 1
 
 
 def test_rotate_keys_re_encrypts_every_smtp_password_so_the_old_key_can_go(pipe, smtp_server):
@@ -498,9 +505,13 @@ def test_a_pause_from_the_old_credentials_does_not_stick_to_new_ones(pipe, smtp_
     """A send with the old password is refused after the user already fixed it: no pause."""
     user = pipe.user(smtp_server)
     task_id = pipe.enqueue(user)
+    account = pipe.sender.accounts.read(user.id)  # as the send that is refused knew it
     claim = pipe.sender.claim(task_id)
     users.update_smtp(pipe.ctx, user.id, user.id, {"smtp-username": "changed"})
-    assert pipe.sender._pause(claim, None, "535 refused") == Outcome.PAUSED  # noqa: SLF001
+    outcome = pipe.sender.pause_account(
+        account, PauseReason.CREDENTIALS, "535 refused", None, task_id, claim=claim
+    )
+    assert outcome == Outcome.PAUSED
     with pipe.ctx.engine.connect() as conn:
         assert conn.execute(sa.text("SELECT smtp_paused_at FROM users")).scalar_one() is None
     assert pipe.ctx.redis.sismember(queue.PAUSED, user.id) == 0
@@ -525,6 +536,7 @@ def test_a_quiet_tenants_mail_is_not_queued_behind_another_tenants_backlog(pipe,
     with ScriptedSmtpServer() as a_server, ScriptedSmtpServer() as b_server:
         a = pipe.user(a_server, email="a@example.com")
         b = pipe.user(b_server, email="b@example.com")
+        pipe.established(a)
         for _ in range(60):
             pipe.enqueue(a)
         b_task = pipe.enqueue(b, subject="password reset")
@@ -565,6 +577,7 @@ def test_an_account_never_has_more_conversations_than_its_cap_across_senders(fas
 
 def test_the_slot_of_a_killed_sender_frees_itself(pipe, smtp_server):
     user = pipe.user(smtp_server)
+    pipe.established(user)
     for _ in range(4):
         pipe.enqueue(user)
     pipe.hand_off()
@@ -580,6 +593,7 @@ def test_the_slot_of_a_killed_sender_frees_itself(pipe, smtp_server):
 
 def test_a_finished_conversation_frees_its_slot_at_once(pipe, smtp_server):
     user = pipe.user(smtp_server)
+    pipe.established(user)
     for _ in range(4):
         pipe.enqueue(user)
     pipe.hand_off()
@@ -646,17 +660,32 @@ def test_a_paused_account_is_not_claimed_even_when_redis_forgot_the_pause(pipe):
         assert {pipe.task(first).status, pipe.task(second).status} == {"queued"}
 
 
+def test_a_claim_refused_for_a_pause_the_sender_did_not_know_of_leaves_the_mail_queued(pipe, smtp_server):
+    """The sender's cached account and pooled connection say "go", PostgreSQL says "paused" (the pause
+    came from another sender): the claim refuses, and the mail, with all its tries left, waits."""
+    user = pipe.user(smtp_server)
+    pipe.enqueue(user)
+    assert Outcome.SENT in pipe.pump()  # the account cached, its connection pooled
+    task_id = pipe.enqueue(user)
+    with pipe.ctx.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE users SET smtp_paused_at = now() WHERE id = :u"), {"u": user.id})
+    assert Outcome.PAUSED in pipe.pump()
+    row = pipe.task(task_id)
+    assert row.status == "queued" and row.try_count == 0, row.last_error
+    assert len(smtp_server.received) == 1
+
+
 def test_a_worker_fault_never_lowers_the_try_count(pipe, smtp_server):
     """The try count is the fencing token: a claim given back raises the budget instead."""
     user = pipe.user(smtp_server)
     task_id = pipe.enqueue(user)
     pipe.consumer.step(0.1)
-    keyless = Sender(
-        pipe.ctx.settings, pipe.ctx.engine, pipe.ctx.redis, pipe.mailer, SecretBox((generate_key(),))
-    )
-    assert keyless.step(0.1) == [Outcome.RELEASED]
+    claim = pipe.sender.claim(task_id)  # and then the sender meets a fault of its own (PostgreSQL gone)
+    assert pipe.sender._give_back_claim(claim, None, None) == Outcome.RELEASED  # noqa: SLF001
     row = pipe.task(task_id)
     assert (row.try_count, row.budget_base) == (1, 1)
+    assert pipe.sender.faulted()  # a worker fault: this sender backs off
+    pipe.sender._fault_until = 0.0  # noqa: SLF001 - and is over it
     pipe.sender.step(0.1)
     row = pipe.task(task_id)
     assert row.status == "sent" and (row.try_count, row.budget_base) == (2, 1)

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from shared import queue
+from shared.accounts import users
 from shared.context import make_redis
 from shared.fairqueue import Taken
 from shared.workers import Outcome, backoff_seconds
@@ -210,12 +211,21 @@ def test_redis_flushed_with_tasks_in_flight_is_recovered_by_the_sweep(pipe, smtp
     assert sorted(m["Subject"] for m in smtp.messages) == sorted(f"m{i}" for i in range(30))
 
 
+def paused_for(pipe, user) -> dict:
+    """The account's smtp_state as its user record shows it."""
+    return users.get_user(pipe.ctx, user.id, user.id)["smtp_state"]
+
+
 def test_a_server_without_starttls_gets_nothing_in_plaintext(pipe, smtp):
+    """The account cannot send as configured: it pauses (its mail waits for new settings) instead of
+    each mail being cancelled; nothing goes out in plaintext."""
     user = pipe.user(smtp, smtp_security="starttls")
     task_id = pipe.enqueue(user)
-    pipe.run_until_settled()
+    assert pipe.pump() == [Outcome.HANDED_OFF, Outcome.PAUSED]
     row = pipe.task(task_id)
-    assert row.status == "cancelled" and "STARTTLS" in row.last_error
+    assert row.status == "queued" and row.try_count == 0
+    state = paused_for(pipe, user)
+    assert state["state"] == "paused" and state["reason"] == "configuration" and "STARTTLS" in state["detail"]
     assert smtp.received == [] and smtp.data_attempts == 0
 
 
@@ -224,10 +234,12 @@ def test_a_self_signed_certificate_is_refused(fast_ctx, tmp_path):
         pipe = Pipeline(fast_ctx)
         user = pipe.user(server, smtp_security="starttls")
         task_id = pipe.enqueue(user)
-        pipe.run_until_settled()
+        assert Outcome.PAUSED in pipe.pump()
         pipe.close()
     row = pipe.task(task_id)
-    assert row.status == "cancelled" and "certificate" in row.last_error.lower()
+    assert row.status == "queued" and row.try_count == 0
+    state = paused_for(pipe, user)
+    assert state["state"] == "paused" and "certificate" in state["detail"].lower()
     assert server.received == []
 
 

@@ -83,8 +83,9 @@ def _plans(conn, statement, params) -> list[str]:
 def test_the_per_task_statements_go_by_primary_key_even_when_statistics_say_nothing_is_queued(ctx, user):
     """After an ANALYZE taken while every task was sent, the planner believed the partial index of queued
     tasks empty and scanned it, filtered by id, for every claim: each claim read every queued row."""
-    from shared.delivery.attempt import _CLAIM_SQL, _OUTCOME_SQL, _QUIET_OUTCOME_SQL, _REFUND_SQL
+    from shared.delivery.attempt import _CLAIM_SQL
     from shared.delivery.consumer import _QUEUED_SQL
+    from shared.delivery.record import _OUTCOME_SQL, _QUIET_OUTCOME_SQL, _REFUND_SQL, Seen
     from shared.delivery.sender import _EXHAUSTED_SQL
 
     with ctx.engine.begin() as conn:
@@ -104,14 +105,15 @@ def test_the_per_task_statements_go_by_primary_key_even_when_statistics_say_noth
             conn.execute(sa.text("UPDATE tasks SET status = 'queued', sent_at = NULL"))  # a burst
             task_id = conn.execute(sa.text("SELECT max(id) FROM tasks")).scalar_one()
             one = {"id": task_id, "try_count": 1}
+            logged = {**one, **Seen().params(None, None, "sent")}  # the outcome's line in the attempt log
             plans = {
                 "claim": _plans(conn, _CLAIM_SQL, {"id": task_id, "lease": 300, "max_tries": 3, "inline": 1}),
                 "consumer": _plans(conn, _QUEUED_SQL, {"ids": [task_id, task_id - 1]}),
                 "outcome": _plans(
-                    conn, _QUIET_OUTCOME_SQL, {**one, "status": "sent", "last_error": None, "delay": 0}
+                    conn, _QUIET_OUTCOME_SQL, {**logged, "status": "sent", "last_error": None, "delay": 0}
                 ),
                 "outcome with events": _plans(
-                    conn, _OUTCOME_SQL, {**one, "status": "sent", "last_error": None, "delay": 0}
+                    conn, _OUTCOME_SQL, {**logged, "status": "sent", "last_error": None, "delay": 0}
                 ),
                 "refund": _plans(conn, _REFUND_SQL, {**one, "reason": None}),
                 "exhausted": _plans(conn, _EXHAUSTED_SQL, {**one, "reason": "x"}),

@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 import redis
+import sqlalchemy as sa
 
 from shared import queue
 from shared.local.embedded import free_port
@@ -271,7 +272,8 @@ KNOWN_KEYS = re.compile(
     r"^mailq:(tasks|send:ready|send:bell|send:q:\d+|slots:\d+|paused|workers|processing:.+|heartbeat:.+"
     r"|webhooks:(ready|bell|returned|q:\d+|slots:\d+)"
     r"|tenant:\d+|tenant:\d+:inflight"
-    r"|ratelimit:(login|register):(client|email):[^:]+:\d+|ratelimit:replay:user:\d+:\d+)$"
+    r"|ratelimit:(login|register):(client|email):[^:]+:\d+|ratelimit:replay:user:\d+:\d+"
+    r"|account:\d+|send:hold|limit:\d+:\d+:[mr])$"
 )
 WORKER_ID = rb"(consumer|sender|webhooks):[^:]+:\d+:[0-9a-f]{8}"
 
@@ -313,6 +315,12 @@ def test_redis_holds_only_envelopes_and_mailqs_own_bookkeeping(dev_run, moment):
             assert all(re.fullmatch(rb"\d+:\d+:[0-9a-f]{32}", v) for v in value[1])
         elif key.startswith("mailq:tenant:"):  # the enqueue bounds: numbers only (shared/bounds.py)
             assert all(re.fullmatch(rb"-?[0-9.e+]*", v) for v in value.values()), value
+        elif key.startswith(queue.ACCOUNT_PREFIX):  # an account's pace: small numbers and words
+            assert all(
+                re.fullmatch(rb"[a-z_]+", k) and re.fullmatch(rb"[a-z0-9:,_]*", v) for k, v in value.items()
+            )
+        elif key == queue.SEND_HOLD:
+            assert all(v.isdigit() for v in value[1])
     everything = repr(snapshot)
     secrets = {k: v for k, v in secrets_of_the_run(dev_run).items() if "AUTH" not in k}
     assert secrets_found(everything, secrets) == []
@@ -356,17 +364,26 @@ def test_a_loopback_host_accepted_in_development_is_refused_by_a_production_send
                 text=True,
             )
             try:
-                wait_for(lambda: pipe.task(task_id).status == "cancelled", 30, "the task to be cancelled")
+                # The account cannot send as configured on this deployment: it pauses, its mail waits.
+                wait_for(lambda: paused_reason(pipe, user.id), 30, "the account to be paused")
             finally:
                 sender.send_signal(signal.SIGTERM)
                 out, _ = sender.communicate(timeout=30)
+            reason = paused_reason(pipe, user.id)
+            assert "loopback" in reason and "refused" in reason, reason
             row = pipe.task(task_id)
-            assert "loopback" in row.last_error and "refused" in row.last_error, row.last_error
-            assert row.try_count == 1
+            assert row.status == "queued" and row.try_count == 0  # nothing claimed, no try spent
             assert smtp.connections == 0 and smtp.received == []
             assert sender.returncode == 0, out
     finally:
         pipe.close()
+
+
+def paused_reason(pipe, user_id: int) -> str | None:
+    with pipe.ctx.engine.connect() as conn:
+        return conn.execute(
+            sa.text("SELECT smtp_paused_reason FROM users WHERE id = :id"), {"id": user_id}
+        ).scalar_one()
 
 
 REBINDING_HOST = "smtp.rebinding.test"
@@ -431,14 +448,19 @@ def test_dns_that_changes_after_register_is_checked_again_at_send(
     assert response.status_code == 201, response.get_json()  # public at register time
     headers = auth_header(login(api, "rebind@example.com", GOOD["password"]))
     pipe = production_send
+    user_id = response.get_json()["id"]
     for address, kind in REFUSED_AT_SEND.items():
+        fake_dns["addresses"] = [PUBLIC_ADDRESS]  # the user saves the settings again: resumed
+        resumed = api.patch(f"/api/v1/user/{user_id}", json={"smtp_host": REBINDING_HOST}, headers=headers)
+        assert resumed.status_code == 200 and resumed.get_json()["smtp_state"]["state"] == "active"
         fake_dns["addresses"] = [address]
         mail = {"recipient_email": "bob@example.org", "subject": address, "body": "x"}
         task_id = api.post("/api/v1/task/enqueue", json=mail, headers=headers).get_json()["task_id"]
         pipe.pump()
         row = pipe.task(task_id)
-        assert row.status == "cancelled" and row.try_count == 1, (address, row.status, row.last_error)
-        assert kind in row.last_error and "refused" in row.last_error, (address, row.last_error)
+        assert row.status == "queued" and row.try_count == 0, (address, row.status, row.last_error)
+        reason = paused_reason(pipe, user_id)  # the account waits for settings it may use
+        assert kind in reason and "refused" in reason, (address, reason)
         shown = api.get(f"/api/v1/task/{task_id}", headers=headers).get_json()
         assert shown["last_error"] == row.last_error  # the user sees why
     assert fake_dns["connects"] == []

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from click.testing import CliRunner
 from kubernetes import client as k8s
@@ -316,6 +317,7 @@ def test_the_figures_survive_the_exposition_format():
         paused_accounts=1,
         workers_alive={"consumer": 1, "sender": 2},
         finished={"sent": 12, "cancelled": 0},
+        accounts_waiting={"paused:credentials": 1, "backing_off:throttled": 3},
     )
     from dataclasses import asdict
 
@@ -358,7 +360,23 @@ def test_mailq_status_prints_the_figures_as_tables_and_as_json(ctx, base_env, tm
         figures = json.loads(as_json.output)["figures"]
         assert figures["tasks"]["queued"] == 2 and figures["lists"]["tasks"] == 2
         assert figures["workers_alive"] == {"consumer": 1, "sender": 0}
+        assert figures["accounts_waiting"] == {}
         assert "postgresql" not in as_json.output  # the URLs (a password, in production) stay out
+        with pipe.ctx.engine.begin() as conn:  # one account paused, two backing off (their relays' words)
+            conn.execute(
+                sa.text(
+                    "INSERT INTO users (email, password_hash, smtp_host, smtp_port, smtp_username,"
+                    " smtp_password_enc, smtp_security, smtp_paused_at, smtp_paused_code, smtp_backoff_since,"
+                    " smtp_backoff_code) SELECT 'w' || g || '@example.com', 'x', 'h', 25, '', 'x', 'none',"
+                    " CASE WHEN g = 1 THEN now() END, CASE WHEN g = 1 THEN 'key' END,"
+                    " CASE WHEN g > 1 THEN now() END, CASE WHEN g > 1 THEN 'unreachable' END"
+                    " FROM generate_series(1, 3) AS g"
+                )
+            )
+        waiting = json.loads(runner.invoke(main, ["status", "--json"], env=env).output)["figures"]
+        assert waiting["accounts_waiting"] == {"paused:key": 1, "backing_off:unreachable": 2}
+        shown = runner.invoke(main, ["status", "--data-dir", str(tmp_path)], env=env)
+        assert "Accounts waiting" in shown.output and "unreachable" in shown.output
         missing = runner.invoke(
             main, ["status", "--data-dir", str(tmp_path)], env={"DATABASE_URL": "", "REDIS_URL": ""}
         )

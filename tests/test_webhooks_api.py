@@ -64,7 +64,14 @@ def test_create_shows_the_secret_once_and_list_never(api, two_users):
     assert created["secret"] != "whsec_mine"  # a member it does not know is ignored; the secret is ours
     assert created["events"] == ["task.sent", "task.cancelled"]  # each once, in a fixed order
     everything = create(api, ada).get_json()
-    assert everything["events"] == ["task.sent", "task.deferred", "task.cancelled"]
+    assert everything["events"] == [
+        "task.sent",
+        "task.deferred",
+        "task.cancelled",
+        "account.paused",
+        "account.resumed",
+        "account.backing_off",
+    ]
     listed = api.get("/api/v1/webhooks", headers=ada)
     assert listed.status_code == 200
     items = listed.get_json()["items"]

@@ -9,11 +9,35 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
-from standardwebhooks.webhooks import Webhook
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 SILENT = "silent"  # accepts the request and never answers
 TRICKLE = "trickle"  # answers one byte at a time, forever
+
+
+TOLERANCE = 300.0  # seconds: the reference library's tolerance for webhook-timestamp
+
+
+class _AtArrival(Webhook):
+    """The reference library's verification, its timestamp tolerance measured from when the request
+    arrived rather than from when it is checked (a fault run of many minutes audits at its end)."""
+
+    def __init__(self, secret: str, arrived: float):
+        super().__init__(secret)
+        self._arrived = arrived
+
+    def _Webhook__verify_timestamp(self, timestamp_header: str) -> datetime:  # the library's private check
+        try:
+            timestamp = float(timestamp_header)
+        except ValueError:
+            raise WebhookVerificationError("Invalid Signature Headers") from None
+        if timestamp < self._arrived - TOLERANCE:
+            raise WebhookVerificationError("Message timestamp too old")
+        if timestamp > self._arrived + TOLERANCE:
+            raise WebhookVerificationError("Message timestamp too new")
+        return datetime.fromtimestamp(timestamp, tz=UTC)
 
 
 @dataclass
@@ -21,14 +45,16 @@ class Request:
     headers: dict[str, str]
     body: bytes
     path: str
+    arrived: float = field(default_factory=time.time)
 
     @property
     def event(self) -> dict:
         return json.loads(self.body)
 
     def verified(self, secret: str) -> dict:
-        """The payload, once the reference library has verified the signature with ``secret``."""
-        return Webhook(secret).verify(self.body, self.headers)
+        """The payload, once the reference library has verified the signature with ``secret`` (its
+        timestamp within the library's tolerance of when the request arrived)."""
+        return _AtArrival(secret, self.arrived).verify(self.body, self.headers)
 
 
 @dataclass

@@ -11,8 +11,9 @@ from typing import Any
 import redis
 import sqlalchemy as sa
 
-from shared import bounds, hosts, ratelimit
+from shared import bounds, hosts, pace, ratelimit
 from shared.accounts import auth
+from shared.accounts import events as account_events
 from shared.context import Context
 from shared.domain import default_security
 from shared.errors import Conflict, DependencyUnavailable, NotFound, Unauthorized, ValidationFailed
@@ -37,8 +38,10 @@ def count_attempt(ctx: Context, action: str, client: str, email: Any) -> None:
         raise DependencyUnavailable("redis") from None
 
 
-def user_view(row: Any) -> dict[str, Any]:
+def user_view(row: Any, settings: Any = None) -> dict[str, Any]:
     """The public form of a user: never a password or its hash."""
+    declared = row.smtp_max_connections
+    default = settings.smtp_max_connections_per_account if settings is not None else None
     return {
         "id": row.id,
         "email": row.email,
@@ -46,11 +49,41 @@ def user_view(row: Any) -> dict[str, Any]:
         "smtp_port": row.smtp_port,
         "smtp_username": row.smtp_username,
         "smtp_security": row.smtp_security,
+        # What the account declares of its relay (docs/relays.md): conversations at once (the
+        # deployment's default when it declares none) and its send windows.
+        "smtp_max_connections": declared or default,
+        "smtp_send_limits": row.smtp_send_limits or [],
+        "smtp_state": smtp_state(row),
         # Set when the SMTP server refused the credentials: mail waits until they are updated.
         "smtp_paused_at": row.smtp_paused_at.isoformat() if row.smtp_paused_at else None,
         "smtp_paused_reason": row.smtp_paused_reason,
         "created_at": row.created_at.isoformat(),
         "updated_at": row.updated_at.isoformat(),
+    }
+
+
+def smtp_state(row: Any) -> dict[str, Any]:
+    """Whether the account's mail goes out: ``active``, ``paused`` (until its settings change) or
+    ``backing_off`` (its relay refused the account; the next attempt at ``until``), with why and since."""
+    if row.smtp_paused_at is not None:
+        state, code, reason, since, until = (
+            "paused",
+            row.smtp_paused_code or "credentials",
+            row.smtp_paused_reason,
+            row.smtp_paused_at,
+            None,
+        )
+    elif row.smtp_backoff_since is not None:
+        state, code, reason = "backing_off", row.smtp_backoff_code, row.smtp_backoff_reason
+        since, until = row.smtp_backoff_since, row.smtp_backoff_until
+    else:
+        return {"state": "active", "reason": None, "detail": None, "since": None, "until": None}
+    return {
+        "state": state,
+        "reason": code,
+        "detail": reason,
+        "since": since.isoformat() if since else None,
+        "until": until.isoformat() if until else None,
     }
 
 
@@ -63,6 +96,13 @@ _USER_COLUMNS = (
     users.c.smtp_security,
     users.c.smtp_paused_at,
     users.c.smtp_paused_reason,
+    users.c.smtp_paused_code,
+    users.c.smtp_max_connections,
+    users.c.smtp_send_limits,
+    users.c.smtp_backoff_since,
+    users.c.smtp_backoff_until,
+    users.c.smtp_backoff_code,
+    users.c.smtp_backoff_reason,
     users.c.created_at,
     users.c.updated_at,
 )
@@ -82,6 +122,7 @@ def register(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
     if port is not None and security is None and "smtp_security" not in f.errors:
         security = default_security(port).value
     _check_smtp(ctx, f, host, port, security)
+    relay = _relay_limits(ctx, f)
     if f.errors:
         raise ValidationFailed(f.errors)
 
@@ -97,6 +138,7 @@ def register(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
             smtp_username=username,
             smtp_password_enc=encrypted,
             smtp_security=security,
+            **relay,
         )
         .returning(*_USER_COLUMNS)
     )
@@ -105,7 +147,8 @@ def register(ctx: Context, body: dict[str, Any], client: str) -> dict[str, Any]:
             row = conn.execute(statement).one()
     except sa.exc.IntegrityError:
         raise Conflict("An account with this email already exists.") from None
-    return user_view(row)
+    _pace(ctx, row)
+    return user_view(row, ctx.settings)
 
 
 def _check_smtp(ctx: Context, f: Fields, host: str | None, port: int | None, security: str | None) -> None:
@@ -122,6 +165,47 @@ def _check_smtp(ctx: Context, f: Fields, host: str | None, port: int | None, sec
 
 
 SMTP_FIELDS = ("smtp_host", "smtp_port", "smtp-username", "smtp-password", "smtp_security")
+# What an account declares of its relay (docs/relays.md); changing them does not resume a paused account.
+RELAY_FIELDS = ("smtp_max_connections", "smtp_send_limits")
+
+
+def _relay_limits(ctx: Context, f: Fields) -> dict[str, Any]:
+    """smtp_max_connections (1 … SMTP_MAX_CONNECTIONS_PER_ACCOUNT_LIMIT; null: the deployment's default)
+    and smtp_send_limits (up to four windows), as given in the body; an absent field is not returned."""
+    values: dict[str, Any] = {}
+    ceiling = ctx.settings.smtp_max_connections_per_account_limit
+    if "smtp_max_connections" in f.body:
+        value = f.body["smtp_max_connections"]
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= ceiling
+        ):
+            f.fail(
+                "smtp_max_connections", f"must be an integer from 1 to {ceiling} (or null for the default)"
+            )
+        else:
+            values["smtp_max_connections"] = value
+    if "smtp_send_limits" in f.body:
+        windows, errors = pace.parse_limits(f.body["smtp_send_limits"])
+        for name, message in errors.items():
+            f.fail(name, message)
+        if not errors:
+            values["smtp_send_limits"] = windows
+    return values
+
+
+def _pace(ctx: Context, row: Any, *, resume: bool = False) -> None:
+    """The declared maximum and send limits where every sender's take sees them; a resume (new SMTP
+    settings) also ends a backoff and has the account probe with one conversation again."""
+    declared = row.smtp_max_connections or ctx.settings.smtp_max_connections_per_account
+    try:
+        pace.Pace(ctx.redis).configure(
+            row.id,
+            min(declared, ctx.settings.smtp_max_connections_per_account_limit),
+            pace.encode_limits(row.smtp_send_limits or []),
+            resume=resume,
+        )
+    except redis.RedisError:
+        pass  # a sender writes them too when it next reads the account
 
 
 def update_smtp(ctx: Context, caller_id: int, user_id: int, body: dict[str, Any]) -> dict[str, Any]:
@@ -133,11 +217,12 @@ def update_smtp(ctx: Context, caller_id: int, user_id: int, body: dict[str, Any]
     if caller_id != user_id:
         raise NotFound("No such user.")
     f = Fields(body)
+    changeable = SMTP_FIELDS + RELAY_FIELDS
     for name in body:
-        if name not in SMTP_FIELDS:
-            f.fail(name, "cannot be changed here (only " + ", ".join(SMTP_FIELDS) + ")")
-    if not any(name in body for name in SMTP_FIELDS):
-        f.fail("body", "must change at least one of " + ", ".join(SMTP_FIELDS))
+        if name not in changeable:
+            f.fail(name, "cannot be changed here (only " + ", ".join(changeable) + ")")
+    if not any(name in body for name in changeable):
+        f.fail("body", "must change at least one of " + ", ".join(changeable))
     if f.errors:
         raise ValidationFailed(f.errors)
     with ctx.engine.connect() as conn:
@@ -171,23 +256,47 @@ def update_smtp(ctx: Context, caller_id: int, user_id: int, body: dict[str, Any]
             values.get("smtp_port", current.smtp_port),
             values.get("smtp_security", current.smtp_security),
         )
+    relay = _relay_limits(ctx, f)
     if f.errors:
         raise ValidationFailed(f.errors)
+    resume = any(name in body for name in SMTP_FIELDS)  # new SMTP settings: its mail may go out again
+    if resume:
+        values.update(
+            smtp_paused_at=None,
+            smtp_paused_reason=None,
+            smtp_paused_code=None,
+            smtp_backoff_since=None,
+            smtp_backoff_until=None,
+            smtp_backoff_code=None,
+            smtp_backoff_reason=None,
+        )
     statement = (
         sa.update(users)
         .where(users.c.id == user_id)
-        .values(**values, smtp_paused_at=None, smtp_paused_reason=None, updated_at=sa.func.now())
+        .values(**values, **relay, updated_at=sa.func.now())
         .returning(*_USER_COLUMNS)
     )
     with ctx.engine.begin() as conn:
+        was_paused = conn.execute(
+            sa.select(users.c.smtp_paused_code).where(
+                users.c.id == user_id, users.c.smtp_paused_at.isnot(None)
+            )
+        ).scalar_one_or_none()
         row = conn.execute(statement).one_or_none()
+        created = []
+        if row is not None and resume and was_paused is not None:
+            body = account_events.data(row.id, "active", was_paused, None, since=row.updated_at)
+            created = account_events.write(conn, row.id, account_events.RESUMED, body)
     if row is None:
         raise NotFound("No such user.")
-    try:
-        SendQueue(ctx.redis).resume(user_id)  # its waiting mail goes out again now
-    except redis.RedisError:
-        pass  # PostgreSQL says resumed; the next sweep resumes it in Redis too
-    return user_view(row)
+    account_events.wake(ctx.redis, created)
+    _pace(ctx, row, resume=resume)
+    if resume:
+        try:
+            SendQueue(ctx.redis).resume(user_id)  # its waiting mail goes out again now
+        except redis.RedisError:
+            pass  # PostgreSQL says resumed; the next sweep resumes it in Redis too
+    return user_view(row, ctx.settings)
 
 
 MOVES = ("smtp_host", "smtp_port", "smtp_security")
@@ -261,7 +370,7 @@ def get_user(ctx: Context, caller_id: int, user_id: int) -> dict[str, Any]:
         row = conn.execute(sa.select(*_USER_COLUMNS).where(users.c.id == user_id)).one_or_none()
     if row is None:
         raise NotFound("No such user.")
-    return user_view(row)
+    return user_view(row, ctx.settings)
 
 
 def ping(ctx: Context) -> dict[str, str]:

@@ -9,35 +9,48 @@ mail, send it within a deadline, and record the outcome behind the fencing token
 - **The try count is the fencing token.** The outcome lands only while nobody has claimed the task
   since (``WHERE try_count = <ours>``); a user's retry and a worker fault raise the separate budget
   (``budget_base``) instead of ever lowering the count.
-- **Worker faults are not mail faults.** A missing decryption key or an unavailable PostgreSQL gives
-  the task back without spending a try, and this sender backs off; a refused SMTP login pauses the
-  account (its mail waits for new credentials) instead of letting every queued mail try again.
+- **Only what the server said about this mail spends a try** (shared.delivery.failures). What it said
+  about the account after the claim (421, throttling, a quota, the connection lost before DATA) gives
+  the claim back without spending one and holds the account (shared.delivery.relay); refused
+  credentials pause it. An unavailable PostgreSQL is a worker fault: the claim goes back, this sender
+  backs off.
+- **Never after its time.** A task past its ``expires_at`` is not claimed (the sweep cancels it).
 
-The Sender (shared.delivery.sender) takes the envelopes and runs the threads; ``Attempt`` is the part
-of it that makes one try.
+The Sender (shared.delivery.sender) takes the envelopes, gets the account's connection ready before
+any claim (shared.delivery.relay) and runs the threads; ``Attempt`` is the part of it that makes one
+try, and ``Record`` (shared.delivery.record) the part that writes what it came to.
 """
 
 from __future__ import annotations
 
 import logging
-import time
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 
-import redis
 import sqlalchemy as sa
 
 from shared.db import on_the_row
+from shared.delivery.accounts import Account
 from shared.delivery.inflight import INLINE_BYTES
 from shared.delivery.message import compose
-from shared.delivery.smtp import SmtpAccount
-from shared.domain import CancelReason, SmtpSecurity, Status
-from shared.errors import ConfigError, PermanentSmtpError, SmtpAuthError, SmtpError, TransientSmtpError
+from shared.delivery.record import Seen
+from shared.delivery.relay import KEY_LOST, reason_of
+from shared.delivery.smtp import SmtpAccount, hang_up
+from shared.domain import CancelReason, PauseReason, SmtpSecurity, Status
+from shared.errors import (
+    AccountPausedError,
+    AccountSmtpError,
+    ConfigError,
+    PermanentSmtpError,
+    SmtpError,
+    TransientSmtpError,
+)
 from shared.fairqueue import Taken
 from shared.prepared import alone, run_alone
 from shared.tasks import events
 from shared.tasks.storage import attachments_of
-from shared.workers import Outcome, backoff_seconds, dependency_of
+from shared.workers import Outcome, backoff_seconds
 
 log = logging.getLogger("mailq.sender")
 
@@ -76,6 +89,7 @@ class Claim:
     attachment_data: bytes | None = None
     hooked: bool = False  # the user had an enabled webhook endpoint at the claim
     claimed_at: float = 0.0  # the sender's clock at the claim: the conversation's deadline counts from it
+    started: datetime | None = None  # the wall clock at the claim: when the attempt started (its log)
 
     @property
     def tries_used(self) -> int:
@@ -100,6 +114,7 @@ _CLAIM_SQL = alone(
            updated_at = now()
       FROM users AS u LEFT JOIN task_contents AS c ON c.task_id = :id
      WHERE t.id = :id AND {on_the_row("t.status = 'queued' AND t.try_count - t.budget_base < :max_tries")}
+       AND {on_the_row("t.expires_at > now()")}
        AND u.id = t.user_id AND u.smtp_paused_at IS NULL
  RETURNING t.id, t.user_id, t.try_count, t.budget_base, t.recipient_email, t.subject,
            t.message_id, t.created_at, u.email AS sender_email, u.smtp_host, u.smtp_port,
@@ -114,54 +129,18 @@ _CLAIM_SQL = alone(
     )
 )
 
-# The try count is the fencing token: an outcome lands only while nobody has claimed the task since.
-# 'queued' is allowed too: had the sweep taken a lease back without anyone claiming the task again,
-# what the server said is still the truth. Times come from PostgreSQL's clock. The event reporting the
-# outcome is written in the same transaction, only when the UPDATE changed the row (shared.tasks.events).
-_OUTCOME_UPDATE = f"""
-    UPDATE tasks
-       SET status = :status, last_error = :last_error,
-           next_attempt_at = now() + make_interval(secs => :delay),
-           lease_until = NULL,
-           sent_at = CASE WHEN CAST(:status AS text) = 'sent' THEN now() END,
-           updated_at = now()
-     WHERE id = :id AND {on_the_row("try_count = :try_count AND status IN ('processing', 'queued')")}
-"""
-_OUTCOME_SQL = sa.text(f"{_OUTCOME_UPDATE} RETURNING id, {events.hooked()}")
-# The common case, a user without webhook endpoints, in one statement that is its own transaction
-# (shared.prepared): there is no event to write with it, and the condition makes sure of that at the
-# moment of the write. No row means an endpoint appeared since the claim or the outcome is stale:
-# _OUTCOME_SQL in a transaction then tells which, and writes the event.
-_QUIET_OUTCOME_SQL = alone(
-    sa.text(f"{_OUTCOME_UPDATE}   AND NOT {events.has_endpoint()}\n    RETURNING id")  # noqa: S608 - constants
-)
-
-# Gives a claim back without spending a try: the budget moves up by one (the count never goes down).
-_REFUND_SQL = sa.text(
-    f"""
-    UPDATE tasks SET status = 'queued', budget_base = budget_base + 1, lease_until = NULL,
-                     last_error = COALESCE(CAST(:reason AS text), last_error),
-                     next_attempt_at = now(), updated_at = now()
-     WHERE id = :id AND {on_the_row("try_count = :try_count AND status IN ('processing', 'queued')")}
-    """
-)
-
-# Only if the credentials are still the ones that were refused (the user may have fixed them since).
-_PAUSE_SQL = sa.text(
-    """
-    UPDATE users SET smtp_paused_at = COALESCE(smtp_paused_at, now()), smtp_paused_reason = :reason
-     WHERE id = :user_id AND updated_at = :version
-    """
-)
-
 
 class Attempt:
     """Claim, send and record one task. A part of the Sender: it uses the worker's engine, settings,
-    clocks, rng, metrics, mailer, secret box, memory budget (inflight), fair queue and outbox, and its
-    envelope handling (``done``, ``fault``, ``_give_back_quietly``)."""
+    clocks, rng, metrics, mailer, secret box, accounts, memory budget (inflight), fair queue and
+    outbox, its envelope handling (``done``, ``fault``, ``_give_back_quietly``), ``Record`` and
+    ``Relay``."""
+
+    _turn = threading.local()  # per conversation thread: did the relay answer the last attempt?
 
     def claim(self, task_id: int) -> Claim | None:
-        """Spend a try and take the lease, if the task is still queued with a try left."""
+        """Spend a try and take the lease, if the task is still queued with a try left, before its
+        expiry, and its account is not paused."""
         params = {
             "id": task_id,
             "lease": self.settings.lease_seconds,
@@ -169,26 +148,28 @@ class Attempt:
             "inline": INLINE_BYTES,
         }
         rows = run_alone(self.engine, _CLAIM_SQL, params)  # one statement: its own transaction
-        return Claim(**rows[0]._asdict(), claimed_at=self.clock()) if rows else None
+        if not rows:
+            return None
+        return Claim(**rows[0]._asdict(), claimed_at=self.clock(), started=self.now())
 
-    def attempt(self, claim: Claim, item: Taken | None = None) -> Outcome:
-        """Send a claimed task and record what happened; no transaction is open while SMTP talks.
+    def attempt(
+        self, claim: Claim, item: Taken | None = None, *, account: Account | None = None, session=None
+    ) -> Outcome:
+        """Send a claimed task over ``session`` (the account's connection, opened before the claim)
+        and record what happened; no transaction is open while SMTP talks.
 
-        ``item`` is the envelope it came with, given back on a worker fault or a pause."""
+        ``item`` is the envelope it came with, given back when the account waits or pauses, or on a
+        worker fault."""
+        self._turn.answered = False
         if not claim.loaded:  # a large mail: it waits for room in this sender, then reads its content
-            return self._attempt_in_room(claim, item)
+            return self._attempt_in_room(claim, item, account, session)
+        account = account or self.accounts.get(claim.user_id)
         deadline = (claim.claimed_at or self.clock()) + self.settings.smtp_deadline
         try:
             password = self.box.decrypt(claim.smtp_password_enc)  # decrypted here, only for this send
-        except ConfigError as exc:
-            log.error(
-                "%s: WORKER FAULT: %s (account %d); task %d given back without spending a try",
-                self.id,
-                exc,
-                claim.user_id,
-                claim.id,
-            )
-            return self._give_back_claim(claim, item, None)
+        except ConfigError:
+            self._hang_up(session)
+            return self.pause_account(account, PauseReason.KEY, KEY_LOST, item, claim.id, claim=claim)
         try:
             outgoing = compose(
                 sender=claim.sender_email,
@@ -207,40 +188,87 @@ class Attempt:
                 bcc=tuple(claim.bcc or ()),
             )
         except PermanentSmtpError as exc:  # no From or To address to put on the envelope
-            return self.record(claim, Status.CANCELLED, _reason(exc), cause=CancelReason.PERMANENT_FAILURE)
+            self._release(session)
+            return self.record(claim, Status.CANCELLED, reason_of(exc), cause=CancelReason.PERMANENT_FAILURE)
         except Exception as exc:  # the task's own content: no try will do better
+            self._release(session)
             reason = f"the mail cannot be built: {exc}"[:1000]
             return self.record(claim, Status.CANCELLED, reason, cause=CancelReason.PERMANENT_FAILURE)
-        account = SmtpAccount(
+        held = self._recipients_allowed(claim, account, len(outgoing.recipients), item, session)
+        if held is not None:
+            return held
+        smtp = SmtpAccount(
             host=claim.smtp_host,
             port=claim.smtp_port,
             username=claim.smtp_username,
             password=password,
             security=SmtpSecurity(claim.smtp_security),
         )
+        server = f"{claim.smtp_host}:{claim.smtp_port}"
         try:
             with self.metrics.smtp_seconds.time():
-                accepted = self.mailer.send(account, outgoing, deadline=deadline)
-        except SmtpAuthError as exc:
-            return self._pause(claim, item, _reason(exc))
+                accepted = self.mailer.send(smtp, outgoing, deadline=deadline, session=session)
+        except AccountPausedError as exc:  # credentials refused when a pooled connection was reopened
+            return self.pause_account(
+                account, exc.reason, reason_of(exc), item, claim.id, claim=claim, error=exc
+            )
+        except AccountSmtpError as exc:  # the relay refused the account, not this mail: no try spent
+            return self.back_off(account, exc, item, claim.id, claim=claim)
         except TransientSmtpError as exc:
-            return self._transient(claim, _reason(exc), exc.code)
+            self._turn.answered = exc.code is not None
+            return self._transient(claim, reason_of(exc), exc.code, _seen(server, exc))
         except (PermanentSmtpError, SmtpError) as exc:
+            self._turn.answered = exc.code is not None
             return self.record(
-                claim, Status.CANCELLED, _reason(exc), code=exc.code, cause=CancelReason.PERMANENT_FAILURE
+                claim,
+                Status.CANCELLED,
+                reason_of(exc),
+                code=exc.code,
+                cause=CancelReason.PERMANENT_FAILURE,
+                seen=_seen(server, exc),
             )
         except Exception as exc:  # a bug must not loop forever: a try spent, bounded by the budget
             log.exception("%s: task %d could not be sent", self.id, claim.id)
             return self._transient(claim, f"internal error: {type(exc).__name__}")
-        return self.record(claim, Status.SENT, _refused(accepted))
+        self._turn.answered = True
+        code = int(accepted[:3]) if accepted[:3].isdigit() else None
+        seen = Seen(server, "DATA", code, str(accepted), getattr(accepted, "refused", ()))
+        return self.record(claim, Status.SENT, _refused(accepted), seen=seen)
 
-    def _attempt_in_room(self, claim: Claim, item: Taken | None) -> Outcome:
+    def _recipients_allowed(self, claim: Claim, account, recipients: int, item, session) -> Outcome | None:
+        """A mail with several recipients under a declared recipients window: the take counted one of
+        them; the rest now. Over the window, the claim goes back (no try) and the account is held."""
+        if recipients <= 1 or account is None or ":r" not in account.limits:
+            return None
+        free = self.pace.acquire(claim.user_id, 0, recipients - 1)
+        if free == 0:
+            return None
+        self._release(session)
+        if free < 0:  # more recipients than a window allows: no wait will do
+            reason = (
+                f"the mail has {recipients} recipients, more than the account's send limits allow at once"
+            )
+            return self.record(claim, Status.CANCELLED, reason, cause=CancelReason.PERMANENT_FAILURE)
+        self.metrics.send_limit_waits.inc()
+        text = "waiting: over the account's send limits (recipients)"
+        self.refund(claim, text, seen=Seen(reply=text, reason="send_limit"))
+        if item is not None:
+            self._give_back_quietly(item, claim.id)
+        return Outcome.WAITING
+
+    def answered(self) -> bool:
+        """Whether the relay answered this thread's last attempt about its mail (sent, or refused
+        with a reply): the account works, whatever the mail's fate."""
+        return getattr(self._turn, "answered", False)
+
+    def _attempt_in_room(self, claim: Claim, item: Taken | None, account, session) -> Outcome:
         # Half the conversation's time at most; the other half is left for SMTP.
         wait = max(0.0, claim.claimed_at + self.settings.smtp_deadline / 2 - self.clock())
         try:
             entered = self.inflight.enter(claim, wait)
         except Exception as exc:  # PostgreSQL gone while reading the content: a worker fault
             log.warning("%s: reading task %d's content failed (%s)", self.id, claim.id, type(exc).__name__)
+            self._release(session)
             return self._give_back_claim(claim, item, None)
         if entered is None:
             log.info(
@@ -249,110 +277,48 @@ class Attempt:
                 claim.id,
                 claim.content_bytes,
             )
+            self._release(session)
             return self._give_back_claim(claim, item, None, fault=False)
         full, reserved = entered
         try:
-            return self.attempt(full, item)
+            return self.attempt(full, item, account=account, session=session)
         finally:
             self.inflight.leave(reserved)
 
-    def _transient(self, claim: Claim, reason: str, code: int | None = None) -> Outcome:
+    def _transient(
+        self, claim: Claim, reason: str, code: int | None = None, seen: Seen | None = None
+    ) -> Outcome:
         if claim.tries_used >= self.settings.max_try_count:
             error = f"{reason} (gave up after {claim.tries_used} tries)"
-            return self.record(claim, Status.CANCELLED, error, code=code, cause=CancelReason.TRIES_EXHAUSTED)
+            return self.record(
+                claim, Status.CANCELLED, error, code=code, cause=CancelReason.TRIES_EXHAUSTED, seen=seen
+            )
         s = self.settings
         delay = backoff_seconds(claim.tries_used, s.retry_backoff_base, s.retry_backoff_max, self.rng)
-        return self.record(claim, Status.FAILED, reason, delay=delay, code=code)
+        return self.record(claim, Status.FAILED, reason, delay=delay, code=code, seen=seen)
 
     def _give_back_claim(
         self, claim: Claim, item: Taken | None, reason: str | None, *, fault: bool = True
     ) -> Outcome:
         """A worker fault: the claim goes back without spending a try, and this sender backs off."""
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(_REFUND_SQL, {"id": claim.id, "try_count": claim.try_count, "reason": reason})
-        except Exception as exc:  # noqa: BLE001 - the lease gives it back otherwise
-            log.warning("%s: could not give task %d back (%s)", self.id, claim.id, type(exc).__name__)
+        self.refund(claim, reason)
         if item is not None:
             self._give_back_quietly(item, claim.id)
         if fault:
             self.fault()
         return Outcome.RELEASED
 
-    def _pause(self, claim: Claim, item: Taken | None, reason: str) -> Outcome:
-        """The server refused the account's login: pause the account; this mail waits with the rest."""
-        text = f"the SMTP server refused the account's credentials: {reason}"
-        with self.engine.begin() as conn:
-            paused = conn.execute(
-                _PAUSE_SQL, {"user_id": claim.user_id, "version": claim.account_version, "reason": text}
-            ).rowcount
-            wait = f"waiting for new SMTP credentials ({text})" if paused else None
-            conn.execute(_REFUND_SQL, {"id": claim.id, "try_count": claim.try_count, "reason": wait})
-        log.warning("%s: account %d paused: %s", self.id, claim.user_id, reason)
-        try:
-            if item is not None:
-                self.sendq.give_back(self.processing, item, claim.id, pause=bool(paused))
-            elif paused:
-                self.sendq.pause(claim.user_id)
-        except redis.RedisError:
-            pass  # the envelope stays in our processing list; shutdown or the sweep returns it
-        return Outcome.PAUSED
+    def _release(self, session) -> None:
+        if session is not None:
+            self.mailer.release(session)
 
-    def record(
-        self,
-        claim: Claim,
-        status: Status,
-        error: str | None,
-        *,
-        delay: float = 0.0,
-        code: int | None = None,
-        cause: CancelReason | None = None,
-    ) -> Outcome:
-        """Write the outcome, and the event reporting it, behind the fencing token; a short PostgreSQL
-        outage is waited out. ``code`` is the SMTP reply code; ``cause`` why a cancellation happened
-        (the event's reason and the metrics' label)."""
-        event_type, event_reason = events.outcome_event(status, cause)
-        report = events.Report(claim.id, event_type, event_reason, code)
-        params = {
-            "id": claim.id,
-            "try_count": claim.try_count,
-            "status": status.value,
-            "last_error": error,
-            "delay": delay,
-        }
-        # A lost "sent" means a resend, so keep trying while PostgreSQL is briefly unavailable; the
-        # fencing token keeps a late write harmless.
-        deadline = time.monotonic() + max(30.0, self.settings.lease_seconds)
-        while True:
-            try:
-                row, created = None, []
-                if not claim.hooked:
-                    quiet = run_alone(self.engine, _QUIET_OUTCOME_SQL, params)
-                    row = quiet[0] if quiet else None
-                if row is None:
-                    with self.engine.begin() as conn:
-                        row = conn.execute(_OUTCOME_SQL, params).one_or_none()
-                        created = events.write(conn, [report]) if row is not None and row.hooked else []
-                break
-            except Exception as exc:
-                if not dependency_of(exc) or time.monotonic() > deadline or self.stopping.is_set():
-                    raise
-                log.warning(
-                    "%s: recording task %d failed (%s); retrying", self.id, claim.id, type(exc).__name__
-                )
-                time.sleep(0.5)
-        if row is None:
-            self.metrics.stale.inc()
-            log.warning("%s: task %d outcome %s discarded: claimed again since", self.id, claim.id, status)
-            return Outcome.STALE
-        self.outbox.wake(created)
-        self.metrics.record_outcome(status, cause, claim.created_at, self.now())
-        # A success per mail is DEBUG (it is the hot path); anything else is worth a line.
-        level = logging.DEBUG if status == Status.SENT else logging.INFO
-        log.log(
-            level, "task %d try %d -> %s%s", claim.id, claim.try_count, status, f" ({error})" if error else ""
-        )
-        return Outcome(status.value)
+    def _hang_up(self, session) -> None:
+        if session is not None:
+            hang_up(session.connection.smtp)  # opened with the credentials that can no longer be read
+
+
+def _seen(server: str, exc: SmtpError) -> Seen:
+    return Seen(server, exc.stage, exc.code, reason_of(exc))
 
 
 def _refused(accepted) -> str | None:
@@ -363,7 +329,3 @@ def _refused(accepted) -> str | None:
         if refused
         else None
     )
-
-
-def _reason(exc: SmtpError) -> str:
-    return str(exc)[:1000]  # the mailer's messages start with the reply code, once, and hold no secret

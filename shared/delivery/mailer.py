@@ -1,5 +1,9 @@
 """SMTP delivery: sending over pooled connections within a deadline.
 
+A sender gets the account's connection ready first (``connect``: pooled and still open, or opened and
+logged in), claims a mail only then and sends it over that ``session``: what goes wrong while a
+connection opens is the account's, and no mail has been touched yet.
+
 docs/architecture.md ("SMTP: every server is treated as hostile") has the why: verified TLS always, never a
 plaintext fallback, a deadline on the whole conversation, replies capped, one AUTH attempt, one
 reconnect for a pooled connection found closed. Building the message is shared/delivery/message.py's job,
@@ -26,11 +30,11 @@ from shared.config import Settings
 from shared.deadline import Guard, Watchdog
 from shared.delivery.failures import classify, reply_text
 from shared.delivery.message import Outgoing
-from shared.delivery.smtp import PinnedSMTP, PinnedSMTPSSL, SmtpAccount, hang_up, size_limit
+from shared.delivery.smtp import PinnedSMTP, PinnedSMTPSSL, SmtpAccount, hang_up, size_limit, still_open
 from shared.delivery.transaction import Transaction
-from shared.domain import SmtpSecurity
-from shared.errors import PermanentSmtpError, SmtpError, TransientSmtpError
-from shared.hosts import resolve_checked
+from shared.domain import PauseReason, SmtpSecurity
+from shared.errors import AccountPausedError, HostError, PermanentSmtpError, SmtpError, TransientSmtpError
+from shared.hosts import vet
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,14 @@ class _Connection:
 
 
 _NOT_ACCEPTED_YET = ("MAIL FROM", "RCPT TO")  # stages after which nothing can have been delivered
+
+
+@dataclass(eq=False)
+class Session:
+    """A connection ready for the account's next mail, held by one thread (``Mailer.connect``)."""
+
+    connection: _Connection
+    key: tuple
 
 
 class Mailer:
@@ -71,6 +83,36 @@ class Mailer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def connect(self, account: SmtpAccount, *, deadline: float | None = None) -> Session:
+        """A connection ready for the account's next mail: a pooled one the server has not closed, or a
+        new one (resolve, connect, greeting, EHLO, STARTTLS, AUTH) opened by ``deadline`` (default:
+        now + 0.8 × TASK_LEASE_SECONDS). Raises the SmtpError classified for the stage it failed at:
+        anything at these stages is about the account (shared.delivery.failures), never about a mail."""
+        self._allowed(account)
+        session = self.pooled(account)
+        if session is not None:
+            return session
+        guard = self._watchdog.start(
+            self._clock() + self._settings.smtp_deadline if deadline is None else deadline
+        )
+        try:
+            connection = self._open(account, guard)
+        finally:
+            self._watchdog.stop(guard)
+        return Session(connection, self._key(account))
+
+    def pooled(self, account: SmtpAccount) -> Session | None:
+        """A pooled connection of the account the server has not closed, if there is one (no I/O)."""
+        key = self._key(account)
+        connection = self._take(key)
+        return None if connection is None else Session(connection, key)
+
+    def release(self, session: Session) -> None:
+        """Give back a session that carried no mail (the claim found nothing): pooled for the next."""
+        session.connection.last_used = self._clock()
+        with self._lock:
+            self._idle.setdefault(session.key, []).append(session.connection)
+
     def send(
         self,
         account: SmtpAccount,
@@ -78,22 +120,28 @@ class Mailer:
         *,
         deadline: float | None = None,
         bcc: tuple[str, ...] = (),
+        session: Session | None = None,
     ) -> Acceptance:
         """Deliver one message from its From to its To and Cc, and to ``bcc`` (in the envelope only);
         an ``Outgoing`` (``shared.delivery.message.compose``) carries its envelope, bcc included, already.
         return the server's acceptance, e.g. "250 OK" (``.refused`` lists recipients refused with 5xx).
 
-        deadline is the instant on this Mailer's clock by which the whole conversation is over, a new
-        connection's resolve, connect, greeting, EHLO, STARTTLS and AUTH included (default: now + 0.8 ×
-        TASK_LEASE_SECONDS). Raises TransientSmtpError or PermanentSmtpError (SmtpAuthError when the
-        server refused the credentials); the message never contains the password.
+        Over ``session`` when given (``connect``), else a pooled or new connection. deadline is the
+        instant on this Mailer's clock by which the whole conversation is over, a new connection's
+        opening included (default: now + 0.8 × TASK_LEASE_SECONDS). Raises TransientSmtpError or
+        PermanentSmtpError about this mail, AccountSmtpError about the account (shared.delivery.failures);
+        the message never contains the password.
         """
-        if account.security == SmtpSecurity.NONE and not self._settings.smtp_allow_insecure:
-            raise PermanentSmtpError("plaintext SMTP (security none) is not allowed by this deployment")
+        if session is not None and session.key != self._key(account):
+            hang_up(session.connection.smtp)  # opened with settings that changed since: not for this mail
+            session = None
+        self._allowed(account)
         now = self._clock()
         if deadline is None:
             deadline = now + self._settings.smtp_deadline
         elif deadline <= now:  # checked before taking a pooled connection that it would only spoil
+            if session is not None:
+                self.release(session)
             raise TransientSmtpError(
                 f"{account.host}:{account.port}: the deadline passed before the send began"
             )
@@ -101,7 +149,7 @@ class Mailer:
         key = self._key(account)
         guard = self._watchdog.start(deadline)
         try:
-            connection = self._take(key)
+            connection = session.connection if session is not None else self._take(key)
             if connection is not None:
                 try:
                     return self._deliver(connection, key, account, outgoing, guard, reused=True)
@@ -113,6 +161,14 @@ class Mailer:
             return self._deliver(connection, key, account, outgoing, guard, reused=False)
         finally:
             self._watchdog.stop(guard)
+
+    def _allowed(self, account: SmtpAccount) -> None:
+        if account.security == SmtpSecurity.NONE and not self._settings.smtp_allow_insecure:
+            raise AccountPausedError(
+                "plaintext SMTP (security none) is not allowed by this deployment",
+                reason=PauseReason.CONFIGURATION,
+                stage="connect",
+            )
 
     def close_idle(self) -> int:
         """Close connections idle or open too long; return how many. Never waits on a server."""
@@ -159,15 +215,19 @@ class Mailer:
         return [c for c in idle if c not in fresh]
 
     def _take(self, key: tuple) -> _Connection | None:
-        with self._lock:
-            stale = self._split_stale(key)
-            idle = self._idle.get(key)
-            connection = idle.pop() if idle else None  # the most recently used: the others may expire
-            if idle == []:
-                del self._idle[key]
-        for old in stale:
-            hang_up(old.smtp)
-        return connection
+        """The most recently used idle connection of ``key`` that the server has not closed."""
+        while True:
+            with self._lock:
+                stale = self._split_stale(key)
+                idle = self._idle.get(key)
+                connection = idle.pop() if idle else None  # the most recently used: the others may expire
+                if idle == []:
+                    del self._idle[key]
+            for old in stale:
+                hang_up(old.smtp)
+            if connection is None or still_open(connection.smtp):
+                return connection
+            hang_up(connection.smtp)
 
     def _finish(self, key: tuple, connection: _Connection, guard: Guard, *, healthy: bool) -> None:
         """Pool the connection if it is healthy and still young, else hang up."""
@@ -187,9 +247,15 @@ class Mailer:
         """Connect, secure, greet and log in; any failure closes the socket and raises an SmtpError."""
         # Checked on every new connection, not only at registration: DNS may point elsewhere by now.
         # The lookup itself is bounded by the resolver's timeouts, not by the deadline (checked next).
-        addresses = resolve_checked(
-            account.host, account.port, allow_private=self._settings.smtp_allow_private_hosts
-        )
+        try:
+            addresses = vet(
+                account.host,
+                account.port,
+                allow_private=self._settings.smtp_allow_private_hosts,
+                what="SMTP host",
+            )
+        except HostError as exc:
+            raise self._classify(exc, "resolve", account, guard) from None
         timeout = self._settings.smtp_timeout
         context = None if account.security == SmtpSecurity.NONE else self._ssl_context_factory()
         if account.security == SmtpSecurity.TLS:

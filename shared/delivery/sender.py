@@ -1,10 +1,14 @@
 """The sender: takes work tenant by tenant and hands each envelope to a conversation thread, which
 makes one attempt at its task (shared.delivery.attempt) and lets go of the envelope.
 
-- **Fair share and the per-account cap** come from the queue (``shared.fairqueue``): one envelope per
-  tenant per turn, at most SMTP_MAX_CONNECTIONS_PER_ACCOUNT conversations at once per account.
-- **Worker faults are not mail faults.** After one (a missing decryption key, PostgreSQL or Redis
-  unavailable) this sender stops taking work for a while, doubling the pause while the faults go on.
+- **Fair share and each account's pace** come from the queue (``shared.fairqueue``, ``shared.pace``):
+  one envelope per tenant per turn, no more conversations at once than the account may have, none
+  while it is held (backing off, over its declared send limit).
+- **The account's connection first, then the claim** (``shared.delivery.relay``): whatever the relay
+  says about the account while the connection opens touches no task.
+- **Worker faults are not mail faults.** After one (PostgreSQL or Redis unavailable) this sender stops
+  taking work for a while, doubling the pause while the faults go on. An account's condition (its
+  relay, a password no key decrypts) is never one: it holds or pauses that account only.
 
 ``step()`` takes and handles work in the calling thread (tests drive it); ``run()`` runs one
 dispatcher thread taking work for WORKER_COUNT conversation threads, and a thread that finishes a
@@ -28,11 +32,15 @@ from shared import logs
 from shared.config import Settings
 from shared.crypto import SecretBox
 from shared.db import on_the_row
+from shared.delivery.accounts import Accounts
 from shared.delivery.attempt import Attempt
 from shared.delivery.inflight import Inflight
+from shared.delivery.record import Record
+from shared.delivery.relay import Relay
 from shared.domain import CancelReason, Status
 from shared.errors import EnvelopeDecodeError
 from shared.fairqueue import SendQueue, Taken
+from shared.pace import Pace
 from shared.tasks import events
 from shared.workers import BLOCK_SECONDS, Outcome, Worker, dependency_of, utcnow
 
@@ -41,15 +49,25 @@ log = logging.getLogger("mailq.sender")
 MAX_FAULT_BACKOFF = 60.0  # seconds a sender waits at most after a worker fault before taking again
 IDLE_CHECK_SECONDS = 1.0  # how often the dispatcher closes idle SMTP connections
 
-# Why a claim found nothing (the rare path: duplicate envelope, no tries left, account paused).
+# Why a claim found nothing (the rare path: duplicate envelope, no tries left, expired, account paused).
 _WHY_SQL = sa.text(
     """
     SELECT t.status, t.try_count, t.try_count - t.budget_base >= :max_tries AS exhausted,
-           u.smtp_paused_at IS NOT NULL AS paused
+           t.expires_at <= now() AS expired, u.smtp_paused_at IS NOT NULL AS paused
       FROM tasks AS t JOIN users AS u ON u.id = t.user_id
      WHERE t.id = :id
     """
 )
+# A queued task past its expires_at ends here (the sweep would, a little later).
+_EXPIRED_SQL = sa.text(
+    f"""
+    UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
+                     next_attempt_at = now(), updated_at = now()
+     WHERE id = :id AND {on_the_row("status = 'queued' AND expires_at <= now()")}
+    RETURNING id, {events.hooked()}
+    """
+)
+EXPIRED = "expired: not sent before its expires_at"
 
 # A queued task without tries left (MAX_TRY_COUNT was lowered) ends here instead of waiting forever.
 _EXHAUSTED_SQL = sa.text(
@@ -62,7 +80,7 @@ _EXHAUSTED_SQL = sa.text(
 )
 
 
-class Sender(Attempt, Worker):
+class Sender(Attempt, Record, Relay, Worker):
     """Claims tasks one at a time, just before each attempt, and sends them over each user's account."""
 
     role = "sender"
@@ -86,6 +104,8 @@ class Sender(Attempt, Worker):
         self.clock = clock
         self.rng = rng
         self.sendq = SendQueue(client)
+        self.pace = Pace(client)
+        self.accounts = Accounts(engine, settings)
         self.outbox = events.Outbox(client)
         self._holder = f"{self.id}:"
         self._fault_until = 0.0
@@ -106,9 +126,16 @@ class Sender(Attempt, Worker):
     def take(self, count: int) -> list[Taken]:
         """Up to ``count`` envelopes, fairly, each with a conversation slot of its account."""
         s = self.settings
-        return self.sendq.take(
-            self.processing, self._holder, count, s.smtp_max_connections_per_account, s.lease_seconds * 1000
+        took = self.sendq.take(
+            self.processing,
+            self._holder,
+            count,
+            s.smtp_max_connections_per_account_limit,
+            s.lease_seconds * 1000,
         )
+        if took.limit_waits:
+            self.metrics.send_limit_waits.inc(took.limit_waits)
+        return took
 
     def step(self, timeout: float = BLOCK_SECONDS, count: int | None = None) -> list[Outcome]:
         """Take up to ``count`` envelopes (waiting up to ``timeout`` for one) and handle each in turn."""
@@ -134,7 +161,8 @@ class Sender(Attempt, Worker):
     # --- one envelope ---
 
     def handle(self, item: Taken) -> Outcome:
-        """Claim, send and record one taken envelope; every path lets go of it before returning."""
+        """Get the account's connection ready, claim, send and record one taken envelope; every path
+        lets go of it before returning."""
         try:
             task_id = item.task_id
         except EnvelopeDecodeError as exc:
@@ -143,9 +171,14 @@ class Sender(Attempt, Worker):
             return Outcome.DROPPED
         logs.bind_task(task_id)
         try:
+            ready = self.ready(item, task_id)  # the account's connection: before any claim
+            if isinstance(ready, Outcome):
+                return ready
+            account, _, session = ready
             claim = self.claim(task_id)
             self._recovered()
             if claim is None:
+                self.mailer.release(session)
                 return self._unclaimable(item, task_id)
         except Exception as exc:
             which = dependency_of(exc)
@@ -157,31 +190,44 @@ class Sender(Attempt, Worker):
             self.fault()
             return Outcome.RELEASED
         self.metrics.claims.inc()
-        outcome = self.attempt(claim, item)
-        if outcome not in (Outcome.RELEASED, Outcome.PAUSED):  # those already gave the envelope back
-            self.done(item)
+        self.accounts.check(claim.user_id, claim.account_version)
+        outcome = self.attempt(claim, item, account=account, session=session)
+        if outcome not in (Outcome.RELEASED, Outcome.PAUSED, Outcome.WAITING):  # those gave the envelope back
+            answered = self.answered()
+            ended = self.done(item, success=account.max_connections if answered else None)
+            if answered:
+                self.recovered(account, ended)
         return outcome
 
     def _unclaimable(self, item: Taken, task_id: int) -> Outcome:
-        cancelled, created = False, []
+        cause, created = None, []
         with self.engine.begin() as conn:
             row = conn.execute(
                 _WHY_SQL, {"id": task_id, "max_tries": self.settings.max_try_count}
             ).one_or_none()
-            if row is not None and row.status == Status.QUEUED and row.exhausted:
-                reason = f"no tries left (MAX_TRY_COUNT is {self.settings.max_try_count})"
-                params = {"id": task_id, "try_count": row.try_count, "reason": reason}
-                done = conn.execute(_EXHAUSTED_SQL, params).one_or_none()
-                cancelled = done is not None
-                if cancelled and done.hooked:
-                    report = events.Report(task_id, events.CANCELLED, events.TRIES_EXHAUSTED)
-                    created = events.write(conn, [report])
-        if cancelled:
-            self.metrics.cancel(CancelReason.TRIES_EXHAUSTED)
+            queued = row is not None and row.status == Status.QUEUED
+            if queued and (row.expired or row.exhausted):
+                if row.expired:
+                    cause, statement, params = (
+                        CancelReason.EXPIRED,
+                        _EXPIRED_SQL,
+                        {"id": task_id, "reason": EXPIRED},
+                    )
+                else:
+                    reason = f"no tries left (MAX_TRY_COUNT is {self.settings.max_try_count})"
+                    params = {"id": task_id, "try_count": row.try_count, "reason": reason}
+                    cause, statement = CancelReason.TRIES_EXHAUSTED, _EXHAUSTED_SQL
+                done = conn.execute(statement, params).one_or_none()
+                if done is None:
+                    cause = None
+                elif done.hooked:
+                    created = events.write(conn, [events.Report(task_id, events.CANCELLED, cause.value)])
+        if cause is not None:
+            self.metrics.cancel(cause)
             self.outbox.wake(created)
             self.done(item)
             return Outcome.CANCELLED
-        if row is not None and row.status == Status.QUEUED and row.paused:
+        if queued and row.paused:
             self.sendq.give_back(self.processing, item, task_id, pause=True)
             return Outcome.PAUSED
         self.done(item)  # a duplicate envelope, or a task that is no longer queued: nothing to send
@@ -189,19 +235,26 @@ class Sender(Attempt, Worker):
 
     # --- letting go ---
 
-    def done(self, item: Taken) -> None:
+    def done(self, item: Taken, *, success: int | None = None) -> bool:
+        """Let go of the envelope (and take this thread's next one in the same step, when it wants
+        one). ``success``: the relay answered, so the account's pace hears of it (its declared
+        maximum); returns whether that ended the account's backoff episode."""
         try:
             if getattr(self._chain, "wanted", False) and not self.stopping.is_set() and not self.faulted():
                 s = self.settings
-                cap, slot_ms = s.smtp_max_connections_per_account, s.lease_seconds * 1000
-                self._chain.next = self.sendq.done_and_take(
-                    self.processing, item, self._holder, 1, cap, slot_ms
+                cap, slot_ms = s.smtp_max_connections_per_account_limit, s.lease_seconds * 1000
+                took = self.sendq.done_and_take(
+                    self.processing, item, self._holder, 1, cap, slot_ms, success=success
                 )
-            else:
-                self.sendq.done(self.processing, item)
+                self._chain.next = took
+                if took.limit_waits:
+                    self.metrics.send_limit_waits.inc(took.limit_waits)
+                return took.ended
+            return self.sendq.done(self.processing, item, success=success)
         except redis.RedisError:
             with self._lock:
                 self._unacked.append(item)
+            return False
 
     def retry_unacked(self) -> None:
         with self._lock:

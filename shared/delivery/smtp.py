@@ -12,6 +12,7 @@ sure a server cannot hold a thread or grow its memory.
 from __future__ import annotations
 
 import re
+import select
 import smtplib
 import socket
 import time
@@ -185,6 +186,23 @@ def hang_up(smtp: smtplib.SMTP) -> None:
         except OSError:  # includes ssl.SSLWantWriteError: the goodbye is a courtesy
             pass
     smtp.close()
+
+
+def still_open(smtp: smtplib.SMTP) -> bool:
+    """Whether an idle connection is still usable, without a round trip: an idle SMTP server says
+    nothing until spoken to, so a socket with something to read was closed (EOF, a reset) or carries
+    an unsolicited reply (a 421 before closing). Checked before a pooled connection is handed out, so
+    a relay that went away is found before a mail is claimed for it."""
+    sock = smtp.sock
+    if sock is None:
+        return False
+    if getattr(sock, "pending", lambda: 0)():  # TLS: a record already decrypted and waiting
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 def size_limit(smtp: smtplib.SMTP) -> int | None:

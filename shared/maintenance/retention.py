@@ -5,9 +5,10 @@ sent long ago. Mail services keep 30 to 45 days. The sweep runs one purge per pa
 counts expired rows too, so the job runs while any are left); each pass deletes at most
 MAX_BATCHES_PER_PASS x SWEEP_BATCH rows, oldest first, from the ``tasks_retention`` index, with
 ``SKIP LOCKED`` so two sweeps never wait on each other. A task's content, tags, events and
-deliveries go with it (foreign keys ON DELETE CASCADE); so does its Idempotency-Key, which lives on
-the row; a batch enqueue's key (task_batches) and a bulk action's (task_bulk_requests) expire after
-the same number of days.
+deliveries and its attempt log go with it (foreign keys ON DELETE CASCADE); so does its
+Idempotency-Key, which lives on the row; a batch enqueue's key (task_batches), a bulk action's
+(task_bulk_requests) and an account's events (account.*, with their deliveries) expire after the same
+number of days.
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ _PURGE_BULK_SQL = sa.text(
     """
 )
 
+# Account events (no task to go with) expire with the age of tasks, from their own partial index.
+_PURGE_ACCOUNT_EVENTS_SQL = sa.text(
+    """
+    DELETE FROM webhook_events
+     WHERE id = ANY(ARRAY(SELECT id FROM webhook_events
+                           WHERE task_id IS NULL AND created_at < now() - make_interval(days => :days)
+                           ORDER BY created_at LIMIT :batch FOR UPDATE SKIP LOCKED))
+    """
+)
+
 _PURGE_SQL = sa.text(
     f"""
     DELETE FROM tasks
@@ -66,4 +77,5 @@ def purge_once(settings: Settings, engine: Engine) -> int:
     with engine.begin() as conn:
         conn.execute(_PURGE_BATCHES_SQL, params)
         conn.execute(_PURGE_BULK_SQL, params)
+        conn.execute(_PURGE_ACCOUNT_EVENTS_SQL, params)
     return deleted

@@ -1,7 +1,8 @@
 """The sweep: one idempotent pass that puts back whatever fell through the cracks.
 
-It re-enqueues due ``scheduled`` and ``failed`` tasks, ``queued`` tasks older than the leak
-window, and ``processing`` tasks whose lease ran out, straight into their tenants' queues (where an
+It cancels mail not sent by its ``expires_at`` (reason ``expired``), re-enqueues due ``scheduled`` and
+``failed`` tasks, ``queued`` tasks older than the leak window, and ``processing`` tasks whose lease ran
+out, straight into their tenants' queues (where an
 envelope that is still waiting is not added twice, so a long backlog is not multiplied); it ends
 any task without a try left (also one a lowered MAX_TRY_COUNT left behind); it returns envelopes
 stranded in the processing lists of workers whose heartbeat is gone; it lets go of Redis pauses
@@ -21,23 +22,40 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from shared import queue
+from shared import pace, queue
+from shared.accounts import events as account_events
 from shared.config import Settings
+from shared.crypto import SecretBox
+from shared.errors import ConfigError
 from shared.fairqueue import SendQueue
 from shared.maintenance.retention import purge_once
-from shared.pending import conditions, pending_work_sql
+from shared.pending import EXPIRED, conditions, pending_work_sql
 from shared.tasks import events
 from shared.webhooks import requeue
 
 log = logging.getLogger("mailq.sweep")
 
 LOST_IN_FLIGHT = "the worker sending the last try was lost (the mail may have gone out)"
+EXPIRED_REASON = "expired: not sent before its expires_at"
+
+# Mail past its expires_at, oldest first, from its own index; SKIP LOCKED as the requeue's picks.
+_EXPIRE_SQL = sa.text(
+    f"""
+    UPDATE tasks AS t
+       SET status = 'cancelled', last_error = :reason, lease_until = NULL, next_attempt_at = now(),
+           updated_at = now()
+     WHERE t.id = ANY(ARRAY(SELECT id FROM tasks WHERE {EXPIRED[1]}
+                             ORDER BY expires_at LIMIT :batch FOR UPDATE SKIP LOCKED))
+    RETURNING t.id, {events.hooked("t")}
+    """
+)
 
 
 @dataclass
 class SweepReport:
     requeued: int = 0  # rows put back to queued (and pushed)
     cancelled: int = 0  # rows with no try left (the last try's worker died, or MAX_TRY_COUNT lowered)
+    expired: int = 0  # rows cancelled because their expires_at passed (not counted in cancelled)
     lost_in_flight: int = 0  # of those, the ones whose last try's worker died (the mail may have gone out)
     resumed: int = 0  # tenants paused in Redis but no longer in PostgreSQL
     purged: int = 0  # tasks past TASK_RETENTION_DAYS deleted
@@ -112,15 +130,58 @@ def resume_unpaused(engine: Engine, sendq: SendQueue) -> int:
     return len(paused - still)
 
 
+_KEY_PAUSED_SQL = sa.text(
+    "SELECT id, smtp_password_enc FROM users WHERE smtp_paused_at IS NOT NULL AND smtp_paused_code = 'key'"
+    " ORDER BY id LIMIT 100"
+)
+# Only while the password is still the one that could not be read (the user may have set a new one).
+_UNPAUSE_SQL = sa.text(
+    """
+    UPDATE users SET smtp_paused_at = NULL, smtp_paused_reason = NULL, smtp_paused_code = NULL
+     WHERE id = :id AND smtp_paused_code = 'key' AND smtp_password_enc = :token
+    RETURNING id, now() AS at
+    """
+)
+
+
+def resume_decryptable(settings: Settings, engine: Engine, client: redis.Redis) -> int:
+    """Resume accounts paused because no key decrypted their SMTP password, now that one does (an
+    operator restored the key). Returns how many."""
+    if not settings.encryption_keys:
+        return 0
+    box = SecretBox(settings.encryption_keys)
+    with engine.connect() as conn:
+        paused = conn.execute(_KEY_PAUSED_SQL).all()
+    resumed = 0
+    for row in paused:
+        try:
+            box.decrypt(row.smtp_password_enc)
+        except ConfigError:
+            continue
+        with engine.begin() as conn:
+            done = conn.execute(_UNPAUSE_SQL, {"id": row.id, "token": row.smtp_password_enc}).one_or_none()
+            body = account_events.data(row.id, "active", "key", None, since=done.at) if done else None
+            created = account_events.write(conn, row.id, account_events.RESUMED, body) if done else []
+        if done is None:
+            continue
+        account_events.wake(client, created)
+        pace.Pace(client).resume(row.id)
+        SendQueue(client).resume(row.id)
+        log.info("sweep: account %d resumed: its SMTP password can be decrypted again", row.id)
+        resumed += 1
+    return resumed
+
+
 def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> SweepReport:
     report = SweepReport()
     sendq = SendQueue(client)
     try:
         report.rescued, report.dead_workers = rescue_stranded(client)
-        report.resumed = resume_unpaused(engine, sendq)
+        report.resumed = resume_unpaused(engine, sendq) + resume_decryptable(settings, engine, client)
     except redis.RedisError as exc:
         log.warning("sweep could not check workers: %s", type(exc).__name__)
         report.push_failed = True
+    report.expired = expire(settings, engine, client)
     statement = _requeue_sql(settings)
     params = {"batch": settings.sweep_batch, "max_tries": settings.max_try_count, "lost": LOST_IN_FLIGHT}
     outbox = events.Outbox(client)
@@ -153,18 +214,40 @@ def sweep_once(settings: Settings, engine: Engine, client: redis.Redis) -> Sweep
             break
     report.purged = purge_once(settings, engine)
     report.deliveries = requeue.sweep_deliveries(settings, engine, client)
-    if report.requeued or report.rescued or report.cancelled or report.resumed or report.purged:
+    if (
+        report.requeued
+        or report.rescued
+        or report.cancelled
+        or report.resumed
+        or report.purged
+        or report.expired
+    ):
         log.info(
-            "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d, resumed %d, "
-            "purged %d",
+            "sweep: requeued %d, rescued %d envelope(s) from %d dead worker(s), cancelled %d, expired %d, "
+            "resumed %d, purged %d",
             report.requeued,
             report.rescued,
             report.dead_workers,
             report.cancelled,
+            report.expired,
             report.resumed,
             report.purged,
         )
     return report
+
+
+def expire(settings: Settings, engine: Engine, client: redis.Redis) -> int:
+    """Cancel the mail past its expires_at (task.cancelled, reason expired); returns how many."""
+    outbox, total = events.Outbox(client), 0
+    while True:
+        with engine.begin() as conn:
+            rows = conn.execute(_EXPIRE_SQL, {"batch": settings.sweep_batch, "reason": EXPIRED_REASON}).all()
+            reports = [events.Report(r.id, events.CANCELLED, events.EXPIRED) for r in rows if r.hooked]
+            created = events.write(conn, reports)
+        outbox.wake(created)
+        total += len(rows)
+        if len(rows) < settings.sweep_batch:
+            return total
 
 
 def pending_work(settings: Settings, engine: Engine) -> int:

@@ -135,7 +135,20 @@ class Gauges:
     workers_alive: dict[str, int] = field(default_factory=dict)
     # sent and cancelled, exact; {} when there are more than FINISHED_CAP of them (see ``estimated``)
     finished: dict[str, int] = field(default_factory=dict)
+    # Accounts whose mail cannot go out now, "state:reason" -> how many (paused: until their settings
+    # change; backing_off: their relay refused them); from the users' partial indexes.
+    accounts_waiting: dict[str, int] = field(default_factory=dict)
 
+
+_ACCOUNTS_SQL = sa.text(
+    """
+    SELECT 'paused' AS state, COALESCE(smtp_paused_code, 'credentials') AS reason, count(*) AS n
+      FROM users WHERE smtp_paused_at IS NOT NULL GROUP BY 2
+    UNION ALL
+    SELECT 'backing_off', smtp_backoff_code, count(*)
+      FROM users WHERE smtp_backoff_since IS NOT NULL GROUP BY 2
+    """
+)
 
 STATISTICS_TTL = 60.0  # seconds a process reuses the planner's statistics (they change at ANALYZE only)
 _statistics: dict[str, tuple[float, Any]] = {}
@@ -144,11 +157,12 @@ _statistics: dict[str, tuple[float, Any]] = {}
 def read(
     settings: Settings, engine: Engine, client: redis.Redis, *, statistics_ttl: float = STATISTICS_TTL
 ) -> Gauges:
-    """Every gauge, now: one PostgreSQL round trip (and one a minute for the statistics), two to Redis."""
+    """Every gauge, now: two PostgreSQL round trips (and one a minute for the statistics), two to Redis."""
     with engine.connect() as conn:
         row = conn.execute(
             _tasks_sql(settings), {"scan": OLDEST_SCAN, "finished_scan": FINISHED_CAP + 1}
         ).one()
+        accounts = {f"{r.state}:{r.reason}": int(r.n) for r in conn.execute(_ACCOUNTS_SQL)}
         key = settings.database_url
         cached = _statistics.get(key)
         if cached is None or time.monotonic() - cached[0] >= statistics_ttl:
@@ -166,6 +180,7 @@ def read(
         sweep_pending=int(row.sweep_pending),
         lists={},
         paused_accounts=0,
+        accounts_waiting=accounts,
     )
     _read_redis(client, gauges)
     return gauges
@@ -252,6 +267,15 @@ class _Collector:
         yield _labelled(
             "mailq_workers_alive", "Workers whose heartbeat is alive, by role.", "role", g.workers_alive
         )
+        waiting = GaugeMetricFamily(
+            "mailq_accounts_waiting",
+            "Accounts whose mail cannot go out now: paused (until their settings change) or backing off "
+            "(their relay refused them), by reason.",
+            labels=["state", "reason"],
+        )
+        for key, n in g.accounts_waiting.items():
+            waiting.add_metric(key.split(":", 1), n)
+        yield waiting
 
 
 def _labelled(name: str, documentation: str, label: str, values: dict[str, float]) -> GaugeMetricFamily:

@@ -105,7 +105,7 @@ def run(ctx: Context, user_id: int, body: dict[str, Any], idempotency_header: st
                 if action == "retry":
                     # All or none against the tenant's bounds: a 429 rolls the request back, key included.
                     admitted = control.admit_again(ctx, conn, user_id, task_ids)
-                    changed = control.retry_many(conn, user_id, task_ids)
+                    changed = control.retry_many(ctx, conn, user_id, task_ids)
                 else:
                     changed, created = control.cancel_many(conn, user_id, task_ids)
             answer = {

@@ -16,11 +16,11 @@ import json
 import mimetypes
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.config import Settings
-from shared.errors import ValidationFailed
+from shared.tasks.tagging import MAX_TAG_VALUE, MAX_TAGS, TAG_KEY, tag_filter, tags_of  # noqa: F401
 from shared.validation import ENCODED_WORD, ENCODED_WORD_REFUSED, LINE_BREAKS, Fields
 
 MAX_SUBJECT = 998  # RFC 5322's line limit
@@ -32,9 +32,6 @@ MAX_HEADERS = 20
 MAX_HEADER_VALUE = 900
 MAX_ATTACHMENTS = 10
 MAX_FILENAME = 255
-MAX_TAGS = 10
-MAX_TAG_VALUE = 256
-TAG_KEY = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 # JSON values one enqueue body may hold, counted before it is parsed (functions/http.py json_body): twice
 # what the fullest valid mail holds (32 members for its fields and a client's own, cc and bcc full,
 # every header, attachment and tag), so a request's memory stays a small multiple of its size whatever
@@ -64,6 +61,7 @@ NEW_FIELDS = (
     "headers",
     "attachments",
     "tags",
+    "expires_at",
 )
 
 
@@ -91,6 +89,8 @@ class Mail:
     headers: tuple[tuple[str, str], ...] = ()
     attachments: tuple[Attachment, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
+    expires_at: datetime | None = None  # never attempted after it (None: ``lifetime`` after it is due)
+    lifetime: int = 5 * 86400  # seconds it may wait once due: the deployment's MAX_QUEUE_LIFETIME
 
     @property
     def has_content(self) -> bool:
@@ -143,6 +143,7 @@ def parse(body: dict[str, Any], settings: Settings) -> Parsed:
     attachments = _attachments(f, settings, too_large)
     tags = tags_of(f)
     scheduled_at = f.timestamp("scheduled_at")
+    expires_at = _expires_at(f, scheduled_at, settings)
     if f.errors or too_large:
         return Parsed(None, f.errors, too_large)
     mail = Mail(
@@ -159,6 +160,8 @@ def parse(body: dict[str, Any], settings: Settings) -> Parsed:
         headers=headers,
         attachments=attachments,
         tags=tags,
+        expires_at=expires_at,
+        lifetime=settings.max_queue_lifetime,
     )
     return Parsed(mail, {}, {})
 
@@ -205,6 +208,28 @@ def _header_text(f: Fields, value: str | None, name: str) -> str | None:
         f.fail(name, ENCODED_WORD_REFUSED)
         return None
     return value
+
+
+def _expires_at(f: Fields, scheduled_at: datetime | None, settings: Settings) -> datetime | None:
+    """When the mail stops being worth sending: in the future, after it is due, and within
+    MAX_QUEUE_LIFETIME of that (the longest any mail is kept)."""
+    expires_at = f.timestamp("expires_at")
+    if expires_at is None:
+        return None
+    now = datetime.now(UTC)
+    due = max(scheduled_at or now, now)
+    if expires_at <= now:
+        f.fail("expires_at", "must be in the future")
+    elif scheduled_at is not None and expires_at <= scheduled_at:
+        f.fail("expires_at", "must be after scheduled_at (the mail would expire before it is due)")
+    elif expires_at > due + timedelta(seconds=settings.max_queue_lifetime):
+        f.fail(
+            "expires_at",
+            f"must be at most MAX_QUEUE_LIFETIME ({settings.max_queue_lifetime} s) after the mail is due",
+        )
+    else:
+        return expires_at
+    return None
 
 
 def _display_name(f: Fields, name: str) -> str | None:
@@ -343,36 +368,3 @@ def _content_type(f: Fields, where: str, value: Any, filename: str | None) -> st
         f.fail(key, "must not be multipart/… or message/… (send it as application/octet-stream)")
         return None
     return value.lower()
-
-
-def tags_of(f: Fields) -> dict[str, str]:
-    value = f.body.get("tags")
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        f.fail("tags", "must be an object of key: value strings")
-        return {}
-    if len(value) > MAX_TAGS:
-        f.fail("tags", f"must hold at most {MAX_TAGS} tags")
-        return {}
-    for key, text in value.items():
-        if not TAG_KEY.match(key):
-            f.fail("tags", f"key {key[:50]!r} must be 1 to 40 of A-Z, a-z, 0-9, _ and -")
-        elif not isinstance(text, str) or len(text) > MAX_TAG_VALUE or not text.isprintable():
-            f.fail(f"tags.{key}", f"must be a string of at most {MAX_TAG_VALUE} printable characters")
-    return {} if any(k == "tags" or k.startswith("tags.") for k in f.errors) else dict(value)
-
-
-def tag_filter(param: str | None) -> str | None:
-    """The ``tag`` query parameter ("key:value") as task_tags stores it, or None if absent or empty."""
-    if param is None or param == "":
-        return None
-    key, colon, value = param.partition(":")
-    if not colon or not TAG_KEY.match(key) or len(value) > MAX_TAG_VALUE or not value.isprintable():
-        raise ValidationFailed(
-            {
-                "tag": "must be key:value: a key of 1 to 40 of A-Z, a-z, 0-9, _ and -, a colon, and a value "
-                f"of at most {MAX_TAG_VALUE} printable characters"
-            }
-        )
-    return param

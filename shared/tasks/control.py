@@ -10,7 +10,8 @@ whatever envelopes of the task are still in Redis. The allowed statuses come fro
 ``shared.domain``; a refused change is a ``Conflict`` (409) naming the status the task is in.
 
 A task that becomes due now is pushed after the commit, as enqueue does (the row is its own outbox:
-a failed push leaves it for the sweep).
+a failed push leaves it for the sweep). A reschedule or retry that would leave the mail due after its
+``expires_at`` gives it a fresh MAX_QUEUE_LIFETIME from its new due time (``_lifetime``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def _refusal(conn: Connection, caller_id: int, task_id: int, action: str, allowe
     names = ", ".join(s.value for s in allowed[:-1]) + f" or {allowed[-1].value}"
     now = "being sent right now (processing)" if status == Status.PROCESSING else status
     return Conflict(f"The task is {now}; only a {names} task can be {action}.")
+
+
+def _lifetime(ctx: Context, due) -> sa.ColumnElement:
+    """expires_at after a reschedule or retry to ``due``: kept, unless it would come first; then
+    MAX_QUEUE_LIFETIME from ``due`` (the user asked for this mail to go out then)."""
+    fresh = due + sa.func.make_interval(0, 0, 0, 0, 0, 0, ctx.settings.max_queue_lifetime)
+    return sa.case((tasks.c.expires_at <= due, fresh), else_=tasks.c.expires_at)
 
 
 def _view(ctx: Context, row: Any) -> dict[str, Any]:
@@ -111,6 +119,7 @@ def reschedule(ctx: Context, caller_id: int, task_id: int, body: dict[str, Any])
         status=sa.case((requested > sa.func.now(), Status.SCHEDULED.value), else_=Status.QUEUED.value),
         scheduled_at=due,
         next_attempt_at=due,
+        expires_at=_lifetime(ctx, due),
         lease_until=None,
         updated_at=sa.func.now(),
     )
@@ -123,7 +132,7 @@ def reschedule(ctx: Context, caller_id: int, task_id: int, body: dict[str, Any])
     return _view(ctx, row)
 
 
-def retry_many(conn: Connection, caller_id: int, task_ids: list[int]) -> list[Any]:
+def retry_many(ctx: Context, conn: Connection, caller_id: int, task_ids: list[int]) -> list[Any]:
     """Queue again those of the caller's ``task_ids`` that are failed or cancelled, due now (also one
     cancelled before its scheduled time), each with a fresh budget of MAX_TRY_COUNT tries, in the
     caller's transaction; push the returned rows' envelopes after the commit, with the admission
@@ -136,6 +145,7 @@ def retry_many(conn: Connection, caller_id: int, task_ids: list[int]) -> list[An
         budget_base=tasks.c.try_count,
         scheduled_at=sa.func.least(tasks.c.scheduled_at, sa.func.now()),  # one cancelled before its time
         next_attempt_at=sa.func.now(),
+        expires_at=_lifetime(ctx, sa.func.now()),
         lease_until=None,
         updated_at=sa.func.now(),
     )
@@ -150,7 +160,7 @@ def retry(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
         admitted = admit_again(ctx, conn, caller_id, [task_id])
     try:
         with ctx.engine.begin() as conn:
-            rows = retry_many(conn, caller_id, [task_id])
+            rows = retry_many(ctx, conn, caller_id, [task_id])
             if not rows:
                 raise _refusal(conn, caller_id, task_id, "retried", RETRYABLE)
     except Exception:

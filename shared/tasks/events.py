@@ -35,18 +35,22 @@ import redis
 import sqlalchemy as sa
 
 from shared import queue
+from shared.accounts import events as account_events
 from shared.domain import CancelReason, Status
 from shared.fairqueue import SendQueue
 
 log = logging.getLogger("mailq.events")
 
 SENT, DEFERRED, CANCELLED = "task.sent", "task.deferred", "task.cancelled"
-EVENT_TYPES = (SENT, DEFERRED, CANCELLED)  # shared.models checks the same list
+# Every type an endpoint may subscribe to (shared.models checks the same list): a task's, and an
+# account's (shared.accounts.events: paused, resumed, backing off).
+EVENT_TYPES = (SENT, DEFERRED, CANCELLED, *account_events.TYPES)
 # data.reason of task.cancelled: the one vocabulary the metrics' reason label uses too.
 PERMANENT_FAILURE = CancelReason.PERMANENT_FAILURE.value
 TRIES_EXHAUSTED = CancelReason.TRIES_EXHAUSTED.value
 USER = CancelReason.USER.value
 LOST_IN_FLIGHT = CancelReason.LOST_IN_FLIGHT.value
+EXPIRED = CancelReason.EXPIRED.value
 CANCEL_REASONS = tuple(r.value for r in CancelReason)
 MAX_PAYLOAD_BYTES = 20 * 1024  # the issue's promise; last_error is cut to MAX_ERROR in the event
 MAX_ERROR = 2000

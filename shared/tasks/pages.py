@@ -10,6 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from shared.accounts import standing
 from shared.context import Context
 from shared.models import SUBJECT_KEY_LENGTH, subject_key, task_tags, tasks
 from shared.tasks import views
@@ -267,5 +268,7 @@ def list_tasks(ctx: Context, caller_id: int, found: Search, limit: int, cursor: 
     """The answer of GET /task/queue and /task/queue/fail: ``{items, next_cursor}``."""
     with ctx.engine.connect() as conn:
         page = read(conn, caller_id, found, limit, cursor)
-    items = [views.task_view(r, max_tries=ctx.settings.max_try_count) for r in page.items]
+    queued = any(r.status == "queued" for r in page.items)
+    waiting = standing.waiting(ctx, caller_id) if queued else None  # why the account's queued mail waits
+    items = [views.task_view(r, max_tries=ctx.settings.max_try_count, waiting=waiting) for r in page.items]
     return {"items": items, "next_cursor": page.next_cursor}

@@ -36,14 +36,15 @@ INSERT_SQL = sa.text(
                       CAST(:html AS text[]), CAST(:from_name AS text[]), CAST(:recipient_name AS text[]),
                       CAST(:cc AS jsonb[]), CAST(:bcc AS jsonb[]), CAST(:reply_to AS text[]),
                       CAST(:headers AS jsonb[]), CAST(:attachments AS jsonb[]),
-                      CAST(:attachment_data AS bytea[]))
+                      CAST(:attachment_data AS bytea[]), CAST(:expires_at AS timestamptz[]),
+                      CAST(:lifetime AS integer[]))
                WITH ORDINALITY
             AS x(recipient_email, subject, body, at, token, idempotency_key, request_hash, tags,
                  has_content, html, from_name, recipient_name, cc, bcc, reply_to, headers, attachments,
-                 attachment_data, ord)
+                 attachment_data, expires_at, lifetime, ord)
     ), inserted AS (
         INSERT INTO tasks (id, user_id, recipient_email, subject, body, status, scheduled_at,
-                           next_attempt_at, message_id, idempotency_key, request_hash, tags)
+                           next_attempt_at, message_id, idempotency_key, request_hash, tags, expires_at)
         SELECT i.id, u.id, i.recipient_email, i.subject, i.body,
                CASE WHEN i.at > now() THEN 'scheduled' ELSE 'queued' END,
                GREATEST(COALESCE(i.at, now()), now()),
@@ -51,7 +52,8 @@ INSERT_SQL = sa.text(
                '<mailq.' || i.token || '@' || CASE WHEN split_part(u.email, '@', 2) ~ '^[A-Za-z0-9.-]+$'
                                                   THEN lower(split_part(u.email, '@', 2))
                                                   ELSE 'mailq.invalid' END || '>',
-               i.idempotency_key, i.request_hash, i.tags
+               i.idempotency_key, i.request_hash, i.tags,
+               COALESCE(i.expires_at, GREATEST(i.at, now()) + make_interval(secs => i.lifetime))
           FROM input AS i JOIN users AS u
             ON u.id = :user_id
            AND (CAST(:generation AS integer) IS NULL OR u.token_generation = CAST(:generation AS integer))
@@ -82,7 +84,7 @@ INSERT_SQL = sa.text(
 PLAIN_INSERT_SQL = sa.text(
     """
     INSERT INTO tasks (user_id, recipient_email, subject, body, status, scheduled_at, next_attempt_at,
-                       message_id, idempotency_key, request_hash)
+                       message_id, idempotency_key, request_hash, expires_at)
     SELECT u.id, :recipient_email, :subject, :body,
            CASE WHEN CAST(:at AS timestamptz) > now() THEN 'scheduled' ELSE 'queued' END,
            GREATEST(COALESCE(CAST(:at AS timestamptz), now()), now()),
@@ -90,7 +92,9 @@ PLAIN_INSERT_SQL = sa.text(
            '<mailq.' || :token || '@' || CASE WHEN split_part(u.email, '@', 2) ~ '^[A-Za-z0-9.-]+$'
                                               THEN lower(split_part(u.email, '@', 2))
                                               ELSE 'mailq.invalid' END || '>',
-           :idempotency_key, :request_hash
+           :idempotency_key, :request_hash,
+           COALESCE(CAST(:expires_at AS timestamptz),
+                    GREATEST(CAST(:at AS timestamptz), now()) + make_interval(secs => :lifetime))
       FROM users AS u
      WHERE u.id = :user_id
        AND (CAST(:generation AS integer) IS NULL OR u.token_generation = CAST(:generation AS integer))
@@ -117,6 +121,8 @@ def _plain_params(
     return {
         "user_id": user_id,
         "generation": generation,
+        "expires_at": mail.expires_at,
+        "lifetime": mail.lifetime,
         "recipient_email": mail.recipient_email,
         "subject": mail.subject,
         "body": mail.body,
@@ -189,6 +195,8 @@ _COLUMNS = (
     "headers",
     "attachments",
     "attachment_data",
+    "expires_at",
+    "lifetime",
 )
 
 
@@ -218,6 +226,8 @@ def _row(mail: Mail) -> dict[str, Any]:
         ),
         # One bytea per mail: the attachments' bytes back to back (their sizes say where each ends).
         "attachment_data": b"".join(a.data for a in mail.attachments) if mail.attachments else None,
+        "expires_at": mail.expires_at,
+        "lifetime": mail.lifetime,
     }
 
 

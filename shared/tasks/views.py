@@ -8,6 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from shared.accounts import standing
 from shared.context import Context
 from shared.domain import Status
 from shared.errors import NotFound
@@ -33,6 +34,7 @@ VIEW_COLUMNS = (
     tasks.c.updated_at,
     tasks.c.sent_at,
     tasks.c.tags,
+    tasks.c.expires_at,
 )
 
 
@@ -48,8 +50,12 @@ def tries_left(row: Any, max_tries: int) -> int | None:
     return max(0, max_tries - (row.try_count - row.budget_base))
 
 
-def task_view(row: Any, *, max_tries: int, with_body: bool = False) -> dict[str, Any]:
-    """The public form of a task (the columns of VIEW_COLUMNS; the body only when asked)."""
+def task_view(
+    row: Any, *, max_tries: int, with_body: bool = False, waiting: str | None = None
+) -> dict[str, Any]:
+    """The public form of a task (the columns of VIEW_COLUMNS; the body only when asked). ``waiting``:
+    why its account's queued mail waits (shared.accounts.standing), shown on a queued task only."""
+    final = row.status in ("sent", "cancelled")
     view = {
         "id": row.id,
         "status": row.status,
@@ -65,6 +71,8 @@ def task_view(row: Any, *, max_tries: int, with_body: bool = False) -> dict[str,
         "updated_at": _iso(row.updated_at),
         "sent_at": _iso(row.sent_at),
         "tags": row.tags,
+        "expires_at": None if final else _iso(row.expires_at),
+        "waiting": waiting if row.status == "queued" else None,
     }
     if with_body:
         view["body"] = row.body
@@ -89,4 +97,5 @@ def get_task(ctx: Context, caller_id: int, task_id: int) -> dict[str, Any]:
         ).one_or_none()
     if row is None:
         raise NotFound("No such task.")
-    return task_view(row, max_tries=ctx.settings.max_try_count, with_body=True)
+    waiting = standing.waiting(ctx, caller_id) if row.status == "queued" else None
+    return task_view(row, max_tries=ctx.settings.max_try_count, with_body=True, waiting=waiting)

@@ -23,7 +23,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tests.chaos import hostile_api, network, scenarios, tenants
+from tests.chaos import hostile_api, network, relays, scenarios, tenants
 from tests.chaos.scenarios import Result
 from tests.chaos.stack import ROOT, Stack
 
@@ -32,6 +32,7 @@ SCENARIOS = {
     "hostile-tenants": tenants.hostile_tenants,
     "bad-network": network.bad_network,
     "hostile-api": hostile_api.hostile_api,
+    **relays.SCENARIOS,
 }
 
 # The full-size runs: thousands of tasks; faults every few seconds. WORKER_COUNT (SMTP conversations per
@@ -48,6 +49,10 @@ FULL: dict[str, dict] = {
     "hostile-tenants": {"tasks": 3000, "hostile_each": 40, "rate": 50.0, "alone": True},
     "bad-network": {"tasks": 2000, "rate": 20.0},
     "hostile-api": {"tasks": 2000, "rate": 50.0, "expanders": 2, "flooders": 4},
+    # The relay down for 10 minutes with production's retry settings (a whole retry budget is 90 s).
+    "relay-outage": {"tasks": 2000, "downtime": 600.0},
+    # 1000 mails for each of two tenants at 10 mails/s: about 100 s each, side by side.
+    "throttling-relay": {"tasks": 2000},
 }
 
 

@@ -182,7 +182,9 @@ def _unjustified(row: Row, fates: list[str], max_tries: int, kills: bool, in_win
         return "tried again after a 250"
     if len(fates) > row.try_count:
         return "more attempts at the server than tries counted"
-    if not kills and len(fates) != row.try_count:
+    # A claim given back without spending a try (the relay refused the account after the claim) moves
+    # the budget with the count: the tries spent are the count less the budget's base.
+    if not kills and len(fates) != row.tries_used:
         return "a try that never reached DATA"
     last = fates[-1] if fates else None
     if row.status == "sent":

@@ -5,7 +5,7 @@
 CHAOS_ARGS    ?=
 FUZZ_EXAMPLES ?= 1000
 
-chaos: $(STAMP) ## fault runs: kill workers, restart Redis and PostgreSQL, flaky and hostile SMTP, a bad network
+chaos: $(STAMP) ## fault runs: kill workers, restart Redis and PostgreSQL, flaky, hostile, throttling and absent SMTP relays, a bad network
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 fuzz: $(STAMP) ## schemathesis over HTTP against `mailq serve`, FUZZ_EXAMPLES per operation, plus bad input

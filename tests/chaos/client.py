@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlparse
 
 
@@ -143,6 +144,7 @@ class Enqueuer:
     ):
         self.base_url, self.accounts, self.count, self.tag = base_url, accounts, count, tag
         self.clients, self.rate, self.retry_for = clients, rate, retry_for
+        self.lifetimes: dict[int, float] = {}  # user id -> seconds: its mails' expires_at after their enqueue
         self.result = EnqueueRun()
         self._next = 0
         self._lock = threading.Lock()
@@ -196,6 +198,9 @@ class Enqueuer:
             "subject": f"chaos {self.tag} #{n}",
             "body": f"Mail {n} of fault run {self.tag}.\nIt must arrive, and only once.\n",
         }
+        if account.id in self.lifetimes:
+            expires = datetime.now(UTC) + timedelta(seconds=self.lifetimes[account.id])
+            body["expires_at"] = expires.isoformat(timespec="seconds")
         headers = {"Idempotency-Key": f"{self.tag}-{n}"}
         give_up = time.monotonic() + self.retry_for
         while True:

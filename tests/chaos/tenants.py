@@ -9,6 +9,9 @@ all at once and interleaved, through the usual consumers and senders. The run ch
 - every mail of a hostile tenant reached its server at most once, or ended with a reason in last_error
   that says why more copies are possible (a server that never answers the final dot may have kept each
   try's copy: the one duplicate SMTP cannot rule out);
+- a server that never lets a conversation open (a banner trickled past the deadline, an endless EHLO
+  reply) is the account's condition, not its mails': the account backs off and its mail spends no try,
+  until it expires (their mails have a short expires_at for that);
 - the senders' memory stays bounded (RSS sampled with psutil while the flood goes on).
 """
 
@@ -31,6 +34,8 @@ from tests.chaos.scenarios import Result, Run
 MAY_HAVE_ACCEPTED = "may have accepted the message"
 # Kinds whose server never gets as far as a message: any copy there is a bug.
 NEVER_STORES = ("trickle-banner", "flood")
+# Kinds whose server refuses the account (not the mail): their mail waits without a try until it expires.
+WAIT_FOR_EXPIRY = (*NEVER_STORES, "throttle-421")
 
 
 class RssSampler:
@@ -112,6 +117,7 @@ def hostile_tenants(
     max_tries: int = 3,
     memory_limit_mib: float | None = None,
     alone: bool = False,
+    lifetime: int = 90,
     seed: int = 18,
     settings: dict | None = None,
 ) -> Result:
@@ -123,6 +129,9 @@ def hostile_tenants(
     with (on a shared machine the tail comes and goes with the neighbours' load)."""
     settings = {"MAX_TRY_COUNT": max_tries, **(settings or {})}
     run = TenantsRun(stack, tasks, hostile_each=hostile_each, lease=lease, rate=rate, seed=seed, **settings)
+    # The mails of the servers that never (or seldom) let a conversation begin expire after ``lifetime``
+    # (their expires_at: the API's MAX_QUEUE_LIFETIME is the stack's); the others' mails keep theirs.
+    run.enqueuer.lifetimes = {i: lifetime for i, kind in run.kinds.items() if kind in WAIT_FOR_EXPIRY}
     rss = RssSampler([p.pid for p in run.workers.senders]).start()
     run.enqueuer.start()
     try:
@@ -213,6 +222,8 @@ def _judge_hostile(run: TenantsRun, rows: list, copies: Counter, result: Result)
             result.problems.append(f"{kind}: task {r.id} reached its server {n} times ({r.last_error!r})")
         if n and kind in NEVER_STORES:
             result.problems.append(f"{kind}: task {r.id} reached a server that never gets that far")
+        if kind in NEVER_STORES and r.try_count - r.budget_base:
+            result.problems.append(f"{kind}: task {r.id} spent a try on a relay that never let it begin")
     if +duplicated and set(+duplicated) != {"silent-data"}:
         result.problems.append(f"duplicates beyond the silent server's: {dict(+duplicated)}")
     for kind, counts in per_kind.items():

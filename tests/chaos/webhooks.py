@@ -101,8 +101,12 @@ class Hooks:
         for request in list(self.receiver.requests):
             result.requests += 1
             event = request.event
-            task_id = event.get("data", {}).get("task_id")
-            secret = self.secrets.get(owner.get(task_id, -1))
+            data = event.get("data", {})
+            task_id = data.get("task_id")
+            if str(event.get("type", "")).startswith("account."):  # an account's event names its user
+                secret = self.secrets.get(data.get("user_id"))
+            else:
+                secret = self.secrets.get(owner.get(task_id, -1))
             if secret is None:
                 result.problems.append(f"a webhook for task {task_id}, which no account of this run owns")
                 continue
@@ -122,7 +126,8 @@ class Hooks:
         per_task: dict[int, list[dict]] = defaultdict(list)
         for event in seen.values():
             result.by_type[event["type"]] += 1
-            per_task[event["data"]["task_id"]].append(event)
+            if not event["type"].startswith("account."):
+                per_task[event["data"]["task_id"]].append(event)
         wanted = set(accepted)
         for task_id in sorted(set(per_task) - wanted):
             result.problems.append(f"task {task_id}: events for a task the API never accepted")

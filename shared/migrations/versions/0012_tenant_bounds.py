@@ -7,7 +7,7 @@ written into every token at login; a password change or a logout-all raises it, 
 generation is refused everywhere. Constant defaults: PostgreSQL 11+ adds the columns without rewriting.
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-07
 """
 
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0012"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
