@@ -17,8 +17,8 @@ from shared.config import Settings
 from shared.delivery.mailer import Mailer
 from shared.delivery.message import build_message, message_id_for
 from shared.delivery.smtp import SmtpAccount
-from shared.domain import SmtpSecurity
-from shared.errors import PermanentSmtpError, SmtpError, TransientSmtpError
+from shared.domain import AccountReason, SmtpSecurity
+from shared.errors import AccountSmtpError, PermanentSmtpError, SmtpError, TransientSmtpError
 from tests.hostile_smtp import HostileSmtpServer, SilentServer
 from tests.smtp_servers import ScriptedSmtpServer
 
@@ -220,9 +220,10 @@ def test_a_354_after_a_refused_mail_from_is_answered_by_hanging_up():
 def test_a_421_in_the_middle_of_the_group_ends_the_mail_with_that_421(verb, stage):
     closing = {verb: b"421 4.3.2 service shutting down\r\n"}
     with HostileSmtpServer(replies=closing, hang_up_after={verb}) as server, Mailer(SETTINGS) as mailer:
-        with pytest.raises(TransientSmtpError) as caught:
+        with pytest.raises(AccountSmtpError) as caught:  # a 421 is the relay's, at any stage (no try spent)
             mailer.send(account_for(server), a_message(cc=(CAROL,)))
     assert caught.value.code == 421 and f"in reply to {stage}" in caught.value.message
+    assert caught.value.reason == AccountReason.THROTTLED and caught.value.stage == stage
     assert server.messages == [] and server.aborted == 0
 
 
@@ -230,18 +231,19 @@ def test_a_421_to_a_recipient_ends_the_mail_there_also_one_command_at_a_time():
     closing = {"RCPT": b"421 4.3.2 service shutting down\r\n"}
     for extensions in (NO_PIPELINING, ("PIPELINING",)):
         with HostileSmtpServer(extensions=extensions, replies=closing, hang_up_after={"RCPT"}) as server:
-            with Mailer(SETTINGS) as mailer, pytest.raises(TransientSmtpError) as caught:
+            with Mailer(SETTINGS) as mailer, pytest.raises(AccountSmtpError) as caught:
                 mailer.send(account_for(server), a_message(cc=(CAROL,)))
         assert caught.value.code == 421 and "in reply to RCPT TO" in caught.value.message
         assert server.messages == [] and server.aborted == 0
 
 
 @pytest.mark.parametrize("verb, stage", [("MAIL", "MAIL FROM"), ("RCPT", "RCPT TO")])
-def test_a_connection_dropped_in_the_middle_of_the_group_is_transient_and_sends_nothing(verb, stage):
+def test_a_connection_dropped_in_the_middle_of_the_group_is_the_accounts_and_sends_nothing(verb, stage):
     with HostileSmtpServer(replies={verb: b""}, hang_up_after={verb}) as server, Mailer(SETTINGS) as mailer:
-        with pytest.raises(TransientSmtpError) as caught:
+        with pytest.raises(AccountSmtpError) as caught:  # before DATA: the relay went away, no try spent
             mailer.send(account_for(server), a_message(cc=(CAROL,)))
     assert f"connection lost during {stage}" in caught.value.message
+    assert caught.value.reason == AccountReason.UNREACHABLE
     assert server.messages == []
 
 

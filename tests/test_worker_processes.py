@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import collections
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 import sqlalchemy as sa
 
 from shared import queue
+from tests.hostile_smtp import SilentServer
 from tests.pipeline import Pipeline
 from tests.smtp_servers import ScriptedSmtpServer
 
@@ -36,32 +35,6 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-class SilentServer:
-    """Accepts TCP connections and never says a word: a sender talking to it is stuck mid-send."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.host, self.port = self.sock.getsockname()
-        self.clients: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self):
-        try:
-            while True:
-                conn, _ = self.sock.accept()
-                self.clients.append(conn)
-        except OSError:
-            pass
-
-    def close(self):
-        for c in self.clients:
-            c.close()
-        self.sock.close()
-
-
 @pytest.fixture()
 def pipe(ctx):
     ctx.settings = ctx.settings.replace(lease_seconds=2, heartbeat_ttl=2, sweep_leak_window=1)
@@ -71,7 +44,9 @@ def pipe(ctx):
 
 
 def test_a_sender_killed_after_claiming_is_recovered_by_the_sweep(pipe, base_env, tmp_path):
-    silent = SilentServer()
+    # The server greets and answers EHLO (the sender opens the connection before it claims), then goes quiet
+    # at MAIL FROM: the sender is stuck mid-send with the task claimed.
+    silent = SilentServer("MAIL").start()
     with ScriptedSmtpServer() as smtp:
         user = pipe.user(silent)
         task_id = pipe.enqueue(user)
@@ -84,7 +59,7 @@ def test_a_sender_killed_after_claiming_is_recovered_by_the_sweep(pipe, base_env
         finally:
             if sender.poll() is None:
                 sender.kill()
-        silent.close()
+        silent.stop()
         with pipe.ctx.engine.begin() as conn:  # the account's server is reachable again
             conn.execute(sa.text("UPDATE users SET smtp_port = :p"), {"p": smtp.port})
         time.sleep(2.2)  # past the lease and the heartbeat TTL
