@@ -82,3 +82,28 @@ def test_another_users_task_has_no_raw_message_and_a_token_is_needed(api, smtp):
     assert_problem(raw(api, ada, 999_999), 404)
     assert_problem(api.get(f"/api/v1/task/{task_id}/raw"), 401)
     assert raw(api, ada, task_id).status_code == 200  # before it is sent, too: what will be sent
+
+
+def test_a_mail_is_dated_when_it_became_due_not_when_it_was_handed_over(api, pipe, smtp, pg_url):
+    """A mail enqueued days before it is due (scheduled) is dated at its due time: dated at its enqueue
+    it would arrive days old (clients sort by Date; spam filters score a Date far in the past)."""
+    from email.utils import parsedate_to_datetime
+
+    from shared.db import engine_for
+
+    headers = account(api, smtp)
+    task_id = enqueue(api, headers)
+    with engine_for(pg_url).begin() as conn:  # handed over three days ago, due now
+        conn.execute(
+            sa.text("UPDATE tasks SET created_at = created_at - interval '3 days' WHERE id = :id"),
+            {"id": task_id},
+        )
+        due = conn.execute(
+            sa.text("SELECT scheduled_at FROM tasks WHERE id = :id"), {"id": task_id}
+        ).scalar_one()
+    pipe.pump()
+    assert pipe.task(task_id).status == "sent"
+    (received,) = smtp.received
+    dated = parsedate_to_datetime(received.message["Date"])
+    assert abs((dated - due).total_seconds()) < 1, (dated, due)
+    assert raw(api, headers, task_id).get_data() == received.raw  # the raw message says the same

@@ -34,6 +34,7 @@ from shared.db import on_the_row
 from shared.delivery.accounts import Account
 from shared.delivery.inflight import INLINE_BYTES
 from shared.delivery.message import compose
+from shared.delivery.raw import DATED_AT
 from shared.delivery.record import Seen
 from shared.delivery.relay import KEY_LOST, reason_of
 from shared.delivery.smtp import SmtpAccount, hang_up
@@ -66,6 +67,7 @@ class Claim:
     body: str | None
     message_id: str
     created_at: datetime
+    dated_at: datetime  # the Date header: when the mail became due (shared.delivery.raw.DATED_AT)
     sender_email: str
     smtp_host: str
     smtp_port: int
@@ -117,7 +119,8 @@ _CLAIM_SQL = alone(
        AND {on_the_row("t.expires_at > now()")}
        AND u.id = t.user_id AND u.smtp_paused_at IS NULL
  RETURNING t.id, t.user_id, t.try_count, t.budget_base, t.recipient_email, t.subject,
-           t.message_id, t.created_at, u.email AS sender_email, u.smtp_host, u.smtp_port,
+           t.message_id, t.created_at, {DATED_AT} AS dated_at, u.email AS sender_email,
+           u.smtp_host, u.smtp_port,
            u.smtp_username, u.smtp_password_enc, u.smtp_security, u.updated_at AS account_version,
            {_CONTENT_BYTES} AS content_bytes, {_CONTENT_BYTES} <= :inline AS loaded,
            CASE WHEN {_CONTENT_BYTES} <= :inline THEN t.body END AS body,
@@ -177,7 +180,7 @@ class Attempt:
                 subject=claim.subject,
                 body=claim.body,
                 message_id=claim.message_id,
-                date=claim.created_at,  # the mail's origination date: the same on every try (delivery/raw.py)
+                date=claim.dated_at,  # when it became due: the same on every try (shared.delivery.raw)
                 html=claim.html,
                 from_name=claim.from_name,
                 recipient_name=claim.recipient_name,

@@ -2,13 +2,14 @@
 
 Rebuilt on request by the sender's own builder (shared.delivery.message.compose) from the same stored
 fields, so the bytes are the ones an SMTP server receives (tests/test_raw.py compares them with what a
-real aiosmtpd server got): the same Message-ID, kept for the task's life, and the same ``Date``, the
-task's ``created_at`` -- when the mail was handed to us, which is what RFC 5322 means by the
-origination date ("the date and time at which the creator of the message indicated that the message
-was complete and ready to enter the mail delivery system"), and the one time the sender and this
-endpoint both know without storing anything more. A retry sends the same bytes again, so a duplicate
-after a lost reply is the same message in every header. Bcc recipients are on the envelope only, as
-on the wire.
+real aiosmtpd server got): the same Message-ID, kept for the task's life, and the same ``Date``: when
+the mail became due, its ``created_at`` or its later ``scheduled_at`` (``DATED_AT``). RFC 5322's
+origination date is when the message was "ready to enter the mail delivery system"; a mail scheduled
+for next week is ready then, and one dated at its enqueue would arrive a week old (clients sort by
+it; spam filters score a Date far in the past). Both are stored, so the sender and this endpoint
+agree without storing anything more; a retry's backoff moves neither. A retry sends the same bytes
+again, so a duplicate after a lost reply is the same message in every header. Bcc recipients are on
+the envelope only, as on the wire.
 
 The attachments' bytes are read in slices (pg8000 reads a bytea as hex text: a whole 10 MiB value
 would hold about 70 MiB), as the sender reads a large mail's.
@@ -26,15 +27,19 @@ from shared.tasks.storage import attachments_of
 
 MEDIA_TYPE = "message/rfc822"
 
+# A mail's Date header, in SQL over its task row ``t``: when it became due (the sender's claim reads it too).
+DATED_AT = "GREATEST(t.created_at, t.scheduled_at)"
+
 _TASK_SQL = sa.text(
-    """
-    SELECT t.id, t.recipient_email, t.subject, t.body, t.message_id, t.created_at, u.email AS sender_email,
+    f"""
+    SELECT t.id, t.recipient_email, t.subject, t.body, t.message_id, {DATED_AT} AS dated_at,
+           u.email AS sender_email,
            c.html, c.from_name, c.recipient_name, c.cc, c.bcc, c.reply_to, c.headers, c.attachments,
            COALESCE(octet_length(c.attachment_data), 0) AS attachment_bytes
       FROM tasks AS t JOIN users AS u ON u.id = t.user_id
       LEFT JOIN task_contents AS c ON c.task_id = t.id
      WHERE t.id = :id AND t.user_id = :user_id
-    """
+    """  # noqa: S608 - DATED_AT is a constant
 )
 
 
@@ -56,7 +61,7 @@ def raw_message(ctx: Context, caller_id: int, task_id: int) -> bytes:
             subject=row.subject,
             body=row.body,
             message_id=row.message_id,
-            date=row.created_at,
+            date=row.dated_at,
             html=row.html,
             from_name=row.from_name,
             recipient_name=row.recipient_name,
