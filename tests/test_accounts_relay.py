@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from shared.accounts import users
-from shared.tasks import views
+from shared.tasks import pages, search, views
 from shared.webhooks import endpoints
 from shared.webhooks.worker import DELIVERED, WebhookWorker
 from shared.workers import Outcome
@@ -125,7 +125,7 @@ def test_a_relay_that_cannot_be_reached_shows_as_backing_off_and_the_mail_says_w
                 task["waiting"].startswith("waiting: relay unreachable (")
                 and "next attempt at" in task["waiting"]
             )
-        page = views.list_tasks(pipe.ctx, user.id, ("queued",), 10, None)
+        page = pages.list_tasks(pipe.ctx, user.id, search.Search(("queued",)), 10, None)
         assert {t["waiting"] for t in page["items"]} == {task["waiting"]}
         for _ in range(3):  # it comes due again and is refused again: more steps, one event, one log line
             time.sleep(0.5)
