@@ -165,6 +165,17 @@ def test_deep_nesting_is_a_client_error_not_a_500(api):
     assert response.status_code in (400, 422)
 
 
+def test_nesting_past_the_parsers_depth_within_the_value_bound_is_a_400_not_a_500(api, user_token):
+    """A batch may hold many JSON values (MAX_BATCH mails' worth), so 5,000 nested arrays pass the count
+    made before parsing and reach the parser, which gives up on the depth: a 400, never a 500."""
+    _, token = user_token
+    nested = '{"tasks": ' + "[" * 5000 + "]" * 5000 + "}"
+    response = api.post(
+        "/api/v1/task/enqueue/batch", data=nested, content_type="application/json", headers=auth_header(token)
+    )
+    assert_problem(response, 400)
+
+
 def test_nan_is_not_json(api):
     response = api.post("/api/v1/register", data='{"smtp_port": NaN}', content_type="application/json")
     assert_problem(response, 400)
