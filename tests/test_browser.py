@@ -105,6 +105,7 @@ def stack(servers, base_env, tmp_path_factory, shots):
         "LOG_LEVEL": "INFO",
         "MAILQ_HEARTBEAT_FILE": str(data_dir / "beat"),
         "OPS_TOKEN": OPS_TOKEN,
+        "RETRY_BACKOFF_BASE": "1",  # a deferred mail is tried again within seconds (the timeline test)
     }
     command = ["dev", "--port", str(port), "--smtp-port", str(free_port()), "--data-dir", str(data_dir)]
     process = subprocess.Popen(
@@ -196,7 +197,7 @@ def test_a_user_signs_in_and_sees_a_mail_appear_and_turn_sent(stack, browser, sh
     page = browser["page"]
     page.goto(stack["base"] + "/")
     page.get_by_label("Email").fill(EMAIL)
-    page.get_by_label("Password").fill(PASSWORD)
+    page.get_by_label("Password", exact=True).fill(PASSWORD)
     page.screenshot(path=shots / "1-sign-in.png")
     page.get_by_role("button", name="Sign in").click()
     expect(page.locator("#who")).to_have_text(EMAIL)
@@ -585,6 +586,119 @@ def test_the_operator_view_shows_exact_counts_behind_its_token(stack, browser, s
         assert [c for c in complaints if "401" not in c] == []  # the wrong token's answer only
     finally:
         page.close()
+
+
+def _no_overflow_at_420(page) -> None:
+    page.set_viewport_size(NARROW)
+    assert page.evaluate("document.documentElement.scrollWidth") <= NARROW["width"]
+    page.set_viewport_size(WIDE)
+
+
+def test_the_timeline_shows_a_deferral_then_the_success(stack, browser, shots):
+    """The user's SMTP server answers 451 to the first DATA, 250 to the second: both tries are there."""
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    page.set_viewport_size(WIDE)
+    page.get_by_role("button", name="Tasks").click()
+    stack["smtp"].script("451 4.3.0 Greylisted, try again later")
+    task_id = enqueue(stack, subject="Deferred once")
+    _open_task(page, task_id)
+    timeline = page.locator("#attempt-list li")
+    expect(timeline).to_have_count(2, timeout=30_000)
+    first, second = timeline.nth(0), timeline.nth(1)
+    expect(first).to_have_attribute("data-outcome", "deferred")
+    expect(first.locator(".attempt-outcome")).to_have_text("Try 1: deferred (tried again)")
+    expect(first.locator(".attempt-reply")).to_contain_text("451 4.3.0 Greylisted, try again later")
+    assert first.locator(".attempt-reply").text_content().startswith("451 4.3.0")  # the code once
+    expect(first.locator(".attempt-facts")).to_contain_text(f"{stack['smtp'].host}:{stack['smtp'].port}")
+    expect(first.locator(".attempt-facts")).to_contain_text("reached DATA")
+    expect(second).to_have_attribute("data-outcome", "sent")
+    expect(second.locator(".attempt-outcome")).to_have_text("Try 2: sent")
+    expect(page.locator('#detail dd[data-field="status"]')).to_have_text("sent")
+    page.locator("#attempts").scroll_into_view_if_needed()
+    _docs_shot(page, shots, "dashboard-attempts.png")
+    _no_overflow_at_420(page)
+
+
+def test_a_paused_account_shows_its_banner_tests_its_connection_and_is_fixed_from_the_page(
+    stack, browser, shots
+):
+    """The relay refuses the password: the account pauses, the banner says so on every view; Test
+    connection shows the refused AUTH; the right password typed in the Account view sends the mail."""
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    page.set_viewport_size(WIDE)
+    right = "the right one"
+    guarded = ScriptedSmtpServer(auth=lambda user, password: password == right).start()
+    try:
+        status, _ = call(
+            stack["base"],
+            "PATCH",
+            f"/api/v1/user/{_me(stack)}",
+            {"smtp_host": guarded.host, "smtp_port": guarded.port, "smtp_security": "none",
+             "smtp-username": "ada", "smtp-password": "a wrong one"},
+            stack["token"],
+        )  # fmt: skip
+        assert status == 200
+        task_id = enqueue(stack, subject="Waits for the password")
+        banner = page.locator("#account-banner")
+        expect(banner).to_be_visible(timeout=30_000)
+        expect(banner).to_contain_text("paused (credentials)")
+        expect(banner).to_contain_text("535")
+        page.get_by_role("button", name="Webhooks").click()
+        expect(banner).to_be_visible()  # on every view
+        page.get_by_role("button", name="Open the account").click()
+        expect(page.locator("#account-view")).to_be_visible()
+        expect(page.locator("#account-state")).to_contain_text("paused (credentials)")
+
+        page.get_by_role("button", name="Test connection").click()
+        auth = page.locator('#check-steps tr[data-step="AUTH"]')
+        expect(auth).to_contain_text("535")
+        expect(auth.locator("td").nth(1)).to_have_text("failed")
+        expect(page.locator('#check-fields dd[data-field="auth"]')).to_have_text("refused")
+        expect(page.locator('#check-steps tr[data-step="greeting"]')).to_contain_text("220")
+        expect(page.locator("#check-summary")).to_contain_text("535")
+        assert guarded.messages == []
+        _docs_shot(page, shots, "dashboard-account.png")
+        _no_overflow_at_420(page)
+
+        form = page.locator("#smtp-form")
+        form.get_by_label("Port").fill(str(guarded.port + 1))  # another server: the password again
+        expect(page.locator("#password-why")).to_be_visible()
+        assert form.get_by_label("SMTP password").evaluate("input => input.required")
+        form.get_by_label("Port").fill(str(guarded.port))
+        expect(page.locator("#password-why")).to_be_hidden()
+
+        form.get_by_label("SMTP password").fill(right)
+        page.get_by_role("button", name="Save").click()
+        expect(page.locator("#account-message")).to_have_text("Saved: the account's mail is tried again now.")
+        deadline = time.monotonic() + 30
+        while not guarded.messages and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert [m["Subject"] for m in guarded.messages] == ["Waits for the password"]
+        expect(banner).to_be_hidden(timeout=10_000)
+        expect(page.locator("#account-state")).to_contain_text("active")
+        _, task = call(stack["base"], "GET", f"/api/v1/task/{task_id}", token=stack["token"])
+        assert task["status"] == "sent"
+        assert right not in page.content()  # the field was emptied; the API never returns it
+    finally:
+        call(
+            stack["base"],
+            "PATCH",
+            f"/api/v1/user/{_me(stack)}",
+            {"smtp_host": stack["smtp"].host, "smtp_port": stack["smtp"].port, "smtp_security": "none",
+             "smtp-username": "", "smtp-password": ""},
+            stack["token"],
+        )  # fmt: skip
+        guarded.stop()
+        page.get_by_role("button", name="Tasks").click()
+
+
+def _me(stack) -> int:
+    _, login = call(stack["base"], "POST", "/api/v1/login", {"email": EMAIL, "password": PASSWORD})
+    return login["id"]
 
 
 def test_the_page_broke_no_rule_of_its_policy_and_kept_the_token_out_of_cookies(stack, browser):
