@@ -604,7 +604,7 @@ def test_the_timeline_shows_a_deferral_then_the_success(stack, browser, shots):
     stack["smtp"].script("451 4.3.0 Greylisted, try again later")
     task_id = enqueue(stack, subject="Deferred once")
     _open_task(page, task_id)
-    timeline = page.locator("#attempt-list li")
+    timeline = page.locator("#attempt-list > li")
     expect(timeline).to_have_count(2, timeout=30_000)
     first, second = timeline.nth(0), timeline.nth(1)
     expect(first).to_have_attribute("data-outcome", "deferred")
@@ -705,6 +705,81 @@ def test_a_paused_account_shows_its_banner_tests_its_connection_and_is_fixed_fro
         )  # fmt: skip
         guarded.stop()
         page.get_by_role("button", name="Tasks").click()
+
+
+def test_the_timeline_pages_with_more_and_shows_the_accounts_waits_and_refusals(stack, browser, servers):
+    """More attempts than a page (seeded rows of the attempt log): "More attempts" reads the rest."""
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    page.set_viewport_size(WIDE)
+    task_id = enqueue(stack, subject="Many attempts", scheduled_at=in_seconds(86400))
+    waits = [
+        {"task_id": task_id, "try_count": None, "spent": False, "outcome": "waiting", "reason": "throttled",
+         "repeats": 3, "refused": None, "code": 421, "reply": f"421 4.7.0 slow down {n}"}
+        for n in range(59)
+    ]  # fmt: skip
+    refused = [{"recipient": "carol@example.org", "code": 550, "reply": "5.1.1 no user"}]
+    sent = {"task_id": task_id, "try_count": 1, "spent": True, "outcome": "sent", "reason": None,
+            "repeats": 1, "code": 250, "reply": "250 OK", "refused": json.dumps(refused)}  # fmt: skip
+    with engine_for(servers["database_url"]).begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO task_attempts (task_id, try_count, spent, started_at, finished_at, duration_ms,"
+                " server, stage, smtp_code, reply, refused, outcome, reason, repeats) VALUES (:task_id,"
+                " :try_count, :spent, now(), now(), 12, 'relay.example:587', 'MAIL FROM', :code, :reply,"
+                " CAST(:refused AS jsonb), :outcome, :reason, :repeats)"
+            ),
+            [*waits, sent],
+        )
+    _open_task(page, task_id, "scheduled")
+    timeline = page.locator("#attempt-list > li")
+    expect(timeline).to_have_count(50)
+    wait = timeline.first
+    expect(wait.locator(".attempt-outcome")).to_have_text("the account waited: throttled")
+    expect(wait).to_contain_text("(3 times)")
+    expect(wait).to_contain_text("no try spent")
+    expect(wait.locator(".attempt-reply")).to_have_text("421 4.7.0 slow down 0")
+    page.get_by_role("button", name="More attempts").click()
+    expect(timeline).to_have_count(60)
+    expect(page.locator("#attempts-more")).to_be_hidden()
+    last = timeline.last
+    expect(last.locator(".attempt-outcome")).to_have_text("Try 1: sent")
+    expect(last.locator(".attempt-refused")).to_have_text("refused carol@example.org: 550 5.1.1 no user")
+    time.sleep(3.5)  # a refresh of the panel keeps the pages shown
+    expect(timeline).to_have_count(60)
+    page.get_by_role("button", name="Close").first.click()
+
+
+def test_the_send_limits_and_connection_cap_are_set_from_the_account_view(stack, browser):
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    page.get_by_role("button", name="Account").click()
+    form = page.locator("#smtp-form")
+    expect(form.get_by_label("Connections at once")).to_have_value("3")
+    form.get_by_label("Connections at once").fill("2")
+    form.get_by_label("Limit 1: at most").fill("10")
+    form.get_by_label("Limit 2: at most").fill("50000")
+    form.get_by_label("Limit 2: per").select_option("day")
+    form.get_by_label("Limit 2: counting").select_option("recipients")
+    expect(page.locator("#password-why")).to_be_hidden()  # not a server change
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#account-message")).to_have_text("Saved.")
+    _, me = call(stack["base"], "GET", f"/api/v1/user/{_me(stack)}", token=stack["token"])
+    assert me["smtp_max_connections"] == 2
+    assert me["smtp_send_limits"] == [
+        {"max": 10, "per": "second", "count": "messages"},
+        {"max": 50000, "per": "day", "count": "recipients"},
+    ]
+    form.get_by_label("Limit 1: at most").fill("")
+    form.get_by_label("Limit 2: at most").fill("")
+    form.get_by_label("Connections at once").fill("3")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#account-message")).to_have_text("Saved.")
+    _, me = call(stack["base"], "GET", f"/api/v1/user/{_me(stack)}", token=stack["token"])
+    assert (me["smtp_max_connections"], me["smtp_send_limits"]) == (3, [])
+    page.get_by_role("button", name="Tasks").click()
 
 
 def _me(stack) -> int:
