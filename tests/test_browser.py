@@ -782,6 +782,31 @@ def test_the_send_limits_and_connection_cap_are_set_from_the_account_view(stack,
     page.get_by_role("button", name="Tasks").click()
 
 
+def test_a_setting_the_api_refuses_is_named_and_the_edits_can_be_discarded(stack, browser):
+    from playwright.sync_api import expect
+
+    page = browser["page"]
+    page.get_by_role("button", name="Account").click()
+    form = page.locator("#smtp-form")
+    host = form.get_by_label("Host")
+    expect(host).to_have_value(stack["smtp"].host)
+    host.fill("not a host!")
+    expect(page.locator("#password-why")).to_be_visible()
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#account-message")).to_contain_text("Not saved: smtp_host")
+    _, me = call(stack["base"], "GET", f"/api/v1/user/{_me(stack)}", token=stack["token"])
+    assert me["smtp_host"] == stack["smtp"].host  # nothing half-written
+    time.sleep(3.5)  # a refresh does not overwrite what the user is editing
+    expect(host).to_have_value("not a host!")
+    page.get_by_role("button", name="Discard changes").click()
+    expect(host).to_have_value(stack["smtp"].host)
+    expect(page.locator("#password-why")).to_be_hidden()
+    refused = [m for m in browser["complaints"] if "422" in m]
+    assert len(refused) == 1, browser["complaints"]  # the browser logs the API's answer
+    browser["complaints"].remove(refused[0])
+    page.get_by_role("button", name="Tasks").click()
+
+
 def _me(stack) -> int:
     _, login = call(stack["base"], "POST", "/api/v1/login", {"email": EMAIL, "password": PASSWORD})
     return login["id"]

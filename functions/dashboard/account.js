@@ -245,6 +245,10 @@ export function initAccount(apiCall, openView) {
     dirty = true;
     askPassword();
   });
+  $("account-discard").addEventListener("click", () => {
+    if (stored) fillForm(stored);
+    $("account-message").textContent = "";
+  });
   $("smtp-check").addEventListener("click", check);
   $("account-banner-link").addEventListener("click", () => openView("account"));
   fillLimits([]);
