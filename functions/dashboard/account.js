@@ -14,6 +14,7 @@ let api = null;
 let userId = null;
 let stored = null; // the user as last read
 let dirty = false; // the form holds edits not yet saved: a refresh does not overwrite them
+let saves = 0; // counts saves: a refresh's answer read before one ended is stale, and dropped
 
 function text(tag, value, className) {
   const element = document.createElement(tag);
@@ -149,8 +150,10 @@ async function save(event) {
     return;
   }
   submit.disabled = true;
+  saves += 1;
   try {
     const user = await api("PATCH", `/api/v1/user/${userId}`, body);
+    saves += 1;
     stored = user;
     fillForm(user);
     showState(user);
@@ -174,7 +177,9 @@ function showState(user) {
 // Every refresh, whatever the view: the banner follows the account's state.
 export async function refreshAccount() {
   if (userId === null) return;
+  const asked = saves;
   const user = await api("GET", `/api/v1/user/${userId}`);
+  if (asked !== saves) return; // a save began or ended meanwhile: its answer is newer than this one
   stored = dirty ? { ...stored, smtp_state: user.smtp_state } : user;
   showState(user);
   if (!dirty) fillForm(user);

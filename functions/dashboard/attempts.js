@@ -15,6 +15,7 @@ const $ = (id) => document.getElementById(id);
 
 let api = null;
 let shown = { taskId: null, pages: 1, next: null };
+let asked = 0; // reads under way: only the latest one is shown (a refresh and a click can overlap)
 
 function text(tag, value, className) {
   const element = document.createElement(tag);
@@ -77,6 +78,7 @@ async function page(taskId, cursor) {
 // Reads again as many pages as are shown (the list grows at its end; the first pages stay as they were).
 export async function refreshAttempts(taskId) {
   if (shown.taskId !== taskId) shown = { taskId, pages: 1, next: null };
+  const mine = ++asked;
   const items = [];
   let cursor = null;
   for (let n = 0; n < shown.pages; n += 1) {
@@ -85,7 +87,7 @@ export async function refreshAttempts(taskId) {
     cursor = answer.next_cursor;
     if (!cursor) break;
   }
-  if (shown.taskId !== taskId) return;
+  if (mine !== asked || shown.taskId !== taskId) return;
   shown.next = cursor;
   $("attempt-list").replaceChildren(...items.map(entry));
   $("attempts-empty").hidden = items.length > 0;
