@@ -28,6 +28,8 @@ ASSETS: dict[str, tuple[str, str]] = {
     "/ui/ops.js": ("ops.js", "text/javascript; charset=utf-8"),
     "/ui/message.js": ("message.js", "text/javascript; charset=utf-8"),
     "/ui/webhooks.js": ("webhooks.js", "text/javascript; charset=utf-8"),
+    "/ui/attempts.js": ("attempts.js", "text/javascript; charset=utf-8"),
+    "/ui/account.js": ("account.js", "text/javascript; charset=utf-8"),
     # The HTML preview's frame (one file, two policies: remote content blocked, or allowed on request).
     "/ui/preview.html": ("preview.html", "text/html; charset=utf-8"),
     "/ui/preview-remote.html": ("preview.html", "text/html; charset=utf-8"),

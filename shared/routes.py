@@ -70,6 +70,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/ui/ops.js", "dashboard", "dashboard_ops_js"),
     Route("GET", "/ui/message.js", "dashboard", "dashboard_message_js"),
     Route("GET", "/ui/webhooks.js", "dashboard", "dashboard_webhooks_js"),
+    Route("GET", "/ui/attempts.js", "dashboard", "dashboard_attempts_js"),
+    Route("GET", "/ui/account.js", "dashboard", "dashboard_account_js"),
     # The HTML preview's frame: remote content blocked, or loaded on request (functions/web.py).
     Route("GET", "/ui/preview.html", "dashboard", "dashboard_preview"),
     Route("GET", "/ui/preview-remote.html", "dashboard", "dashboard_preview_remote"),

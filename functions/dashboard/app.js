@@ -1,6 +1,8 @@
 // The mailq dashboard: a client of the public API and nothing else. No framework, no build step.
 // The token lives in this tab's sessionStorage (never a cookie, so no request carries it unasked),
 // and every value from the API reaches the page as text (textContent), never as markup.
+import { initAccount, refreshAccount, setAccountUser } from "./account.js";
+import { closeAttempts, initAttempts, refreshAttempts } from "./attempts.js";
 import { drawChart } from "./chart.js";
 import { closeMessage, initMessage, renderMessage } from "./message.js";
 import { initWebhooks, refreshWebhooks } from "./webhooks.js";
@@ -150,6 +152,8 @@ function show() {
   $("login-view").hidden = signedIn;
   $("app-view").hidden = !signedIn || view !== "tasks";
   $("webhooks-view").hidden = !signedIn || view !== "webhooks";
+  $("account-view").hidden = !signedIn || view !== "account";
+  setAccountUser(signedIn ? session.id : null);
   $("sign-out").hidden = !signedIn;
   $("who").hidden = !signedIn;
   $("who").textContent = signedIn ? session.email : "";
@@ -187,8 +191,10 @@ async function refresh() {
   if (!session) return;
   refreshing = true;
   try {
-    if (view === "webhooks") await refreshWebhooks();
-    else await Promise.all([refreshStats(), refreshList(), openTaskId ? refreshDetail() : null]);
+    // The account's state on every view: its banner shows while the mail cannot go out.
+    if (view === "webhooks") await Promise.all([refreshWebhooks(), refreshAccount()]);
+    else if (view === "account") await refreshAccount();
+    else await Promise.all([refreshStats(), refreshList(), openTaskId ? refreshDetail() : null, refreshAccount()]);
     $("banner").hidden = true;
     $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
@@ -315,12 +321,13 @@ function closeDetail() {
   openTaskId = null;
   $("detail").hidden = true;
   closeMessage();
+  closeAttempts();
   for (const row of $("task-table").tBodies[0].rows) row.classList.remove("selected");
 }
 
 async function refreshDetail() {
   const id = openTaskId;
-  const task = await api("GET", `/api/v1/task/${id}`);
+  const [task] = await Promise.all([api("GET", `/api/v1/task/${id}`), refreshAttempts(id)]);
   if (id === openTaskId) renderDetail(task);
 }
 
@@ -477,6 +484,7 @@ function showView(name) {
   view = name;
   $("app-view").hidden = name !== "tasks";
   $("webhooks-view").hidden = name !== "webhooks";
+  $("account-view").hidden = name !== "account";
   for (const b of document.querySelectorAll("#views button")) b.setAttribute("aria-pressed", String(b.dataset.view === name));
   refresh();
 }
@@ -529,6 +537,8 @@ function init() {
   for (const b of document.querySelectorAll("#views button")) b.addEventListener("click", () => showView(b.dataset.view));
   initMessage(rawMessage);
   initWebhooks(api);
+  initAttempts(api);
+  initAccount(api, showView);
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden && session) refresh();
   });
