@@ -33,8 +33,7 @@ import sqlalchemy as sa
 from shared.db import on_the_row
 from shared.delivery.accounts import Account
 from shared.delivery.inflight import INLINE_BYTES
-from shared.delivery.message import compose
-from shared.delivery.raw import DATED_AT
+from shared.delivery.raw import DATED_AT, compose_task
 from shared.delivery.record import Seen
 from shared.delivery.relay import KEY_LOST, reason_of
 from shared.delivery.smtp import SmtpAccount, hang_up
@@ -50,7 +49,6 @@ from shared.errors import (
 from shared.fairqueue import Taken
 from shared.prepared import alone, run_alone
 from shared.tasks import events
-from shared.tasks.storage import attachments_of
 from shared.workers import Outcome, backoff_seconds
 
 log = logging.getLogger("mailq.sender")
@@ -174,22 +172,7 @@ class Attempt:
             self._hang_up(session)
             return self.pause_account(account, PauseReason.KEY, KEY_LOST, item, claim.id, claim=claim)
         try:
-            outgoing = compose(
-                sender=claim.sender_email,
-                recipient=claim.recipient_email,
-                subject=claim.subject,
-                body=claim.body,
-                message_id=claim.message_id,
-                date=claim.dated_at,  # when it became due: the same on every try (shared.delivery.raw)
-                html=claim.html,
-                from_name=claim.from_name,
-                recipient_name=claim.recipient_name,
-                cc=claim.cc or (),
-                reply_to=claim.reply_to,
-                headers=[tuple(h) for h in claim.headers or ()],
-                attachments=attachments_of(claim.attachments, claim.attachment_data),
-                bcc=tuple(claim.bcc or ()),
-            )
+            outgoing = compose_task(claim, claim.attachment_data)
         except PermanentSmtpError as exc:  # no From or To address to put on the envelope
             self._release(session)
             return self.record(claim, Status.CANCELLED, reason_of(exc), cause=CancelReason.PERMANENT_FAILURE)

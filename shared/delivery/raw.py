@@ -17,11 +17,13 @@ would hold about 70 MiB), as the sender reads a large mail's.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 from shared.context import Context
 from shared.delivery.inflight import SLICE_BYTES, SLICE_SQL
-from shared.delivery.message import compose
+from shared.delivery.message import Outgoing, compose
 from shared.errors import Conflict, NotFound, PermanentSmtpError
 from shared.tasks.storage import attachments_of
 
@@ -54,25 +56,30 @@ def raw_message(ctx: Context, caller_id: int, task_id: int) -> bytes:
             params = {"id": task_id, "start": len(data) + 1, "length": SLICE_BYTES}
             data += conn.execute(SLICE_SQL, params).scalar_one()
     try:
-        # The arguments of shared.delivery.attempt.Attempt.attempt's compose(), from the same columns.
-        outgoing = compose(
-            sender=row.sender_email,
-            recipient=row.recipient_email,
-            subject=row.subject,
-            body=row.body,
-            message_id=row.message_id,
-            date=row.dated_at,
-            html=row.html,
-            from_name=row.from_name,
-            recipient_name=row.recipient_name,
-            cc=row.cc or (),
-            reply_to=row.reply_to,
-            headers=[tuple(h) for h in row.headers or ()],
-            attachments=attachments_of(row.attachments, bytes(data) if data else None),
-            bcc=tuple(row.bcc or ()),
-        )
+        outgoing = compose_task(row, bytes(data) if data else None)
     except PermanentSmtpError as exc:  # no From or To address to put on the envelope
         raise Conflict(f"The mail cannot be built: {exc}"[:1000]) from None
     except Exception as exc:  # noqa: BLE001 - the task's own content, which the sender cancels the same way
         raise Conflict(f"The mail cannot be built: {exc}"[:1000]) from None
     return outgoing.data
+
+
+def compose_task(task: Any, attachment_data: bytes | None) -> Outgoing:
+    """compose() of a task's stored fields: the sender's claim and this endpoint's row name the same
+    columns alike, so the raw message is the sent one by construction, not by two copies agreeing."""
+    return compose(
+        sender=task.sender_email,
+        recipient=task.recipient_email,
+        subject=task.subject,
+        body=task.body,
+        message_id=task.message_id,
+        date=task.dated_at,  # when it became due: the same on every try
+        html=task.html,
+        from_name=task.from_name,
+        recipient_name=task.recipient_name,
+        cc=task.cc or (),
+        reply_to=task.reply_to,
+        headers=[tuple(h) for h in task.headers or ()],
+        attachments=attachments_of(task.attachments, attachment_data),
+        bcc=tuple(task.bcc or ()),
+    )
