@@ -12,7 +12,9 @@ one slow server occupy every sender. Instead (keys in ``shared.queue``):
 - a tenant's slots (a sorted set of holders scored by expiry) allow at most its account's number of
   conversations at once across all senders (``shared.pace``: declared, adapted to what the relay
   says, one while it probes); a slot whose sender was killed expires by itself, so a dead sender never
-  keeps one;
+  keeps one. A slot is an open connection: one a sender keeps idle in its pool between mails holds
+  an idle slot, so the account's connections across every sender stay within its number too (a sender
+  reuses its own idle connection, or opens one only while the account has room);
 - a held tenant (backing off, or over its declared send limit: ``shared.pace``) stays in the ring and
   passes its turn until its time, as one at its cap does;
 - a paused tenant (its SMTP login was refused) keeps its queue but leaves the ring until resumed.
@@ -34,7 +36,7 @@ from dataclasses import dataclass
 import redis
 
 from shared import queue
-from shared.fairscripts import DONE, DONE_TAKE, GIVE_BACK, RELEASE_GROUP, RESUME, ROUTE, TAKE
+from shared.fairscripts import DONE, DONE_TAKE, GIVE_BACK, PARK, RELEASE_GROUP, RESUME, ROUTE, TAKE
 
 MAX_SCAN = 256  # tenants one take looks at, at most: bounds the script's run time with many tenants
 
@@ -51,11 +53,13 @@ class GroupCap:
 
 @dataclass(frozen=True)
 class Taken:
-    """One envelope a sender took, with the slot it holds for the conversation."""
+    """One envelope a sender took, with the slot it holds for the conversation: ``reuse`` names the
+    taker's idle connection whose slot it took over (its id in the sender's pool), '' for a new one."""
 
     tenant: int
     raw: bytes
     holder: str
+    reuse: str = ""
 
     @property
     def task_id(self) -> int:
@@ -75,6 +79,7 @@ class SendQueue:
         self._give_back = client.register_script(GIVE_BACK)
         self._resume = client.register_script(RESUME)
         self._release_group = client.register_script(RELEASE_GROUP)
+        self._park = client.register_script(PARK)
 
     def route(
         self,
@@ -143,8 +148,10 @@ class SendQueue:
         slot_ms: int,
         *,
         success: int | None = None,
+        parked: str = "",
+        parked_ms: int = 0,
     ) -> Took:
-        """``done(taken)``, then ``take()``, in one step (``success`` as for ``done``)."""
+        """``done(taken)``, then ``take()``, in one step (``success``, ``parked`` as for ``done``)."""
         keys = [
             self.keys.ready,
             self.keys.paused,
@@ -159,19 +166,37 @@ class SendQueue:
             taken.holder,
             queue.BELL_MAX,
             *self._success_args(taken, success),
+            parked,
+            parked_ms,
         ]
         ended, *flat = self._done_take(keys=keys, args=args)
         took = _taken(flat)
         took.ended = bool(ended)
         return took
 
-    def done(self, processing: str, taken: Taken, *, success: int | None = None) -> bool:
+    def done(
+        self,
+        processing: str,
+        taken: Taken,
+        *,
+        success: int | None = None,
+        parked: str = "",
+        parked_ms: int = 0,
+    ) -> bool:
         """The envelope's work is recorded: let go of it and of its slot. ``success``: the relay
         accepted the conversation (the account's declared maximum, for its pace); returns whether that
-        ended the account's backoff episode."""
+        ended the account's backoff episode. ``parked``: the conversation's connection went back to the
+        sender's pool, so its slot stays taken as this idle one, for ``parked_ms`` at most."""
         keys = [processing, self.keys.slots(taken.tenant), self.keys.queue(taken.tenant), self.keys.bell]
         args = [taken.raw, taken.holder, queue.BELL_MAX, *self._success_args(taken, success)]
+        args += [parked, parked_ms]
         return bool(self._done(keys=keys, args=args))
+
+    def park(self, tenant: int, member: str, ttl_ms: int, *, closed: bool = False) -> bool:
+        """Hold an idle slot for a connection parked in a sender's pool (``member``), or, ``closed``,
+        let go of it."""
+        keys = [self.keys.slots(tenant), self.keys.queue(tenant), self.keys.bell]
+        return bool(self._park(keys=keys, args=[member, ttl_ms, queue.BELL_MAX, int(closed)]))
 
     def _success_args(self, taken: Taken, success: int | None) -> list:
         if success is None or not self.keys.account_prefix:
@@ -206,9 +231,11 @@ class SendQueue:
     def paused(self) -> set[int]:
         return {int(t) for t in self.redis.smembers(self.keys.paused)}
 
-    def wait(self, timeout: float) -> bool:
-        """Block until a bell rings (new mail, or a slot came free) or ``timeout`` passes."""
-        return self.redis.blpop([self.keys.bell], timeout=timeout) is not None
+    def wait(self, timeout: float, holder: str = "") -> bool:
+        """Block until a bell rings (new mail, or a slot came free; or, with the taker's ``holder``
+        prefix, its own: a tenant waits for its idle connection) or ``timeout`` passes."""
+        bells = [self.keys.bell, f"{self.keys.bell}:{holder[:-1]}"] if holder else [self.keys.bell]
+        return self.redis.blpop(bells, timeout=timeout) is not None
 
     def waiting(self, tenant: int) -> int:
         """How many envelopes wait in the tenant's queue."""
@@ -224,6 +251,9 @@ class Took(list):
 
 def _taken(flat: list) -> Took:
     waits, *flat = flat
-    took = Took(Taken(int(flat[i]), flat[i + 1], flat[i + 2].decode()) for i in range(0, len(flat), 3))
+    took = Took(
+        Taken(int(flat[i]), flat[i + 1], flat[i + 2].decode(), flat[i + 3].decode())
+        for i in range(0, len(flat), 4)
+    )
     took.limit_waits = int(waits)
     return took

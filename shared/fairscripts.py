@@ -5,7 +5,7 @@ queue is not empty and it is not paused). The take consults each account's pace 
 
 from __future__ import annotations
 
-from shared import pace
+from shared import pace, queue
 
 # Shared by the scripts: ring the bell once per newly waiting envelope (at most BELL_MAX tokens).
 _BELL = """
@@ -63,8 +63,42 @@ local function group_slots(group, tenant, now)
   redis.call('ZREMRANGEBYSCORE', g, '-inf', now)
   return g
 end
+-- Whether a tenant's slots are full for this taker, and the taker's idle connection to reuse if any.
+-- A slot is an open connection: a busy one (member: holder) carries a conversation, an idle one
+-- (member: '~' .. holder prefix .. connection id, parked by done()) waits in a sender's pool for the
+-- next. At most ``allowed`` conversations at once, and no new connection while the account's open
+-- ones (idle included, across every sender) are at ``allowed``: a taker with an idle connection of its
+-- own reuses it. A tenant full only of other senders' idle connections wakes those senders (their
+-- own bells), the ones that can take it.
+local function slots_full(s, allowed, sockets, holder_prefix, bell, bell_max)
+  local n = redis.call('ZCARD', s)
+  if not sockets or n == 0 then return n >= allowed, nil end
+  local busy, own, others = 0, nil, {}
+  local mine = '~' .. holder_prefix
+  for _, m in ipairs(redis.call('ZRANGE', s, 0, -1)) do
+    if string.sub(m, 1, 1) ~= '~' then
+      busy = busy + 1
+    elseif string.sub(m, 1, #mine) == mine then
+      own = own or m
+    else
+      local sid = string.match(m, '^~(.+):[^:]*$')
+      if sid then others[sid] = true end
+    end
+  end
+  if busy >= allowed then return true, nil end
+  if own then return false, own end
+  if n < allowed then return false, nil end
+  for sid in pairs(others) do
+    local b = bell .. ':' .. sid
+    redis.call('RPUSH', b, '1')
+    redis.call('LTRIM', b, -bell_max, -1)
+    redis.call('PEXPIRE', b, 60000)
+  end
+  return true, nil
+end
 local function take(ring, paused, processing, bell, qp, sp, count, cap, ttl, holder_prefix, max_scan,
                     hold, ap, lp, group)
+local bell_max = BELL_MAX_LUA
 local now = pace_now('')
 local out = {0}
 local taken, scanned, misses = 0, 0, 0
@@ -95,12 +129,17 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
     local s = sp .. tenant
     redis.call('ZREMRANGEBYSCORE', s, '-inf', now)  -- slots of killed senders expire here
     local g = group and group_slots(group, tenant, now)
-    if held > now or redis.call('ZCARD', s) >= allowed or (g and redis.call('ZCARD', g) >= group[3]) then
-      -- held, or every conversation this account (or its owner: group) may have is busy: its turn passes
+    local full, own = slots_full(s, allowed, ap ~= '', holder_prefix, bell, bell_max)
+    if held > now or full or (g and redis.call('ZCARD', g) >= group[3]) then
+      -- held, or every conversation (or connection) this account (or its owner: group) may have is
+      -- busy: its turn passes
       misses = misses + 1
     else
+      -- A declared send limit counts the mail now when it goes over an open connection; one that needs
+      -- a new connection is counted once that is open (shared.delivery.relay): the relay counts its
+      -- MAIL FROM, and the connection's opening would come between.
       local free = 0
-      if limits then free = limits_take(lp .. tenant .. ':', limits, now, 1, 1) end
+      if limits and own then free = limits_take(lp .. tenant .. ':', limits, now, 1, 1) end
       if free ~= 0 then
         if free > 0 then
           redis.call('ZADD', hold, 'GT', free, tenant)
@@ -111,6 +150,11 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
       else
         local raw = redis.call('ZPOPMIN', q)[1]
         local holder = holder_prefix .. raw
+        local reuse = ''
+        if own then  -- the conversation goes over this sender's idle connection: the slot changes hands
+          redis.call('ZREM', s, own)
+          reuse = string.sub(own, #holder_prefix + 2)
+        end
         redis.call('ZADD', s, now + ttl, holder)
         redis.call('PEXPIRE', s, ttl)  -- no slot outlives the lease, nor does the set
         if g then
@@ -122,6 +166,7 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
         out[#out + 1] = tenant
         out[#out + 1] = raw
         out[#out + 1] = holder
+        out[#out + 1] = reuse
         misses = 0
         if redis.call('ZCARD', q) == 0 then
           redis.call('LREM', ring, -1, tenant)
@@ -142,7 +187,7 @@ end
 return out
 end
 """
-)
+).replace("BELL_MAX_LUA", str(queue.BELL_MAX))
 _TAKE_ARGS = (
     "ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7]),"
     " ARGV[8], ARGV[9], ARGV[10]"
@@ -175,14 +220,28 @@ end
 return 0
 """
 
+# Parks a connection that went back to a sender's pool: its slot stays taken, as an idle one (see
+# slots_full), until the sender reuses or closes it, or the sender dies and it expires.
+_PARK = """
+local function park(slots, member, ttl)
+  if member == '' then return end
+  local t = redis.call('TIME')
+  redis.call('ZADD', slots, tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + ttl, member)
+  if redis.call('PTTL', slots) < ttl then redis.call('PEXPIRE', slots, ttl) end
+end
+"""
+
 # KEYS: processing, slots, queue, bell.  ARGV: envelope, holder, bell max, then for a success the
-# account's key and its declared maximum ('' when the conversation's end says nothing of the relay).
+# account's key and its declared maximum ('' when the conversation's end says nothing of the relay),
+# then the idle connection to park ('' for none) and its ttl (ms): the busy slot becomes an idle one.
 # Returns 1 when the success ended the account's backoff episode.
 DONE = (
     pace.LUA
+    + _PARK
     + """
 redis.call('LREM', KEYS[1], 1, ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
+park(KEYS[2], ARGV[6], tonumber(ARGV[7]))
 if redis.call('ZCARD', KEYS[3]) > 0 then  -- a slot came free for a tenant with mail: wake a sender
   redis.call('RPUSH', KEYS[4], '1')
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[3]), -1)
@@ -196,14 +255,16 @@ return 0
 # frees is taken again without a wake-up token and a dispatcher's round trip. The bell still rings when
 # the finished envelope's tenant has mail and a free slot after the take (it took another tenant's).
 # KEYS: ring, paused, processing, bell, slots, queue.  ARGV: as take()'s, then envelope, holder, bell max,
-# and the success's account key and declared maximum (as done()'s). The take's list comes back with
-# whether the success ended a backoff episode put in front.
+# the success's account key and declared maximum, and the connection to park and its ttl (as done()'s).
+# The take's list comes back with whether the success ended a backoff episode put in front.
 DONE_TAKE = (
     _TAKE_FN
+    + _PARK
     + f"""
 local processing, bell, slots, q = KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 redis.call('LREM', processing, 1, ARGV[11])
 redis.call('ZREM', slots, ARGV[12])
+park(slots, ARGV[16], tonumber(ARGV[17]))
 local ended = 0
 if ARGV[14] ~= '' then ended = pace_success(ARGV[14], tonumber(ARGV[15]), pace_now('')) end
 local out = take(KEYS[1], KEYS[2], processing, bell, {_TAKE_ARGS})
@@ -247,3 +308,22 @@ if redis.call('ZCARD', KEYS[3]) > 0 then
   redis.call('LTRIM', KEYS[4], -tonumber(ARGV[2]), -1)
 end
 """
+
+# KEYS: slots, queue, bell.  ARGV: member, ttl (ms), bell max, closed (1 or 0).  Parks an idle connection
+# (its slot taken as an idle one), or, closed, lets go of it: a slot came free, so a tenant with mail
+# wakes a sender.
+PARK = (
+    _PARK
+    + """
+if ARGV[4] == '0' then
+  park(KEYS[1], ARGV[1], tonumber(ARGV[2]))
+  return 1
+end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 and redis.call('ZCARD', KEYS[2]) > 0 then
+  redis.call('RPUSH', KEYS[3], '1')
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[3]), -1)
+  return 1
+end
+return 0
+"""
+)

@@ -405,7 +405,7 @@ def test_a_pooled_connection_closed_unseen_is_reconnected_once(server, mailer, c
     mailer.send(account_for(server), a_message(task_id=1))
     server.drop_connections()
     assert wait_until(lambda: server.open_connections == 0)
-    monkeypatch.setattr("shared.delivery.mailer.still_open", lambda smtp: True)
+    monkeypatch.setattr("shared.delivery.pool.still_open", lambda smtp: True)
 
     mailer.send(account_for(server), a_message(task_id=2))
 

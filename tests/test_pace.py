@@ -34,7 +34,7 @@ def test_a_window_lets_max_through_then_holds_until_the_oldest_leaves(p):
     assert [p.acquire(T, 1, 1, now_ms=start + i) for i in range(10)] == [0] * 10
     free = p.acquire(T, 1, 1, now_ms=start + 10)
     # The 10 leave the window once their bucket's last moment is a second old, plus the allowance for a
-    # MAIL FROM that lags its take (1/5 of the window): at most 16 ms later than that.
+    # MAIL FROM that lags its take (1/10 of the window): at most 16 ms later than that.
     lag = SECOND // pace.ALLOWANCE_SHARE
     assert start + SECOND + lag < free <= start + SECOND + lag + 16
     assert p.acquire(T, 1, 1, now_ms=free - 1) > 0  # not a moment early…
@@ -50,9 +50,9 @@ def test_in_any_window_of_per_no_more_than_max_go_through(p):
         if p.acquire(T, 1, 1, now_ms=t) == 0:
             passed.append(t)
     worst = max(sum(1 for q in passed if t - SECOND < q <= t) for t in passed)
-    assert worst == 10 and len(passed) >= 80  # the limit, and most of what it allows (1.2 s a window)
-    # Even a MAIL FROM that lags its take by up to the allowance (200 ms) keeps to the relay's window.
-    lagged = [q + (150 if i // 10 % 2 == 0 else 0) for i, q in enumerate(passed)]  # every other ten late
+    assert worst == 10 and len(passed) >= 85  # the limit, and most of what it allows (1.1 s a window)
+    # Even a MAIL FROM that lags its take by up to the allowance (100 ms) keeps to the relay's window.
+    lagged = [q + (95 if i // 10 % 2 == 0 else 0) for i, q in enumerate(passed)]  # every other ten late
     assert max(sum(1 for q in lagged if t - SECOND < q <= t) for t in lagged) <= 10
 
 
@@ -98,11 +98,17 @@ def test_every_sender_draws_from_the_same_window(ctx, p):
     queued(ctx, T, 10)
     senders = [SendQueue(ctx.redis), SendQueue(ctx.redis)]
     took = []
-    for turn in range(6):
-        for taken in senders[turn % 2].take(f"p{turn % 2}", f"s{turn % 2}:", 1, 16, 60_000):
-            took.append(taken)
-            senders[turn % 2].done(f"p{turn % 2}", taken)
-    assert len(took) == 3
+    for turn in range(8):
+        k = turn % 2
+        for taken in senders[k].take(f"p{k}", f"s{k}:", 1, 16, 60_000):
+            # Over a sender's open connection the take counted the mail; one that needs a new
+            # connection is counted once that is open (shared.delivery.relay: Pace.acquire).
+            if taken.reuse or p.acquire(T, 1, 1) == 0:
+                took.append(taken)
+                senders[k].done(f"p{k}", taken, parked=f"~s{k}:1", parked_ms=60_000)
+            else:
+                senders[k].give_back(f"p{k}", taken, taken.task_id)
+    assert len(took) == 3 and any(t.reuse for t in took)
 
 
 # --- the take: held, over its limit, probing ---------------------------------------------------------------
@@ -132,12 +138,17 @@ def test_a_held_account_passes_its_turn_and_the_others_go_on(ctx, p):
 
 
 def test_an_account_over_its_send_limit_is_not_even_taken(ctx, p):
+    """Over its open connections: a mail that needs a new one is counted once that is open (the
+    sender's side: tests/test_relays.py)."""
     p.configure(T, 3, limits((2, "minute", "messages")))
     ctx.redis.hset(queue.account(T), mapping={"cap": 3, "probe": 0})
+    for i in (1, 2, 3):  # three connections open, idle in this sender's pool
+        ctx.redis.zadd(queue.slots(T), {f"~h:{i}": time.time() * 1000 + 60_000})
     queued(ctx, T, 5)
     sendq = SendQueue(ctx.redis)
     took = sendq.take("p", "h:", 10, 16, 60_000)
     assert len(took) == 2 and took.limit_waits == 1  # two in the minute; the third held, not taken
+    assert all(t.reuse for t in took)
     assert p.state(T)["hold"] == "limit" and p.state(T)["held_until"] > time.time() * 1000 + 50_000
     assert sendq.waiting(T) == 3
 

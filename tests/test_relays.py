@@ -144,6 +144,26 @@ def test_declared_send_limits_mean_the_relay_never_has_to_refuse(relay_ctx):
     assert max(r.try_count - r.budget_base for r in rows) == 1
 
 
+def test_declared_limits_hold_across_senders_idle_connections_included(relay_ctx):
+    """Two sender processes share the account's 3 connections: an idle pooled connection counts as one.
+
+    Before: the account's slots counted conversations only, so each sender kept the connections its
+    past conversations had left idle, and together they opened more than the relay's 3 (421 at connect).
+    """
+    n = 60
+    with ThrottlingRelay(max_connections=3, max_rate=10) as relay:
+        pipe = Pipeline(relay_ctx)
+        user = pipe.user(relay, smtp_send_limits=[{"max": 10, "per": "second"}])
+        enqueue_many(pipe, user, n)
+        with Workers(relay_ctx, senders=2):
+            rows = wait_settled(relay_ctx, user.id, timeout=60)
+        stats = relay.stats()
+        pipe.close()
+    assert Counter(r.status for r in rows) == {"sent": n}
+    assert sorted(Counter(stats.message_ids).values()) == [1] * n  # every mail once
+    assert stats.refused_at_connect == 0 and stats.refusals == 0, stats
+
+
 # --- the relay unreachable longer than the whole retry budget ----------------------------------------------
 
 

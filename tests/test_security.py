@@ -269,7 +269,7 @@ def test_the_logs_of_a_full_run_hold_no_password_token_or_key(dev_run):
 
 ENVELOPE = re.compile(rb'^\{"v":1,"task_id":[1-9][0-9]*\}$')
 KNOWN_KEYS = re.compile(
-    r"^mailq:(tasks|send:ready|send:bell|send:q:\d+|slots:\d+|paused|workers|processing:.+|heartbeat:.+"
+    r"^mailq:(tasks|send:ready|send:bell(:.+)?|send:q:\d+|slots:\d+|paused|workers|processing:.+|heartbeat:.+"
     r"|webhooks:(ready|bell|returned|q:\d+|slots:\d+)"
     r"|tenant:\d+|tenant:\d+:inflight"
     r"|ratelimit:(login|register):(client|email):[^:]+:\d+|ratelimit:replay:user:\d+:\d+"
@@ -302,10 +302,14 @@ def test_redis_holds_only_envelopes_and_mailqs_own_bookkeeping(dev_run, moment):
             assert set(value.values()) <= {queue.TASK_LIST.encode(), queue.WEBHOOK_RETURNED.encode()}
         elif key in (queue.SEND_READY, queue.PAUSED):  # tenants are user ids, never an address
             assert all(v.isdigit() for v in (value if key == queue.SEND_READY else value[1]))
-        elif key == queue.SEND_BELL:
+        elif key.startswith(queue.SEND_BELL):  # the senders' bell, and each sender's own
             assert set(value) <= {b"1"}
-        elif key.startswith(queue.SLOTS_PREFIX):  # holders: a worker id and the envelope it holds
-            assert all(re.fullmatch(WORKER_ID + rb":" + ENVELOPE.pattern[1:-1], v) for v in value[1])
+        elif key.startswith(queue.SLOTS_PREFIX):
+            # holders: a worker id and the envelope it holds, or "~", a worker id and the number of an
+            # idle connection in its pool
+            holder = WORKER_ID + rb":" + ENVELOPE.pattern[1:-1]
+            idle = rb"~" + WORKER_ID + rb":[1-9][0-9]*"
+            assert all(re.fullmatch(holder, v) or re.fullmatch(idle, v) for v in value[1])
         elif key.startswith("mailq:heartbeat:"):
             assert value == b"1"
         elif key.startswith("mailq:ratelimit:"):

@@ -294,10 +294,6 @@ class Attempt:
             self.fault()
         return Outcome.RELEASED
 
-    def _release(self, session) -> None:
-        if session is not None:
-            self.mailer.release(session)
-
     def _hang_up(self, session) -> None:
         if session is not None:
             hang_up(session.connection.smtp)  # opened with the credentials that can no longer be read

@@ -14,8 +14,7 @@ shared/delivery/transaction.py's, saying what a failure means shared/delivery/fa
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import itertools
 import logging
 import secrets
 import smtplib
@@ -23,14 +22,14 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from email.message import EmailMessage
 
 from shared.config import Settings
 from shared.deadline import Guard, Watchdog
 from shared.delivery.failures import classify, reply_text
 from shared.delivery.message import Outgoing
-from shared.delivery.smtp import PinnedSMTP, PinnedSMTPSSL, SmtpAccount, hang_up, size_limit, still_open
+from shared.delivery.pool import Connection, Pool, Session
+from shared.delivery.smtp import PinnedSMTP, PinnedSMTPSSL, SmtpAccount, hang_up, size_limit
 from shared.delivery.transaction import Transaction
 from shared.domain import PauseReason, SmtpSecurity
 from shared.errors import AccountPausedError, HostError, PermanentSmtpError, SmtpError, TransientSmtpError
@@ -39,27 +38,12 @@ from shared.hosts import vet
 log = logging.getLogger(__name__)
 
 
-@dataclass(eq=False)
-class _Connection:
-    smtp: PinnedSMTP
-    opened: float
-    last_used: float
-    messages: int = 0  # accepted over this connection
-
-
 _NOT_ACCEPTED_YET = ("MAIL FROM", "RCPT TO")  # stages after which nothing can have been delivered
 
 
-@dataclass(eq=False)
-class Session:
-    """A connection ready for the account's next mail, held by one thread (``Mailer.connect``)."""
-
-    connection: _Connection
-    key: tuple
-
-
-class Mailer:
-    """Sends messages over pooled SMTP connections; one instance may be shared by many threads."""
+class Mailer(Pool):
+    """Sends messages over pooled SMTP connections (shared.delivery.pool); one instance may be shared by
+    many threads."""
 
     def __init__(
         self,
@@ -72,10 +56,14 @@ class Mailer:
         self._ssl_context_factory = ssl_context_factory
         self._clock = clock
         self._lock = threading.Lock()
-        self._idle: dict[tuple, list[_Connection]] = {}
+        self._idle: dict[tuple, list[Connection]] = {}
         self._local_hostname: str | None = None  # socket.getfqdn() can be slow; ask once per Mailer
         self._key_salt = secrets.token_bytes(16)
         self._watchdog = Watchdog(clock)
+        self._ids = itertools.count(1)
+        # Called with each pooled connection this Mailer closes (idle too long, worn out, found closed,
+        # or at close()): a sender lets go of the connection's idle slot (shared.fairqueue).
+        self.on_close: Callable[[Connection], None] | None = None
 
     def __enter__(self) -> Mailer:
         return self
@@ -83,13 +71,16 @@ class Mailer:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def connect(self, account: SmtpAccount, *, deadline: float | None = None) -> Session:
-        """A connection ready for the account's next mail: a pooled one the server has not closed, or a
-        new one (resolve, connect, greeting, EHLO, STARTTLS, AUTH) opened by ``deadline`` (default:
-        now + 0.8 × TASK_LEASE_SECONDS). Raises the SmtpError classified for the stage it failed at:
-        anything at these stages is about the account (shared.delivery.failures), never about a mail."""
+    def connect(
+        self, account: SmtpAccount, *, deadline: float | None = None, want: int | None = None
+    ) -> Session:
+        """A connection ready for the account's next mail: a pooled one the server has not closed (as
+        ``pooled``), or a new one (resolve, connect, greeting, EHLO, STARTTLS, AUTH) opened by
+        ``deadline`` (default: now + 0.8 × TASK_LEASE_SECONDS). Raises the SmtpError classified for the
+        stage it failed at: anything at these stages is about the account (shared.delivery.failures),
+        never about a mail."""
         self._allowed(account)
-        session = self.pooled(account)
+        session = self.pooled(account, want)
         if session is not None:
             return session
         guard = self._watchdog.start(
@@ -100,18 +91,6 @@ class Mailer:
         finally:
             self._watchdog.stop(guard)
         return Session(connection, self._key(account))
-
-    def pooled(self, account: SmtpAccount) -> Session | None:
-        """A pooled connection of the account the server has not closed, if there is one (no I/O)."""
-        key = self._key(account)
-        connection = self._take(key)
-        return None if connection is None else Session(connection, key)
-
-    def release(self, session: Session) -> None:
-        """Give back a session that carried no mail (the claim found nothing): pooled for the next."""
-        session.connection.last_used = self._clock()
-        with self._lock:
-            self._idle.setdefault(session.key, []).append(session.connection)
 
     def send(
         self,
@@ -132,9 +111,10 @@ class Mailer:
         PermanentSmtpError about this mail, AccountSmtpError about the account (shared.delivery.failures);
         the message never contains the password.
         """
+        fresh = False  # only a connection opened now, not another pooled one (see pooled's want)
         if session is not None and session.key != self._key(account):
             hang_up(session.connection.smtp)  # opened with settings that changed since: not for this mail
-            session = None
+            fresh = True
         self._allowed(account)
         now = self._clock()
         if deadline is None:
@@ -149,7 +129,10 @@ class Mailer:
         key = self._key(account)
         guard = self._watchdog.start(deadline)
         try:
-            connection = session.connection if session is not None else self._take(key)
+            if fresh:
+                connection = None
+            else:
+                connection = session.connection if session is not None else self._take(key)
             if connection is not None:
                 try:
                     return self._deliver(connection, key, account, outgoing, guard, reused=True)
@@ -158,6 +141,8 @@ class Mailer:
                         "pooled SMTP connection to %s:%d was closed; reconnecting", account.host, account.port
                     )
             connection = self._open(account, guard)
+            if session is not None:
+                session.connection, session.key = connection, key
             return self._deliver(connection, key, account, outgoing, guard, reused=False)
         finally:
             self._watchdog.stop(guard)
@@ -170,80 +155,11 @@ class Mailer:
                 stage="connect",
             )
 
-    def close_idle(self) -> int:
-        """Close connections idle or open too long; return how many. Never waits on a server."""
-        stale: list[_Connection] = []
-        with self._lock:
-            for key in list(self._idle):
-                stale += self._split_stale(key)
-        for connection in stale:
-            hang_up(connection.smtp)
-        return len(stale)
-
-    def close(self) -> None:
-        """Close every idle connection without waiting on a server; call it after the senders stopped."""
-        with self._lock:
-            connections = [c for idle in self._idle.values() for c in idle]
-            self._idle.clear()
-        for connection in connections:
-            hang_up(connection.smtp)
-        self._watchdog.close()
-
     # --- the pool ---
-
-    def _key(self, account: SmtpAccount) -> tuple:
-        # The password is part of the key: otherwise a tenant who registers someone else's host and
-        # username with any password would ride on that user's authenticated connection.
-        secret = hmac.new(self._key_salt, account.password.encode(), hashlib.sha256).digest()
-        return (account.host.lower(), account.port, account.username, account.security, secret)
-
-    def _worn_out(self, connection: _Connection, now: float) -> bool:
-        # Long-lived sessions are where servers keep per-session limits and where a half-open
-        # connection hides; retiring them bounds both.
-        return (
-            connection.messages >= self._settings.smtp_connection_max_messages
-            or now - connection.opened >= self._settings.smtp_connection_max_age
-        )
-
-    def _split_stale(self, key: tuple) -> list[_Connection]:
-        """Remove and return the connections of key idle or open too long; the caller holds the lock."""
-        now, limit = self._clock(), self._settings.smtp_idle_seconds
-        idle = self._idle.pop(key, [])
-        fresh = [c for c in idle if now - c.last_used <= limit and not self._worn_out(c, now)]
-        if fresh:
-            self._idle[key] = fresh
-        return [c for c in idle if c not in fresh]
-
-    def _take(self, key: tuple) -> _Connection | None:
-        """The most recently used idle connection of ``key`` that the server has not closed."""
-        while True:
-            with self._lock:
-                stale = self._split_stale(key)
-                idle = self._idle.get(key)
-                connection = idle.pop() if idle else None  # the most recently used: the others may expire
-                if idle == []:
-                    del self._idle[key]
-            for old in stale:
-                hang_up(old.smtp)
-            if connection is None or still_open(connection.smtp):
-                return connection
-            hang_up(connection.smtp)
-
-    def _finish(self, key: tuple, connection: _Connection, guard: Guard, *, healthy: bool) -> None:
-        """Pool the connection if it is healthy and still young, else hang up."""
-        if healthy:
-            self._watchdog.stop(guard)  # from here on the watchdog cannot shut a pooled socket down
-            now = self._clock()
-            if not guard.expired and not self._worn_out(connection, now):
-                connection.last_used = now
-                with self._lock:
-                    self._idle.setdefault(key, []).append(connection)
-                return
-        hang_up(connection.smtp)
 
     # --- talking SMTP ---
 
-    def _open(self, account: SmtpAccount, guard: Guard) -> _Connection:
+    def _open(self, account: SmtpAccount, guard: Guard) -> Connection:
         """Connect, secure, greet and log in; any failure closes the socket and raises an SmtpError."""
         # Checked on every new connection, not only at registration: DNS may point elsewhere by now.
         # The lookup itself is bounded by the resolver's timeouts, not by the deadline (checked next).
@@ -295,11 +211,11 @@ class Mailer:
             raise self._classify(exc, stage, account, guard) from None
         log.debug("opened SMTP connection to %s:%d (%s)", account.host, account.port, account.security)
         now = self._clock()
-        return _Connection(smtp, opened=now, last_used=now)
+        return Connection(smtp, opened=now, last_used=now, id=next(self._ids))
 
     def _deliver(
         self,
-        connection: _Connection,
+        connection: Connection,
         key: tuple,
         account: SmtpAccount,
         outgoing: Outgoing,

@@ -81,7 +81,7 @@ class Relay:
         if account is not None and not account.paused:
             try:
                 smtp = self.smtp_account(account)
-                session = self.mailer.pooled(smtp)
+                session = self.mailer.pooled(smtp, reuse_of(item))
             except ConfigError:
                 session = None  # read it again below: the password may have been changed since
         if session is None:
@@ -98,7 +98,9 @@ class Relay:
             except ConfigError:
                 return self.pause_account(account, PauseReason.KEY, KEY_LOST, item, task_id)
             try:
-                session = self.mailer.connect(smtp, deadline=self.clock() + self.settings.smtp_deadline)
+                session = self.mailer.connect(
+                    smtp, deadline=self.clock() + self.settings.smtp_deadline, want=reuse_of(item)
+                )
             except AccountPausedError as exc:
                 return self.pause_account(account, exc.reason, reason_of(exc), item, task_id, error=exc)
             except AccountSmtpError as exc:
@@ -106,6 +108,14 @@ class Relay:
             except SmtpError as exc:  # not classified as the account's: still, nothing of a mail was said
                 wrapped = AccountSmtpError(exc.message, exc.code, reason=AccountReason.UNAVAILABLE)
                 return self.back_off(account, wrapped, item, task_id)
+        self.counted(session, tenant, reuse_of(item))
+        if not item.reuse and account.limits:  # the take did not count it: see shared.fairscripts
+            free = self.pace.acquire(tenant, 1, 1)
+            if free:
+                self.metrics.send_limit_waits.inc()
+                self._release(session)  # open, idle: the next mail of the window goes over it
+                self._give_back_quietly(item, task_id)
+                return Outcome.WAITING
         return account, smtp, session
 
     def smtp_account(self, account: Account) -> SmtpAccount:
@@ -272,6 +282,11 @@ class Relay:
         except redis.RedisError:
             pass  # the envelope stays in our processing list; shutdown or the sweep returns it
         return Outcome.PAUSED
+
+
+def reuse_of(item: Taken) -> int:
+    """The pooled connection whose idle slot the take handed to this envelope (0: none)."""
+    return int(item.reuse) if item.reuse.isdigit() else 0
 
 
 def reason_of(exc: SmtpError) -> str:

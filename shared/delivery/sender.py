@@ -25,19 +25,18 @@ import time
 from collections.abc import Callable
 
 import redis
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from shared import logs
 from shared.config import Settings
 from shared.crypto import SecretBox
-from shared.db import on_the_row
 from shared.delivery.accounts import Accounts
 from shared.delivery.attempt import Attempt
 from shared.delivery.inflight import Inflight
+from shared.delivery.parking import PARK_MARGIN, Parking
 from shared.delivery.record import Record
-from shared.delivery.relay import Relay
-from shared.domain import CancelReason, Status
+from shared.delivery.relay import Relay, reuse_of
+from shared.delivery.unclaimable import Unclaimable
 from shared.errors import EnvelopeDecodeError
 from shared.fairqueue import SendQueue, Taken
 from shared.pace import Pace
@@ -49,38 +48,8 @@ log = logging.getLogger("mailq.sender")
 MAX_FAULT_BACKOFF = 60.0  # seconds a sender waits at most after a worker fault before taking again
 IDLE_CHECK_SECONDS = 1.0  # how often the dispatcher closes idle SMTP connections
 
-# Why a claim found nothing (the rare path: duplicate envelope, no tries left, expired, account paused).
-_WHY_SQL = sa.text(
-    """
-    SELECT t.status, t.try_count, t.try_count - t.budget_base >= :max_tries AS exhausted,
-           t.expires_at <= now() AS expired, u.smtp_paused_at IS NOT NULL AS paused
-      FROM tasks AS t JOIN users AS u ON u.id = t.user_id
-     WHERE t.id = :id
-    """
-)
-# A queued task past its expires_at ends here (the sweep would, a little later).
-_EXPIRED_SQL = sa.text(
-    f"""
-    UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
-                     next_attempt_at = now(), updated_at = now()
-     WHERE id = :id AND {on_the_row("status = 'queued' AND expires_at <= now()")}
-    RETURNING id, {events.hooked()}
-    """
-)
-EXPIRED = "expired: not sent before its expires_at"
 
-# A queued task without tries left (MAX_TRY_COUNT was lowered) ends here instead of waiting forever.
-_EXHAUSTED_SQL = sa.text(
-    f"""
-    UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
-                     next_attempt_at = now(), updated_at = now()
-     WHERE id = :id AND {on_the_row("status = 'queued' AND try_count = :try_count")}
-    RETURNING id, {events.hooked()}
-    """
-)
-
-
-class Sender(Attempt, Record, Relay, Worker):
+class Sender(Attempt, Parking, Unclaimable, Record, Relay, Worker):
     """Claims tasks one at a time, just before each attempt, and sends them over each user's account."""
 
     role = "sender"
@@ -120,6 +89,10 @@ class Sender(Attempt, Record, Relay, Worker):
         self._busy = 0  # conversation threads at work right now (a gauge)
         self._dispatching = threading.Event()
         self.inflight = Inflight(engine, settings.sender_content_memory)
+        # A connection idle in the pool keeps its slot (shared.fairqueue) a little longer than the pool
+        # keeps it (close_idle runs every IDLE_CHECK_SECONDS), and no longer if this sender dies.
+        self._parked_ms = int((settings.smtp_idle_seconds + IDLE_CHECK_SECONDS + PARK_MARGIN) * 1000)
+        mailer.on_close = self._unpark
 
     # --- taking work ---
 
@@ -144,7 +117,7 @@ class Sender(Attempt, Record, Relay, Worker):
             return []
         count = count or self.settings.worker_count
         taken = self.take(count)
-        if not taken and timeout > 0 and self.sendq.wait(timeout):
+        if not taken and timeout > 0 and self.sendq.wait(timeout, self._holder):
             taken = self.take(count)
         outcomes: list[Outcome] = []
         for i, item in enumerate(taken):
@@ -170,17 +143,20 @@ class Sender(Attempt, Record, Relay, Worker):
             self.done(item)
             return Outcome.DROPPED
         logs.bind_task(task_id)
+        session = None
         try:
             ready = self.ready(item, task_id)  # the account's connection: before any claim
             if isinstance(ready, Outcome):
+                self.mailer.discard(reuse_of(item))  # the idle connection the take handed over, unused
                 return ready
             account, _, session = ready
             claim = self.claim(task_id)
             self._recovered()
             if claim is None:
-                self.mailer.release(session)
+                self._release(session)
                 return self._unclaimable(item, task_id)
         except Exception as exc:
+            self._hang_up(session)  # no slot of ours counts it any more
             which = dependency_of(exc)
             if which is None:
                 log.exception("%s: claiming task %d failed", self.id, task_id)
@@ -194,63 +170,41 @@ class Sender(Attempt, Record, Relay, Worker):
         outcome = self.attempt(claim, item, account=account, session=session)
         if outcome not in (Outcome.RELEASED, Outcome.PAUSED, Outcome.WAITING):  # those gave the envelope back
             answered = self.answered()
-            ended = self.done(item, success=account.max_connections if answered else None)
+            success = account.max_connections if answered else None
+            ended = self.done(item, success=success, parked=self._parked(session))
             if answered:
                 self.recovered(account, ended)
         return outcome
 
-    def _unclaimable(self, item: Taken, task_id: int) -> Outcome:
-        cause, created = None, []
-        with self.engine.begin() as conn:
-            row = conn.execute(
-                _WHY_SQL, {"id": task_id, "max_tries": self.settings.max_try_count}
-            ).one_or_none()
-            queued = row is not None and row.status == Status.QUEUED
-            if queued and (row.expired or row.exhausted):
-                if row.expired:
-                    cause, statement, params = (
-                        CancelReason.EXPIRED,
-                        _EXPIRED_SQL,
-                        {"id": task_id, "reason": EXPIRED},
-                    )
-                else:
-                    reason = f"no tries left (MAX_TRY_COUNT is {self.settings.max_try_count})"
-                    params = {"id": task_id, "try_count": row.try_count, "reason": reason}
-                    cause, statement = CancelReason.TRIES_EXHAUSTED, _EXHAUSTED_SQL
-                done = conn.execute(statement, params).one_or_none()
-                if done is None:
-                    cause = None
-                elif done.hooked:
-                    created = events.write(conn, [events.Report(task_id, events.CANCELLED, cause.value)])
-        if cause is not None:
-            self.metrics.cancel(cause)
-            self.outbox.wake(created)
-            self.done(item)
-            return Outcome.CANCELLED
-        if queued and row.paused:
-            self.sendq.give_back(self.processing, item, task_id, pause=True)
-            return Outcome.PAUSED
-        self.done(item)  # a duplicate envelope, or a task that is no longer queued: nothing to send
-        return Outcome.DROPPED
-
     # --- letting go ---
 
-    def done(self, item: Taken, *, success: int | None = None) -> bool:
+    def done(self, item: Taken, *, success: int | None = None, parked: str = "") -> bool:
         """Let go of the envelope (and take this thread's next one in the same step, when it wants
         one). ``success``: the relay answered, so the account's pace hears of it (its declared
-        maximum); returns whether that ended the account's backoff episode."""
+        maximum); returns whether that ended the account's backoff episode. ``parked``: the idle slot
+        of the conversation's connection, back in the pool (``_parked``)."""
         try:
             if getattr(self._chain, "wanted", False) and not self.stopping.is_set() and not self.faulted():
                 s = self.settings
                 cap, slot_ms = s.smtp_max_connections_per_account_limit, s.lease_seconds * 1000
                 took = self.sendq.done_and_take(
-                    self.processing, item, self._holder, 1, cap, slot_ms, success=success
+                    self.processing,
+                    item,
+                    self._holder,
+                    1,
+                    cap,
+                    slot_ms,
+                    success=success,
+                    parked=parked,
+                    parked_ms=self._parked_ms,
                 )
                 self._chain.next = took
                 if took.limit_waits:
                     self.metrics.send_limit_waits.inc(took.limit_waits)
                 return took.ended
-            return self.sendq.done(self.processing, item, success=success)
+            return self.sendq.done(
+                self.processing, item, success=success, parked=parked, parked_ms=self._parked_ms
+            )
         except redis.RedisError:
             with self._lock:
                 self._unacked.append(item)
@@ -341,7 +295,7 @@ class Sender(Attempt, Record, Relay, Worker):
                 # of asking again at once: with one busy tenant that was an empty take per mail.
                 if len(taken) < free and not self.stopping.is_set():
                     try:
-                        self.sendq.wait(BLOCK_SECONDS)
+                        self.sendq.wait(BLOCK_SECONDS, self._holder)
                     except redis.RedisError:
                         self.stopping.wait(1.0)
         finally:
