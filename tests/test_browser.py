@@ -733,10 +733,10 @@ def test_the_timeline_pages_with_more_and_shows_the_accounts_waits_and_refusals(
     with engine_for(servers["database_url"]).begin() as conn:
         conn.execute(
             sa.text(
-                "INSERT INTO task_attempts (task_id, try_count, spent, started_at, finished_at, duration_ms,"
-                " server, stage, smtp_code, reply, refused, outcome, reason, repeats) VALUES (:task_id,"
-                " :try_count, :spent, now(), now(), 12, 'relay.example:587', 'MAIL FROM', :code, :reply,"
-                " CAST(:refused AS jsonb), :outcome, :reason, :repeats)"
+                "INSERT INTO task_attempts (task_id, user_id, try_count, spent, started_at, finished_at,"
+                " duration_ms, server, stage, smtp_code, reply, refused, outcome, reason, repeats) SELECT"
+                " id, user_id, :try_count, :spent, now(), now(), 12, 'relay.example:587', 'MAIL FROM', :code,"
+                " :reply, CAST(:refused AS jsonb), :outcome, :reason, :repeats FROM tasks WHERE id = :task_id"
             ),
             [*waits, sent],
         )
