@@ -10,9 +10,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from shared.modelbase import Base
 
-# What became of one attempt: a try that reached the server, or the account's
-# relay refusing before or during it (no try spent).
-ATTEMPT_OUTCOMES = ("sent", "deferred", "cancelled", "waiting", "paused")
+# What became of one attempt: a try (spent: sent, deferred to be tried again, or cancelled: refused for
+# good, its last try, or not sendable), or the account's relay refusing before or during it (no try
+# spent: the account waits, backing off or over a send limit, or is paused).
+TRY_OUTCOMES = ("sent", "deferred", "cancelled")
+WAIT_OUTCOMES = ("waiting", "paused")
+ATTEMPT_OUTCOMES = TRY_OUTCOMES + WAIT_OUTCOMES
 
 
 class TaskAttempt(Base):
@@ -25,6 +28,9 @@ class TaskAttempt(Base):
     task_id: orm.Mapped[int] = orm.mapped_column(
         sa.BigInteger, sa.ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False
     )
+    # The task's owner, written with the line: the per-minute figures read one user's lines by time.
+    # No foreign key to users: the line goes with its task (retention, a user's deletion) by task_id.
+    user_id: orm.Mapped[int] = orm.mapped_column(sa.BigInteger, nullable=False)
     try_count: orm.Mapped[int | None] = orm.mapped_column(sa.Integer, nullable=True)  # null: not claimed
     spent: orm.Mapped[bool] = orm.mapped_column(sa.Boolean, nullable=False)  # counted against MAX_TRY_COUNT
     started_at = orm.mapped_column(sa.DateTime(timezone=True), nullable=False)
@@ -45,6 +51,8 @@ class TaskAttempt(Base):
         ),
         # GET /task/{id}/attempts, keyset on id; retention deletes them with their task.
         sa.Index("task_attempts_task_id", "task_id", "id"),
+        # GET /task/stats: one user's attempts of the last hour by outcome, from the index alone.
+        sa.Index("task_attempts_user_finished", "user_id", "finished_at", postgresql_include=["outcome"]),
     )
 
 

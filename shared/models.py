@@ -31,9 +31,6 @@ STATUS_VALUES = tuple(s.value for s in Status)
 # Every index the pipeline's queries rely on is named here so tests can check EXPLAIN uses them.
 PENDING_SQL_LIST = "'scheduled', 'queued', 'processing', 'failed'"
 FAIL_SQL_LIST = "'failed', 'cancelled'"
-# The statuses a try ends in; the dashboard's last hour counts them by the time they were reached.
-OUTCOME_STATUSES = (Status.SENT, Status.FAILED, Status.CANCELLED)
-OUTCOME_SQL_LIST = ", ".join(f"'{s.value}'" for s in OUTCOME_STATUSES)
 # The subject as tasks_user_subject indexes it: a subject search compares exactly this expression.
 SUBJECT_KEY_LENGTH = 64
 
@@ -171,14 +168,6 @@ class Task(Base):
         ),
         # GET /task/queue?recipient=… (and /fail): one recipient's tasks, keyset on id.
         sa.Index("tasks_user_recipient_id", "user_id", "recipient_email", "id"),
-        # GET /task/stats: the last hour's outcomes, read from the index alone (status included).
-        sa.Index(
-            "tasks_user_outcome_at",
-            "user_id",
-            "updated_at",
-            postgresql_include=["status"],
-            postgresql_where=sa.text(f"status IN ({OUTCOME_SQL_LIST})"),
-        ),
         # The sweep: due scheduled/failed tasks (one index), queued tasks past the leak window (another).
         sa.Index(
             "tasks_sweep_due",

@@ -619,6 +619,15 @@ def test_the_timeline_shows_a_deferral_then_the_success(stack, browser, shots):
     expect(second).to_have_attribute("data-outcome", "sent")
     expect(second.locator(".attempt-outcome")).to_have_text("Try 2: sent")
     expect(page.locator('#detail dd[data-field="status"]')).to_have_text("sent")
+    # The chart counts attempts: the deferral stays in it, next to the mail it later sent (issue 22).
+    expect(page.locator("#total-deferred")).to_have_text("1", timeout=10_000)
+    deferral = page.locator("#chart rect.bar-deferred")
+    expect(deferral).to_have_count(1)
+    expect(deferral).to_have_attribute("data-count", "1")
+    expect(page.locator("#chart-legend .key-deferred")).to_be_visible()
+    page.locator("figure.chart").screenshot(path=shots / "dashboard-chart.png")
+    if os.environ.get("MAILQ_UPDATE_SCREENSHOT") == "1":
+        shutil.copy(shots / "dashboard-chart.png", ROOT / "docs" / "dashboard-chart.png")
     page.locator("#attempts").scroll_into_view_if_needed()
     _docs_shot(page, shots, "dashboard-attempts.png")
     _no_overflow_at_420(page)
@@ -733,10 +742,10 @@ def test_the_timeline_pages_with_more_and_shows_the_accounts_waits_and_refusals(
     with engine_for(servers["database_url"]).begin() as conn:
         conn.execute(
             sa.text(
-                "INSERT INTO task_attempts (task_id, try_count, spent, started_at, finished_at, duration_ms,"
-                " server, stage, smtp_code, reply, refused, outcome, reason, repeats) VALUES (:task_id,"
-                " :try_count, :spent, now(), now(), 12, 'relay.example:587', 'MAIL FROM', :code, :reply,"
-                " CAST(:refused AS jsonb), :outcome, :reason, :repeats)"
+                "INSERT INTO task_attempts (task_id, user_id, try_count, spent, started_at, finished_at,"
+                " duration_ms, server, stage, smtp_code, reply, refused, outcome, reason, repeats) SELECT"
+                " id, user_id, :try_count, :spent, now(), now(), 12, 'relay.example:587', 'MAIL FROM', :code,"
+                " :reply, CAST(:refused AS jsonb), :outcome, :reason, :repeats FROM tasks WHERE id = :task_id"
             ),
             [*waits, sent],
         )

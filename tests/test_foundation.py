@@ -253,6 +253,61 @@ def test_the_migrations_produce_exactly_the_models(scratch_db):
     assert diff == []
 
 
+def test_migration_0014_gives_the_existing_attempt_lines_their_tasks_users(scratch_db):
+    """The attempt log learns user_id: the lines written before it get their task's owner."""
+    from alembic import command
+
+    from shared.db import alembic_config
+
+    config = alembic_config(scratch_db)
+    command.upgrade(config, "0013")
+    engine = sa.create_engine(scratch_db, poolclass=sa.pool.NullPool)
+    with engine.begin() as conn:
+        users = (
+            conn.execute(
+                sa.text(
+                    "INSERT INTO users (email, password_hash, smtp_host, smtp_port, smtp_username,"
+                    " smtp_password_enc, smtp_security) SELECT 'm' || g || '@example.com', 'x', 'h', 587,"
+                    " 'u', 'x', 'starttls' FROM generate_series(1, 2) AS g RETURNING id"
+                )
+            )
+            .scalars()
+            .all()
+        )
+        tasks = (
+            conn.execute(
+                sa.text(
+                    "INSERT INTO tasks (user_id, recipient_email, subject, body, status, try_count,"
+                    " scheduled_at, next_attempt_at, message_id) SELECT u, 'r@example.org', 's', 'b', 'sent',"
+                    " 1, now(), now(), 'm' || u FROM unnest(CAST(:users AS bigint[])) AS u RETURNING id"
+                ),
+                {"users": users},
+            )
+            .scalars()
+            .all()
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO task_attempts (task_id, try_count, spent, started_at, finished_at, outcome)"
+                " SELECT t, 1, true, now(), now(), 'sent' FROM unnest(CAST(:tasks AS bigint[])) AS t"
+            ),
+            {"tasks": tasks},
+        )
+    command.upgrade(config, "head")
+    with engine.connect() as conn:
+        lines = conn.execute(sa.text("SELECT task_id, user_id FROM task_attempts ORDER BY task_id")).all()
+    assert [tuple(line) for line in lines] == list(zip(tasks, users, strict=True))
+    command.downgrade(config, "0013")  # and back: the column and the index go, the old index returns
+    with engine.connect() as conn:
+        indexes = set(conn.execute(sa.text("SELECT indexname FROM pg_indexes")).scalars())
+        columns = conn.execute(
+            sa.text("SELECT column_name FROM information_schema.columns WHERE table_name = 'task_attempts'")
+        ).scalars()
+        assert "user_id" not in set(columns)
+    assert "tasks_user_outcome_at" in indexes and "task_attempts_user_finished" not in indexes
+    engine.dispose()
+
+
 def test_the_models_and_migrations_agree_on_indexes(scratch_db):
     """create_all from the models (only here) yields the same indexes as the migrations."""
     from shared.db import migrate

@@ -385,7 +385,7 @@ def test_constants_match_the_code():
     assert figures["counts"]["required"] == list(views.STATUS_CHOICES)
     assert {c["maximum"] for c in figures["counts"]["properties"].values()} == {stats.COUNT_CAP}
     assert figures["minutes"]["minItems"] == figures["minutes"]["maxItems"] == stats.WINDOW_MINUTES
-    assert schemas["TaskMinute"]["required"] == ["start", *stats.OUTCOMES]
+    assert schemas["TaskMinute"]["required"] == ["start", *stats.OUTCOMES, *stats.ALIASES]
     register = schemas["RegisterRequest"]
     assert {"smtp-username", "smtp-password"} <= set(register["required"])
     assert "smtp_username" not in register["properties"] and "smtp_password" not in register["properties"]

@@ -220,7 +220,7 @@ async function refreshStats() {
     button.querySelector(".n").textContent = stats.counts[status].toLocaleString() + (capped ? "+" : "");
     button.classList.toggle("active", list.status === status);
   }
-  const totals = { sent: 0, failed: 0, cancelled: 0 };
+  const totals = { sent: 0, deferred: 0, cancelled: 0 }; // attempts, as the chart draws them
   for (const minute of stats.minutes) for (const key of Object.keys(totals)) totals[key] += minute[key];
   for (const [key, value] of Object.entries(totals)) $(`total-${key}`).textContent = value;
   drawChart($("chart"), stats.minutes);

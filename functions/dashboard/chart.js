@@ -1,11 +1,13 @@
-// The last hour as stacked bars, one per minute: sent at the bottom, then failed, then cancelled.
+// The last hour's attempts as stacked bars, one per minute: sent at the bottom, then deferred (a try
+// that failed for now; the mail is tried again), then cancelled. A mail deferred and later sent shows
+// in both minutes. The account's waits are not tries and are not drawn (the banner says them).
 // Plain SVG elements and attributes (no inline style), so the page's CSP needs no exception.
 const SVG = "http://www.w3.org/2000/svg";
 const WIDTH = 600;
 const HEIGHT = 150;
 const AXIS = 28; // room on the left for the scale
 const FOOT = 18; // room below for the time labels
-const SERIES = ["sent", "failed", "cancelled"];
+const SERIES = ["sent", "deferred", "cancelled"];
 
 function element(name, attributes, text) {
   const node = document.createElementNS(SVG, name);
@@ -26,7 +28,7 @@ function niceMax(value) {
 export function drawChart(svg, minutes) {
   svg.setAttribute("viewBox", `0 0 ${WIDTH} ${HEIGHT}`);
   svg.setAttribute("preserveAspectRatio", "none");
-  const top = niceMax(Math.max(1, ...minutes.map((m) => m.sent + m.failed + m.cancelled)));
+  const top = niceMax(Math.max(1, ...minutes.map((m) => SERIES.reduce((sum, s) => sum + m[s], 0))));
   const plotHeight = HEIGHT - FOOT - 4;
   const slot = (WIDTH - AXIS) / minutes.length;
   const scale = (n) => (n / top) * plotHeight;
@@ -42,7 +44,7 @@ export function drawChart(svg, minutes) {
     const group = element("g", { class: "minute", "data-start": minute.start });
     const when = new Date(minute.start).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
     group.append(
-      element("title", {}, `${when}: ${minute.sent} sent, ${minute.failed} failed, ${minute.cancelled} cancelled`),
+      element("title", {}, `${when}: ${minute.sent} sent, ${minute.deferred} deferred, ${minute.cancelled} cancelled`),
     );
     let y = plotHeight + 4;
     for (const series of SERIES) {

@@ -33,8 +33,8 @@ log = logging.getLogger("mailq.sender")
 MAX_REPLY = 500  # characters of a server's reply kept in the log line (last_error keeps 1000)
 
 _LOG_COLUMNS = (
-    "task_id, try_count, spent, started_at, finished_at, duration_ms, server, stage, smtp_code, reply, "
-    "refused, outcome, reason"
+    "task_id, user_id, try_count, spent, started_at, finished_at, duration_ms, server, stage, smtp_code, "
+    "reply, refused, outcome, reason"
 )
 _LOG_VALUES = (
     "COALESCE(CAST(:started AS timestamptz), now()), now(), :duration, :server, :stage, :code, :reply, "
@@ -56,8 +56,9 @@ _OUTCOME_UPDATE = f"""
 """  # noqa: S608 - constants
 _OUTCOME_SQL = sa.text(
     f"""
-    WITH o AS ({_OUTCOME_UPDATE} RETURNING id, try_count, {events.hooked()}),
-    logged AS (INSERT INTO task_attempts ({_LOG_COLUMNS}) SELECT id, try_count, true, {_LOG_VALUES} FROM o)
+    WITH o AS ({_OUTCOME_UPDATE} RETURNING id, user_id, try_count, {events.hooked()}),
+    logged AS (INSERT INTO task_attempts ({_LOG_COLUMNS})
+               SELECT id, user_id, try_count, true, {_LOG_VALUES} FROM o)
     SELECT id, hooked FROM o
     """  # noqa: S608 - constants
 )
@@ -69,8 +70,8 @@ _QUIET_OUTCOME_SQL = alone(
     sa.text(
         f"""
     WITH o AS ({_OUTCOME_UPDATE}   AND NOT {events.has_endpoint()}
-    RETURNING id, try_count)
-    INSERT INTO task_attempts ({_LOG_COLUMNS}) SELECT id, try_count, true, {_LOG_VALUES} FROM o
+    RETURNING id, user_id, try_count)
+    INSERT INTO task_attempts ({_LOG_COLUMNS}) SELECT id, user_id, try_count, true, {_LOG_VALUES} FROM o
     RETURNING task_id AS id
     """  # noqa: S608 - constants
     )
@@ -87,8 +88,8 @@ _REFUND_SQL = sa.text(_REFUND_UPDATE)
 # ... and, when the relay refused the account after the claim, its line in the log (no try spent).
 _REFUND_LOGGED_SQL = sa.text(
     f"""
-    WITH o AS ({_REFUND_UPDATE} RETURNING id, try_count)
-    INSERT INTO task_attempts ({_LOG_COLUMNS}) SELECT id, try_count, false, {_LOG_VALUES} FROM o
+    WITH o AS ({_REFUND_UPDATE} RETURNING id, user_id, try_count)
+    INSERT INTO task_attempts ({_LOG_COLUMNS}) SELECT id, user_id, try_count, false, {_LOG_VALUES} FROM o
     """  # noqa: S608 - constants
 )
 
@@ -106,7 +107,7 @@ _WAIT_SQL = sa.text(
         RETURNING id
     )
     INSERT INTO task_attempts ({_LOG_COLUMNS})
-    SELECT t.id, NULL, false, now(), now(), NULL, :server, :stage, :code, :reply, NULL, :outcome,
+    SELECT t.id, t.user_id, NULL, false, now(), now(), NULL, :server, :stage, :code, :reply, NULL, :outcome,
            :account_reason
       FROM tasks AS t
      WHERE t.id = :id AND t.status = 'queued' AND NOT EXISTS (SELECT 1 FROM open)
