@@ -246,14 +246,18 @@ class Took(list):
     """The envelopes one take got (a list of Taken), with what else the step saw."""
 
     limit_waits: int = 0  # accounts a full send-limit window held back in this take
+    # Seconds until the first account this take found held (backing off, over its send limit) may be
+    # taken; None when none was. No bell rings when a hold passes: a sender waits no longer than this.
+    wake: float | None = None
     ended: bool = False  # done_and_take: the success ended the account's backoff episode
 
 
 def _taken(flat: list) -> Took:
-    waits, *flat = flat
+    waits, wake_ms, *flat = flat
     took = Took(
         Taken(int(flat[i]), flat[i + 1], flat[i + 2].decode(), flat[i + 3].decode())
         for i in range(0, len(flat), 4)
     )
     took.limit_waits = int(waits)
+    took.wake = int(wake_ms) / 1000 if int(wake_ms) >= 0 else None
     return took

@@ -49,7 +49,8 @@ return added
 )
 
 # take(): up to count envelopes, fairly, each with a slot; a flat list: the number of tenants a full
-# send-limit window held back, then (tenant, envelope, holder) for each envelope taken.
+# send-limit window held back, in how many ms the first held tenant may be taken (-1: none was held),
+# then (tenant, envelope, holder, reused connection) for each envelope taken.
 # args: ring, paused, processing, bell keys, then queue prefix, slots prefix, count, cap, slot ttl (ms),
 # holder prefix, max scan, then the pace's keys (shared.pace; '' for a queue without: the webhooks').
 # ``cap`` is the conversations each tenant may have; with a pace it is the ceiling of the account's own.
@@ -100,7 +101,11 @@ local function take(ring, paused, processing, bell, qp, sp, count, cap, ttl, hol
                     hold, ap, lp, group)
 local bell_max = BELL_MAX_LUA
 local now = pace_now('')
-local out = {0}
+local out = {0, -1}  -- then: in how many ms the first held tenant seen may be taken (-1: none held)
+local function soon(at)
+  local ms = math.max(1, at - now)
+  if out[2] < 0 or ms < out[2] then out[2] = ms end
+end
 local taken, scanned, misses = 0, 0, 0
 local size = redis.call('LLEN', ring)
 while taken < count and scanned < max_scan and size > 0 and misses < size do
@@ -130,6 +135,7 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
     redis.call('ZREMRANGEBYSCORE', s, '-inf', now)  -- slots of killed senders expire here
     local g = group and group_slots(group, tenant, now)
     local full, own = slots_full(s, allowed, ap ~= '', holder_prefix, bell, bell_max)
+    if held > now then soon(held) end
     if held > now or full or (g and redis.call('ZCARD', g) >= group[3]) then
       -- held, or every conversation (or connection) this account (or its owner: group) may have is
       -- busy: its turn passes
@@ -142,6 +148,7 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
       if limits and own then free = limits_take(lp .. tenant .. ':', limits, now, 1, 1) end
       if free ~= 0 then
         if free > 0 then
+          soon(free)
           redis.call('ZADD', hold, 'GT', free, tenant)
           redis.call('HSET', ap .. tenant, 'hold', 'limit', 'limit_until', free)
         end

@@ -11,6 +11,7 @@ import pytest
 from shared import pace, queue
 from shared.fairqueue import SendQueue
 from shared.pace import GROWTH_QUIET, Pace
+from shared.workers import Outcome
 
 T = 7  # a tenant
 SECOND = 1000
@@ -235,3 +236,33 @@ def test_the_conversations_never_grow_past_what_the_account_declares(ctx, p):
     assert p.conversations(T) == 2
     p.configure(T, 1, "")  # lowered by the user: applies at once
     assert p.conversations(T) == 1
+
+
+# --- a hold's end: no bell rings, so the take says when ----------------------------------------------------
+
+
+def test_a_take_that_finds_an_account_held_says_when_it_may_be_taken(ctx, p):
+    p.configure(T, 3, limits((2, "minute", "messages")))
+    ctx.redis.hset(queue.account(T), mapping={"cap": 3, "probe": 0})
+    for i in (1, 2, 3):  # connections open, idle in this sender's pool: the take counts the mails
+        ctx.redis.zadd(queue.slots(T), {f"~h:{i}": time.time() * 1000 + 60_000})
+    queued(ctx, T, 5)
+    sendq = SendQueue(ctx.redis)
+    assert sendq.take("p", "h:", 2, 16, 60_000).wake is None  # the two of the minute: nothing held
+    took = sendq.take("p", "h:", 2, 16, 60_000)
+    assert took == [] and 60.0 < took.wake <= 63.01  # the minute, its allowance (2 s), one bucket (1 s)
+    assert 60.0 < sendq.take("p", "h:", 2, 16, 60_000).wake <= 63.01  # held: says so again
+
+
+def test_a_sender_takes_the_mail_of_an_account_whose_hold_ends_while_it_waits(pipe, smtp, p):
+    """Before: a hold's end rang no bell, so a sender slept its whole wait (a second) after every
+    window of a send limit or step of a backoff, and a mail due now went out up to a second late."""
+    user = pipe.user(smtp)
+    pipe.enqueue(user)
+    pipe.hand_off()
+    p.pushback(user.id, reason="throttled", declared_max=3, base=1, cap=300, jitter=0, wait=0.3)
+    assert pipe.sender.step(timeout=0.05) == []  # held
+    waits, real = [], pipe.sender.sendq.wait
+    pipe.sender.sendq.wait = lambda timeout, holder="": waits.append(timeout) or real(timeout, holder)
+    assert pipe.sender.step(timeout=5.0) == [Outcome.SENT]
+    assert waits and waits[0] <= 0.3  # until the hold's end: not the whole 5 s, nor a bell's second

@@ -117,7 +117,8 @@ class Sender(Attempt, Parking, Unclaimable, Record, Relay, Worker):
             return []
         count = count or self.settings.worker_count
         taken = self.take(count)
-        if not taken and timeout > 0 and self.sendq.wait(timeout, self._holder):
+        if not taken and timeout > 0:
+            self.sendq.wait(min(timeout, _until(taken)), self._holder)  # a bell, or a hold's end
             taken = self.take(count)
         outcomes: list[Outcome] = []
         for i, item in enumerate(taken):
@@ -295,7 +296,7 @@ class Sender(Attempt, Parking, Unclaimable, Record, Relay, Worker):
                 # of asking again at once: with one busy tenant that was an empty take per mail.
                 if len(taken) < free and not self.stopping.is_set():
                     try:
-                        self.sendq.wait(BLOCK_SECONDS, self._holder)
+                        self.sendq.wait(_until(taken), self._holder)
                     except redis.RedisError:
                         self.stopping.wait(1.0)
         finally:
@@ -345,6 +346,13 @@ class Sender(Attempt, Parking, Unclaimable, Record, Relay, Worker):
 
     def close(self) -> None:
         self.mailer.close()
+
+
+def _until(took) -> float:
+    """How long to wait on the bell after a take that found nothing more: at most until the first
+    held account it saw may be taken (no bell rings when a hold passes)."""
+    wake = getattr(took, "wake", None)
+    return BLOCK_SECONDS if wake is None else min(BLOCK_SECONDS, wake + 0.002)
 
 
 def _task_id_or_zero(item: Taken) -> int:
