@@ -86,7 +86,7 @@ def test_the_per_task_statements_go_by_primary_key_even_when_statistics_say_noth
     from shared.delivery.attempt import _CLAIM_SQL
     from shared.delivery.consumer import _QUEUED_SQL
     from shared.delivery.record import _OUTCOME_SQL, _QUIET_OUTCOME_SQL, _REFUND_SQL, Seen
-    from shared.delivery.sender import _EXHAUSTED_SQL
+    from shared.delivery.unclaimable import _EXHAUSTED_SQL
 
     with ctx.engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE tasks SET (autovacuum_enabled = false)"))  # no ANALYZE in between

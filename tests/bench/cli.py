@@ -299,7 +299,7 @@ def _run_scenarios(
     from tests.bench import api, delivery, scale
     from tests.bench.stack import DECLARED_CONNECTIONS, default_senders
 
-    stack.declare_connections(DECLARED_CONNECTIONS)  # the single-tenant scenarios' account
+    stack.declare_connections(DECLARED_CONNECTIONS)  # the accounts' own smtp_max_connections
 
     def raw_limit(when: str) -> None:
         with _guard(run, "raw"), progress.step(f"1. raw limit ({when}): one smtplib connection", n) as tick:

@@ -282,6 +282,7 @@ class Stack:
         self._settings: Settings | None = None
         self._names: dict[str, int] = {}
         self._tenants: dict[str, tuple[object, str]] = {}
+        self._declared: int | None = None  # the accounts' smtp_max_connections (declare_connections)
         self._account: dict = {}
 
     # --- lifecycle ---
@@ -348,7 +349,10 @@ class Stack:
             }
             users.register(self.ctx, account, "bench")
             token = users.login(self.ctx, account, "bench")["token"]
-            self._tenants[smtp_username] = (users.authenticate(self.ctx, "Bearer " + token), token)
+            user = users.authenticate(self.ctx, "Bearer " + token)
+            self._tenants[smtp_username] = (user, token)
+            if self._declared is not None:
+                users.update_smtp(self.ctx, user.id, user.id, {"smtp_max_connections": self._declared})
         return self._tenants[smtp_username]
 
     def close(self) -> None:
@@ -447,18 +451,17 @@ class Stack:
         return child
 
     def declare_connections(self, n: int) -> None:
-        """From now on the benchmark's account declares ``n`` SMTP conversations at once.
-
-        Until accounts carry their own smtp_max_connections, the operator's default that every sender
-        reads (SMTP_MAX_CONNECTIONS_PER_ACCOUNT) stands in for the declaration: it holds for the sender
-        processes started after this call, and for every account they serve. With the per-account field
-        this one line becomes the account's update (``smtp_max_connections``)."""
-        self.env["SMTP_MAX_CONNECTIONS_PER_ACCOUNT"] = str(n)
+        """From now on the benchmark's accounts declare ``n`` SMTP connections at once: each account's
+        own ``smtp_max_connections``, set as a user sets it (``PATCH /api/v1/user/{id}``); the
+        operator's default for accounts that declare none stays as deployed."""
+        self._declared = n
+        for user in [self.user, *(u for u, _ in self._tenants.values())]:
+            users.update_smtp(self.ctx, user.id, user.id, {"smtp_max_connections": n})
 
     @property
     def connections(self) -> int:
-        """SMTP conversations at once the benchmark's account may have (see declare_connections)."""
-        return Settings.from_env(self.env).smtp_max_connections_per_account
+        """SMTP conversations at once the benchmark's accounts may have (see declare_connections)."""
+        return self._declared if self._declared is not None else self.settings.smtp_max_connections_per_account
 
     def start_workers(self, senders: int, **extra_env: str) -> list[Child]:
         """One consumer and ``senders`` sender processes (``extra_env`` added to their environment);
