@@ -484,7 +484,8 @@ METHOD = """\
   `deployment/base/config.env` (LOG_LEVEL=INFO, QUEUE_CONSUMER_COUNT=4, WORKER_COUNT=4), except that
   the sink is a plaintext server on 127.0.0.1, and that the benchmark's accounts declare 16 SMTP
   connections (`smtp_max_connections`, `DECLARED_CONNECTIONS` in `tests/bench/stack.py`), as a user of a
-  relay that allows them would; scenario 2 also runs at the default an account that declares nothing gets. The sink offers PIPELINING. The sink runs at LOG_LEVEL=WARNING: it stands in for
+  relay that allows them would; scenario 2 also runs at the default an account that declares nothing
+  gets. The sink offers PIPELINING. The sink runs at LOG_LEVEL=WARNING: it stands in for
   the receiving SMTP server, and aiosmtpd's five INFO lines per mail would make it slower for everyone.
   Scenarios 5-7, 9 and 10 share one warm stack like `mailq dev`'s default: the enqueue and batch
   functions, one consumer and one sender process per core, started once; each scenario gets an empty

@@ -461,7 +461,9 @@ class Stack:
     @property
     def connections(self) -> int:
         """SMTP conversations at once the benchmark's accounts may have (see declare_connections)."""
-        return self._declared if self._declared is not None else self.settings.smtp_max_connections_per_account
+        return (
+            self._declared if self._declared is not None else self.settings.smtp_max_connections_per_account
+        )
 
     def start_workers(self, senders: int, **extra_env: str) -> list[Child]:
         """One consumer and ``senders`` sender processes (``extra_env`` added to their environment);
