@@ -177,6 +177,19 @@ def test_the_benchmark_page_shows_the_table_of_the_report_it_links():
     assert not differ, f"rows of docs/benchmarks.md that {report.group(1)} does not have: {differ}"
 
 
+def test_the_benchmark_pages_later_runs_show_rows_of_the_report_they_link():
+    since = _section((DOCS / "benchmarks.md").read_text(), "## Since then")
+    report = re.search(r"\]\(\.\./(tests/bench/results/[\w-]+\.md)\)", since)
+    assert report, "docs/benchmarks.md names no report under Since then"
+    lines = set((ROOT / report.group(1)).read_text().splitlines())
+    shown = [
+        line for line in since.splitlines() if line.startswith("| ") and not line.startswith("| scenario")
+    ]
+    assert [line for line in shown if not line.startswith("|---")], "no row under Since then"
+    differ = [line for line in shown if line not in lines and not line.startswith("|---")]
+    assert not differ, f"rows of docs/benchmarks.md that {report.group(1)} does not have: {differ}"
+
+
 def test_the_pipelining_page_shows_rows_of_the_report_it_links():
     measured = _section((DOCS / "pipelining.md").read_text(), "## Measured")
     report = re.search(r"\]\(\.\./(tests/bench/results/[\w-]+\.md)\)", measured)
