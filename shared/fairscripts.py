@@ -123,13 +123,14 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
         redis.call('ZREM', hold, tenant)  -- a hold that has passed
         held = 0
       end
-      local a = redis.call('HMGET', ap .. tenant, 'cap', 'probe', 'limits')
+      local a = redis.call('HMGET', ap .. tenant, 'cap', 'probe', 'limits', 'learned', 'learned_until')
       if a[2] == '1' or not a[1] then
         allowed = 1  -- new, resumed or back from a backoff: one conversation until a success
       else
         allowed = math.min(tonumber(a[1]), cap)
       end
-      limits = a[3]
+      limits = pace_limits(a[3], a[4], a[5], now)
+      if limits == '' then limits = nil end
     end
     local s = sp .. tenant
     redis.call('ZREMRANGEBYSCORE', s, '-inf', now)  -- slots of killed senders expire here

@@ -105,9 +105,22 @@ LUA += """)
   end
   return 0
 end
+-- The windows a take checks: the declared ones, and while it holds the rate learned from a throttle
+-- (one second, counted apart: kind 'l').
+local function pace_limits(declared, learned, until_ms, now)
+  if learned and tonumber(until_ms or '0') > now then
+    local w = learned .. ':1000:l'
+    if declared and declared ~= '' then return declared .. ',' .. w end
+    return w
+  end
+  return declared
+end
 -- A conversation ended with something the relay accepted: probing ends, a backoff episode ends (1),
 -- and a run of cap successes adds a conversation (up to maxc) once the last pushback is GROWTH_QUIET old.
 local function pace_success(acct, maxc, now)
+  local ok = acct .. ':ok'  -- the relay's answers per 100 ms: what a rate throttle learns from
+  redis.call('HINCRBY', ok, math.floor(now / 100), 1)
+  redis.call('PEXPIRE', ok, 2000)
   local f = redis.call('HMGET', acct, 'cap', 'probe', 'run', 'calm', 'level')
   local cap, ended = tonumber(f[1]), 0
   if f[5] then
@@ -133,15 +146,43 @@ end
 """
 
 # KEYS: account, hold.  ARGV: tenant, now ('' = Redis's), reason, shrink (0/1), base ms, max ms,
-# jitter (0..1), wait ms (0: back off as usual), declared max, quiet ms.
+# jitter (0..1), wait ms (0: back off as usual), declared max, quiet ms, learn (0/1: a rate throttle),
+# the tenant's limit prefix.
 # Returns {new episode (0/1), a step taken (0/1), level, since ms, until ms}.
 _PUSHBACK = (
     LUA
+    + f"local BUCKETS = {BUCKETS}\n"
     + """
 local acct, hold, tenant = KEYS[1], KEYS[2], ARGV[1]
 local now = pace_now(ARGV[2])
 local wait = tonumber(ARGV[8])
-local f = redis.call('HMGET', acct, 'level', 'until', 'cap', 'since')
+local f = redis.call('HMGET', acct, 'level', 'until', 'cap', 'since', 'learned_until', 'learned')
+if ARGV[11] == '1' then
+  -- A rate throttle: the relay took about what it answered in the last second and no more. Keep to
+  -- that for a quiet spell, then try the full speed again (the relay may allow more by then); refused
+  -- again meanwhile (the estimate was high: answers come a little after their MAIL FROM), one less.
+  local learned = tonumber(f[6] or '0')
+  if tonumber(f[5] or '0') > now and learned > 0 then
+    learned = math.max(1, learned - 1)
+  else
+    -- The learned window starts with those answers in it, as the relay's does.
+    local flat, from = redis.call('HGETALL', acct .. ':ok'), math.floor((now - 1000) / 100)
+    local window, g = ARGV[12] .. '1000:l', math.max(1, math.floor(1000 / BUCKETS))
+    redis.call('DEL', window)
+    learned = 0
+    for j = 1, #flat, 2 do
+      local b, n = tonumber(flat[j]), tonumber(flat[j + 1])
+      if b > from then
+        learned = learned + n
+        redis.call('HINCRBY', window, math.floor(b * 100 / g), n)
+      end
+    end
+    redis.call('PEXPIRE', window, 3000)
+  end
+  if learned > 0 then
+    redis.call('HSET', acct, 'learned', learned, 'learned_until', now + tonumber(ARGV[10]))
+  end
+end
 local level, untl = tonumber(f[1]) or 0, tonumber(f[2]) or 0
 if untl > now then
   -- Another conversation of this account met the same refusal: the same step of the same episode.
@@ -194,8 +235,9 @@ _ACQUIRE = (
     LUA
     + """
 local now = pace_now(ARGV[3])
-local limits = redis.call('HGET', KEYS[2], 'limits')
-if not limits then return 0 end
+local a = redis.call('HMGET', KEYS[2], 'limits', 'learned', 'learned_until')
+local limits = pace_limits(a[1], a[2], a[3], now)
+if not limits or limits == '' then return 0 end
 local free = limits_take(ARGV[1], limits, now, tonumber(ARGV[4]), tonumber(ARGV[5]))
 if free > 0 then
   redis.call('ZADD', KEYS[1], 'GT', free, ARGV[2])
@@ -238,10 +280,13 @@ class Pace:
         jitter: float,
         shrink: bool = False,
         wait: float | None = None,
+        learn: bool = False,
         now_ms: int | None = None,
     ) -> Pushback:
         """The relay refused the account: hold it (back off, or wait ``wait`` seconds), probe again
-        after, and halve its concurrency when ``shrink``. Concurrent refusals make one step."""
+        after, and halve its concurrency when ``shrink``. Concurrent refusals make one step.
+        ``learn``: a rate throttle; the account keeps to what the relay answered in the last second
+        for GROWTH_QUIET seconds."""
         args = [
             tenant,
             "" if now_ms is None else now_ms,
@@ -253,6 +298,8 @@ class Pace:
             int((wait or 0) * 1000),
             declared_max,
             int(GROWTH_QUIET * 1000),
+            int(learn),
+            f"{queue.LIMIT_PREFIX}{tenant}:",
         ]
         new, stepped, level, since, until = self._pushback(
             keys=[queue.account(tenant), queue.SEND_HOLD], args=args

@@ -266,3 +266,35 @@ def test_a_sender_takes_the_mail_of_an_account_whose_hold_ends_while_it_waits(pi
     pipe.sender.sendq.wait = lambda timeout, holder="": waits.append(timeout) or real(timeout, holder)
     assert pipe.sender.step(timeout=5.0) == [Outcome.SENT]
     assert waits and waits[0] <= 0.3  # until the hold's end: not the whole 5 s, nor a bell's second
+
+
+# --- a rate throttle teaches the account the relay's rate ------------------------------------------------
+
+
+def test_a_rate_throttle_keeps_the_account_to_what_the_relay_answered_in_the_last_second(ctx, p):
+    """Before: after every rate throttle the account sent at full speed again, so a relay that allows 10
+    mails a second refused one mail in every second (about one in ten)."""
+    ctx.redis.hset(queue.account(T), mapping={"cap": 3, "probe": 0})
+    queued(ctx, T, 20)
+    sendq = SendQueue(ctx.redis)
+    for _ in range(7):  # seven mails the relay answered, within the last second
+        [item] = sendq.take("p", "h:", 1, 16, 60_000)
+        sendq.done("p", item, success=3)
+    b = p.pushback(T, reason="throttled", declared_max=3, base=1, cap=300, jitter=0, learn=True)
+    assert p.state(T)["learned"] == "7"
+    ctx.redis.zrem(queue.SEND_HOLD, T)  # the backoff step is over; the learned rate holds on
+    now = b.until_ms + 1000
+    assert [p.acquire(T, 1, 1, now_ms=now + i) for i in range(7)] == [0] * 7
+    assert p.acquire(T, 1, 1, now_ms=now + 7) > now  # the eighth waits for the window
+    later = now + int(GROWTH_QUIET * 1000) + 2000
+    assert p.acquire(T, 1, 1, now_ms=later) == 0 and p.acquire(T, 1, 1, now_ms=later + 1) == 0  # it lapsed
+
+
+def test_a_throttle_that_is_not_about_the_rate_learns_nothing(ctx, p):
+    ctx.redis.hset(queue.account(T), mapping={"cap": 3, "probe": 0})
+    queued(ctx, T, 3)
+    sendq = SendQueue(ctx.redis)
+    [item] = sendq.take("p", "h:", 1, 16, 60_000)
+    sendq.done("p", item, success=3)
+    p.pushback(T, reason="throttled", declared_max=3, base=1, cap=300, jitter=0)  # a 421 at connect
+    assert "learned" not in p.state(T)

@@ -108,7 +108,7 @@ def enqueue_many(pipe: Pipeline, user, n: int, **fields) -> list[int]:
 
 def test_a_throttling_relay_gets_every_mail_once_and_refuses_few(relay_ctx):
     """Before: every 454 spent one of the mail's tries (300 mails: 23 cancelled, 463 refusals)."""
-    n = 60
+    n = 100
     with ThrottlingRelay(max_connections=3, max_rate=10) as relay:
         pipe = Pipeline(relay_ctx)
         user = pipe.user(relay)
@@ -124,7 +124,10 @@ def test_a_throttling_relay_gets_every_mail_once_and_refuses_few(relay_ctx):
         f"\nthrottling relay: {n} mails, {stats.refusals} refusals ({stats.throttled} throttled, "
         f"{stats.refused_at_connect} at connect), {stats.connections_accepted} connections"
     )
-    assert len(ids) == n and stats.refusals <= n // 10 + 3, stats  # ~10 %: one per rate window
+    # The first throttle teaches the account the relay's rate (shared.pace): the conversations in flight
+    # then are refused (3 at most), and few after; not one in every rate window (before: 5 to 7 of 60
+    # mails, about one a second).
+    assert len(ids) == n and stats.refusals <= 5, stats
 
 
 def test_declared_send_limits_mean_the_relay_never_has_to_refuse(relay_ctx):

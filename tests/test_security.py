@@ -273,7 +273,7 @@ KNOWN_KEYS = re.compile(
     r"|webhooks:(ready|bell|returned|q:\d+|slots:\d+)"
     r"|tenant:\d+|tenant:\d+:inflight"
     r"|ratelimit:(login|register):(client|email):[^:]+:\d+|ratelimit:replay:user:\d+:\d+"
-    r"|account:\d+|send:hold|limit:\d+:\d+:[mr])$"
+    r"|account:\d+(:ok)?|send:hold|limit:\d+:\d+:[mrl])$"
 )
 WORKER_ID = rb"(consumer|sender|webhooks):[^:]+:\d+:[0-9a-f]{8}"
 
@@ -319,6 +319,8 @@ def test_redis_holds_only_envelopes_and_mailqs_own_bookkeeping(dev_run, moment):
             assert all(re.fullmatch(rb"\d+:\d+:[0-9a-f]{32}", v) for v in value[1])
         elif key.startswith("mailq:tenant:"):  # the enqueue bounds: numbers only (shared/bounds.py)
             assert all(re.fullmatch(rb"-?[0-9.e+]*", v) for v in value.values()), value
+        elif key.startswith(queue.ACCOUNT_PREFIX) and key.endswith(":ok"):  # answers per 100 ms
+            assert all(k.isdigit() and v.isdigit() for k, v in value.items())
         elif key.startswith(queue.ACCOUNT_PREFIX):  # an account's pace: small numbers and words
             assert all(
                 re.fullmatch(rb"[a-z_]+", k) and re.fullmatch(rb"[a-z0-9:,_]*", v) for k, v in value.items()

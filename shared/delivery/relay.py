@@ -35,6 +35,10 @@ from shared.workers import Outcome
 
 log = logging.getLogger("mailq.sender")
 
+# A throttle at these stages refused a mail for the account's rate (not its connections): the account
+# learns the rate from it (shared.pace).
+RATE_STAGES = ("MAIL FROM", "RCPT TO", "DATA")
+
 KEY_LOST = (
     "the stored SMTP password cannot be decrypted with any key of MAILQ_ENCRYPTION_KEYS; set it again "
     "(PATCH /api/v1/user/{id} with smtp-password), or the operator restores the key it was stored with"
@@ -155,6 +159,7 @@ class Relay:
                 jitter=self.rng(),
                 shrink=exc.shrink,
                 wait=exc.wait,
+                learn=exc.reason == AccountReason.THROTTLED and exc.stage in RATE_STAGES,
             )
         except redis.RedisError as err:
             log.warning("%s: could not hold account %d (%s)", self.id, account.id, type(err).__name__)
