@@ -135,9 +135,13 @@ while taken < count and scanned < max_scan and size > 0 and misses < size do
     local s = sp .. tenant
     redis.call('ZREMRANGEBYSCORE', s, '-inf', now)  -- slots of killed senders expire here
     local g = group and group_slots(group, tenant, now)
-    local full, own = slots_full(s, allowed, ap ~= '', holder_prefix, bell, bell_max)
-    if held > now then soon(held) end
-    if held > now or full or (g and redis.call('ZCARD', g) >= group[3]) then
+    local full, own = true, nil
+    if held > now then
+      soon(held)  -- and nobody is woken for it: it cannot be taken before then
+    else
+      full, own = slots_full(s, allowed, ap ~= '', holder_prefix, bell, bell_max)
+    end
+    if full or (g and redis.call('ZCARD', g) >= group[3]) then
       -- held, or every conversation (or connection) this account (or its owner: group) may have is
       -- busy: its turn passes
       misses = misses + 1
