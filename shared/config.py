@@ -126,6 +126,10 @@ class Settings:
     account_backoff_base: float = 1.0
     # ACCOUNT_BACKOFF_MAX, cap on an account's backoff, seconds (a quota reply waits for its window instead)
     account_backoff_max: float = 300.0
+    # ACCOUNT_UNREACHABLE_BACKOFF_MAX, cap on the backoff of an account whose relay cannot be reached
+    # (a refused or failed connection costs the relay nothing): a relay back from maintenance is found
+    # within this many seconds, whatever the length of the outage
+    account_unreachable_backoff_max: float = 60.0
     # MAX_QUEUE_LIFETIME, seconds a mail may wait from when it is due; then it is cancelled as expired
     max_queue_lifetime: int = 5 * 86400
     smtp_connection_max_age: float = 300.0  # SMTP_CONNECTION_MAX_AGE, seconds a pooled connection may live
@@ -242,6 +246,9 @@ class Settings:
             ),
             account_backoff_base=_float(get("ACCOUNT_BACKOFF_BASE", "1"), "ACCOUNT_BACKOFF_BASE"),
             account_backoff_max=_float(get("ACCOUNT_BACKOFF_MAX", "300"), "ACCOUNT_BACKOFF_MAX"),
+            account_unreachable_backoff_max=_float(
+                get("ACCOUNT_UNREACHABLE_BACKOFF_MAX", "60"), "ACCOUNT_UNREACHABLE_BACKOFF_MAX"
+            ),
             max_queue_lifetime=_int(get("MAX_QUEUE_LIFETIME", str(5 * 86400)), "MAX_QUEUE_LIFETIME", 1),
             smtp_connection_max_age=_float(get("SMTP_CONNECTION_MAX_AGE", "300"), "SMTP_CONNECTION_MAX_AGE"),
             smtp_connection_max_messages=_int(
@@ -310,6 +317,8 @@ class Settings:
             )
         if self.account_backoff_base <= 0 or self.account_backoff_max < self.account_backoff_base:
             problems.append("ACCOUNT_BACKOFF_BASE must be more than 0 and at most ACCOUNT_BACKOFF_MAX")
+        if self.account_unreachable_backoff_max < self.account_backoff_base:
+            problems.append("ACCOUNT_UNREACHABLE_BACKOFF_MAX must be at least ACCOUNT_BACKOFF_BASE")
         if self.is_production:
             if not self.jwt_secret:
                 problems.append("JWT_SECRET is missing (at least 32 bytes are required in production)")

@@ -20,6 +20,8 @@ from shared.delivery.consumer import Consumer
 from shared.delivery.mailer import Mailer
 from shared.delivery.sender import Sender
 from shared.maintenance.sweep import sweep_once
+from shared.pace import Pace
+from shared.workers import Outcome
 from tests.pipeline import Pipeline
 from tests.relays.throttling_relay import ThrottlingRelay
 from tests.smtp_servers import ScriptedSmtpServer
@@ -189,6 +191,31 @@ def test_a_relay_down_longer_than_the_retry_budget_loses_no_mail_and_spends_no_t
     assert Counter(r.status for r in rows) == {"sent": n}
     assert max(r.try_count for r in rows) <= 1
     assert sorted(Counter(stats.message_ids).values()) == [1] * n
+
+
+def test_a_relay_that_cannot_be_reached_is_tried_again_within_a_minute_however_long_it_was_down(relay_ctx):
+    """Before: the backoff of an unreachable relay grew to ACCOUNT_BACKOFF_MAX (300 s, up to 450 with
+    jitter, capped), so mail waited up to five minutes after a long outage ended (the relay-outage fault
+    run: 243 s for one tenant, more than its 240 s for the other)."""
+    s = relay_ctx.settings = relay_ctx.settings.replace(account_backoff_base=1.0, account_backoff_max=300.0)
+    with ThrottlingRelay() as relay:
+        pipe = Pipeline(relay_ctx)
+        user = pipe.user(relay)
+        relay.go_down("refuse")
+        pace = Pace(relay_ctx.redis)
+        at = int(time.time() * 1000) - 2_000_000  # a long outage: its steps grew past the cap
+        for _ in range(12):
+            at = pace.pushback(
+                user.id, reason="unreachable", declared_max=3, base=1, cap=300, jitter=0, now_ms=at
+            ).until_ms
+        assert pace.state(user.id)["level"] == "12" and at < time.time() * 1000  # that step is over
+        pipe.enqueue(user)
+        pipe.hand_off()
+        assert pipe.sender.step(timeout=0.5) == [Outcome.WAITING]  # refused again
+        held = pace.state(user.id)["held_until"] / 1000 - time.time()
+        pipe.close()
+    assert s.account_unreachable_backoff_max == 60.0
+    assert 0 < held <= 60.5, held
 
 
 # --- wrong credentials cost one failed AUTH, however many mails wait ---------------------------------------

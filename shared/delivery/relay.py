@@ -155,7 +155,7 @@ class Relay:
                 reason=exc.reason,
                 declared_max=account.max_connections,
                 base=s.account_backoff_base,
-                cap=s.account_backoff_max,
+                cap=_backoff_cap(s, exc.reason),
                 jitter=self.rng(),
                 shrink=exc.shrink,
                 wait=exc.wait,
@@ -287,6 +287,14 @@ class Relay:
         except redis.RedisError:
             pass  # the envelope stays in our processing list; shutdown or the sweep returns it
         return Outcome.PAUSED
+
+
+def _backoff_cap(settings, reason: str) -> float:
+    """The longest backoff step: shorter while the relay cannot be reached at all (trying to connect
+    costs it nothing, and the mail should go out soon after the relay is back)."""
+    if reason == AccountReason.UNREACHABLE:
+        return min(settings.account_backoff_max, settings.account_unreachable_backoff_max)
+    return settings.account_backoff_max
 
 
 def reuse_of(item: Taken) -> int:
