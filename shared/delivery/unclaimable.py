@@ -22,26 +22,26 @@ _WHY_SQL = sa.text(
      WHERE t.id = :id
     """
 )
-# A queued task past its expires_at ends here (the sweep would, a little later).
-_EXPIRED_SQL = sa.text(
-    f"""
+
+
+def _cancel_queued(condition: str) -> sa.TextClause:
+    """Cancel the task while it is queued and ``condition`` holds (a constant of this module)."""
+    return sa.text(
+        f"""
     UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
                      next_attempt_at = now(), updated_at = now()
-     WHERE id = :id AND {on_the_row("status = 'queued' AND expires_at <= now()")}
+     WHERE id = :id AND {on_the_row(f"status = 'queued' AND {condition}")}
     RETURNING id, {events.hooked()}
     """
-)
+    )
+
+
+# A queued task past its expires_at ends here (the sweep would, a little later).
+_EXPIRED_SQL = _cancel_queued("expires_at <= now()")
 EXPIRED = "expired: not sent before its expires_at"
 
 # A queued task without tries left (MAX_TRY_COUNT was lowered) ends here instead of waiting forever.
-_EXHAUSTED_SQL = sa.text(
-    f"""
-    UPDATE tasks SET status = 'cancelled', last_error = :reason, lease_until = NULL,
-                     next_attempt_at = now(), updated_at = now()
-     WHERE id = :id AND {on_the_row("status = 'queued' AND try_count = :try_count")}
-    RETURNING id, {events.hooked()}
-    """
-)
+_EXHAUSTED_SQL = _cancel_queued("try_count = :try_count")
 
 
 class Unclaimable:
